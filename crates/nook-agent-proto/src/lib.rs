@@ -1,0 +1,275 @@
+//! The agent protocol: how a runner talks to `nook-agent`, PID 1 of every sandbox, over a local stream socket.
+//!
+//! A connection carries one request. The client sends a [`Request`] frame, then, for an exec, any number of
+//! [`FrameKind::Stdin`] frames, a [`FrameKind::StdinClose`] and [`FrameKind::Signal`] frames. The agent answers with
+//! [`FrameKind::Started`], output frames in the order the process wrote them, and exactly one final frame:
+//! [`FrameKind::Exit`] when the process ended or [`FrameKind::Error`] when it could not be started or observed.
+//!
+//! Every frame is a one-byte kind, a four-byte big-endian payload length and the payload; payloads are bounded by
+//! [`MAX_FRAME_LEN`] so that neither side can be made to allocate without limit by the other (the sandbox side is
+//! hostile). The module [`boot`] holds the spec a runner hands to `nook-agent boot` to build a container sandbox.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub mod boot;
+
+/// Largest payload of one frame.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// Protocol version, reported by [`Request::Ping`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Client → agent: a JSON [`Request`].
+    Request = 1,
+    /// Client → agent: bytes for the process's standard input.
+    Stdin = 2,
+    /// Client → agent: close the process's standard input.
+    StdinClose = 3,
+    /// Client → agent: JSON [`SignalRequest`], deliver a signal to the process.
+    Signal = 4,
+    /// Agent → client: JSON [`Started`].
+    Started = 10,
+    /// Agent → client: bytes the process wrote to standard output.
+    Stdout = 11,
+    /// Agent → client: bytes the process wrote to standard error.
+    Stderr = 12,
+    /// Agent → client: JSON [`Exit`], final.
+    Exit = 13,
+    /// Agent → client: JSON [`AgentError`], final.
+    Error = 14,
+    /// Agent → client: JSON [`Pong`], the answer to a ping, final.
+    Pong = 15,
+}
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Request,
+            2 => Self::Stdin,
+            3 => Self::StdinClose,
+            4 => Self::Signal,
+            10 => Self::Started,
+            11 => Self::Stdout,
+            12 => Self::Stderr,
+            13 => Self::Exit,
+            14 => Self::Error,
+            15 => Self::Pong,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What it carries.
+    pub kind: FrameKind,
+    /// The payload: raw bytes for output and input, JSON for everything else.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A frame whose payload is `value` as JSON.
+    pub fn json<T: Serialize>(kind: FrameKind, value: &T) -> Self {
+        let payload = serde_json::to_vec(value).expect("protocol types always serialize");
+        Self { kind, payload }
+    }
+
+    /// Decodes the JSON payload.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
+        serde_json::from_slice(&self.payload).map_err(|source| ProtocolError::BadPayload {
+            kind: self.kind,
+            source,
+        })
+    }
+}
+
+/// Why reading or writing a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket failed.
+    #[error("agent socket I/O failed")]
+    Io(#[from] std::io::Error),
+    /// The peer sent a kind byte this side does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// The peer announced a payload over [`MAX_FRAME_LEN`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    /// A JSON payload did not parse.
+    #[error("malformed {kind:?} frame")]
+    BadPayload {
+        /// Kind of the frame.
+        kind: FrameKind,
+        /// Parser error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The peer sent a frame that is not allowed at this point.
+    #[error("unexpected {0:?} frame")]
+    Unexpected(FrameKind),
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Frame>, ProtocolError> {
+    let mut header = [0u8; 5];
+    match reader.read_exact(&mut header[..1]).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error.into()),
+    }
+    reader.read_exact(&mut header[1..]).await?;
+    let kind = FrameKind::from_byte(header[0]).ok_or(ProtocolError::UnknownKind(header[0]))?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).await?;
+    Ok(Some(Frame { kind, payload }))
+}
+
+/// Writes one frame (header and payload in one write where possible).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    if payload.len() > MAX_FRAME_LEN {
+        return Err(ProtocolError::TooLarge(payload.len()));
+    }
+    let mut buffer = Vec::with_capacity(5 + payload.len());
+    buffer.push(kind as u8);
+    buffer.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buffer.extend_from_slice(payload);
+    writer.write_all(&buffer).await?;
+    Ok(())
+}
+
+/// Writes a frame whose payload is `value` as JSON.
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    writer: &mut W,
+    kind: FrameKind,
+    value: &T,
+) -> Result<(), ProtocolError> {
+    let payload = serde_json::to_vec(value).expect("protocol types always serialize");
+    write_frame(writer, kind, &payload).await
+}
+
+/// The first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent alive? Answered with [`Pong`].
+    Ping,
+    /// Start a process and stream it.
+    Exec(ExecSpec),
+}
+
+/// A process to start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Program and arguments; a program without `/` is looked up in the `PATH` of `env`.
+    pub argv: Vec<String>,
+    /// The complete environment, `KEY=value`; the agent adds only `HOME`, `USER`, `LOGNAME` and `PATH` when absent.
+    pub env: Vec<String>,
+    /// Working directory; the user's home directory when absent.
+    pub cwd: Option<String>,
+    /// User name or numeric uid; root when absent.
+    pub user: Option<String>,
+    /// Kill the process after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Whether standard input is a pipe fed by [`FrameKind::Stdin`] frames (otherwise `/dev/null`).
+    pub stdin: bool,
+}
+
+/// Payload of [`FrameKind::Signal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalRequest {
+    /// Signal number.
+    pub signal: i32,
+}
+
+/// Payload of [`FrameKind::Started`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// Process id inside the sandbox.
+    pub pid: u32,
+}
+
+/// Payload of [`FrameKind::Exit`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Exit {
+    /// Exit code of a normal exit.
+    pub code: Option<i32>,
+    /// Signal that killed the process.
+    pub signal: Option<i32>,
+    /// Whether the agent killed it for running past its timeout.
+    pub timed_out: bool,
+    /// Milliseconds from start to exit.
+    pub duration_ms: f64,
+}
+
+/// Payload of [`FrameKind::Error`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentError {
+    /// Stable code: `spawn_failed`, `bad_request`, `no_such_user`, `bad_cwd`.
+    pub code: String,
+    /// What failed and why.
+    pub message: String,
+}
+
+/// Payload of [`FrameKind::Pong`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The agent's [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, FrameKind::Stdout, b"hello").await.unwrap();
+        write_json(&mut wire, FrameKind::Request, &Request::Ping).await.unwrap();
+        let mut reader = wire.as_slice();
+        let first = read_frame(&mut reader).await.unwrap().unwrap();
+        assert_eq!(first.kind, FrameKind::Stdout);
+        assert_eq!(first.payload, b"hello");
+        let second = read_frame(&mut reader).await.unwrap().unwrap();
+        assert_eq!(second.parse::<Request>().unwrap(), Request::Ping);
+        assert!(read_frame(&mut reader).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn oversized_and_unknown_frames_are_refused() {
+        let mut wire = vec![FrameKind::Stdout as u8];
+        wire.extend_from_slice(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes());
+        assert!(matches!(
+            read_frame(&mut wire.as_slice()).await,
+            Err(ProtocolError::TooLarge(_))
+        ));
+        let wire = [99u8, 0, 0, 0, 0];
+        assert!(matches!(
+            read_frame(&mut wire.as_slice()).await,
+            Err(ProtocolError::UnknownKind(99))
+        ));
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error_not_an_end() {
+        let wire = [FrameKind::Stdout as u8, 0, 0, 0, 9, b'x'];
+        assert!(matches!(
+            read_frame(&mut wire.as_slice()).await,
+            Err(ProtocolError::Io(_))
+        ));
+    }
+}

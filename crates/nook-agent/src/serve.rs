@@ -1,0 +1,421 @@
+//! `nook-agent serve`: PID 1 of a sandbox.
+//!
+//! It inherits a listening socket on fd 3, accepts one connection per request and answers it (see
+//! `nook_agent_proto`). It is also the sandbox's init: every process that loses its parent is re-parented to it, so
+//! it reaps all children on SIGCHLD. Processes it started itself are registered in the [`ProcessTable`] before the
+//! reaper can see them exit (spawning holds the table's lock), so their exit status is delivered to the request that
+//! started them and never lost; unknown pids are orphans and are simply reaped.
+//!
+//! Data flow of an exec: request frame → resolve user, cwd, env → fork/exec with pipes → `Started` → output frames
+//! as the pipes yield data, input frames to the process → exit status from the reaper → remaining output drained →
+//! exactly one `Exit` frame.
+
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use nook_agent_proto::{
+    boot::LISTEN_FD, read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FrameKind, Pong, Request,
+    SignalRequest, Started, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::users;
+
+/// How long output is still collected after the process exited, for descendants that keep its pipes open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(250);
+
+/// Size of one read from a process's output pipe (and so the largest output frame).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Default `PATH` for processes whose environment has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Entry point of `nook-agent serve`; returns only if the runtime cannot start.
+pub fn run() -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nook-agent: cannot start the runtime: {error}");
+            return 1;
+        }
+    };
+    match runtime.block_on(serve()) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("nook-agent: {error}");
+            1
+        }
+    }
+}
+
+/// Exit statuses are delivered to whoever registered the pid.
+#[derive(Default)]
+struct ProcessTable {
+    waiting: Mutex<HashMap<i32, oneshot::Sender<WaitStatus>>>,
+}
+
+impl ProcessTable {
+    /// Reaps every exited child; called on each SIGCHLD (signals coalesce, so it loops until none is left).
+    fn reap(&self) {
+        let mut waiting = self.waiting.lock().expect("process table lock");
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) => {
+                    if let Some(pid) = status.pid() {
+                        if let Some(sender) = waiting.remove(&pid.as_raw()) {
+                            let _ = sender.send(status);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn serve() -> std::io::Result<()> {
+    // SAFETY: fd 3 is the listening socket the boot process left open for us (LISTEN_FD); nothing else owns it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(LISTEN_FD) };
+    set_cloexec(LISTEN_FD);
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
+
+    let table = Arc::new(ProcessTable::default());
+    let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+    let reaper_table = table.clone();
+    tokio::spawn(async move {
+        // Reap anything that exited before the handler was installed, then on every signal.
+        reaper_table.reap();
+        while sigchld.recv().await.is_some() {
+            reaper_table.reap();
+        }
+    });
+
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                eprintln!("nook-agent: accept failed: {error}");
+                continue;
+            }
+        };
+        let table = table.clone();
+        tokio::spawn(async move {
+            if let Err(error) = handle(stream, table).await {
+                eprintln!("nook-agent: connection failed: {error}");
+            }
+        });
+    }
+}
+
+fn set_cloexec(fd: i32) {
+    // SAFETY: fcntl on an fd we own with valid flag arguments has no memory-safety preconditions.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, table: Arc<ProcessTable>) -> Result<(), nook_agent_proto::ProtocolError> {
+    let (mut reader, mut writer) = stream.into_split();
+    let Some(first) = read_frame(&mut reader).await? else {
+        return Ok(());
+    };
+    if first.kind != FrameKind::Request {
+        return Err(nook_agent_proto::ProtocolError::Unexpected(first.kind));
+    }
+    match first.parse::<Request>()? {
+        Request::Ping => {
+            write_json(
+                &mut writer,
+                FrameKind::Pong,
+                &Pong {
+                    protocol: PROTOCOL_VERSION,
+                },
+            )
+            .await
+        }
+        Request::Exec(spec) => exec(spec, reader, writer, table).await,
+    }
+}
+
+async fn send_error(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    code: &str,
+    message: String,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    write_json(
+        writer,
+        FrameKind::Error,
+        &AgentError {
+            code: code.into(),
+            message,
+        },
+    )
+    .await
+}
+
+/// Everything needed to start a process, resolved before forking so that the child does no allocation.
+struct Prepared {
+    command: std::process::Command,
+}
+
+fn prepare(spec: &ExecSpec) -> Result<Prepared, (&'static str, String)> {
+    let Some(program) = spec.argv.first() else {
+        return Err(("bad_request", "the command is empty".into()));
+    };
+    let account = users::resolve(Path::new("/"), spec.user.as_deref().unwrap_or("root"))
+        .map_err(|error| ("no_such_user", error.to_string()))?;
+
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .filter_map(|entry| entry.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let mut add_default = |key: &str, value: &str| {
+        if !env.iter().any(|(k, _)| k == key) {
+            env.push((key.to_string(), value.to_string()));
+        }
+    };
+    add_default("PATH", DEFAULT_PATH);
+    add_default("HOME", &account.home);
+    add_default("USER", &account.name);
+    add_default("LOGNAME", &account.name);
+
+    let cwd = match &spec.cwd {
+        Some(cwd) => {
+            if !Path::new(cwd).is_dir() {
+                return Err((
+                    "bad_cwd",
+                    format!("working directory {cwd:?} does not exist in the sandbox"),
+                ));
+            }
+            cwd.clone()
+        }
+        None if Path::new(&account.home).is_dir() => account.home.clone(),
+        None => "/".to_string(),
+    };
+
+    let mut command = std::process::Command::new(program);
+    command
+        .args(&spec.argv[1..])
+        .env_clear()
+        .envs(env)
+        .current_dir(cwd)
+        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (uid, gid, groups) = (account.uid, account.gid, account.groups.clone());
+    // SAFETY: the closure runs in the forked child before exec; it only makes async-signal-safe system calls on
+    // data prepared before the fork (no allocation, no locks).
+    unsafe {
+        command.pre_exec(move || child_setup(uid, gid, &groups));
+    }
+    Ok(Prepared { command })
+}
+
+/// Runs in the child between fork and exec: new session, normal OOM score, then drop to the target user.
+fn child_setup(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
+    fn check(result: libc::c_int) -> std::io::Result<()> {
+        if result < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+    // SAFETY: plain system calls with valid arguments; `groups` outlives the call and the path is a static C string.
+    unsafe {
+        check(libc::setsid())?;
+        // The agent runs with -1000 so the kernel never picks it; its children start from the neutral score.
+        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+        check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+        check(libc::setgid(gid))?;
+        check(libc::setuid(uid))?;
+    }
+    Ok(())
+}
+
+async fn exec(
+    spec: ExecSpec,
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    table: Arc<ProcessTable>,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    let mut prepared = match prepare(&spec) {
+        Ok(prepared) => prepared,
+        Err((code, message)) => return send_error(&mut writer, code, message).await,
+    };
+
+    let started_at = Instant::now();
+    let (exit_sender, mut exit_receiver) = oneshot::channel();
+    let spawned = {
+        // Holding the table lock across the fork means the reaper cannot reap this child before it is registered.
+        let mut waiting = table.waiting.lock().expect("process table lock");
+        prepared.command.spawn().map(|child| {
+            waiting.insert(child.id() as i32, exit_sender);
+            child
+        })
+    };
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            let program = &spec.argv[0];
+            let message = match error.kind() {
+                std::io::ErrorKind::NotFound => format!("{program:?} was not found in the sandbox"),
+                std::io::ErrorKind::PermissionDenied => format!("{program:?} is not executable: {error}"),
+                _ => format!("starting {program:?} failed: {error}"),
+            };
+            return send_error(&mut writer, "spawn_failed", message).await;
+        }
+    };
+    let pid = child.id() as i32;
+    write_json(&mut writer, FrameKind::Started, &Started { pid: pid as u32 }).await?;
+
+    let mut stdout = pipe_receiver(child.stdout.take().map(OwnedFd::from));
+    let mut stderr = pipe_receiver(child.stderr.take().map(OwnedFd::from));
+    let stdin_sender = child.stdin.take().map(|stdin| spawn_stdin_writer(OwnedFd::from(stdin)));
+    let mut stdin_sender = stdin_sender;
+
+    let deadline = spec
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let mut timed_out = false;
+    let mut status: Option<WaitStatus> = None;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut client_open = true;
+    let mut out_buf = vec![0u8; READ_CHUNK];
+    let mut err_buf = vec![0u8; READ_CHUNK];
+
+    loop {
+        if status.is_some() && stdout.is_none() && stderr.is_none() {
+            break;
+        }
+        tokio::select! {
+            read = read_some(&mut stdout, &mut out_buf) => match read {
+                Some(n) => write_frame(&mut writer, FrameKind::Stdout, &out_buf[..n]).await?,
+                None => stdout = None,
+            },
+            read = read_some(&mut stderr, &mut err_buf) => match read {
+                Some(n) => write_frame(&mut writer, FrameKind::Stderr, &err_buf[..n]).await?,
+                None => stderr = None,
+            },
+            exited = &mut exit_receiver, if status.is_none() => {
+                status = Some(exited.unwrap_or(WaitStatus::StillAlive));
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            },
+            frame = read_frame(&mut reader), if client_open => match frame {
+                Ok(Some(frame)) => match frame.kind {
+                    FrameKind::Stdin => {
+                        if let Some(sender) = &stdin_sender {
+                            let _ = sender.send(frame.payload).await;
+                        }
+                    }
+                    FrameKind::StdinClose => stdin_sender = None,
+                    FrameKind::Signal => {
+                        if let Ok(request) = frame.parse::<SignalRequest>() {
+                            if let Ok(signal) = Signal::try_from(request.signal) {
+                                let _ = kill(Pid::from_raw(pid), signal);
+                            }
+                        }
+                    }
+                    other => {
+                        eprintln!("nook-agent: ignoring unexpected {other:?} frame");
+                    }
+                },
+                // The client went away: nobody can receive the result, so the whole process group goes.
+                Ok(None) | Err(_) => {
+                    client_open = false;
+                    stdin_sender = None;
+                    let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+                }
+            },
+            _ = sleep_until(deadline), if status.is_none() && !timed_out => {
+                timed_out = true;
+                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+            },
+            _ = sleep_until(drain_deadline) => {
+                // Descendants still hold the pipes open; the process itself has ended.
+                stdout = None;
+                stderr = None;
+            },
+        }
+    }
+
+    let (code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (Some(code), None),
+        Some(WaitStatus::Signaled(_, signal, _)) => (None, Some(signal as i32)),
+        _ => {
+            return send_error(
+                &mut writer,
+                "lost_exit",
+                "the process's exit status could not be observed".into(),
+            )
+            .await
+        }
+    };
+    let exit = Exit {
+        code,
+        signal,
+        timed_out,
+        duration_ms: started_at.elapsed().as_secs_f64() * 1000.0,
+    };
+    write_json(&mut writer, FrameKind::Exit, &exit).await?;
+    writer.shutdown().await?;
+    Ok(())
+}
+
+fn pipe_receiver(fd: Option<OwnedFd>) -> Option<tokio::net::unix::pipe::Receiver> {
+    fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
+}
+
+/// Reads once; `None` at end of file or error. Pends forever when the pipe is already closed, so a closed stream
+/// drops out of `select!`.
+async fn read_some(pipe: &mut Option<tokio::net::unix::pipe::Receiver>, buf: &mut [u8]) -> Option<usize> {
+    match pipe {
+        Some(pipe) => match pipe.read(buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Feeds a process's standard input from a channel so that a slow reader never blocks the connection's loop;
+/// dropping the sender closes the pipe.
+fn spawn_stdin_writer(fd: OwnedFd) -> mpsc::Sender<Vec<u8>> {
+    let (sender, mut receiver) = mpsc::channel::<Vec<u8>>(16);
+    tokio::spawn(async move {
+        let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else {
+            return;
+        };
+        while let Some(chunk) = receiver.recv().await {
+            if pipe.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    sender
+}

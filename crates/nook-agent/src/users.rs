@@ -1,0 +1,132 @@
+//! Resolves the user a command runs as from the sandbox's own `/etc/passwd` and `/etc/group`.
+//!
+//! The agent is a static binary, so it cannot use glibc's NSS; like other container runtimes it reads the two files
+//! directly. A user is given by name or numeric uid; a uid missing from `/etc/passwd` is allowed (with gid = uid and
+//! home `/`), as Docker allows it.
+
+use std::path::Path;
+
+/// A resolved account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    /// Supplementary groups, including the primary one.
+    pub groups: Vec<u32>,
+}
+
+/// Why a user could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("user {0:?} does not exist in the sandbox's /etc/passwd")]
+    Unknown(String),
+}
+
+/// Resolves `user` (a name or a uid) against the files under `root` (`/` inside the sandbox).
+pub fn resolve(root: &Path, user: &str) -> Result<Account, UserError> {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    let numeric: Option<u32> = user.parse().ok();
+    let entry = passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 7 {
+            return None;
+        }
+        let uid: u32 = fields[2].parse().ok()?;
+        let matches = match numeric {
+            Some(wanted) => uid == wanted,
+            None => fields[0] == user,
+        };
+        matches.then(|| Account {
+            name: fields[0].to_string(),
+            uid,
+            gid: fields[3].parse().unwrap_or(uid),
+            home: if fields[5].is_empty() {
+                "/".into()
+            } else {
+                fields[5].to_string()
+            },
+            groups: Vec::new(),
+        })
+    });
+    let mut account = match (entry, numeric) {
+        (Some(account), _) => account,
+        (None, Some(uid)) => Account {
+            name: uid.to_string(),
+            uid,
+            gid: uid,
+            home: "/".into(),
+            groups: Vec::new(),
+        },
+        (None, None) => return Err(UserError::Unknown(user.to_string())),
+    };
+    account.groups = supplementary_groups(root, &account.name, account.gid);
+    Ok(account)
+}
+
+fn supplementary_groups(root: &Path, name: &str, primary: u32) -> Vec<u32> {
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
+    let mut groups = vec![primary];
+    for line in group.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 4 {
+            continue;
+        }
+        let Ok(gid) = fields[2].parse::<u32>() else { continue };
+        if fields[3].split(',').any(|member| member == name) && !groups.contains(&gid) {
+            groups.push(gid);
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root_with(passwd: &str, group: &str) -> tempdir::Dir {
+        tempdir::Dir::new(passwd, group)
+    }
+
+    /// A tiny scratch directory helper, so the tests need no extra crates.
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new(passwd: &str, group: &str) -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "nook-users-test-{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_nanos()
+                ));
+                std::fs::create_dir_all(path.join("etc")).unwrap();
+                std::fs::write(path.join("etc/passwd"), passwd).unwrap();
+                std::fs::write(path.join("etc/group"), group).unwrap();
+                Self(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n";
+    const GROUP: &str = "root:x:0:\nsudo:x:27:user\nuser:x:1000:\n";
+
+    #[test]
+    fn resolves_names_uids_and_groups() {
+        let dir = root_with(PASSWD, GROUP);
+        let user = resolve(&dir.0, "user").unwrap();
+        assert_eq!((user.uid, user.gid, user.home.as_str()), (1000, 1000, "/home/user"));
+        assert_eq!(user.groups, vec![1000, 27]);
+        assert_eq!(resolve(&dir.0, "0").unwrap().name, "root");
+        let unknown_uid = resolve(&dir.0, "4242").unwrap();
+        assert_eq!((unknown_uid.uid, unknown_uid.gid), (4242, 4242));
+        assert!(resolve(&dir.0, "nobody-here").is_err());
+    }
+}

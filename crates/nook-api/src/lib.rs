@@ -1,0 +1,394 @@
+//! Wire types of nook's native v1 API.
+//!
+//! Every request and response body that crosses the HTTP boundary is defined here once and shared by the control
+//! plane (which serves it and derives the OpenAPI document from these types), the Rust client and the CLI. Request
+//! bodies reject unknown fields so that a typo in a client is an error rather than a silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub mod limits;
+pub mod names;
+
+/// The lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// The control plane accepted the request and the runner is building the sandbox.
+    Creating,
+    /// The sandbox's processes are running and its agent answers.
+    Running,
+    /// Reserved for memory-preserving pause.
+    Paused,
+    /// No process runs; the writable filesystem layer is kept on disk.
+    Stopped,
+    /// Reserved: the writable layer lives in the object store.
+    Archived,
+    /// Something failed; `state_reason` and `state_message` say what.
+    Error,
+    /// The sandbox and its files are gone.
+    Deleted,
+}
+
+impl SandboxState {
+    /// The name used on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+            Self::Archived => "archived",
+            Self::Error => "error",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    /// Parses the wire name of a state.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "creating" => Self::Creating,
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "stopped" => Self::Stopped,
+            "archived" => Self::Archived,
+            "error" => Self::Error,
+            "deleted" => Self::Deleted,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a sandbox entered its current state. Stable codes: clients may match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StateReason {
+    /// A client asked for the transition (create, start, stop, delete).
+    Requested,
+    /// The kernel killed a process in the sandbox because it hit its memory limit.
+    Oom,
+    /// The sandbox's init process (the agent) exited on its own.
+    InitExited,
+    /// Building the sandbox failed; the message says which step and why.
+    CreateFailed,
+    /// Starting a stopped sandbox failed; the message says which step and why.
+    StartFailed,
+    /// After a restart the runner no longer found the sandbox's processes (for example after a host reboot).
+    LostOnRestart,
+}
+
+impl StateReason {
+    /// The name used on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Oom => "oom",
+            Self::InitExited => "init_exited",
+            Self::CreateFailed => "create_failed",
+            Self::StartFailed => "start_failed",
+            Self::LostOnRestart => "lost_on_restart",
+        }
+    }
+
+    /// Parses the wire name of a reason.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "requested" => Self::Requested,
+            "oom" => Self::Oom,
+            "init_exited" => Self::InitExited,
+            "create_failed" => Self::CreateFailed,
+            "start_failed" => Self::StartFailed,
+            "lost_on_restart" => Self::LostOnRestart,
+            _ => return None,
+        })
+    }
+}
+
+/// How a sandbox is isolated from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Linux namespaces, cgroups, a seccomp filter and a reduced capability set.
+    #[default]
+    Container,
+}
+
+/// Resource limits requested for a sandbox. Omitted fields take the server's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRequest {
+    /// CPU time as a number of cores (fractions allowed), enforced as a CFS quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory limit in MiB; processes beyond it are OOM-killed inside the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Maximum number of processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+/// Resource limits in force for a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Resources {
+    /// CPU time as a number of cores.
+    pub cpu: f64,
+    /// Memory limit in MiB.
+    pub memory_mb: u64,
+    /// Maximum number of processes and threads.
+    pub pids: u32,
+}
+
+/// Body of `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// Image name (`base` when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Unique name; also the sandbox's hostname. Generated from the id when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Free-form labels to select sandboxes by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Environment variables for every process started in the sandbox.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Resource limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequest>,
+    /// Isolation class (`container` when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+}
+
+/// A sandbox as the API reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    /// Stable identifier (`sb-` followed by 20 lowercase letters and digits).
+    pub id: String,
+    /// Unique name and hostname.
+    pub name: String,
+    /// Image name the sandbox was created from.
+    pub image: String,
+    /// Content digest of that image at creation time.
+    pub image_digest: String,
+    /// Isolation class.
+    pub isolation: Isolation,
+    /// Current state.
+    pub state: SandboxState,
+    /// Why the sandbox entered its current state, or the last notable event (such as `oom`) while in it.
+    pub state_reason: StateReason,
+    /// A sentence explaining `state_reason`.
+    pub state_message: String,
+    /// Labels given at creation.
+    pub labels: BTreeMap<String, String>,
+    /// Environment given at creation.
+    pub env: BTreeMap<String, String>,
+    /// Limits in force.
+    pub resources: Resources,
+    /// How many processes the kernel has OOM-killed in this sandbox since it was created.
+    pub oom_kills: u64,
+    /// When the sandbox was created.
+    pub created_at: DateTime<Utc>,
+    /// When the sandbox last changed state.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One recorded state transition or notable event of a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxEvent {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// State before the event.
+    pub from_state: Option<SandboxState>,
+    /// State after the event.
+    pub to_state: SandboxState,
+    /// Why.
+    pub reason: StateReason,
+    /// A sentence with the details.
+    pub message: String,
+}
+
+/// Response of `GET /v1/sandboxes`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    /// Matching sandboxes, oldest first.
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// Response of `GET /v1/sandboxes/{sandbox}/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxEventList {
+    /// Events, oldest first.
+    pub events: Vec<SandboxEvent>,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/exec` and `.../exec/stream`.
+///
+/// Exactly one of `command` (an argv, run without a shell) and `shell` (a string run by `/bin/sh -c`) is given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// A shell command line run by `/bin/sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Extra environment, on top of the image's and the sandbox's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (the user's home when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// User name or numeric uid to run as (`root` when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Text written to the process's standard input, which is then closed. No input when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill the process (SIGKILL) after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExitStatus {
+    /// Exit code when the process exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// True when nook killed it because `timeout_ms` ran out.
+    pub timed_out: bool,
+}
+
+/// Response of `POST /v1/sandboxes/{sandbox}/exec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Exit code when the process exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// True when nook killed it because `timeout_ms` ran out.
+    pub timed_out: bool,
+    /// Standard output, decoded as UTF-8 (invalid sequences replaced).
+    pub stdout: String,
+    /// Standard error, decoded as UTF-8 (invalid sequences replaced).
+    pub stderr: String,
+    /// True when standard output exceeded the capture limit and was cut.
+    pub stdout_truncated: bool,
+    /// True when standard error exceeded the capture limit and was cut.
+    pub stderr_truncated: bool,
+    /// Wall time from start to exit, in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// One line of the NDJSON stream of `POST /v1/sandboxes/{sandbox}/exec/stream`.
+///
+/// Output chunks come in the order the process wrote them to each stream; the stream ends with exactly one `exit`
+/// line, or with one `error` line when the process's end could not be observed (an exit is never invented).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// The process started; `pid` is its id inside the sandbox.
+    Started {
+        /// Process id inside the sandbox's PID namespace.
+        pid: u32,
+    },
+    /// A chunk of standard output, base64-encoded.
+    Stdout {
+        /// Base64 (standard alphabet, padded) of the raw bytes.
+        data: String,
+    },
+    /// A chunk of standard error, base64-encoded.
+    Stderr {
+        /// Base64 (standard alphabet, padded) of the raw bytes.
+        data: String,
+    },
+    /// The process ended.
+    Exit {
+        /// How it ended.
+        #[serde(flatten)]
+        status: ExitStatus,
+        /// Wall time from start to exit, in milliseconds.
+        duration_ms: f64,
+    },
+    /// The stream failed before the process's end was observed.
+    Error {
+        /// Stable error code.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Configuration carried by an image and applied to every process in sandboxes made from it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageConfig {
+    /// `KEY=value` environment entries.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Default working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Default user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// An image in the runner's content-addressed store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// Name the image is known by.
+    pub name: String,
+    /// `sha256:` digest identifying the image's content.
+    pub digest: String,
+    /// Layer digests, lowest first (each the sha256 of its uncompressed tar stream).
+    pub layers: Vec<String>,
+    /// Unpacked size in bytes.
+    pub size_bytes: u64,
+    /// Configuration applied to sandboxes.
+    pub config: ImageConfig,
+    /// When it was imported.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Response of `GET /v1/images`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    /// All images, by name.
+    pub images: Vec<Image>,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// Stable machine-readable code, such as `not_found` or `invalid_request`.
+    pub code: String,
+    /// A sentence saying what failed and why.
+    pub message: String,
+    /// The underlying cause, when there is one worth showing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Response of `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the server answers.
+    pub status: String,
+    /// Server version.
+    pub version: String,
+}

@@ -1,0 +1,377 @@
+//! The client verbs: each turns its arguments into calls of the Rust client and prints a table or JSON.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use futures::StreamExt;
+use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ResourceRequest, Sandbox, SandboxState};
+use nook_client::Client;
+
+use crate::{client_config, pairs, table, Command, ImageCommand};
+
+/// Runs one command; returns the process exit code.
+pub async fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Serve(args) => crate::serve::run(args).await,
+        Command::Openapi => {
+            print!("{}", nook_control::api::openapi_json());
+            Ok(0)
+        }
+        other => {
+            let config = client_config::load()?;
+            let client = Client::new(&config.url, &config.api_key)?;
+            client_command(&client, other).await
+        }
+    }
+}
+
+async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Create(args) => {
+            let request = CreateSandboxRequest {
+                image: Some(args.image),
+                name: args.name,
+                labels: pairs(args.labels),
+                env: pairs(args.env),
+                resources: Some(ResourceRequest {
+                    cpu: args.cpu,
+                    memory_mb: args.memory,
+                    pids: args.pids,
+                }),
+                isolation: None,
+            };
+            let sandbox = client.create_sandbox(&request).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                println!("{}", sandbox.id);
+                eprintln!("created {} ({}), now {}", sandbox.name, sandbox.image, sandbox.state);
+            }
+            Ok(0)
+        }
+        Command::Ls(args) => {
+            let state = match args.state.as_deref() {
+                Some(text) => Some(SandboxState::parse(text).with_context(|| format!("unknown state {text:?}"))?),
+                None => None,
+            };
+            let sandboxes = client.list_sandboxes(state, &pairs(args.labels)).await?;
+            if args.json {
+                print_json(&sandboxes)?;
+            } else if args.quiet {
+                for sandbox in &sandboxes {
+                    println!("{}", sandbox.id);
+                }
+            } else {
+                print!("{}", sandbox_table(&sandboxes));
+            }
+            Ok(0)
+        }
+        Command::Inspect(args) => {
+            let sandbox = client.sandbox(&args.sandbox).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                print!("{}", describe(&sandbox));
+            }
+            Ok(0)
+        }
+        Command::Events(args) => {
+            let events = client.sandbox_events(&args.sandbox).await?;
+            if args.json {
+                print_json(&events)?;
+            } else {
+                let rows: Vec<Vec<String>> = events
+                    .iter()
+                    .map(|event| {
+                        vec![
+                            event.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                            event.from_state.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                            event.to_state.to_string(),
+                            event.reason.as_str().to_string(),
+                            event.message.clone(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table::render(&["TIME", "FROM", "TO", "REASON", "MESSAGE"], &rows));
+            }
+            Ok(0)
+        }
+        Command::Exec(args) => exec(client, args).await,
+        Command::Stop(args) => {
+            each(args.sandboxes, args.json, |key| async move {
+                client.stop_sandbox(&key).await
+            })
+            .await
+        }
+        Command::Start(args) => {
+            each(args.sandboxes, args.json, |key| async move {
+                client.start_sandbox(&key).await
+            })
+            .await
+        }
+        Command::Rm(args) => {
+            let mut failed = false;
+            for key in &args.sandboxes {
+                match client.delete_sandbox(key).await {
+                    Ok(()) => println!("{key}"),
+                    Err(error) => {
+                        eprintln!("nook: {key}: {error}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(u8::from(failed))
+        }
+        Command::Image(image) => image_command(client, image).await,
+        Command::Serve(_) | Command::Openapi => unreachable!("handled in run"),
+    }
+}
+
+/// Applies an operation to several sandboxes, reporting each; exit code 1 if any failed.
+async fn each<F, Fut>(keys: Vec<String>, json: bool, operation: F) -> anyhow::Result<u8>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Sandbox, nook_client::ClientError>>,
+{
+    let mut failed = false;
+    let mut done = Vec::new();
+    for key in keys {
+        match operation(key.clone()).await {
+            Ok(sandbox) => {
+                if !json {
+                    println!("{}", sandbox.name);
+                }
+                done.push(sandbox);
+            }
+            Err(error) => {
+                eprintln!("nook: {key}: {error}");
+                failed = true;
+            }
+        }
+    }
+    if json {
+        print_json(&done)?;
+    }
+    Ok(u8::from(failed))
+}
+
+async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
+    let request = ExecRequest {
+        command: args.command,
+        env: pairs(args.env),
+        cwd: args.cwd,
+        user: args.user,
+        timeout_ms: args.timeout.map(|seconds| (seconds * 1000.0).ceil().max(1.0) as u64),
+        ..ExecRequest::default()
+    };
+    let mut events = client.exec_stream(&args.sandbox, &request).await?;
+    let decode = |data: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .context("corrupt output chunk")
+    };
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    while let Some(event) = events.next().await {
+        match event? {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout { data } => {
+                stdout.write_all(&decode(&data)?)?;
+                stdout.flush()?;
+            }
+            ExecEvent::Stderr { data } => {
+                stderr.write_all(&decode(&data)?)?;
+                stderr.flush()?;
+            }
+            ExecEvent::Exit { status, .. } => {
+                if status.timed_out {
+                    eprintln!("nook: the command ran past its timeout and was killed");
+                }
+                return Ok(match (status.exit_code, status.signal) {
+                    (Some(code), _) => code.clamp(0, 255) as u8,
+                    (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
+                    (None, None) => 125,
+                });
+            }
+            ExecEvent::Error { code, message } => {
+                eprintln!("nook: {message}");
+                return Ok(match code.as_str() {
+                    "spawn_failed" if message.contains("not found") => 127,
+                    "spawn_failed" => 126,
+                    _ => 125,
+                });
+            }
+        }
+    }
+    bail!("the server ended the stream without the command's exit status")
+}
+
+async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result<u8> {
+    match command {
+        ImageCommand::Ls { json } => {
+            let images = client.list_images().await?;
+            if json {
+                print_json(&images)?;
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|image| {
+                        vec![
+                            image.name.clone(),
+                            short_digest(&image.digest),
+                            table::bytes(image.size_bytes),
+                            image.layers.len().to_string(),
+                            table::age(image.created_at),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table::render(&["NAME", "DIGEST", "SIZE", "LAYERS", "CREATED"], &rows)
+                );
+            }
+            Ok(0)
+        }
+        ImageCommand::Import { name, path, json } => {
+            let sent = Arc::new(AtomicU64::new(0));
+            let body = archive_body(&path, sent.clone())?;
+            let progress = tokio::spawn(show_progress(sent.clone()));
+            let result = client.import_image(&name, body).await;
+            progress.abort();
+            eprintln!("\rsent {}          ", table::bytes(sent.load(Ordering::Relaxed)));
+            let image = result?;
+            if json {
+                print_json(&image)?;
+            } else {
+                println!("{}", image.digest);
+                eprintln!("imported {} ({})", image.name, table::bytes(image.size_bytes));
+            }
+            Ok(0)
+        }
+        ImageCommand::Rm { name } => {
+            client.remove_image(&name).await?;
+            println!("{name}");
+            Ok(0)
+        }
+    }
+}
+
+/// Prints the bytes sent so far twice a second while an upload runs.
+async fn show_progress(sent: Arc<AtomicU64>) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        ticker.tick().await;
+        eprint!("\rsending {} ...", table::bytes(sent.load(Ordering::Relaxed)));
+    }
+}
+
+/// The upload body for `nook image import`: a tarball as it is, stdin, or a directory packed on the fly (sorted, so
+/// the same tree gives the same layer digest). Nothing is buffered whole.
+fn archive_body(path: &Path, sent: Arc<AtomicU64>) -> anyhow::Result<reqwest::Body> {
+    let (reader, writer) = tokio::io::duplex(1 << 20);
+    let path: PathBuf = path.to_path_buf();
+    if path.as_os_str() == "-" {
+        tokio::spawn(async move {
+            let mut writer = writer;
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut writer).await;
+        });
+    } else if path.is_dir() {
+        let writer = tokio_util::io::SyncIoBridge::new(writer);
+        tokio::task::spawn_blocking(move || {
+            let mut builder = tar::Builder::new(writer);
+            builder.follow_symlinks(false);
+            if let Err(error) = append_tree(&mut builder, &path, Path::new("")) {
+                eprintln!("\nnook: packing {} failed: {error}", path.display());
+                return;
+            }
+            let _ = builder.into_inner();
+        });
+    } else {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        tokio::spawn(async move {
+            let mut writer = writer;
+            let _ = tokio::io::copy(&mut tokio::fs::File::from_std(file), &mut writer).await;
+        });
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 1 << 20).map(move |chunk| {
+        if let Ok(chunk) = &chunk {
+            sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        chunk
+    });
+    Ok(reqwest::Body::wrap_stream(stream))
+}
+
+fn append_tree<W: std::io::Write>(builder: &mut tar::Builder<W>, root: &Path, relative: &Path) -> std::io::Result<()> {
+    let dir = root.join(relative);
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let name = relative.join(entry.file_name());
+        let kind = entry.file_type()?;
+        builder.append_path_with_name(entry.path(), &name)?;
+        if kind.is_dir() {
+            append_tree(builder, root, &name)?;
+        }
+    }
+    Ok(())
+}
+
+fn short_digest(digest: &str) -> String {
+    digest
+        .strip_prefix("sha256:")
+        .unwrap_or(digest)
+        .chars()
+        .take(12)
+        .collect()
+}
+
+fn sandbox_table(sandboxes: &[Sandbox]) -> String {
+    let rows: Vec<Vec<String>> = sandboxes
+        .iter()
+        .map(|sandbox| {
+            vec![
+                sandbox.id.clone(),
+                sandbox.name.clone(),
+                sandbox.image.clone(),
+                sandbox.state.to_string(),
+                format!("{} CPU, {} MiB", sandbox.resources.cpu, sandbox.resources.memory_mb),
+                table::age(sandbox.created_at),
+            ]
+        })
+        .collect();
+    table::render(&["ID", "NAME", "IMAGE", "STATE", "LIMITS", "CREATED"], &rows)
+}
+
+fn describe(sandbox: &Sandbox) -> String {
+    let labels: Vec<String> = sandbox.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let rows = [
+        ("id", sandbox.id.clone()),
+        ("name", sandbox.name.clone()),
+        (
+            "image",
+            format!("{} ({})", sandbox.image, short_digest(&sandbox.image_digest)),
+        ),
+        ("isolation", format!("{:?}", sandbox.isolation).to_lowercase()),
+        ("state", sandbox.state.to_string()),
+        ("reason", sandbox.state_reason.as_str().to_string()),
+        ("message", sandbox.state_message.clone()),
+        ("cpu", sandbox.resources.cpu.to_string()),
+        ("memory", format!("{} MiB", sandbox.resources.memory_mb)),
+        ("pids", sandbox.resources.pids.to_string()),
+        ("oom kills", sandbox.oom_kills.to_string()),
+        ("labels", labels.join(", ")),
+        ("created", sandbox.created_at.to_rfc3339()),
+        ("updated", sandbox.updated_at.to_rfc3339()),
+    ];
+    rows.iter().map(|(key, value)| format!("{key:<10} {value}\n")).collect()
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

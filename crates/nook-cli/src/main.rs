@@ -1,0 +1,191 @@
+//! `nook`: the server (`nook serve`) and the docker-like client verbs, in one thin binary.
+//!
+//! Parsing is clap's; the server is `nook_control::Server`; every client verb is one or two calls of
+//! `nook_client::Client`. The client finds the server and key in `NOOK_URL` / `NOOK_API_KEY`, or in the config file
+//! `nook serve` writes for the local user. Output is a table by default and JSON with `--json`; `nook exec` exits
+//! with the command's exit code (128 + signal when a signal killed it, 125 when nook itself failed).
+
+mod client_config;
+mod commands;
+mod serve;
+mod table;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Sandboxes for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "nook", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: control plane, embedded store and local runner.
+    Serve(serve::ServeArgs),
+    /// Create and start a sandbox.
+    Create(CreateArgs),
+    /// List sandboxes.
+    #[command(alias = "list")]
+    Ls(LsArgs),
+    /// Show one sandbox.
+    Inspect(InspectArgs),
+    /// Run a command in a sandbox; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Stop sandboxes (files are kept).
+    Stop(TargetsArgs),
+    /// Start stopped sandboxes.
+    Start(TargetsArgs),
+    /// Delete sandboxes and their files.
+    #[command(alias = "delete")]
+    Rm(TargetsArgs),
+    /// Show a sandbox's state changes and events.
+    Events(InspectArgs),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Print the OpenAPI document of the native API.
+    Openapi,
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Unique name, also the hostname.
+    #[arg(long)]
+    name: Option<String>,
+    /// Image name.
+    #[arg(long, default_value = "base")]
+    image: String,
+    /// Label `key=value` (repeatable).
+    #[arg(long = "label", short = 'l', value_parser = parse_pair)]
+    labels: Vec<(String, String)>,
+    /// Environment variable `KEY=value` (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+    env: Vec<(String, String)>,
+    /// CPU cores (fractions allowed).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory limit in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Process limit.
+    #[arg(long)]
+    pids: Option<u32>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct LsArgs {
+    /// Only sandboxes in this state.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only sandboxes with label `key=value` (repeatable).
+    #[arg(long = "label", short = 'l', value_parser = parse_pair)]
+    labels: Vec<(String, String)>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print only ids.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct InspectArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// Environment variable `KEY=value` (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+    env: Vec<(String, String)>,
+    /// Working directory.
+    #[arg(long, short = 'w')]
+    cwd: Option<String>,
+    /// User name or uid.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Sandbox id or name.
+    sandbox: String,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct TargetsArgs {
+    /// Sandbox ids or names.
+    #[arg(required = true)]
+    sandboxes: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// List images.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a root filesystem (a directory, a .tar or .tar.gz, or `-` for a tar on stdin) as an image.
+    Import {
+        /// Image name.
+        name: String,
+        /// Directory, tarball or `-`.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image name.
+    Rm {
+        /// Image name.
+        name: String,
+    },
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=value"))
+}
+
+fn pairs(list: Vec<(String, String)>) -> BTreeMap<String, String> {
+    list.into_iter().collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nook: cannot start the async runtime: {error}");
+            return ExitCode::from(125);
+        }
+    };
+    match runtime.block_on(commands::run(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("nook: {error:#}");
+            ExitCode::from(125)
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `nook serve`: settings from flags, environment (`NOOK_*`) and an optional TOML config file, in that order of
+//! precedence, then `nook_control::Server`. On a first start it prints the generated admin key once and writes the
+//! client config for the local user, so `nook create` in another terminal works with no flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use nook_control::{Server, ServerConfig};
+use serde::Deserialize;
+
+use crate::client_config::{self, ClientConfig};
+
+/// Default listen address (loopback only: exposing the API is a deliberate choice).
+const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default data directory.
+const DEFAULT_DATA_DIR: &str = "/var/lib/nook";
+/// Config file read when it exists and `--config` is not given.
+const DEFAULT_CONFIG: &str = "/etc/nook/config.toml";
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "NOOK_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for the database, images and sandboxes [default: /var/lib/nook].
+    #[arg(long, env = "NOOK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The static nook-agent binary [default: next to this binary, or the static build in target/].
+    #[arg(long, env = "NOOK_AGENT_BINARY")]
+    agent_binary: Option<PathBuf>,
+    /// Rootfs tarball imported as image `base` when it is missing.
+    #[arg(long, env = "NOOK_BASE_IMAGE_TAR")]
+    base_image_tar: Option<PathBuf>,
+    /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar).
+    #[arg(long, env = "NOOK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Do not write the client config file for the local user.
+    #[arg(long)]
+    no_client_config: bool,
+}
+
+/// The config file's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    agent_binary: Option<PathBuf>,
+    base_image_tar: Option<PathBuf>,
+}
+
+fn read_file_config(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+        None => return Ok(FileConfig::default()),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Finds the agent: next to this binary, or the static build that scripts/build.sh makes in `target/`.
+fn default_agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the nook binary")?;
+    let dir = exe.parent().context("the nook binary has no directory")?;
+    let mut candidates = vec![dir.join("nook-agent")];
+    if let (Some(profile), Some(target)) = (dir.file_name(), dir.parent()) {
+        candidates.insert(
+            0,
+            target.join("x86_64-unknown-linux-gnu").join(profile).join("nook-agent"),
+        );
+    }
+    candidates.into_iter().find(|path| path.is_file()).with_context(|| {
+        format!(
+            "no static nook-agent found next to {} (build it with scripts/build.sh or pass --agent-binary)",
+            exe.display()
+        )
+    })
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOOK_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let file = read_file_config(args.config.as_deref())?;
+    let listen = match args.listen.or(file.listen) {
+        Some(listen) => listen,
+        None => DEFAULT_LISTEN.parse().expect("valid default"),
+    };
+    let agent_binary = match args.agent_binary.or(file.agent_binary) {
+        Some(path) => path,
+        None => default_agent_binary()?,
+    };
+    let admin_key = std::env::var("NOOK_ADMIN_KEY").ok().filter(|key| !key.is_empty());
+    let config = ServerConfig {
+        listen,
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        agent_binary,
+        base_image_tar: args.base_image_tar.or(file.base_image_tar),
+        admin_key: admin_key.clone(),
+    };
+    let server = Server::start(config.clone())
+        .await
+        .context("nook serve could not start")?;
+    let url = format!("http://{}", client_address(server.local_addr));
+    tracing::info!(%url, data_dir = %config.data_dir.display(), "nook is serving");
+
+    let key_to_save = server.generated_admin_key.clone().or(admin_key);
+    if let Some(key) = &server.generated_admin_key {
+        eprintln!("\nAdmin API key (shown once; only its hash is stored):\n\n    {key}\n");
+    }
+    if let (Some(api_key), false) = (key_to_save, args.no_client_config) {
+        match client_config::save(&ClientConfig {
+            url: url.clone(),
+            api_key,
+        }) {
+            Ok(path) => eprintln!("Client config written to {} (the nook CLI uses it).\n", path.display()),
+            Err(error) => tracing::warn!(error = %format!("{error:#}"), "could not write the client config"),
+        }
+    }
+    server.run(shutdown_signal()).await.context("serving failed")?;
+    tracing::info!("stopped serving; sandboxes keep running and are adopted on the next start");
+    Ok(0)
+}
+
+/// The address a local client should use: loopback when listening on all interfaces.
+fn client_address(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

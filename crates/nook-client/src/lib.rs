@@ -1,0 +1,298 @@
+//! Rust client for nook's native v1 API, used by the CLI and the tests.
+//!
+//! Each method is one HTTP call. Errors from the server arrive as [`ClientError::Api`] with nook's stable error
+//! `code`, so callers can match on it; transport failures keep their cause. Streaming exec returns the NDJSON
+//! events one by one as the server sends them.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use nook_api::{
+    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, Health, Image, ImageList, Sandbox,
+    SandboxEvent, SandboxEventList, SandboxList, SandboxState,
+};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{} ({status})", error.message)]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// nook's error body.
+        error: ApiError,
+    },
+    /// The server could not be reached or the transfer failed.
+    #[error("cannot reach the nook server at {url}")]
+    Transport {
+        /// The server URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server's answer did not parse.
+    #[error("the server's answer is not what this client expects: {0}")]
+    Decode(String),
+    /// The URL is malformed.
+    #[error("invalid server URL {0:?}")]
+    BadUrl(String),
+}
+
+impl ClientError {
+    /// The server's error code, if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { error, .. } => Some(&error.code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, if the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A stream of exec events.
+pub type ExecEvents = Pin<Box<dyn Stream<Item = Result<ExecEvent, ClientError>> + Send>>;
+
+/// A connection to one nook server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    key: String,
+}
+
+impl Client {
+    /// A client for the server at `url` (e.g. `http://127.0.0.1:7070`) using API key `key`.
+    pub fn new(url: &str, key: &str) -> Result<Self, ClientError> {
+        let base = Url::parse(url).map_err(|_| ClientError::BadUrl(url.to_string()))?;
+        if base.cannot_be_a_base() {
+            return Err(ClientError::BadUrl(url.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|source| ClientError::Transport {
+                url: url.to_string(),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base,
+            key: key.to_string(),
+        })
+    }
+
+    /// The server URL.
+    pub fn url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn url_for(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut path = url.path_segments_mut().expect("checked in new");
+            path.pop_if_empty();
+            for segment in segments {
+                path.push(segment);
+            }
+        }
+        url
+    }
+
+    fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        self.http.request(method, url).bearer_auth(&self.key)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let response = request.send().await.map_err(|source| ClientError::Transport {
+            url: self.base.to_string(),
+            source,
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let bytes = response.bytes().await.unwrap_or_default();
+        let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
+            code: "http_error".into(),
+            message: format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)),
+            reason: None,
+        });
+        Err(ClientError::Api { status, error })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(request).await?;
+        let bytes = response.bytes().await.map_err(|source| ClientError::Transport {
+            url: self.base.to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|error| ClientError::Decode(error.to_string()))
+    }
+
+    /// `GET /v1/health` (needs no key).
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.json(self.http.get(self.url_for(&["v1", "health"]))).await
+    }
+
+    /// Creates and starts a sandbox.
+    pub async fn create_sandbox(&self, request: &CreateSandboxRequest) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "sandboxes"]))
+                .json(request),
+        )
+        .await
+    }
+
+    /// A sandbox by id or name.
+    pub async fn sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key])))
+            .await
+    }
+
+    /// Sandboxes, optionally only those in `state` and carrying all `labels`.
+    pub async fn list_sandboxes(
+        &self,
+        state: Option<SandboxState>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<Sandbox>, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes"]);
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(state) = state {
+                query.append_pair("state", state.as_str());
+            }
+            for (key, value) in labels {
+                query.append_pair("label", &format!("{key}={value}"));
+            }
+        }
+        let list: SandboxList = self.json(self.request(Method::GET, url)).await?;
+        Ok(list.sandboxes)
+    }
+
+    /// Stops a sandbox.
+    pub async fn stop_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "stop"])))
+            .await
+    }
+
+    /// Starts a stopped sandbox.
+    pub async fn start_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "start"])))
+            .await
+    }
+
+    /// Deletes a sandbox and its files.
+    pub async fn delete_sandbox(&self, key: &str) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, self.url_for(&["v1", "sandboxes", key])))
+            .await?;
+        Ok(())
+    }
+
+    /// A sandbox's recorded events.
+    pub async fn sandbox_events(&self, key: &str) -> Result<Vec<SandboxEvent>, ClientError> {
+        let list: SandboxEventList = self
+            .json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "events"])))
+            .await?;
+        Ok(list.events)
+    }
+
+    /// Runs a process to its end and returns its output.
+    pub async fn exec(&self, key: &str, request: &ExecRequest) -> Result<ExecResult, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "exec"]))
+                .json(request),
+        )
+        .await
+    }
+
+    /// Runs a process and streams its events as they happen.
+    pub async fn exec_stream(&self, key: &str, request: &ExecRequest) -> Result<ExecEvents, ClientError> {
+        let response = self
+            .send(
+                self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "exec", "stream"]))
+                    .json(request),
+            )
+            .await?;
+        let url = self.base.to_string();
+        let bytes = response.bytes_stream();
+        let lines = futures::stream::unfold(
+            (bytes, Vec::<u8>::new(), false),
+            move |(mut bytes, mut buffer, done)| {
+                let url = url.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buffer.drain(..=end).collect();
+                            let parsed = serde_json::from_slice::<ExecEvent>(&line[..line.len() - 1])
+                                .map_err(|error| ClientError::Decode(error.to_string()));
+                            return Some((parsed, (bytes, buffer, false)));
+                        }
+                        match bytes.next().await {
+                            Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                            Some(Err(source)) => {
+                                return Some((Err(ClientError::Transport { url, source }), (bytes, buffer, true)))
+                            }
+                            None if buffer.is_empty() => return None,
+                            None => {
+                                let error = ClientError::Decode("the stream ended inside a line".into());
+                                return Some((Err(error), (bytes, Vec::new(), true)));
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(lines))
+    }
+
+    /// All images.
+    pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
+        let list: ImageList = self
+            .json(self.request(Method::GET, self.url_for(&["v1", "images"])))
+            .await?;
+        Ok(list.images)
+    }
+
+    /// One image.
+    pub async fn image(&self, name: &str) -> Result<Image, ClientError> {
+        let mut segments = vec!["v1", "images"];
+        segments.extend(name.split('/'));
+        self.json(self.request(Method::GET, self.url_for(&segments))).await
+    }
+
+    /// Imports a rootfs tar stream (plain or gzip) as image `name`.
+    pub async fn import_image(&self, name: &str, body: reqwest::Body) -> Result<Image, ClientError> {
+        let mut segments = vec!["v1", "images"];
+        segments.extend(name.split('/'));
+        self.json(
+            self.request(Method::PUT, self.url_for(&segments))
+                .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+                .body(body),
+        )
+        .await
+    }
+
+    /// Removes an image name.
+    pub async fn remove_image(&self, name: &str) -> Result<(), ClientError> {
+        let mut segments = vec!["v1", "images"];
+        segments.extend(name.split('/'));
+        self.send(self.request(Method::DELETE, self.url_for(&segments))).await?;
+        Ok(())
+    }
+}

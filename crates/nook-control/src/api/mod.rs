@@ -1,0 +1,456 @@
+//! The native v1 HTTP API.
+//!
+//! Request flow: axum routes a request → [`auth`] checks the bearer key (every route but `/v1/health`) → the
+//! handler parses its body with [`ApiJson`] (unknown fields and malformed JSON become `invalid_request` errors in
+//! nook's JSON error shape, never axum's plain-text rejections) → [`Control`] does the work → the result or an
+//! [`ApiFailure`] is serialised. The OpenAPI document ([`ApiDoc`]) is derived from these handlers and the types in
+//! `nook-api`, and checked in under `openapi/`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::StreamExt;
+use nook_api::limits::MAX_EXEC_CAPTURE;
+use nook_api::{
+    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, Health, Image, ImageList, Sandbox,
+    SandboxEventList, SandboxList, SandboxState,
+};
+use nook_runner::ExecOutput;
+use serde::de::DeserializeOwned;
+use tokio_util::io::StreamReader;
+use utoipa::OpenApi;
+
+use crate::control::{Control, SandboxFilter};
+use crate::error::ApiFailure;
+use crate::ids::hash_key;
+
+/// Shared state of the HTTP layer.
+#[derive(Clone)]
+pub struct AppState {
+    /// The operations.
+    pub control: Arc<Control>,
+}
+
+/// Largest JSON request body (exec stdin is the big one).
+const MAX_JSON_BODY: usize = 2 * nook_api::limits::MAX_EXEC_STDIN;
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/v1/sandboxes/{sandbox}", get(get_sandbox).delete(delete_sandbox))
+        .route("/v1/sandboxes/{sandbox}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
+        .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
+        .route("/v1/sandboxes/{sandbox}/exec", post(exec))
+        .route("/v1/sandboxes/{sandbox}/exec/stream", post(exec_stream))
+        .route("/v1/images", get(list_images))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .merge(
+            Router::new()
+                .route(
+                    "/v1/images/{*name}",
+                    get(get_image).put(import_image).delete(remove_image),
+                )
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authenticated)
+        .fallback(|| async { ApiFailure::not_found("no such API route") })
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer <key>` against the stored key hashes.
+async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let key = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(key) = key else {
+        return ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "this API needs an `Authorization: Bearer <API key>` header",
+        )
+        .into_response();
+    };
+    match state.control.store().api_key_by_hash(&hash_key(key)).await {
+        Ok(Some(_)) => next.run(request).await,
+        Ok(None) => {
+            ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the API key is not valid").into_response()
+        }
+        Err(error) => ApiFailure::from(error).into_response(),
+    }
+}
+
+/// A JSON body whose rejections use nook's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::JsonDataError(error) => {
+                    ApiFailure::invalid(format!("the request body has the wrong shape: {}", error.body_text()))
+                }
+                JsonRejection::JsonSyntaxError(error) => {
+                    ApiFailure::invalid(format!("the request body is not valid JSON: {}", error.body_text()))
+                }
+                JsonRejection::MissingJsonContentType(_) => ApiFailure::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the request body as JSON with `Content-Type: application/json`",
+                ),
+                other => ApiFailure::new(other.status(), "invalid_request", other.body_text()),
+            }),
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/health", tag = "system",
+    responses((status = 200, description = "The server answers", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandboxRequest,
+    responses(
+        (status = 201, description = "Created and running", body = Sandbox),
+        (status = 400, description = "Invalid request", body = ApiError),
+        (status = 404, description = "Unknown image", body = ApiError),
+        (status = 409, description = "Name taken", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn create_sandbox(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<CreateSandboxRequest>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiFailure> {
+    Ok((StatusCode::CREATED, Json(state.control.create(request).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    params(
+        ("state" = Option<SandboxState>, Query, description = "Only sandboxes in this state"),
+        ("label" = Option<Vec<String>>, Query, description = "`key=value`; repeat to require several labels"),
+    ),
+    responses((status = 200, description = "Matching sandboxes", body = SandboxList),
+              (status = 400, description = "Invalid filter", body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_sandboxes(
+    State(state): State<AppState>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<SandboxList>, ApiFailure> {
+    let mut filter = SandboxFilter::default();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "state" => {
+                filter.state = Some(
+                    SandboxState::parse(&value)
+                        .ok_or_else(|| ApiFailure::invalid(format!("unknown state {value:?}")))?,
+                )
+            }
+            "label" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .ok_or_else(|| ApiFailure::invalid(format!("label filter {value:?} must be key=value")))?;
+                filter.labels.insert(k.to_string(), v.to_string());
+            }
+            other => return Err(ApiFailure::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok(Json(SandboxList {
+        sandboxes: state.control.list(&filter).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The sandbox", body = Sandbox),
+              (status = 404, description = "No such sandbox", body = ApiError)),
+    security(("bearer" = [])))]
+async fn get_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.resolve(&key).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{sandbox}", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 204, description = "Deleted with all its files"),
+              (status = 404, description = "No such sandbox", body = ApiError)),
+    security(("bearer" = [])))]
+async fn delete_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<StatusCode, ApiFailure> {
+    state.control.delete(&key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/stop", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Stopped; files kept", body = Sandbox),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "Cannot be stopped in its state", body = ApiError)),
+    security(("bearer" = [])))]
+async fn stop_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.stop(&key).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/start", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Running again with its files", body = Sandbox),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "Cannot be started in its state", body = ApiError)),
+    security(("bearer" = [])))]
+async fn start_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.start(&key).await?))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/events", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "State changes and notable events, oldest first", body = SandboxEventList),
+              (status = 404, description = "No such sandbox", body = ApiError)),
+    security(("bearer" = [])))]
+async fn sandbox_events(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Json<SandboxEventList>, ApiFailure> {
+    let sandbox = state.control.resolve(&key).await?;
+    Ok(Json(SandboxEventList {
+        events: state.control.store().events(&sandbox.id).await?,
+    }))
+}
+
+/// Maps an agent-reported failure to an HTTP error.
+fn exec_failure(code: String, message: String) -> ApiFailure {
+    let code: &'static str = match code.as_str() {
+        "spawn_failed" => "spawn_failed",
+        "no_such_user" => "no_such_user",
+        "bad_cwd" => "bad_cwd",
+        "bad_request" => "invalid_request",
+        _ => {
+            return ApiFailure::new(StatusCode::BAD_GATEWAY, "exec_failed", message);
+        }
+    };
+    ApiFailure::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/exec", tag = "exec", request_body = ExecRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The process ran to its end", body = ExecResult),
+              (status = 400, description = "Invalid request, or the process could not start", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "The sandbox is not running", body = ApiError)),
+    security(("bearer" = [])))]
+async fn exec(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ExecRequest>,
+) -> Result<Json<ExecResult>, ApiFailure> {
+    let mut stream = state.control.exec(&key, request).await?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let (mut stdout_truncated, mut stderr_truncated) = (false, false);
+    let keep = |buffer: &mut Vec<u8>, truncated: &mut bool, chunk: &[u8]| {
+        let room = MAX_EXEC_CAPTURE.saturating_sub(buffer.len());
+        buffer.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        *truncated |= chunk.len() > room;
+    };
+    while let Some(event) = stream.events.recv().await {
+        match event {
+            ExecOutput::Started { .. } => {}
+            ExecOutput::Stdout(chunk) => keep(&mut stdout, &mut stdout_truncated, &chunk),
+            ExecOutput::Stderr(chunk) => keep(&mut stderr, &mut stderr_truncated, &chunk),
+            ExecOutput::Exit(exit) => {
+                return Ok(Json(ExecResult {
+                    exit_code: exit.code,
+                    signal: exit.signal,
+                    timed_out: exit.timed_out,
+                    stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                    stdout_truncated,
+                    stderr_truncated,
+                    duration_ms: exit.duration_ms,
+                }))
+            }
+            ExecOutput::Error { code, message } => return Err(exec_failure(code, message)),
+        }
+    }
+    Err(ApiFailure::new(
+        StatusCode::BAD_GATEWAY,
+        "exec_failed",
+        "the exec stream ended without an exit status",
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/exec/stream", tag = "exec", request_body = ExecRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "NDJSON: one ExecEvent per line, ending with exactly one `exit` or `error`",
+               body = ExecEvent, content_type = "application/x-ndjson"),
+              (status = 400, description = "Invalid request", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "The sandbox is not running", body = ApiError)),
+    security(("bearer" = [])))]
+async fn exec_stream(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ExecRequest>,
+) -> Result<Response, ApiFailure> {
+    let stream = state.control.exec(&key, request).await?;
+    // The input sender lives as long as the body, so the process keeps its stdin until the client goes.
+    let body = futures::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        let event = stream.events.recv().await;
+        let (event, last) = match event {
+            Some(ExecOutput::Started { pid }) => (ExecEvent::Started { pid }, false),
+            Some(ExecOutput::Stdout(chunk)) => (
+                ExecEvent::Stdout {
+                    data: base64_of(&chunk),
+                },
+                false,
+            ),
+            Some(ExecOutput::Stderr(chunk)) => (
+                ExecEvent::Stderr {
+                    data: base64_of(&chunk),
+                },
+                false,
+            ),
+            Some(ExecOutput::Exit(exit)) => (
+                ExecEvent::Exit {
+                    status: ExitStatus {
+                        exit_code: exit.code,
+                        signal: exit.signal,
+                        timed_out: exit.timed_out,
+                    },
+                    duration_ms: exit.duration_ms,
+                },
+                true,
+            ),
+            Some(ExecOutput::Error { code, message }) => (ExecEvent::Error { code, message }, true),
+            None => (
+                ExecEvent::Error {
+                    code: "exec_failed".into(),
+                    message: "the exec stream ended unexpectedly".into(),
+                },
+                true,
+            ),
+        };
+        let mut line = serde_json::to_vec(&event).expect("events serialize");
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(line),
+            if last { None } else { Some(stream) },
+        ))
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(body))
+        .expect("valid response"))
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "All images", body = ImageList)),
+    security(("bearer" = [])))]
+async fn list_images(State(state): State<AppState>) -> Result<Json<ImageList>, ApiFailure> {
+    Ok(Json(ImageList {
+        images: state.control.runner().list_images().await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name (may contain `/`)")),
+    responses((status = 200, description = "The image", body = Image),
+              (status = 404, description = "No such image", body = ApiError)),
+    security(("bearer" = [])))]
+async fn get_image(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Image>, ApiFailure> {
+    Ok(Json(state.control.runner().image(&name).await?))
+}
+
+#[utoipa::path(put, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name (may contain `/`)")),
+    request_body(content = Vec<u8>, description = "A root filesystem as a tar stream, plain or gzip-compressed",
+                 content_type = "application/x-tar"),
+    responses((status = 201, description = "Imported", body = Image),
+              (status = 400, description = "Invalid name or archive", body = ApiError)),
+    security(("bearer" = [])))]
+async fn import_image(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<Image>), ApiFailure> {
+    nook_api::names::check_image_name(&name).map_err(ApiFailure::invalid)?;
+    let stream = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(std::io::Error::other));
+    let reader = StreamReader::new(stream);
+    let image = state.control.runner().import_image(&name, Box::pin(reader)).await?;
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name (may contain `/`)")),
+    responses((status = 204, description = "Removed"),
+              (status = 404, description = "No such image", body = ApiError)),
+    security(("bearer" = [])))]
+async fn remove_image(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiFailure> {
+    state.control.runner().remove_image(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document of the native v1 API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
+    paths(
+        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
+        sandbox_events, exec, exec_stream, list_images, get_image, import_image, remove_image
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "system", description = "Server status"),
+        (name = "sandboxes", description = "Sandbox lifecycle"),
+        (name = "exec", description = "Running processes in sandboxes"),
+        (name = "images", description = "Images in the content-addressed store"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON, as checked in under `openapi/`.
+pub fn openapi_json() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}

@@ -1,0 +1,512 @@
+//! The control plane's operations on sandboxes, independent of HTTP.
+//!
+//! [`Control`] validates requests, records every state change in the [`Store`] and drives the [`Runner`]. Create is
+//! written so that a failure at any step leaves no trace on the runner: the record is written first (state
+//! `creating`), the runner undoes its own partial work on failure, and the record then carries `error` with the
+//! step that failed. On start, [`Control::reconcile`] brings the store in line with what the runner actually runs,
+//! and [`Control::watch_runner`] turns runner events (OOM kills, inits exiting) into recorded transitions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+use nook_api::limits::*;
+use nook_api::names::{check_env_name, check_image_name, check_label_key, check_sandbox_name, is_sandbox_id};
+use nook_api::{CreateSandboxRequest, ExecRequest, Isolation, Resources, Sandbox, SandboxState, StateReason};
+use nook_runner::{ExecInput, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
+
+use crate::error::ApiFailure;
+use crate::ids;
+use crate::store::{Store, Transition};
+
+/// Filters for listing sandboxes.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxFilter {
+    /// Only sandboxes in this state.
+    pub state: Option<SandboxState>,
+    /// Only sandboxes carrying all these labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The control plane's sandbox operations.
+pub struct Control {
+    store: Arc<dyn Store>,
+    runner: Arc<dyn Runner>,
+    host_cpus: f64,
+    host_memory_mb: u64,
+}
+
+impl Control {
+    /// Ties a store to a runner.
+    pub fn new(store: Arc<dyn Store>, runner: Arc<dyn Runner>) -> Self {
+        let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        Self {
+            store,
+            runner,
+            host_cpus,
+            host_memory_mb: host_memory_mb().unwrap_or(MAX_MEMORY_MB),
+        }
+    }
+
+    /// The runner (for image operations).
+    pub fn runner(&self) -> &Arc<dyn Runner> {
+        &self.runner
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Validates a create request and returns the resources it resolves to.
+    fn check_create(&self, request: &CreateSandboxRequest) -> Result<Resources, ApiFailure> {
+        if let Some(name) = &request.name {
+            check_sandbox_name(name).map_err(ApiFailure::invalid)?;
+        }
+        if let Some(image) = &request.image {
+            check_image_name(image).map_err(ApiFailure::invalid)?;
+        }
+        if request.labels.len() > MAX_LABELS {
+            return Err(ApiFailure::invalid(format!("at most {MAX_LABELS} labels are allowed")));
+        }
+        for (key, value) in &request.labels {
+            check_label_key(key).map_err(ApiFailure::invalid)?;
+            check_value("label", key, value)?;
+        }
+        check_env(&request.env)?;
+        let wanted = request.resources.clone().unwrap_or_default();
+        let resources = Resources {
+            cpu: wanted.cpu.unwrap_or(DEFAULT_CPU.min(self.host_cpus)),
+            memory_mb: wanted.memory_mb.unwrap_or(DEFAULT_MEMORY_MB),
+            pids: wanted.pids.unwrap_or(DEFAULT_PIDS),
+        };
+        let max_cpu = MAX_CPU.min(self.host_cpus);
+        if !resources.cpu.is_finite() || resources.cpu < MIN_CPU || resources.cpu > max_cpu {
+            return Err(ApiFailure::invalid(format!(
+                "cpu {} is out of range: this host offers {MIN_CPU} to {max_cpu} cores",
+                resources.cpu
+            )));
+        }
+        let max_memory = MAX_MEMORY_MB.min(self.host_memory_mb);
+        if resources.memory_mb < MIN_MEMORY_MB || resources.memory_mb > max_memory {
+            return Err(ApiFailure::invalid(format!(
+                "memory_mb {} is out of range: this host offers {MIN_MEMORY_MB} to {max_memory} MiB",
+                resources.memory_mb
+            )));
+        }
+        if resources.pids < MIN_PIDS || resources.pids > MAX_PIDS {
+            return Err(ApiFailure::invalid(format!(
+                "pids {} is out of range: use {MIN_PIDS} to {MAX_PIDS}",
+                resources.pids
+            )));
+        }
+        Ok(resources)
+    }
+
+    /// Creates and starts a sandbox.
+    pub async fn create(&self, request: CreateSandboxRequest) -> Result<Sandbox, ApiFailure> {
+        let resources = self.check_create(&request)?;
+        let image_name = request.image.clone().unwrap_or_else(|| "base".to_string());
+        let image = self.runner.image(&image_name).await?;
+        let id = ids::sandbox_id();
+        let name = request.name.clone().unwrap_or_else(|| id.clone());
+        let now = Utc::now();
+        let sandbox = Sandbox {
+            id: id.clone(),
+            name: name.clone(),
+            image: image_name.clone(),
+            image_digest: image.digest,
+            isolation: request.isolation.unwrap_or(Isolation::Container),
+            state: SandboxState::Creating,
+            state_reason: StateReason::Requested,
+            state_message: "a client asked for this sandbox".into(),
+            labels: request.labels,
+            env: request.env.clone(),
+            resources,
+            oom_kills: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.insert_sandbox(&sandbox).await?;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            hostname: name,
+            image: image_name,
+            resources,
+            env: request.env,
+        };
+        match self.runner.create_sandbox(spec).await {
+            Ok(()) => Ok(self
+                .store
+                .transition(
+                    &id,
+                    transition(SandboxState::Running, StateReason::Requested, "started"),
+                )
+                .await?),
+            Err(error) => {
+                let message = crate::error::chain(&error);
+                let _ = self
+                    .store
+                    .transition(
+                        &id,
+                        transition(SandboxState::Error, StateReason::CreateFailed, &message),
+                    )
+                    .await;
+                Err(ApiFailure::from(error))
+            }
+        }
+    }
+
+    /// Finds a sandbox by id or name.
+    pub async fn resolve(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let found = if is_sandbox_id(key) {
+            self.store.sandbox(key).await?
+        } else if check_sandbox_name(key).is_ok() {
+            self.store.sandbox_by_name(key).await?
+        } else {
+            return Err(ApiFailure::invalid(format!(
+                "{key:?} is neither a sandbox id nor a valid sandbox name"
+            )));
+        };
+        found.ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))
+    }
+
+    /// Lists sandboxes matching a filter.
+    pub async fn list(&self, filter: &SandboxFilter) -> Result<Vec<Sandbox>, ApiFailure> {
+        let all = self.store.sandboxes().await?;
+        Ok(all
+            .into_iter()
+            .filter(|sandbox| filter.state.is_none_or(|state| sandbox.state == state))
+            .filter(|sandbox| filter.labels.iter().all(|(k, v)| sandbox.labels.get(k) == Some(v)))
+            .collect())
+    }
+
+    /// Stops a running sandbox; its files stay.
+    pub async fn stop(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        match sandbox.state {
+            SandboxState::Stopped => return Ok(sandbox),
+            SandboxState::Running | SandboxState::Error => {}
+            other => {
+                return Err(ApiFailure::conflict(format!(
+                    "sandbox {} is {other} and cannot be stopped",
+                    sandbox.name
+                )))
+            }
+        }
+        self.runner.stop_sandbox(&sandbox.id).await?;
+        Ok(self
+            .store
+            .transition(
+                &sandbox.id,
+                transition(SandboxState::Stopped, StateReason::Requested, "stopped by a client"),
+            )
+            .await?)
+    }
+
+    /// Starts a stopped sandbox.
+    pub async fn start(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        match sandbox.state {
+            SandboxState::Running => return Ok(sandbox),
+            SandboxState::Stopped => {}
+            other => {
+                return Err(ApiFailure::conflict(format!(
+                    "sandbox {} is {other} and cannot be started",
+                    sandbox.name
+                )))
+            }
+        }
+        match self.runner.start_sandbox(&sandbox.id).await {
+            Ok(()) | Err(RunnerError::AlreadyRunning(_)) => Ok(self
+                .store
+                .transition(
+                    &sandbox.id,
+                    transition(SandboxState::Running, StateReason::Requested, "started by a client"),
+                )
+                .await?),
+            Err(error) => {
+                let message = crate::error::chain(&error);
+                let _ = self
+                    .store
+                    .transition(
+                        &sandbox.id,
+                        transition(SandboxState::Stopped, StateReason::StartFailed, &message),
+                    )
+                    .await;
+                Err(ApiFailure::from(error))
+            }
+        }
+    }
+
+    /// Deletes a sandbox and all its files, whatever its state.
+    pub async fn delete(&self, key: &str) -> Result<(), ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        self.runner.delete_sandbox(&sandbox.id).await?;
+        self.store.delete_sandbox(&sandbox.id).await?;
+        Ok(())
+    }
+
+    /// Starts a process in a running sandbox. `stdin` text, if any, is written and closed at once.
+    pub async fn exec(&self, key: &str, request: ExecRequest) -> Result<ExecStream, ApiFailure> {
+        let options = check_exec(&request)?;
+        let sandbox = self.resolve(key).await?;
+        if sandbox.state != SandboxState::Running {
+            return Err(ApiFailure::new(
+                axum::http::StatusCode::CONFLICT,
+                "not_running",
+                format!(
+                    "sandbox {} is {}; start it before running commands",
+                    sandbox.name, sandbox.state
+                ),
+            ));
+        }
+        let stream = self.runner.exec(&sandbox.id, options).await?;
+        if let Some(stdin) = request.stdin {
+            let _ = stream.input.send(ExecInput::Stdin(stdin.into_bytes())).await;
+            let _ = stream.input.send(ExecInput::CloseStdin).await;
+        }
+        Ok(stream)
+    }
+
+    /// Brings the store in line with what the runner runs (after a restart of the server).
+    pub async fn reconcile(&self) -> Result<(), ApiFailure> {
+        let running = self.runner.running_sandboxes().await;
+        let sandboxes = self.store.sandboxes().await?;
+        for sandbox in &sandboxes {
+            let is_running = running.contains(&sandbox.id);
+            match (sandbox.state, is_running) {
+                (SandboxState::Creating, _) => {
+                    let _ = self.runner.delete_sandbox(&sandbox.id).await;
+                    self.store
+                        .transition(
+                            &sandbox.id,
+                            transition(
+                                SandboxState::Error,
+                                StateReason::CreateFailed,
+                                "the server stopped while this sandbox was being created; delete it and create it again",
+                            ),
+                        )
+                        .await?;
+                }
+                (SandboxState::Running, false) => {
+                    self.store
+                        .transition(
+                            &sandbox.id,
+                            transition(
+                                SandboxState::Stopped,
+                                StateReason::LostOnRestart,
+                                "the sandbox's processes were gone when the server started (for example after a \
+                                 host reboot); its files are kept and it can be started again",
+                            ),
+                        )
+                        .await?;
+                }
+                (SandboxState::Stopped | SandboxState::Error, true) => {
+                    let _ = self.runner.stop_sandbox(&sandbox.id).await;
+                }
+                _ => {}
+            }
+        }
+        for id in running {
+            if !sandboxes.iter().any(|sandbox| sandbox.id == id) {
+                tracing::warn!(sandbox = %id, "removing a sandbox the store does not know");
+                let _ = self.runner.delete_sandbox(&id).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what the runner reports on its own: OOM kills and inits that exited.
+    pub fn watch_runner(self: &Arc<Self>) {
+        let control = self.clone();
+        let mut events = self.runner.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::error!(missed, "runner events were dropped");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let result = match &event {
+                    RunnerEvent::Oom { sandbox_id, oom_kills } => {
+                        let limit = match control.store.sandbox(sandbox_id).await {
+                            Ok(Some(sandbox)) => sandbox.resources.memory_mb,
+                            _ => 0,
+                        };
+                        let message = format!(
+                            "the kernel killed a process that exceeded the sandbox's {limit} MiB memory limit \
+                             ({oom_kills} OOM kill(s) so far)"
+                        );
+                        control
+                            .store
+                            .record_oom(sandbox_id, *oom_kills, &message)
+                            .await
+                            .map(|_| ())
+                    }
+                    RunnerEvent::InitExited { sandbox_id } => control
+                        .store
+                        .transition(
+                            sandbox_id,
+                            transition(
+                                SandboxState::Stopped,
+                                StateReason::InitExited,
+                                "the sandbox's init process exited on its own; its files are kept",
+                            ),
+                        )
+                        .await
+                        .map(|_| ()),
+                };
+                if let Err(error) = result {
+                    tracing::warn!(?event, error = %crate::error::chain(&error), "could not record a runner event");
+                }
+            }
+        });
+    }
+}
+
+fn transition(to: SandboxState, reason: StateReason, message: &str) -> Transition {
+    Transition {
+        to,
+        reason,
+        message: message.to_string(),
+    }
+}
+
+fn check_value(what: &str, key: &str, value: &str) -> Result<(), ApiFailure> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(ApiFailure::invalid(format!(
+            "{what} {key:?} is longer than {MAX_VALUE_LEN} bytes"
+        )));
+    }
+    if value.contains('\0') {
+        return Err(ApiFailure::invalid(format!("{what} {key:?} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiFailure> {
+    if env.len() > MAX_ENV {
+        return Err(ApiFailure::invalid(format!(
+            "at most {MAX_ENV} environment variables are allowed"
+        )));
+    }
+    for (key, value) in env {
+        check_env_name(key).map_err(ApiFailure::invalid)?;
+        check_value("environment variable", key, value)?;
+    }
+    Ok(())
+}
+
+/// Validates an exec request and turns it into runner options.
+fn check_exec(request: &ExecRequest) -> Result<ExecOptions, ApiFailure> {
+    let argv = match (&request.shell, request.command.is_empty()) {
+        (Some(shell), true) => vec!["/bin/sh".to_string(), "-c".to_string(), shell.clone()],
+        (None, false) => request.command.clone(),
+        (Some(_), false) => return Err(ApiFailure::invalid("give either `command` or `shell`, not both")),
+        (None, true) => {
+            return Err(ApiFailure::invalid(
+                "give the command to run in `command` (argv) or `shell`",
+            ))
+        }
+    };
+    if argv[0].is_empty() {
+        return Err(ApiFailure::invalid("the program name is empty"));
+    }
+    if argv.len() > MAX_ARGS {
+        return Err(ApiFailure::invalid(format!("at most {MAX_ARGS} arguments are allowed")));
+    }
+    if argv.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES {
+        return Err(ApiFailure::invalid(format!(
+            "the command is longer than {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
+    if argv.iter().any(|arg| arg.contains('\0')) {
+        return Err(ApiFailure::invalid("the command contains a NUL byte"));
+    }
+    check_env(&request.env)?;
+    if let Some(cwd) = &request.cwd {
+        if !cwd.starts_with('/') || cwd.contains('\0') || cwd.len() > 4096 {
+            return Err(ApiFailure::invalid(format!("cwd {cwd:?} must be an absolute path")));
+        }
+    }
+    if let Some(user) = &request.user {
+        let valid = !user.is_empty()
+            && user.len() <= 64
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !valid {
+            return Err(ApiFailure::invalid(format!(
+                "user {user:?} is not a valid user name or uid"
+            )));
+        }
+    }
+    if request.stdin.as_ref().is_some_and(|stdin| stdin.len() > MAX_EXEC_STDIN) {
+        return Err(ApiFailure::invalid(format!(
+            "stdin is longer than {MAX_EXEC_STDIN} bytes"
+        )));
+    }
+    if request.timeout_ms.is_some_and(|ms| ms == 0 || ms > MAX_EXEC_TIMEOUT_MS) {
+        return Err(ApiFailure::invalid(format!(
+            "timeout_ms must be between 1 and {MAX_EXEC_TIMEOUT_MS}"
+        )));
+    }
+    Ok(ExecOptions {
+        argv,
+        env: request.env.clone(),
+        cwd: request.cwd.clone(),
+        user: request.user.clone(),
+        timeout_ms: request.timeout_ms,
+        stdin: request.stdin.is_some(),
+    })
+}
+
+fn host_memory_mb() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_requests_are_checked() {
+        let shell = ExecRequest {
+            shell: Some("echo hi".into()),
+            ..Default::default()
+        };
+        assert_eq!(check_exec(&shell).unwrap().argv, ["/bin/sh", "-c", "echo hi"]);
+        let both = ExecRequest {
+            shell: Some("x".into()),
+            command: vec!["y".into()],
+            ..Default::default()
+        };
+        assert!(check_exec(&both).is_err());
+        assert!(check_exec(&ExecRequest::default()).is_err());
+        let relative = ExecRequest {
+            command: vec!["ls".into()],
+            cwd: Some("tmp".into()),
+            ..Default::default()
+        };
+        assert!(check_exec(&relative).is_err());
+        let bad_user = ExecRequest {
+            command: vec!["ls".into()],
+            user: Some("a b".into()),
+            ..Default::default()
+        };
+        assert!(check_exec(&bad_user).is_err());
+        let zero = ExecRequest {
+            command: vec!["ls".into()],
+            timeout_ms: Some(0),
+            ..Default::default()
+        };
+        assert!(check_exec(&zero).is_err());
+    }
+}

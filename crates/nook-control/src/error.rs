@@ -1,0 +1,124 @@
+//! The control plane's error type and its HTTP form.
+//!
+//! Every failure a client can see is an [`ApiFailure`]: an HTTP status, a stable `code`, a sentence, and the cause
+//! chain flattened into `reason`. Internal errors are logged with their full chain once, here, at the edge.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use nook_api::ApiError;
+use nook_runner::RunnerError;
+
+use crate::store::StoreError;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiFailure {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code.
+    pub code: &'static str,
+    /// A sentence.
+    pub message: String,
+    /// Cause chain, if any.
+    pub reason: Option<String>,
+}
+
+impl ApiFailure {
+    /// A failure without a cause.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            reason: None,
+        }
+    }
+
+    /// 400 `invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 409 `conflict`.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 500 `internal`, with the cause chain.
+    pub fn internal(message: impl Into<String>, error: &(dyn std::error::Error + 'static)) -> Self {
+        let message = message.into();
+        let reason = chain(error);
+        tracing::error!(%message, %reason, "request failed");
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message,
+            reason: Some(reason),
+        }
+    }
+
+    /// Attaches a cause.
+    pub fn with_reason(mut self, error: &(dyn std::error::Error + 'static)) -> Self {
+        self.reason = Some(chain(error));
+        self
+    }
+}
+
+/// `error: cause: cause` in one line.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            code: self.code.to_string(),
+            message: self.message,
+            reason: self.reason,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiFailure {
+    fn from(error: StoreError) -> Self {
+        match &error {
+            StoreError::NameTaken(name) => {
+                Self::conflict(format!("a sandbox named {name:?} already exists; choose another name"))
+            }
+            StoreError::NotFound => Self::not_found("the sandbox no longer exists"),
+            _ => Self::internal("the control plane's database failed", &error),
+        }
+    }
+}
+
+impl From<RunnerError> for ApiFailure {
+    fn from(error: RunnerError) -> Self {
+        match &error {
+            RunnerError::NoSuchSandbox(_) => Self::not_found(error.to_string()),
+            RunnerError::NotRunning(_) => Self::new(StatusCode::CONFLICT, "not_running", error.to_string()),
+            RunnerError::AlreadyRunning(_) => Self::new(StatusCode::CONFLICT, "already_running", error.to_string()),
+            RunnerError::Image(nook_runner::images::ImageError::NotFound(name)) => Self::not_found(format!(
+                "image {name:?} does not exist; `nook image ls` lists the images"
+            )),
+            RunnerError::Image(nook_runner::images::ImageError::InvalidName(message)) => Self::invalid(message.clone()),
+            RunnerError::Image(nook_runner::images::ImageError::Unpack(_)) => {
+                Self::invalid("the image archive could not be unpacked").with_reason(&error)
+            }
+            _ => Self::internal("the runner failed", &error),
+        }
+    }
+}

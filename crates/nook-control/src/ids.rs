@@ -1,0 +1,57 @@
+//! Random identifiers and API keys, and the one-way hash under which keys are stored.
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// `prefix` followed by 20 random lowercase letters and digits (about 103 bits).
+pub fn random_id(prefix: &str) -> String {
+    let mut rng = rand::thread_rng();
+    let mut id = String::with_capacity(prefix.len() + nook_api::names::SANDBOX_ID_RANDOM_LEN);
+    id.push_str(prefix);
+    for _ in 0..nook_api::names::SANDBOX_ID_RANDOM_LEN {
+        id.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
+    }
+    id
+}
+
+/// A new sandbox id.
+pub fn sandbox_id() -> String {
+    random_id(nook_api::names::SANDBOX_ID_PREFIX)
+}
+
+/// A new API key: `nook_` and 40 random characters (about 206 bits), shown once and stored only as a hash.
+pub fn api_key() -> String {
+    let mut rng = rand::thread_rng();
+    let mut key = String::from("nook_");
+    for _ in 0..40 {
+        key.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
+    }
+    key
+}
+
+/// The stored form of a key. Keys are long random strings, so a plain SHA-256 cannot be brute-forced.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_the_api_shape() {
+        let id = sandbox_id();
+        assert!(nook_api::names::is_sandbox_id(&id), "{id}");
+        assert_ne!(sandbox_id(), id);
+    }
+
+    #[test]
+    fn keys_hash_stably() {
+        let key = api_key();
+        assert_eq!(key.len(), 45);
+        assert_eq!(hash_key(&key), hash_key(&key));
+        assert_ne!(hash_key(&key), hash_key(&api_key()));
+    }
+}

@@ -1,0 +1,163 @@
+//! The nook control plane: what `nook serve` runs.
+//!
+//! Start-up, in order: open the store (SQLite under the data directory), make sure an admin API key exists (from
+//! `admin_key`, or generated once and returned to the caller to show), open the runner (an in-process
+//! [`LocalRunner`], which re-adopts sandboxes that kept running), import the built-in `base` image if a tarball is
+//! configured and the image is missing, reconcile the store with what the runner runs, start listening. Shutting
+//! the server down stops serving but leaves every sandbox running; the next start adopts them again.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nook_runner::{LocalRunner, LocalRunnerConfig, Runner};
+
+pub mod api;
+pub mod control;
+pub mod error;
+pub mod ids;
+pub mod store;
+
+use control::Control;
+use store::sqlite::SqliteStore;
+use store::Store;
+
+/// Name of the image built into every installation.
+pub const BASE_IMAGE: &str = "base";
+
+/// Settings of `nook serve`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for the database, images and sandboxes.
+    pub data_dir: PathBuf,
+    /// The static agent binary.
+    pub agent_binary: PathBuf,
+    /// A rootfs tarball imported as `base` when that image is missing.
+    pub base_image_tar: Option<PathBuf>,
+    /// An admin key to accept (stored hashed); when unset and no key exists, one is generated.
+    pub admin_key: Option<String>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory is unusable.
+    #[error("cannot use the data directory {path}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("cannot open the database")]
+    Store(#[from] store::StoreError),
+    /// The runner failed.
+    #[error("cannot start the runner")]
+    Runner(#[from] nook_runner::RunnerError),
+    /// Reconciling with the runner failed.
+    #[error("cannot reconcile the store with the runner: {0}")]
+    Reconcile(String),
+    /// The address could not be bound.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started server, listening but not yet serving.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    /// The admin key generated on this start, if one was (show it once; only its hash is stored).
+    pub generated_admin_key: Option<String>,
+    /// Where it listens.
+    pub local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Runs the start-up sequence.
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        let data_error = |source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(data_error)?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("nook.db"))?);
+        let generated_admin_key = ensure_admin_key(store.as_ref(), config.admin_key.as_deref()).await?;
+
+        let runner = LocalRunner::open(LocalRunnerConfig {
+            dir: config.data_dir.join("runner"),
+            agent_binary: config.agent_binary.clone(),
+        })
+        .await?;
+        tracing::info!("{}", runner.describe());
+        if let Some(tar) = &config.base_image_tar {
+            if runner.image(BASE_IMAGE).await.is_err() {
+                tracing::info!(path = %tar.display(), "importing the base image");
+                let started = std::time::Instant::now();
+                let image_config = nook_api::ImageConfig {
+                    env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+                    ..Default::default()
+                };
+                let image = runner.import_image_file(BASE_IMAGE, tar, image_config).await?;
+                tracing::info!(digest = %image.digest, seconds = started.elapsed().as_secs_f64(), "imported base");
+            }
+        }
+
+        let control = Arc::new(Control::new(store, Arc::new(runner)));
+        control
+            .reconcile()
+            .await
+            .map_err(|failure| StartError::Reconcile(failure.message))?;
+        control.watch_runner();
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                address: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            address: config.listen,
+            source,
+        })?;
+        let router = api::router(api::AppState { control });
+        Ok(Self {
+            listener,
+            router,
+            generated_admin_key,
+            local_addr,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+async fn ensure_admin_key(store: &dyn Store, configured: Option<&str>) -> Result<Option<String>, StartError> {
+    if let Some(key) = configured {
+        let hash = ids::hash_key(key);
+        if store.api_key_by_hash(&hash).await?.is_none() {
+            store.insert_api_key("admin", &hash).await?;
+        }
+        return Ok(None);
+    }
+    if store.api_key_count().await? > 0 {
+        return Ok(None);
+    }
+    let key = ids::api_key();
+    store.insert_api_key("admin", &ids::hash_key(&key)).await?;
+    Ok(Some(key))
+}

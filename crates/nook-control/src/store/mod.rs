@@ -1,0 +1,78 @@
+//! The control plane's durable state: sandboxes, their event history and API keys.
+//!
+//! [`Store`] is the seam; [`sqlite::SqliteStore`] is the embedded default (one file, WAL, schema migrations by
+//! `user_version`). A PostgreSQL implementation for clusters implements the same trait. The store is the source of
+//! truth for what the API reports; runners keep their own on-disk state for what actually runs, and the server
+//! reconciles the two on start.
+
+use chrono::{DateTime, Utc};
+use nook_api::{Sandbox, SandboxEvent, SandboxState, StateReason};
+
+pub mod sqlite;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique name is taken.
+    #[error("the name {0:?} is already taken")]
+    NameTaken(String),
+    /// No row matched.
+    #[error("no such record")]
+    NotFound,
+    /// The database failed.
+    #[error("the database failed")]
+    Database(#[from] rusqlite::Error),
+    /// A stored value did not parse.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An API key as stored (only its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// Key id.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A state change to record.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// New state.
+    pub to: SandboxState,
+    /// Why.
+    pub reason: StateReason,
+    /// Details.
+    pub message: String,
+}
+
+/// The control plane's storage.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new sandbox (in its initial state) and its first event.
+    async fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<(), StoreError>;
+    /// A sandbox by id.
+    async fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StoreError>;
+    /// A sandbox by name.
+    async fn sandbox_by_name(&self, name: &str) -> Result<Option<Sandbox>, StoreError>;
+    /// All sandboxes, oldest first.
+    async fn sandboxes(&self) -> Result<Vec<Sandbox>, StoreError>;
+    /// Moves a sandbox to a new state and records the event; returns the updated sandbox.
+    async fn transition(&self, id: &str, transition: Transition) -> Result<Sandbox, StoreError>;
+    /// Records OOM kills (the state stays, the reason becomes `oom`) and the event.
+    async fn record_oom(&self, id: &str, oom_kills: u64, message: &str) -> Result<Sandbox, StoreError>;
+    /// Removes a sandbox and its events.
+    async fn delete_sandbox(&self, id: &str) -> Result<(), StoreError>;
+    /// A sandbox's events, oldest first.
+    async fn events(&self, id: &str) -> Result<Vec<SandboxEvent>, StoreError>;
+
+    /// Stores a new API key by its hash.
+    async fn insert_api_key(&self, name: &str, key_hash: &str) -> Result<ApiKeyRecord, StoreError>;
+    /// Finds the key with this hash.
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// How many keys exist.
+    async fn api_key_count(&self) -> Result<u64, StoreError>;
+}

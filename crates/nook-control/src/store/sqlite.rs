@@ -1,0 +1,480 @@
+//! The embedded SQLite store.
+//!
+//! One connection behind a mutex (SQLite serialises writers anyway, and each statement here takes microseconds),
+//! WAL journaling with `synchronous=NORMAL`, foreign keys on. Schema changes are numbered migrations applied in a
+//! transaction and tracked in `PRAGMA user_version`, so an older database is upgraded in place on start.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use nook_api::{Isolation, Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{ApiKeyRecord, Store, StoreError, Transition};
+
+/// Schema migrations, applied in order; never edit one that has shipped, append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sandboxes (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    image         TEXT NOT NULL,
+    image_digest  TEXT NOT NULL,
+    isolation     TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    state_reason  TEXT NOT NULL,
+    state_message TEXT NOT NULL,
+    labels        TEXT NOT NULL,
+    env           TEXT NOT NULL,
+    cpu           REAL NOT NULL,
+    memory_mb     INTEGER NOT NULL,
+    pids          INTEGER NOT NULL,
+    oom_kills     INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL
+);
+CREATE TABLE sandbox_events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+    at          TEXT NOT NULL,
+    from_state  TEXT,
+    to_state    TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    message     TEXT NOT NULL
+);
+CREATE INDEX sandbox_events_by_sandbox ON sandbox_events(sandbox_id, seq);
+CREATE TABLE api_keys (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    key_hash   TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+"#];
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let connection = Connection::open(path)?;
+        Self::setup(connection)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(mut connection: Connection) -> Result<Self, StoreError> {
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: usize = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(migration)?;
+            transaction.pragma_update(None, "user_version", index + 1)?;
+            transaction.commit()?;
+        }
+        Ok(Self {
+            connection: Mutex::new(connection),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut connection = self.connection.lock().expect("store lock");
+        f(&mut connection)
+    }
+}
+
+const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
+                               labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at";
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|error| StoreError::Corrupt(format!("timestamp {text:?}: {error}")))
+}
+
+fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreError>> {
+    let state: String = row.get(5)?;
+    let reason: String = row.get(6)?;
+    let labels: String = row.get(8)?;
+    let env: String = row.get(9)?;
+    let created: String = row.get(14)?;
+    let updated: String = row.get(15)?;
+    let isolation: String = row.get(4)?;
+    let build = || -> Result<Sandbox, StoreError> {
+        Ok(Sandbox {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            image: row.get(2)?,
+            image_digest: row.get(3)?,
+            isolation: match isolation.as_str() {
+                "container" => Isolation::Container,
+                other => return Err(StoreError::Corrupt(format!("isolation {other:?}"))),
+            },
+            state: SandboxState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state:?}")))?,
+            state_reason: StateReason::parse(&reason)
+                .ok_or_else(|| StoreError::Corrupt(format!("reason {reason:?}")))?,
+            state_message: row.get(7)?,
+            labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            env: serde_json::from_str(&env).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            resources: Resources {
+                cpu: row.get(10)?,
+                memory_mb: row.get(11)?,
+                pids: row.get(12)?,
+            },
+            oom_kills: row.get(13)?,
+            created_at: parse_time(&created)?,
+            updated_at: parse_time(&updated)?,
+        })
+    };
+    Ok(build())
+}
+
+fn select_one(connection: &Connection, column: &str, value: &str) -> Result<Option<Sandbox>, StoreError> {
+    let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {column} = ?1");
+    connection
+        .query_row(&sql, params![value], sandbox_from_row)
+        .optional()?
+        .transpose()
+}
+
+fn insert_event(
+    connection: &Connection,
+    id: &str,
+    at: &str,
+    from: Option<SandboxState>,
+    to: SandboxState,
+    reason: StateReason,
+    message: &str,
+) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT INTO sandbox_events (sandbox_id, at, from_state, to_state, reason, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            id,
+            at,
+            from.map(SandboxState::as_str),
+            to.as_str(),
+            reason.as_str(),
+            message
+        ],
+    )?;
+    Ok(())
+}
+
+fn now_text() -> String {
+    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<(), StoreError> {
+        self.with(|connection| {
+            let transaction = connection.transaction()?;
+            let created = sandbox.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let inserted = transaction.execute(
+                &format!(
+                    "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ),
+                params![
+                    sandbox.id,
+                    sandbox.name,
+                    sandbox.image,
+                    sandbox.image_digest,
+                    "container",
+                    sandbox.state.as_str(),
+                    sandbox.state_reason.as_str(),
+                    sandbox.state_message,
+                    serde_json::to_string(&sandbox.labels).expect("labels serialize"),
+                    serde_json::to_string(&sandbox.env).expect("env serializes"),
+                    sandbox.resources.cpu,
+                    sandbox.resources.memory_mb,
+                    sandbox.resources.pids,
+                    sandbox.oom_kills,
+                    created,
+                    created,
+                ],
+            );
+            match inserted {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(error, Some(message)))
+                    if error.code == rusqlite::ErrorCode::ConstraintViolation && message.contains("name") =>
+                {
+                    return Err(StoreError::NameTaken(sandbox.name.clone()));
+                }
+                Err(error) => return Err(error.into()),
+            }
+            insert_event(
+                &transaction,
+                &sandbox.id,
+                &created,
+                None,
+                sandbox.state,
+                sandbox.state_reason,
+                &sandbox.state_message,
+            )?;
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    async fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StoreError> {
+        self.with(|connection| select_one(connection, "id", id))
+    }
+
+    async fn sandbox_by_name(&self, name: &str) -> Result<Option<Sandbox>, StoreError> {
+        self.with(|connection| select_one(connection, "name", name))
+    }
+
+    async fn sandboxes(&self) -> Result<Vec<Sandbox>, StoreError> {
+        self.with(|connection| {
+            let mut statement = connection.prepare(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY created_at, id"
+            ))?;
+            let rows = statement.query_map([], sandbox_from_row)?;
+            let mut sandboxes = Vec::new();
+            for row in rows {
+                sandboxes.push(row??);
+            }
+            Ok(sandboxes)
+        })
+    }
+
+    async fn transition(&self, id: &str, transition: Transition) -> Result<Sandbox, StoreError> {
+        self.with(|connection| {
+            let transaction = connection.transaction()?;
+            let current = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            let now = now_text();
+            transaction.execute(
+                "UPDATE sandboxes SET state = ?2, state_reason = ?3, state_message = ?4, updated_at = ?5 \
+                 WHERE id = ?1",
+                params![
+                    id,
+                    transition.to.as_str(),
+                    transition.reason.as_str(),
+                    transition.message,
+                    now
+                ],
+            )?;
+            insert_event(
+                &transaction,
+                id,
+                &now,
+                Some(current.state),
+                transition.to,
+                transition.reason,
+                &transition.message,
+            )?;
+            let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            transaction.commit()?;
+            Ok(updated)
+        })
+    }
+
+    async fn record_oom(&self, id: &str, oom_kills: u64, message: &str) -> Result<Sandbox, StoreError> {
+        self.with(|connection| {
+            let transaction = connection.transaction()?;
+            let current = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            let now = now_text();
+            transaction.execute(
+                "UPDATE sandboxes SET state_reason = 'oom', state_message = ?2, oom_kills = ?3, updated_at = ?4 \
+                 WHERE id = ?1",
+                params![id, message, oom_kills, now],
+            )?;
+            insert_event(
+                &transaction,
+                id,
+                &now,
+                Some(current.state),
+                current.state,
+                StateReason::Oom,
+                message,
+            )?;
+            let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            transaction.commit()?;
+            Ok(updated)
+        })
+    }
+
+    async fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|connection| {
+            connection.execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+            Ok(())
+        })
+    }
+
+    async fn events(&self, id: &str) -> Result<Vec<SandboxEvent>, StoreError> {
+        self.with(|connection| {
+            let mut statement = connection.prepare(
+                "SELECT at, from_state, to_state, reason, message FROM sandbox_events \
+                 WHERE sandbox_id = ?1 ORDER BY seq",
+            )?;
+            let rows = statement.query_map(params![id], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (at, from, to, reason, message) = row?;
+                let corrupt = |what: &str| StoreError::Corrupt(format!("event {what}"));
+                events.push(SandboxEvent {
+                    at: parse_time(&at)?,
+                    from_state: match from {
+                        Some(from) => Some(SandboxState::parse(&from).ok_or_else(|| corrupt("from_state"))?),
+                        None => None,
+                    },
+                    to_state: SandboxState::parse(&to).ok_or_else(|| corrupt("to_state"))?,
+                    reason: StateReason::parse(&reason).ok_or_else(|| corrupt("reason"))?,
+                    message,
+                });
+            }
+            Ok(events)
+        })
+    }
+
+    async fn insert_api_key(&self, name: &str, key_hash: &str) -> Result<ApiKeyRecord, StoreError> {
+        let record = ApiKeyRecord {
+            id: crate::ids::random_id("key-"),
+            name: name.to_string(),
+            created_at: Utc::now(),
+        };
+        self.with(|connection| {
+            connection.execute(
+                "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![record.id, record.name, key_hash, record.created_at.to_rfc3339()],
+            )?;
+            Ok(())
+        })?;
+        Ok(record)
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.with(|connection| {
+            let row = connection
+                .query_row(
+                    "SELECT id, name, created_at FROM api_keys WHERE key_hash = ?1",
+                    params![key_hash],
+                    |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            row.map(|(id, name, created)| {
+                Ok(ApiKeyRecord {
+                    id,
+                    name,
+                    created_at: parse_time(&created)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    async fn api_key_count(&self) -> Result<u64, StoreError> {
+        self.with(|connection| Ok(connection.query_row("SELECT COUNT(*) FROM api_keys", [], |row| row.get(0))?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn sandbox(id: &str, name: &str) -> Sandbox {
+        let now = Utc::now();
+        Sandbox {
+            id: id.into(),
+            name: name.into(),
+            image: "base".into(),
+            image_digest: "sha256:00".into(),
+            isolation: Isolation::Container,
+            state: SandboxState::Creating,
+            state_reason: StateReason::Requested,
+            state_message: "created by a client".into(),
+            labels: BTreeMap::from([("team".into(), "a".into())]),
+            env: BTreeMap::new(),
+            resources: Resources {
+                cpu: 1.0,
+                memory_mb: 256,
+                pids: 100,
+            },
+            oom_kills: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn sandboxes_round_trip_with_history() {
+        let store = SqliteStore::in_memory().unwrap();
+        store.insert_sandbox(&sandbox("sb-1", "one")).await.unwrap();
+        let running = store
+            .transition(
+                "sb-1",
+                Transition {
+                    to: SandboxState::Running,
+                    reason: StateReason::Requested,
+                    message: "up".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(running.state, SandboxState::Running);
+        let oom = store.record_oom("sb-1", 2, "killed").await.unwrap();
+        assert_eq!(
+            (oom.state, oom.state_reason, oom.oom_kills),
+            (SandboxState::Running, StateReason::Oom, 2)
+        );
+        let events = store.events("sb-1").await.unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[1].from_state, Some(SandboxState::Creating));
+        assert_eq!(store.sandbox_by_name("one").await.unwrap().unwrap().labels["team"], "a");
+        store.delete_sandbox("sb-1").await.unwrap();
+        assert!(store.sandbox("sb-1").await.unwrap().is_none());
+        assert!(store.events("sb-1").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn names_are_unique() {
+        let store = SqliteStore::in_memory().unwrap();
+        store.insert_sandbox(&sandbox("sb-1", "same")).await.unwrap();
+        let error = store.insert_sandbox(&sandbox("sb-2", "same")).await.unwrap_err();
+        assert!(matches!(error, StoreError::NameTaken(name) if name == "same"));
+        assert_eq!(store.sandboxes().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn api_keys_are_found_by_hash_only() {
+        let store = SqliteStore::in_memory().unwrap();
+        assert_eq!(store.api_key_count().await.unwrap(), 0);
+        store.insert_api_key("admin", "hash-a").await.unwrap();
+        assert_eq!(store.api_key_by_hash("hash-a").await.unwrap().unwrap().name, "admin");
+        assert!(store.api_key_by_hash("hash-b").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn migrations_are_idempotent_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nook.db");
+        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteStore::open(&path).unwrap());
+    }
+}

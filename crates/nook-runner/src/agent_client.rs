@@ -1,0 +1,165 @@
+//! The agent protocol as the runner speaks it.
+//!
+//! Each request opens a new connection to the sandbox's agent socket (a Unix socket that only exists on the host
+//! side). An exec becomes an [`ExecStream`]: a channel of [`ExecOutput`] fed by a task that reads the agent's frames,
+//! and a channel of [`ExecInput`] that the same task writes to the agent. The stream's last item is always either
+//! [`ExecOutput::Exit`] or [`ExecOutput::Error`]; if the connection breaks before the agent reported an exit, the
+//! stream ends with an error, never with an invented exit status.
+
+use std::path::Path;
+
+use nook_agent_proto::{
+    read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FrameKind, Pong, ProtocolError, Request,
+    SignalRequest, Started,
+};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Output of a running process.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecOutput {
+    /// The process started with this pid (inside the sandbox).
+    Started {
+        /// Pid inside the sandbox.
+        pid: u32,
+    },
+    /// Bytes from standard output.
+    Stdout(Vec<u8>),
+    /// Bytes from standard error.
+    Stderr(Vec<u8>),
+    /// The process ended (final).
+    Exit(Exit),
+    /// The process could not be started or its end could not be observed (final).
+    Error {
+        /// Stable code.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Input to a running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecInput {
+    /// Bytes for standard input.
+    Stdin(Vec<u8>),
+    /// Close standard input.
+    CloseStdin,
+    /// Send a signal.
+    Signal(i32),
+}
+
+/// A running process: its output, and a way to talk to it. Dropping the stream disconnects, and the agent then
+/// kills the process.
+#[derive(Debug)]
+pub struct ExecStream {
+    /// Output, ending with exactly one `Exit` or `Error`.
+    pub events: mpsc::Receiver<ExecOutput>,
+    /// Input; dropping it leaves the process's standard input open until the process ends.
+    pub input: mpsc::Sender<ExecInput>,
+}
+
+/// Asks the agent whether it is alive.
+pub async fn ping(socket: &Path) -> Result<Pong, ProtocolError> {
+    let mut stream = UnixStream::connect(socket).await?;
+    write_json(&mut stream, FrameKind::Request, &Request::Ping).await?;
+    match read_frame(&mut stream).await? {
+        Some(frame) if frame.kind == FrameKind::Pong => frame.parse(),
+        Some(frame) => Err(ProtocolError::Unexpected(frame.kind)),
+        None => Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    }
+}
+
+/// Starts a process through the agent.
+pub async fn exec(socket: &Path, spec: ExecSpec) -> Result<ExecStream, ProtocolError> {
+    let stream = UnixStream::connect(socket).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    write_json(&mut writer, FrameKind::Request, &Request::Exec(spec)).await?;
+    let (event_sender, events) = mpsc::channel(64);
+    let (input, mut input_receiver) = mpsc::channel::<ExecInput>(64);
+
+    tokio::spawn(async move {
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                frame = read_frame(&mut reader) => {
+                    let (event, last) = match frame {
+                        Ok(Some(frame)) => match decode(frame) {
+                            Ok(decoded) => decoded,
+                            Err(error) => (broken(&error), true),
+                        },
+                        Ok(None) => (ExecOutput::Error {
+                            code: "agent_disconnected".into(),
+                            message: "the agent closed the connection before the process's exit was reported \
+                                      (the sandbox may have stopped)".into(),
+                        }, true),
+                        Err(error) => (broken(&error), true),
+                    };
+                    if event_sender.send(event).await.is_err() || last {
+                        return;
+                    }
+                }
+                input = input_receiver.recv(), if input_open => {
+                    let result = match input {
+                        Some(ExecInput::Stdin(bytes)) => {
+                            let mut result = Ok(());
+                            for chunk in bytes.chunks(nook_agent_proto::MAX_FRAME_LEN) {
+                                result = write_frame(&mut writer, FrameKind::Stdin, chunk).await;
+                                if result.is_err() { break; }
+                            }
+                            result
+                        }
+                        Some(ExecInput::CloseStdin) => write_frame(&mut writer, FrameKind::StdinClose, &[]).await,
+                        Some(ExecInput::Signal(signal)) => {
+                            write_json(&mut writer, FrameKind::Signal, &SignalRequest { signal }).await
+                        }
+                        None => {
+                            input_open = false;
+                            Ok(())
+                        }
+                    };
+                    // A failed write means the agent is gone; the read side reports it.
+                    if result.is_err() {
+                        input_open = false;
+                    }
+                }
+                // The consumer dropped the stream: disconnecting makes the agent kill the process.
+                _ = event_sender.closed() => return,
+            }
+        }
+    });
+    Ok(ExecStream { events, input })
+}
+
+fn broken(error: &ProtocolError) -> ExecOutput {
+    ExecOutput::Error {
+        code: "agent_protocol".into(),
+        message: format!("the connection to the agent failed: {error}"),
+    }
+}
+
+/// Turns a frame into an output item and whether it is the last one.
+fn decode(frame: nook_agent_proto::Frame) -> Result<(ExecOutput, bool), ProtocolError> {
+    Ok(match frame.kind {
+        FrameKind::Started => (
+            ExecOutput::Started {
+                pid: frame.parse::<Started>()?.pid,
+            },
+            false,
+        ),
+        FrameKind::Stdout => (ExecOutput::Stdout(frame.payload), false),
+        FrameKind::Stderr => (ExecOutput::Stderr(frame.payload), false),
+        FrameKind::Exit => (ExecOutput::Exit(frame.parse::<Exit>()?), true),
+        FrameKind::Error => {
+            let error: AgentError = frame.parse()?;
+            (
+                ExecOutput::Error {
+                    code: error.code,
+                    message: error.message,
+                },
+                true,
+            )
+        }
+        other => return Err(ProtocolError::Unexpected(other)),
+    })
+}

@@ -1,0 +1,475 @@
+//! Control groups for sandboxes on cgroup v1, hybrid and v2 hosts.
+//!
+//! The host's layout is detected once ([`CgroupHost::detect`]) from `/proc/self/mountinfo`: if the unified (v2)
+//! hierarchy offers the memory controller, everything lives there; otherwise (v1, or hybrid with an empty v2
+//! hierarchy as on many Debian hosts) each controller is used from its own v1 hierarchy. Every sandbox gets one
+//! directory `nook/<sandbox id>` per hierarchy, with its CPU, memory and pids limits written before any process
+//! joins. The boot process joins by writing its pid into each `cgroup.procs`, so every process of the sandbox is
+//! accounted from its first instruction.
+//!
+//! OOM kills are observed without polling: an eventfd registered through `cgroup.event_control` on v1, inotify on
+//! `memory.events` on v2; each wake-up re-reads the kernel's `oom_kill` counter.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nook_api::Resources;
+use tokio::io::unix::AsyncFd;
+
+/// Name of the directory that holds all of nook's sandbox cgroups in each hierarchy.
+const PARENT: &str = "nook";
+
+/// CFS period used for CPU quotas, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Why a cgroup operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// The host lacks a controller nook needs.
+    #[error("the host has no usable {0} cgroup controller (checked the v2 hierarchy and v1 mounts)")]
+    MissingController(&'static str),
+    /// A cgroup file or directory operation failed.
+    #[error("{action} {path} failed")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Processes were still in the cgroup when it had to be removed.
+    #[error("cgroup {0} still has processes after the sandbox was stopped")]
+    Busy(PathBuf),
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The host's cgroup layout.
+#[derive(Debug, Clone)]
+pub enum CgroupHost {
+    /// Unified hierarchy with the controllers enabled.
+    V2 {
+        /// Mount point of the unified hierarchy.
+        root: PathBuf,
+    },
+    /// One v1 hierarchy per controller (a path may serve several controllers, e.g. `cpu,cpuacct`).
+    V1 {
+        /// Mount point per controller name: `memory`, `cpu`, `pids`, and `freezer` when present.
+        mounts: BTreeMap<&'static str, PathBuf>,
+    },
+}
+
+impl CgroupHost {
+    /// Detects the layout of this host.
+    pub fn detect() -> Result<Self, CgroupError> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_error("reading", Path::new("/proc/self/mountinfo")))?;
+        Self::from_mountinfo(&mountinfo, |path| std::fs::read_to_string(path).ok())
+    }
+
+    fn from_mountinfo(mountinfo: &str, read: impl Fn(&Path) -> Option<String>) -> Result<Self, CgroupError> {
+        let mut v1 = BTreeMap::new();
+        let mut v2_root = None;
+        for line in mountinfo.lines() {
+            // Fields: id parent major:minor root mountpoint options [optional...] - fstype source superoptions
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let left: Vec<&str> = left.split(' ').collect();
+            let right: Vec<&str> = right.split(' ').collect();
+            if left.len() < 5 || right.len() < 3 {
+                continue;
+            }
+            let mount_point = PathBuf::from(left[4]);
+            match right[0] {
+                "cgroup2" => v2_root = Some(mount_point),
+                "cgroup" => {
+                    for option in right[2].split(',') {
+                        for controller in ["memory", "cpu", "pids", "freezer"] {
+                            if option == controller {
+                                v1.entry(controller).or_insert_with(|| mount_point.clone());
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(root) = v2_root {
+            let controllers = read(&root.join("cgroup.controllers")).unwrap_or_default();
+            let has = |name: &str| controllers.split_whitespace().any(|c| c == name);
+            if has("memory") && has("pids") && has("cpu") {
+                return Ok(Self::V2 { root });
+            }
+        }
+        for needed in ["memory", "cpu", "pids"] {
+            if !v1.contains_key(needed) {
+                return Err(CgroupError::MissingController(needed));
+            }
+        }
+        Ok(Self::V1 { mounts: v1 })
+    }
+
+    /// A short description for logs and `nook doctor`-style output.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::V2 { root } => format!("cgroup v2 at {}", root.display()),
+            Self::V1 { mounts } => format!("cgroup v1 ({})", mounts.keys().copied().collect::<Vec<_>>().join(", ")),
+        }
+    }
+
+    /// The directories a sandbox's cgroup occupies, one per distinct hierarchy; the memory one first.
+    fn dirs_for(&self, sandbox_id: &str) -> Vec<PathBuf> {
+        match self {
+            Self::V2 { root } => vec![root.join(PARENT).join(sandbox_id)],
+            Self::V1 { mounts } => {
+                let mut dirs = vec![mounts["memory"].join(PARENT).join(sandbox_id)];
+                for mount in mounts.values() {
+                    let dir = mount.join(PARENT).join(sandbox_id);
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
+                }
+                dirs
+            }
+        }
+    }
+
+    /// Creates a sandbox's cgroup with its limits. An existing one (left by a crash) is reused and re-limited.
+    pub fn create(&self, sandbox_id: &str, resources: &Resources) -> Result<SandboxCgroup, CgroupError> {
+        if let Self::V2 { root } = self {
+            enable_v2_controllers(root)?;
+        }
+        let cgroup = SandboxCgroup {
+            host: self.clone(),
+            dirs: self.dirs_for(sandbox_id),
+        };
+        for dir in &cgroup.dirs {
+            std::fs::create_dir_all(dir).map_err(io_error("creating cgroup", dir))?;
+        }
+        if let Err(error) = cgroup.apply(resources) {
+            let _ = cgroup.remove_dirs();
+            return Err(error);
+        }
+        Ok(cgroup)
+    }
+
+    /// The cgroup a sandbox would have, without creating anything (to re-attach after a restart or clean up).
+    pub fn existing(&self, sandbox_id: &str) -> SandboxCgroup {
+        SandboxCgroup {
+            host: self.clone(),
+            dirs: self.dirs_for(sandbox_id),
+        }
+    }
+}
+
+fn enable_v2_controllers(root: &Path) -> Result<(), CgroupError> {
+    let parent = root.join(PARENT);
+    std::fs::create_dir_all(&parent).map_err(io_error("creating cgroup", &parent))?;
+    for dir in [root.to_path_buf(), parent] {
+        let control = dir.join("cgroup.subtree_control");
+        let current = std::fs::read_to_string(&control).unwrap_or_default();
+        if ["memory", "pids", "cpu"]
+            .iter()
+            .all(|c| current.split_whitespace().any(|x| x == *c))
+        {
+            continue;
+        }
+        std::fs::write(&control, "+memory +pids +cpu").map_err(io_error("enabling controllers in", &control))?;
+    }
+    Ok(())
+}
+
+/// One sandbox's cgroup (a directory in each hierarchy).
+#[derive(Debug, Clone)]
+pub struct SandboxCgroup {
+    host: CgroupHost,
+    dirs: Vec<PathBuf>,
+}
+
+impl SandboxCgroup {
+    fn memory_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    fn controller_dir(&self, controller: &str) -> &Path {
+        match &self.host {
+            CgroupHost::V2 { .. } => &self.dirs[0],
+            CgroupHost::V1 { mounts } => {
+                let mount = &mounts[controller];
+                self.dirs
+                    .iter()
+                    .find(|dir| dir.starts_with(mount))
+                    .expect("a dir per hierarchy")
+            }
+        }
+    }
+
+    /// Writes the limits.
+    pub fn apply(&self, resources: &Resources) -> Result<(), CgroupError> {
+        let memory = resources.memory_mb * 1024 * 1024;
+        let quota = ((resources.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
+        match &self.host {
+            CgroupHost::V2 { .. } => {
+                let dir = &self.dirs[0];
+                write(dir, "memory.max", &memory.to_string())?;
+                write_if_present(dir, "memory.swap.max", "0")?;
+                write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+                write(dir, "pids.max", &resources.pids.to_string())?;
+            }
+            CgroupHost::V1 { .. } => {
+                let dir = self.controller_dir("memory");
+                write(dir, "memory.limit_in_bytes", &memory.to_string())?;
+                write_if_present(dir, "memory.memsw.limit_in_bytes", &memory.to_string())?;
+                let dir = self.controller_dir("cpu");
+                write(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+                write(self.controller_dir("pids"), "pids.max", &resources.pids.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes its pid into to join the sandbox.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|dir| dir.join("cgroup.procs")).collect()
+    }
+
+    /// Pids currently in the sandbox's cgroup.
+    pub fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.memory_dir().join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect()
+    }
+
+    /// Whether any of the cgroup's directories exists.
+    pub fn exists(&self) -> bool {
+        self.dirs.iter().any(|dir| dir.exists())
+    }
+
+    /// The kernel's count of OOM kills in this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = match self.host {
+            CgroupHost::V2 { .. } => ("memory.events", "oom_kill"),
+            CgroupHost::V1 { .. } => ("memory.oom_control", "oom_kill"),
+        };
+        std::fs::read_to_string(self.memory_dir().join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(' ')?;
+                (name == key).then(|| value.trim().parse().ok()).flatten()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Removes the cgroup's directories. The kernel refuses while processes remain, so this waits briefly for
+    /// killed processes to finish exiting before giving up with [`CgroupError::Busy`].
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        for attempt in 0..50 {
+            match self.remove_dirs() {
+                Ok(()) => return Ok(()),
+                Err(CgroupError::Io { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+                    if attempt == 49 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(CgroupError::Busy(self.memory_dir().to_path_buf()))
+    }
+
+    fn remove_dirs(&self) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(CgroupError::Io {
+                        action: "removing cgroup",
+                        path: dir.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts watching for OOM kills; the returned watcher wakes on every memory event of the cgroup.
+    pub fn watch_oom(&self) -> Result<OomWatcher, CgroupError> {
+        match self.host {
+            CgroupHost::V1 { .. } => OomWatcher::v1(self.memory_dir()),
+            CgroupHost::V2 { .. } => OomWatcher::v2(self.memory_dir()),
+        }
+    }
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    std::fs::write(&path, value).map_err(|source| CgroupError::Io {
+        action: "writing",
+        path,
+        source,
+    })
+}
+
+fn write_if_present(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    if dir.join(file).exists() {
+        write(dir, file, value)
+    } else {
+        Ok(())
+    }
+}
+
+/// Wakes when the kernel reports memory events (v1: eventfd on `memory.oom_control`; v2: inotify on
+/// `memory.events`). Holds only file descriptors; drop it to stop watching.
+pub struct OomWatcher {
+    fd: AsyncFd<OwnedFd>,
+    /// v1 keeps `memory.oom_control` open for as long as the eventfd is registered.
+    _control: Option<std::fs::File>,
+}
+
+impl OomWatcher {
+    fn v1(dir: &Path) -> Result<Self, CgroupError> {
+        let control_path = dir.join("memory.oom_control");
+        let control = std::fs::File::open(&control_path).map_err(io_error("opening", &control_path))?;
+        // SAFETY: eventfd with valid flags returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(CgroupError::Io {
+                action: "creating an eventfd for",
+                path: control_path,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let registration = format!("{} {}", eventfd.as_raw_fd(), control.as_raw_fd());
+        write(dir, "cgroup.event_control", &registration)?;
+        let fd = crate::container::register_fd(eventfd, tokio::io::Interest::READABLE)
+            .map_err(io_error("registering eventfd for", &control_path))?;
+        Ok(Self {
+            fd,
+            _control: Some(control),
+        })
+    }
+
+    fn v2(dir: &Path) -> Result<Self, CgroupError> {
+        let events = dir.join("memory.events");
+        // SAFETY: inotify_init1 with valid flags returns a new descriptor or -1.
+        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if raw < 0 {
+            return Err(CgroupError::Io {
+                action: "creating an inotify watch for",
+                path: events,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let inotify = unsafe { OwnedFd::from_raw_fd(raw) };
+        let c_path = std::ffi::CString::new(events.as_os_str().as_encoded_bytes()).expect("no NUL in cgroup path");
+        // SAFETY: valid descriptor and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), c_path.as_ptr(), libc::IN_MODIFY) } < 0 {
+            return Err(CgroupError::Io {
+                action: "watching",
+                path: events,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let fd = crate::container::register_fd(inotify, tokio::io::Interest::READABLE)
+            .map_err(io_error("registering inotify for", &events))?;
+        Ok(Self { fd, _control: None })
+    }
+
+    /// Waits for the next memory event. Returns an error when the descriptor fails (for example after the cgroup
+    /// was removed).
+    pub async fn next(&mut self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 4096];
+            // SAFETY: reading into a stack buffer of the given length from a descriptor we own.
+            let n = unsafe { libc::read(self.fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                return Ok(());
+            }
+            let error = std::io::Error::last_os_error();
+            if n < 0 && error.kind() == std::io::ErrorKind::WouldBlock {
+                guard.clear_ready();
+                continue;
+            }
+            return Err(if n == 0 {
+                std::io::ErrorKind::UnexpectedEof.into()
+            } else {
+                error
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 1 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 30 0:28 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+34 30 0:30 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_host_with_empty_v2_uses_v1_controllers() {
+        let host = CgroupHost::from_mountinfo(HYBRID, |_| Some(String::new())).unwrap();
+        let CgroupHost::V1 { mounts } = &host else {
+            panic!("expected v1: {host:?}")
+        };
+        assert_eq!(mounts["memory"], Path::new("/sys/fs/cgroup/memory"));
+        let dirs = host.dirs_for("sb-x");
+        assert_eq!(dirs[0], Path::new("/sys/fs/cgroup/memory/nook/sb-x"));
+        assert_eq!(dirs.len(), 3);
+    }
+
+    #[test]
+    fn v2_with_controllers_is_preferred() {
+        let host = CgroupHost::from_mountinfo(HYBRID, |_| Some("cpu memory pids io".into())).unwrap();
+        assert!(matches!(host, CgroupHost::V2 { .. }));
+        assert_eq!(
+            host.dirs_for("sb-x"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified/nook/sb-x")]
+        );
+    }
+
+    #[test]
+    fn comounted_v1_controllers_share_one_directory() {
+        let mountinfo = "\
+31 30 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+32 30 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+";
+        let host = CgroupHost::from_mountinfo(mountinfo, |_| None).unwrap();
+        assert_eq!(host.dirs_for("a").len(), 3);
+    }
+
+    #[test]
+    fn missing_controller_is_named() {
+        let mountinfo = "32 30 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let error = CgroupHost::from_mountinfo(mountinfo, |_| None).unwrap_err();
+        assert!(error.to_string().contains("cpu"), "{error}");
+    }
+}

@@ -1,0 +1,163 @@
+//! The nook runner: the part of nook that owns sandboxes on one host.
+//!
+//! The control plane talks to runners only through the [`Runner`] trait. [`LocalRunner`] implements it in-process
+//! for a single-node `nook serve`; a remote runner (a later HTTP implementation for clusters) implements the same
+//! trait. A runner keeps its own on-disk state for every sandbox (`sandboxes/<id>/state.json`), so that a restarted
+//! server re-adopts the sandboxes that kept running without touching them.
+//!
+//! Modules: [`images`] (content-addressed layer store), [`cgroups`] (v1/hybrid/v2 limits and OOM watching),
+//! [`container`] (the container isolation backend: boots `nook-agent boot`), [`agent_client`] (the agent protocol
+//! seen from the runner), [`local`] (the in-process runner tying them together).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use nook_api::{Image, Resources};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
+use tokio::sync::{broadcast, mpsc};
+
+pub mod agent_client;
+pub mod cgroups;
+pub mod container;
+pub mod images;
+pub mod local;
+
+pub use agent_client::{ExecInput, ExecOutput, ExecStream};
+pub use local::{LocalRunner, LocalRunnerConfig};
+
+/// What a runner needs to build a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Sandbox id (validated by the control plane).
+    pub id: String,
+    /// Hostname inside the sandbox.
+    pub hostname: String,
+    /// Image name.
+    pub image: String,
+    /// Limits.
+    pub resources: Resources,
+    /// Environment for every process, on top of the image's.
+    pub env: BTreeMap<String, String>,
+}
+
+/// A process to run in a sandbox, as the control plane asks for it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecOptions {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment for this process only.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// User name or uid.
+    pub user: Option<String>,
+    /// Kill after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Whether the caller will feed standard input.
+    pub stdin: bool,
+}
+
+/// Something that happened to a sandbox without a client asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunnerEvent {
+    /// The kernel OOM-killed a process in the sandbox; `oom_kills` is the running total since the sandbox booted.
+    Oom {
+        /// Which sandbox.
+        sandbox_id: String,
+        /// Kernel's count of OOM kills in its cgroup.
+        oom_kills: u64,
+    },
+    /// The sandbox's init exited on its own; the runner has cleaned up and the sandbox is stopped.
+    InitExited {
+        /// Which sandbox.
+        sandbox_id: String,
+    },
+}
+
+/// Why a runner operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The runner has no sandbox with this id.
+    #[error("sandbox {0} does not exist on this runner")]
+    NoSuchSandbox(String),
+    /// The sandbox is not running.
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+    /// The sandbox already runs.
+    #[error("sandbox {0} is already running")]
+    AlreadyRunning(String),
+    /// An image operation failed.
+    #[error(transparent)]
+    Image(#[from] images::ImageError),
+    /// A cgroup operation failed.
+    #[error(transparent)]
+    Cgroup(#[from] cgroups::CgroupError),
+    /// Building the sandbox failed at a named step.
+    #[error("booting sandbox {sandbox_id} failed: {message}")]
+    Boot {
+        /// Which sandbox.
+        sandbox_id: String,
+        /// Which step failed and why.
+        message: String,
+    },
+    /// The sandbox's agent did not answer.
+    #[error("the agent of sandbox {sandbox_id} did not answer")]
+    Agent {
+        /// Which sandbox.
+        sandbox_id: String,
+        /// The protocol or socket error.
+        #[source]
+        source: nook_agent_proto::ProtocolError,
+    },
+    /// A file operation on the runner's own state failed.
+    #[error("{action} {path} failed")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On which path.
+        path: std::path::PathBuf,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A byte stream handed to the runner (an image archive being uploaded).
+pub type ByteStream = Pin<Box<dyn AsyncRead + Send>>;
+
+/// The seam between the control plane and the hosts that run sandboxes.
+#[async_trait::async_trait]
+pub trait Runner: Send + Sync + 'static {
+    /// A one-line description of the runner and its host (for logs).
+    fn describe(&self) -> String;
+
+    /// All images on this runner.
+    async fn list_images(&self) -> Result<Vec<Image>, RunnerError>;
+    /// One image by name.
+    async fn image(&self, name: &str) -> Result<Image, RunnerError>;
+    /// Imports a rootfs tar (optionally gzip-compressed) as image `name`.
+    async fn import_image(&self, name: &str, archive: ByteStream) -> Result<Image, RunnerError>;
+    /// Removes an image name.
+    async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;
+
+    /// Builds a new sandbox and starts it. On failure nothing of it is left on the host.
+    async fn create_sandbox(&self, spec: SandboxSpec) -> Result<(), RunnerError>;
+    /// Starts a stopped sandbox with its files as they were.
+    async fn start_sandbox(&self, id: &str) -> Result<(), RunnerError>;
+    /// Stops a sandbox: every process is killed, the files stay.
+    async fn stop_sandbox(&self, id: &str) -> Result<(), RunnerError>;
+    /// Stops (if needed) and removes everything of a sandbox. Removing an unknown sandbox succeeds.
+    async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError>;
+    /// Runs a process in a running sandbox and streams it.
+    async fn exec(&self, id: &str, options: ExecOptions) -> Result<ExecStream, RunnerError>;
+    /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).
+    async fn running_sandboxes(&self) -> Vec<String>;
+    /// Events about sandboxes that happen without a request (OOM kills, init exits).
+    fn subscribe(&self) -> broadcast::Receiver<RunnerEvent>;
+}
+
+/// Builds an [`ExecStream`] from channels; used by runner implementations and test doubles.
+pub fn exec_stream(events: mpsc::Receiver<ExecOutput>, input: mpsc::Sender<ExecInput>) -> ExecStream {
+    ExecStream { events, input }
+}

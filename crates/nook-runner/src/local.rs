@@ -1,0 +1,590 @@
+//! The in-process runner used by a single-node `nook serve`.
+//!
+//! State on disk, under the runner's directory:
+//! ```text
+//! images/ layers/ names.json     the image store (see `images`)
+//! sandboxes/<id>/state.json      spec, image layers and config, and the init process while running
+//! sandboxes/<id>/upper, work     the writable layer and overlayfs work dir
+//! sandboxes/<id>/rootfs          mount point of the root (mounted only inside the sandbox's mount namespace)
+//! sandboxes/<id>/agent.sock      the agent's socket, reachable only from the host
+//! ```
+//! Every operation on one sandbox holds that sandbox's operation lock, so create, start, stop and delete never
+//! interleave. A monitor task per running sandbox waits on the init's pidfd and on OOM events; when the init exits
+//! without being asked to, it cleans up and reports [`RunnerEvent::InitExited`].
+//!
+//! On open, the runner becomes a child subreaper (so sandbox inits, whose boot process exits, are its children and
+//! get reaped), then re-adopts every sandbox whose recorded init is still alive (same pid and start time).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nook_agent_proto::ExecSpec;
+use nook_api::{Image, ImageConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio_util::io::SyncIoBridge;
+
+use crate::agent_client;
+use crate::cgroups::{CgroupHost, SandboxCgroup};
+use crate::container::{
+    kill_and_reap, process_start_time, BootRequest, ContainerBackend, InitProcess, IsolationBackend, PidFd,
+};
+use crate::images::{write_atomically, ImageStore};
+use crate::{ByteStream, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
+
+/// How long the freshly booted agent has to answer its first ping.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a killed init has to finish exiting.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest Unix socket path the kernel accepts (sun_path minus the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where a local runner keeps its state and finds the agent.
+#[derive(Debug, Clone)]
+pub struct LocalRunnerConfig {
+    /// Directory for images and sandboxes.
+    pub dir: PathBuf,
+    /// The static `nook-agent` binary.
+    pub agent_binary: PathBuf,
+}
+
+/// A sandbox's record on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SandboxRecord {
+    spec: SandboxSpec,
+    lower_dirs: Vec<PathBuf>,
+    image_config: ImageConfig,
+    init: Option<InitProcess>,
+}
+
+/// A running sandbox.
+struct Live {
+    record: SandboxRecord,
+    init: InitProcess,
+    stopping: AtomicBool,
+    exited: watch::Receiver<bool>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    images: ImageStore,
+    cgroups: CgroupHost,
+    backend: Box<dyn IsolationBackend>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    events: broadcast::Sender<RunnerEvent>,
+}
+
+/// The in-process runner.
+#[derive(Clone)]
+pub struct LocalRunner {
+    inner: Arc<Inner>,
+}
+
+impl LocalRunner {
+    /// Opens the runner's state, re-adopting sandboxes that are still running.
+    pub async fn open(config: LocalRunnerConfig) -> Result<Self, RunnerError> {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag and has no memory-safety preconditions.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            return Err(RunnerError::Io {
+                action: "becoming a child subreaper for",
+                path: config.dir.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let sandboxes = config.dir.join("sandboxes");
+        std::fs::create_dir_all(&sandboxes).map_err(|source| RunnerError::Io {
+            action: "creating",
+            path: sandboxes.clone(),
+            source,
+        })?;
+        let images = ImageStore::open(&config.dir)?;
+        let cgroups = CgroupHost::detect()?;
+        let backend = Box::new(ContainerBackend::new(&config.agent_binary)?);
+        let (events, _) = broadcast::channel(1024);
+        let runner = Self {
+            inner: Arc::new(Inner {
+                dir: config.dir,
+                images,
+                cgroups,
+                backend,
+                live: Mutex::new(HashMap::new()),
+                op_locks: Mutex::new(HashMap::new()),
+                events,
+            }),
+        };
+        runner.adopt_all().await?;
+        Ok(runner)
+    }
+
+    /// The directory of a sandbox.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.inner.dir.join("sandboxes").join(id)
+    }
+
+    /// Imports an image from a local file without going through HTTP (used for the built-in `base` image).
+    pub async fn import_image_file(&self, name: &str, path: &Path, config: ImageConfig) -> Result<Image, RunnerError> {
+        let file = std::fs::File::open(path).map_err(|source| RunnerError::Io {
+            action: "opening",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || inner.images.import_tar(&name, file, config))
+            .await
+            .expect("import task does not panic")
+            .map_err(RunnerError::from)
+    }
+
+    async fn adopt_all(&self) -> Result<(), RunnerError> {
+        let dir = self.inner.dir.join("sandboxes");
+        let entries = std::fs::read_dir(&dir).map_err(|source| RunnerError::Io {
+            action: "listing",
+            path: dir,
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            let Ok(mut record) = self.read_record(&id) else {
+                tracing::warn!(sandbox = %id, "ignoring a sandbox directory without a readable state.json");
+                continue;
+            };
+            let Some(init) = record.init else { continue };
+            if process_start_time(init.pid) == Some(init.start_time) {
+                match PidFd::open(init.pid) {
+                    Ok(pidfd) => {
+                        let cgroup = self.inner.cgroups.existing(&id);
+                        self.watch(record, init, pidfd, cgroup);
+                        tracing::info!(sandbox = %id, pid = init.pid, "re-adopted running sandbox");
+                        continue;
+                    }
+                    Err(error) => tracing::warn!(sandbox = %id, %error, "cannot watch the sandbox's init"),
+                }
+            }
+            tracing::warn!(sandbox = %id, "the sandbox's init is gone; cleaning up its leftovers");
+            self.clean_after_exit(&id);
+            record.init = None;
+            self.write_record(&id, &record)?;
+        }
+        Ok(())
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .op_locks
+            .lock()
+            .expect("op locks")
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("state.json")
+    }
+
+    fn read_record(&self, id: &str) -> Result<SandboxRecord, RunnerError> {
+        let path = self.record_path(id);
+        let bytes = std::fs::read(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                RunnerError::NoSuchSandbox(id.to_string())
+            } else {
+                RunnerError::Io {
+                    action: "reading",
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        serde_json::from_slice(&bytes).map_err(|error| RunnerError::Io {
+            action: "parsing",
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
+        })
+    }
+
+    fn write_record(&self, id: &str, record: &SandboxRecord) -> Result<(), RunnerError> {
+        let bytes = serde_json::to_vec_pretty(record).expect("record serializes");
+        write_atomically(&self.record_path(id), &bytes).map_err(RunnerError::from)
+    }
+
+    fn socket_path(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("agent.sock")
+    }
+
+    /// Removes what a sandbox's run leaves on the host: its cgroup and its socket.
+    fn clean_after_exit(&self, id: &str) {
+        let cgroup = self.inner.cgroups.existing(id);
+        if cgroup.exists() {
+            if let Err(error) = cgroup.remove() {
+                tracing::error!(sandbox = %id, error = %error, "removing the sandbox's cgroup failed");
+            }
+        }
+        let _ = std::fs::remove_file(self.socket_path(id));
+    }
+
+    /// Boots a sandbox whose directory and record exist; on failure nothing of the run is left.
+    async fn boot(&self, mut record: SandboxRecord) -> Result<(), RunnerError> {
+        let id = record.spec.id.clone();
+        let dir = self.sandbox_dir(&id);
+        let socket_path = self.socket_path(&id);
+        if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(RunnerError::Io {
+                action: "creating the agent socket",
+                path: socket_path,
+                source: std::io::Error::other("the path is too long for a Unix socket; use a shorter --data-dir"),
+            });
+        }
+        let cgroup = self.inner.cgroups.create(&id, &record.spec.resources)?;
+        let request = BootRequest {
+            sandbox_id: id.clone(),
+            hostname: record.spec.hostname.clone(),
+            lower_dirs: record.lower_dirs.clone(),
+            upper_dir: dir.join("upper"),
+            work_dir: dir.join("work"),
+            rootfs_dir: dir.join("rootfs"),
+            socket_path: socket_path.clone(),
+            cgroup_procs: cgroup.procs_files(),
+            hosts_file: Some(dir.join("hosts")),
+        };
+        let init = match self.inner.backend.boot(&request).await {
+            Ok(init) => init,
+            Err(error) => {
+                self.clean_after_exit(&id);
+                return Err(error);
+            }
+        };
+        let ready = tokio::time::timeout(AGENT_READY_TIMEOUT, agent_client::ping(&socket_path)).await;
+        let ready = match ready {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(RunnerError::Agent {
+                sandbox_id: id.clone(),
+                source,
+            }),
+            Err(_) => Err(RunnerError::Boot {
+                sandbox_id: id.clone(),
+                message: format!("the agent did not answer within {} s", AGENT_READY_TIMEOUT.as_secs()),
+            }),
+        };
+        if let Err(error) = ready {
+            kill_and_reap(init.pid).await;
+            self.clean_after_exit(&id);
+            return Err(error);
+        }
+        let pidfd = match PidFd::open(init.pid) {
+            Ok(pidfd) => pidfd,
+            Err(source) => {
+                kill_and_reap(init.pid).await;
+                self.clean_after_exit(&id);
+                return Err(RunnerError::Io {
+                    action: "watching the init of",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        record.init = Some(init);
+        if let Err(error) = self.write_record(&id, &record) {
+            kill_and_reap(init.pid).await;
+            self.clean_after_exit(&id);
+            return Err(error);
+        }
+        self.watch(record, init, pidfd, cgroup);
+        Ok(())
+    }
+
+    /// Registers a running sandbox and starts its monitor task.
+    fn watch(&self, record: SandboxRecord, init: InitProcess, pidfd: PidFd, cgroup: SandboxCgroup) {
+        let id = record.spec.id.clone();
+        let (exited_sender, exited) = watch::channel(false);
+        let live = Arc::new(Live {
+            record,
+            init,
+            stopping: AtomicBool::new(false),
+            exited,
+        });
+        self.inner
+            .live
+            .lock()
+            .expect("live map")
+            .insert(id.clone(), live.clone());
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let mut oom = match cgroup.watch_oom() {
+                Ok(watcher) => Some(watcher),
+                Err(error) => {
+                    tracing::warn!(sandbox = %id, %error, "OOM kills in this sandbox will not be reported");
+                    None
+                }
+            };
+            let mut reported = cgroup.oom_kills();
+            loop {
+                tokio::select! {
+                    _ = pidfd.exited() => break,
+                    event = next_oom(&mut oom) => {
+                        if event.is_err() {
+                            oom = None;
+                            continue;
+                        }
+                        let oom_kills = cgroup.oom_kills();
+                        if oom_kills > reported {
+                            reported = oom_kills;
+                            tracing::warn!(sandbox = %id, oom_kills, "the kernel OOM-killed a process");
+                            let _ = runner.inner.events.send(RunnerEvent::Oom { sandbox_id: id.clone(), oom_kills });
+                        }
+                    }
+                }
+            }
+            let _ = exited_sender.send(true);
+            if live.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            // Exited on its own: clean up under the operation lock unless a stop or delete already took over.
+            let lock = runner.op_lock(&id);
+            let _guard = lock.lock().await;
+            let still_ours = {
+                let mut map = runner.inner.live.lock().expect("live map");
+                match map.get(&id) {
+                    Some(current) if Arc::ptr_eq(current, &live) => {
+                        map.remove(&id);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if !still_ours {
+                return;
+            }
+            tracing::warn!(sandbox = %id, "the sandbox's init exited on its own");
+            let cleanup = runner.clone();
+            let cleanup_id = id.clone();
+            let _ = tokio::task::spawn_blocking(move || cleanup.clean_after_exit(&cleanup_id)).await;
+            if let Ok(mut record) = runner.read_record(&id) {
+                record.init = None;
+                let _ = runner.write_record(&id, &record);
+            }
+            let _ = runner.inner.events.send(RunnerEvent::InitExited { sandbox_id: id });
+        });
+    }
+
+    /// Stops a live sandbox; the caller holds its operation lock.
+    async fn stop_locked(&self, id: &str) -> Result<bool, RunnerError> {
+        let live = self.inner.live.lock().expect("live map").remove(id);
+        let Some(live) = live else { return Ok(false) };
+        live.stopping.store(true, Ordering::SeqCst);
+        // Killing PID 1 of the sandbox's PID namespace makes the kernel kill every process in it.
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        unsafe {
+            libc::kill(live.init.pid, libc::SIGKILL);
+        }
+        let mut exited = live.exited.clone();
+        let waited = tokio::time::timeout(STOP_TIMEOUT, exited.wait_for(|done| *done))
+            .await
+            .is_ok();
+        if !waited {
+            tracing::error!(sandbox = %id, pid = live.init.pid, "the init did not exit after SIGKILL");
+        }
+        let runner = self.clone();
+        let cleanup_id = id.to_string();
+        tokio::task::spawn_blocking(move || runner.clean_after_exit(&cleanup_id))
+            .await
+            .expect("cleanup does not panic");
+        let mut record = live.record.clone();
+        record.init = None;
+        self.write_record(id, &record)?;
+        Ok(true)
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Live>> {
+        self.inner.live.lock().expect("live map").get(id).cloned()
+    }
+}
+
+async fn next_oom(watcher: &mut Option<crate::cgroups::OomWatcher>) -> std::io::Result<()> {
+    match watcher {
+        Some(watcher) => watcher.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[async_trait::async_trait]
+impl Runner for LocalRunner {
+    fn describe(&self) -> String {
+        format!(
+            "local runner at {} ({}, isolation {:?})",
+            self.inner.dir.display(),
+            self.inner.cgroups.describe(),
+            self.inner.backend.isolation()
+        )
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>, RunnerError> {
+        Ok(self.inner.images.list()?)
+    }
+
+    async fn image(&self, name: &str) -> Result<Image, RunnerError> {
+        Ok(self.inner.images.get(name)?)
+    }
+
+    async fn import_image(&self, name: &str, archive: ByteStream) -> Result<Image, RunnerError> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        let reader = SyncIoBridge::new(archive);
+        let config = ImageConfig {
+            env: vec![format!(
+                "PATH={}",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            )],
+            ..ImageConfig::default()
+        };
+        tokio::task::spawn_blocking(move || inner.images.import_tar(&name, reader, config))
+            .await
+            .expect("import task does not panic")
+            .map_err(RunnerError::from)
+    }
+
+    async fn remove_image(&self, name: &str) -> Result<(), RunnerError> {
+        Ok(self.inner.images.remove(name)?)
+    }
+
+    async fn create_sandbox(&self, spec: SandboxSpec) -> Result<(), RunnerError> {
+        let lock = self.op_lock(&spec.id);
+        let _guard = lock.lock().await;
+        let image = self.inner.images.get(&spec.image)?;
+        let dir = self.sandbox_dir(&spec.id);
+        if dir.exists() {
+            return Err(RunnerError::AlreadyRunning(spec.id.clone()));
+        }
+        let record = SandboxRecord {
+            lower_dirs: image
+                .layers
+                .iter()
+                .rev()
+                .map(|layer| self.inner.images.layer_dir(layer))
+                .collect(),
+            image_config: image.config,
+            init: None,
+            spec,
+        };
+        let id = record.spec.id.clone();
+        let prepared = (|| {
+            for sub in ["upper", "work", "rootfs"] {
+                std::fs::create_dir_all(dir.join(sub))?;
+            }
+            std::fs::write(
+                dir.join("hosts"),
+                format!(
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                    record.spec.hostname
+                ),
+            )
+        })();
+        if let Err(source) = prepared {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RunnerError::Io {
+                action: "preparing",
+                path: dir,
+                source,
+            });
+        }
+        let result = match self.write_record(&id, &record) {
+            Ok(()) => self.boot(record).await,
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    async fn start_sandbox(&self, id: &str) -> Result<(), RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        if self.live(id).is_some() {
+            return Err(RunnerError::AlreadyRunning(id.to_string()));
+        }
+        let record = self.read_record(id)?;
+        self.boot(record).await
+    }
+
+    async fn stop_sandbox(&self, id: &str) -> Result<(), RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        if !self.stop_locked(id).await? && !self.record_path(id).exists() {
+            return Err(RunnerError::NoSuchSandbox(id.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        self.stop_locked(id).await?;
+        let runner = self.clone();
+        let id_owned = id.to_string();
+        let dir = self.sandbox_dir(id);
+        tokio::task::spawn_blocking(move || {
+            runner.clean_after_exit(&id_owned);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(RunnerError::Io {
+                    action: "removing",
+                    path: dir,
+                    source,
+                }),
+            }
+        })
+        .await
+        .expect("delete task does not panic")?;
+        self.inner.op_locks.lock().expect("op locks").remove(id);
+        Ok(())
+    }
+
+    async fn exec(&self, id: &str, options: ExecOptions) -> Result<ExecStream, RunnerError> {
+        let live = self.live(id).ok_or_else(|| {
+            if self.record_path(id).exists() {
+                RunnerError::NotRunning(id.to_string())
+            } else {
+                RunnerError::NoSuchSandbox(id.to_string())
+            }
+        })?;
+        let config = &live.record.image_config;
+        let mut env: Vec<String> = config.env.clone();
+        let mut set = |key: &str, value: &str| {
+            env.retain(|entry| entry.split_once('=').map(|(k, _)| k) != Some(key));
+            env.push(format!("{key}={value}"));
+        };
+        for (key, value) in live.record.spec.env.iter().chain(options.env.iter()) {
+            set(key, value);
+        }
+        let spec = ExecSpec {
+            argv: options.argv,
+            env,
+            cwd: options.cwd.or_else(|| config.working_dir.clone()),
+            user: options.user.or_else(|| config.user.clone()),
+            timeout_ms: options.timeout_ms,
+            stdin: options.stdin,
+        };
+        agent_client::exec(&self.socket_path(id), spec)
+            .await
+            .map_err(|source| RunnerError::Agent {
+                sandbox_id: id.to_string(),
+                source,
+            })
+    }
+
+    async fn running_sandboxes(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.inner.live.lock().expect("live map").keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<RunnerEvent> {
+        self.inner.events.subscribe()
+    }
+}

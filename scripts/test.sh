@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Quickstart: set everything up and run the whole test suite: formatting, clippy, a debug build with the static
+# agent, the base image, then `cargo test --workspace`. Exits with the status of the tests.
+#
+# Usage: scripts/test.sh [extra arguments for the test binaries, after --test-threads=2]
+#
+# The tests get, in their environment:
+#   NOOK_AGENT_BINARY    the static agent binary (target/x86_64-unknown-linux-gnu/debug/nook-agent)
+#   NOOK_BASE_IMAGE_TAR  the base image tar
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+TEST_THREADS=2
+
+# need_cargo_tool NAME COMPONENT: fail clearly unless `cargo NAME` works.
+need_cargo_tool() {
+    cargo "$1" --version >/dev/null 2>&1 ||
+        die "cargo $1 is missing: install the rustup component '$2' (rustup component add $2)"
+}
+
+check_format() {
+    need_cargo_tool fmt rustfmt
+    log "cargo fmt --all -- --check"
+    cargo fmt --all -- --check
+}
+
+run_clippy() {
+    need_cargo_tool clippy clippy
+    log "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+}
+
+# run_tests AGENT TAR ARGS...: run the whole suite; returns its status.
+run_tests() {
+    local agent="$1" tar="$2"
+    shift 2
+    log "cargo test --workspace -- --test-threads=$TEST_THREADS $*"
+    NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
+        cargo test --workspace -- --test-threads="$TEST_THREADS" "$@"
+}
+
+main() {
+    local root agent tar status=0 start=$SECONDS
+    root="$(repo_root)"
+    cd "$root"
+
+    bash "$root/scripts/setup.sh"
+    ensure_cargo
+    check_format
+    run_clippy
+    bash "$root/scripts/build.sh" --debug >&2
+    tar="$(bash "$root/scripts/build-base-image.sh")"
+    agent="$(agent_binary_path debug)"
+
+    run_tests "$agent" "$tar" "$@" || status=$?
+    if [[ $status -eq 0 ]]; then
+        log "all tests passed ($((SECONDS - start)) s)"
+    else
+        log "tests FAILED with status $status ($((SECONDS - start)) s)"
+    fi
+    exit "$status"
+}
+
+main "$@"
