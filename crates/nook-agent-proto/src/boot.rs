@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const LISTEN_FD: i32 = 3;
 
 /// Where the agent binary is bind-mounted, read-only, inside every sandbox.
-pub const AGENT_PATH_IN_SANDBOX: &str = "/dev/.nook/agent";
+pub const AGENT_PATH_IN_SANDBOX: &str = "/dev/.nook/nook-agent";
 
 /// How to build one container sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -267,9 +267,8 @@ async fn exec(
     let spawned = {
         // Holding the table lock across the fork means the reaper cannot reap this child before it is registered.
         let mut waiting = table.waiting.lock().expect("process table lock");
-        prepared.command.spawn().map(|child| {
+        prepared.command.spawn().inspect(|child| {
             waiting.insert(child.id() as i32, exit_sender);
-            child
         })
     };
     let mut child = match spawned {

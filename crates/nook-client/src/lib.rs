@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with an error.
-    #[error("{} ({status})", error.message)]
+    #[error("{}{} ({status})", error.message, error.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     Api {
         /// HTTP status.
         status: StatusCode,

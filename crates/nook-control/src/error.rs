@@ -115,6 +115,11 @@ impl From<RunnerError> for ApiFailure {
                 "image {name:?} does not exist; `nook image ls` lists the images"
             )),
             RunnerError::Image(nook_runner::images::ImageError::InvalidName(message)) => Self::invalid(message.clone()),
+            RunnerError::Boot { .. } | RunnerError::Agent { .. } => {
+                let failure = Self::new(StatusCode::INTERNAL_SERVER_ERROR, "boot_failed", chain(&error));
+                tracing::error!(message = %failure.message, "a sandbox failed to boot");
+                failure
+            }
             RunnerError::Image(nook_runner::images::ImageError::Unpack(_)) => {
                 Self::invalid("the image archive could not be unpacked").with_reason(&error)
             }

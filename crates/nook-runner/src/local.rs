@@ -330,7 +330,16 @@ impl LocalRunner {
                             oom = None;
                             continue;
                         }
-                        let oom_kills = cgroup.oom_kills();
+                        // cgroup v1 notifies when the OOM begins, before the victim is killed and counted: look
+                        // again a little later if the count has not moved yet.
+                        let mut oom_kills = cgroup.oom_kills();
+                        for delay_ms in [20, 200, 1000] {
+                            if oom_kills > reported {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                            oom_kills = cgroup.oom_kills();
+                        }
                         if oom_kills > reported {
                             reported = oom_kills;
                             tracing::warn!(sandbox = %id, oom_kills, "the kernel OOM-killed a process");
