@@ -1,0 +1,3 @@
+//! Benchmarks of nook against peers (being written).
+
+fn main() {}
