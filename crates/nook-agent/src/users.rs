@@ -50,8 +50,11 @@ pub fn resolve(root: &Path, user: &str) -> Result<Account, UserError> {
             groups: Vec::new(),
         })
     });
+    // Images without /etc/passwd still run as root, as every container runtime allows.
+    let numeric = numeric.or((user == "root").then_some(0));
     let mut account = match (entry, numeric) {
         (Some(account), _) => account,
+        (None, Some(0)) => Account { name: "root".into(), uid: 0, gid: 0, home: "/root".into(), groups: Vec::new() },
         (None, Some(uid)) => Account {
             name: uid.to_string(),
             uid,
@@ -128,5 +131,7 @@ mod tests {
         let unknown_uid = resolve(&dir.0, "4242").unwrap();
         assert_eq!((unknown_uid.uid, unknown_uid.gid), (4242, 4242));
         assert!(resolve(&dir.0, "nobody-here").is_err());
+        let empty = root_with("", "");
+        assert_eq!(resolve(&empty.0, "root").unwrap().uid, 0);
     }
 }

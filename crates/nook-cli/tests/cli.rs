@@ -1,0 +1,205 @@
+//! The `nook` CLI against a real server: verbs, table and JSON output, exit codes that scripts can trust, image
+//! import of a directory, and finding the server through the client config that `nook serve` writes.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{shared_server, TestServer};
+use nook_api::{Image, Sandbox, SandboxState};
+
+fn nook(server: &TestServer, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nook"))
+        .args(args)
+        .env("NOOK_URL", &server.url)
+        .env("NOOK_API_KEY", &server.key)
+        .output()
+        .expect("running nook")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn ok(server: &TestServer, args: &[&str]) -> String {
+    let output = nook(server, args);
+    assert!(
+        output.status.success(),
+        "nook {args:?} failed: {}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout(&output)
+}
+
+#[test]
+fn verbs_tables_json_and_exit_codes() {
+    let server = shared_server();
+    let name = format!("cli-{}", &common::rand_suffix()[..8]);
+    let created: Sandbox = serde_json::from_str(&ok(
+        server,
+        &[
+            "create", "--name", &name, "--label", "via=cli", "--memory", "128", "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        (created.state, created.resources.memory_mb),
+        (SandboxState::Running, 128)
+    );
+
+    let table = ok(server, &["ls", "--label", "via=cli"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("ID") && header.contains("STATE"), "{table}");
+    assert!(table.contains(&name) && table.contains("running"), "{table}");
+    assert!(ok(server, &["inspect", &name]).contains(&format!("name       {name}")));
+
+    let echo = nook(
+        server,
+        &["exec", &name, "--", "sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
+    assert_eq!(echo.status.code(), Some(3));
+    assert_eq!(stdout(&echo), "out\n");
+    assert_eq!(String::from_utf8_lossy(&echo.stderr), "err\n");
+    assert_eq!(
+        nook(server, &["exec", &name, "--", "sh", "-c", "kill -TERM $$"])
+            .status
+            .code(),
+        Some(143)
+    );
+    assert_eq!(
+        nook(server, &["exec", &name, "--", "no-such-command"]).status.code(),
+        Some(127)
+    );
+    let env = ok(
+        server,
+        &[
+            "exec",
+            "-e",
+            "A=1",
+            "-w",
+            "/tmp",
+            "-u",
+            "user",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $A $(pwd) $(id -un)",
+        ],
+    );
+    assert_eq!(env, "1 /tmp user\n");
+
+    assert!(ok(server, &["stop", &name]).contains(&name));
+    let stopped: Sandbox = serde_json::from_str(&ok(server, &["inspect", &name, "--json"])).unwrap();
+    assert_eq!(stopped.state, SandboxState::Stopped);
+    assert_eq!(nook(server, &["exec", &name, "--", "true"]).status.code(), Some(125));
+    ok(server, &["start", &name]);
+    ok(server, &["rm", &name]);
+    let missing = nook(server, &["inspect", &name]);
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no sandbox"),
+        "{missing:?}"
+    );
+}
+
+#[test]
+fn image_import_of_a_directory_is_usable_and_reproducible() {
+    let server = shared_server();
+    // A minimal root filesystem: one static program (the agent binary itself answers `--version`), a file and a
+    // symlink that points outside the directory.
+    let rootfs = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(rootfs.path().join("bin")).unwrap();
+    std::fs::create_dir_all(rootfs.path().join("etc")).unwrap();
+    std::fs::copy(common::agent_binary(), rootfs.path().join("bin/tool")).unwrap();
+    std::fs::write(rootfs.path().join("etc/motd"), "from a directory\n").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", rootfs.path().join("etc/escape")).unwrap();
+    let name = format!("dir-{}", &common::rand_suffix()[..6]);
+    let path = rootfs.path().to_str().unwrap();
+    let first: Image = serde_json::from_str(&ok(server, &["image", "import", &name, path, "--json"])).unwrap();
+    let again: Image = serde_json::from_str(&ok(server, &["image", "import", &name, path, "--json"])).unwrap();
+    assert_eq!(
+        first.layers, again.layers,
+        "packing the same directory twice gave different layers"
+    );
+    let layer = server
+        .data_dir
+        .join("runner/layers/sha256")
+        .join(first.layers[0].trim_start_matches("sha256:"));
+    assert_eq!(
+        std::fs::read_to_string(layer.join("etc/motd")).unwrap(),
+        "from a directory\n"
+    );
+    // Symlinks are stored as links, never followed.
+    assert_eq!(
+        std::fs::read_link(layer.join("etc/escape")).unwrap(),
+        std::path::Path::new("/etc/shadow")
+    );
+    assert!(ok(server, &["image", "ls"]).contains(&name));
+
+    let sandbox = format!("from-dir-{}", &common::rand_suffix()[..6]);
+    ok(server, &["create", "--name", &sandbox, "--image", &name]);
+    assert!(ok(server, &["exec", &sandbox, "--", "/bin/tool", "--version"]).starts_with("nook-agent "));
+    ok(server, &["rm", &sandbox]);
+    ok(server, &["image", "rm", &name]);
+    assert!(!ok(server, &["image", "ls"]).contains(&name));
+}
+
+#[test]
+fn the_client_finds_the_server_through_the_config_serve_writes() {
+    let home = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_nook"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data.path())
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("NOOK_ADMIN_KEY")
+        .env("NOOK_AGENT_BINARY", common::agent_binary())
+        .env_remove("NOOK_BASE_IMAGE_TAR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let config = home.path().join(".config/nook/client.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !config.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nook serve wrote no client config"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the client config holds a key and must be private");
+    let ls = Command::new(env!("CARGO_BIN_EXE_nook"))
+        .args(["ls", "--json"])
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("NOOK_URL")
+        .env_remove("NOOK_API_KEY")
+        .output()
+        .unwrap();
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    assert_eq!(stdout(&ls).trim(), "[]");
+    // The generated key is stored only as a hash.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    let key = saved["api_key"].as_str().unwrap();
+    for file in ["nook.db", "nook.db-wal"] {
+        let bytes = std::fs::read(data.path().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(key.len()).any(|window| window == key.as_bytes()),
+            "the plain key is in {file}"
+        );
+    }
+    // SAFETY: signalling our own child has no memory-safety preconditions.
+    unsafe {
+        libc::kill(serve.id() as i32, libc::SIGTERM);
+    }
+    assert!(serve.wait().unwrap().success());
+}
