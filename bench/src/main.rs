@@ -1,3 +1,270 @@
-//! Benchmarks of nook against peers (being written).
+//! `nook-bench`: measures nook's create→first exec and exec round trip against runc and runsc running the same
+//! root filesystem on the same machine, and prints a markdown report of figures and ratios (never pass/fail).
+//!
+//! Flow: make a work directory under `--work-dir`; start the bench's own `nook serve` there (fresh data directory,
+//! free loopback port, random admin key) and wait for its health check; run the nook series through the Rust client;
+//! find the base image's unpacked layer in the server's data directory and run the peer series on it; then delete
+//! every sandbox, stop the server, remove the work directory and print the report on stdout. Progress goes to
+//! stderr. The exit status is non-zero only when setup or a nook call failed; peers that cannot run are reported as
+//! unavailable.
 
-fn main() {}
+mod interrupt;
+mod machine;
+mod nook;
+mod peers;
+mod report;
+mod server;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use nix::mount::{umount2, MntFlags};
+use nook_client::Client;
+use rand::Rng as _;
+
+use crate::interrupt::Interrupt;
+use crate::machine::MachineFacts;
+use crate::nook::{CreateFigures, Sandboxes};
+use crate::peers::{PeerFigures, PeerOptions};
+use crate::server::{NookServer, ServerOptions};
+use crate::stats::Summary;
+
+/// Benchmarks nook against runc and runsc on this machine and prints a markdown report.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The nook binary.
+    #[arg(long, default_value = "target/release/nook")]
+    nook: PathBuf,
+    /// The static nook-agent binary.
+    #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release/nook-agent")]
+    agent: PathBuf,
+    /// The base rootfs tar (scripts/build-base-image.sh prints its path).
+    #[arg(long, env = "NOOK_BASE_IMAGE_TAR")]
+    base_image_tar: PathBuf,
+    /// Timed create→first exec samples (sandboxes created one after another).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    sandboxes: u32,
+    /// Timed exec round trips in one sandbox.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    execs: u32,
+    /// Timed runs per peer series (runc run, runc exec, runsc run).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    peer_runs: u32,
+    /// The runc binary.
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    /// The runsc binary [default: `runsc` on PATH, if any].
+    #[arg(long)]
+    runsc: Option<PathBuf>,
+    /// Do not run runsc; report it as not installed.
+    #[arg(long, conflicts_with = "runsc")]
+    no_runsc: bool,
+    /// Where the bench makes its work directory (server data, bundles, runtime state); removed at the end.
+    #[arg(long, default_value = "/var/tmp")]
+    work_dir: PathBuf,
+    /// How long the server may take to import the base image and answer its health check.
+    #[arg(long, default_value_t = 180)]
+    ready_timeout_s: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nook-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let interrupt = Interrupt::install()?;
+    let machine = MachineFacts::gather();
+    for (what, path) in [
+        ("nook binary", &args.nook),
+        ("nook-agent binary", &args.agent),
+        ("base image tar", &args.base_image_tar),
+    ] {
+        if !path.is_file() {
+            bail!(
+                "the {what} {} does not exist (run scripts/build.sh and scripts/build-base-image.sh)",
+                path.display()
+            );
+        }
+    }
+    let runc = find_on_path(&args.runc).with_context(|| format!("runc not found: {}", args.runc.display()))?;
+    let runsc = match (&args.runsc, args.no_runsc) {
+        (_, true) => Err("runsc is not installed (bench/run.sh could not install a current one)".to_string()),
+        (Some(path), false) => find_on_path(path).ok_or_else(|| format!("runsc not found at {}", path.display())),
+        (None, false) => find_on_path(Path::new("runsc")).ok_or_else(|| "runsc is not on PATH".to_string()),
+    };
+
+    let work = make_work_dir(&args.work_dir)?;
+    eprintln!("work directory: {}", work.display());
+    let measured = measure(args, &work, runc, runsc, &interrupt);
+    let removed = remove_work_dir(&work);
+    let figures = measured?;
+    removed?;
+    print!(
+        "{}",
+        report::render(&report::Report {
+            machine: &machine,
+            nook_version: &figures.nook_version,
+            create: &figures.create,
+            exec: &figures.exec,
+            peers: &figures.peers,
+        })
+    );
+    Ok(())
+}
+
+/// What [`measure`] returns.
+struct Figures {
+    nook_version: String,
+    create: CreateFigures,
+    exec: Summary,
+    peers: PeerFigures,
+}
+
+/// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
+fn measure(
+    args: &Args,
+    work: &Path,
+    runc: PathBuf,
+    runsc: Result<PathBuf, String>,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Figures> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the client runtime")?;
+    let data_dir = work.join("data");
+    let mut server = NookServer::spawn(&ServerOptions {
+        nook: args.nook.clone(),
+        agent: args.agent.clone(),
+        base_image_tar: args.base_image_tar.clone(),
+        data_dir: data_dir.clone(),
+        log: work.join("server.log"),
+    })?;
+    let client = Client::new(&server.url, &server.key).context("making the nook client")?;
+    let mut sandboxes = Sandboxes::default();
+
+    let result = (|| {
+        eprintln!(
+            "starting nook serve at {} (the first start imports the base image)...",
+            server.url
+        );
+        let (nook_version, create, exec, base_layer) = runtime.block_on(async {
+            server
+                .wait_ready(&client, Duration::from_secs(args.ready_timeout_s), interrupt)
+                .await?;
+            let version = client.health().await.context("asking nook for its version")?.version;
+            let base_layer = base_layer_dir(&client, &data_dir).await?;
+            let create =
+                nook::create_to_first_exec(&client, args.sandboxes as usize, &mut sandboxes, interrupt).await?;
+            let exec = nook::exec_round_trip(&client, args.execs as usize, &mut sandboxes, interrupt).await?;
+            anyhow::Ok((version, create, exec, base_layer))
+        })?;
+        let peers = peers::bench(
+            &PeerOptions {
+                runc,
+                runsc,
+                base_layer,
+                work: work.join("peers"),
+                runs: args.peer_runs as usize,
+            },
+            interrupt,
+        )?;
+        anyhow::Ok(Figures {
+            nook_version,
+            create,
+            exec,
+            peers,
+        })
+    })();
+
+    if result.is_err() {
+        eprintln!("the server's log ends with:\n{}", server.log_tail(20));
+    }
+    let left = runtime.block_on(sandboxes.delete_all(&client));
+    for failure in &left {
+        eprintln!("could not delete sandbox {failure}");
+    }
+    eprintln!("stopping nook serve...");
+    server.stop()?;
+    let figures = result?;
+    if !left.is_empty() {
+        bail!("{} sandbox(es) could not be deleted: {}", left.len(), left.join("; "));
+    }
+    Ok(figures)
+}
+
+/// The unpacked directory of the `base` image's (only) layer in the server's data directory.
+async fn base_layer_dir(client: &Client, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let images = client.list_images().await.context("listing nook's images")?;
+    let base = images
+        .iter()
+        .find(|image| image.name == "base")
+        .context("nook has no image named `base` (was NOOK_BASE_IMAGE_TAR imported?)")?;
+    let layer = base.layers.first().context("image `base` has no layers")?;
+    let hex = layer
+        .strip_prefix("sha256:")
+        .with_context(|| format!("layer digest {layer} is not a sha256 digest"))?;
+    let dir = data_dir.join("runner/layers/sha256").join(hex);
+    if !dir.is_dir() {
+        bail!("the base layer's directory {} does not exist", dir.display());
+    }
+    Ok(dir)
+}
+
+/// `program` if it names a file, else the first match on `PATH`.
+fn find_on_path(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Creates `parent/nook-bench-<pid>-<random>`.
+fn make_work_dir(parent: &Path) -> anyhow::Result<PathBuf> {
+    let dir = parent.join(format!(
+        "nook-bench-{}-{:08x}",
+        std::process::id(),
+        rand::thread_rng().gen::<u32>()
+    ));
+    std::fs::create_dir(&dir).with_context(|| format!("creating the work directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Removes the work directory after detaching anything still mounted below it, so removal never reaches into a
+/// mounted filesystem.
+fn remove_work_dir(dir: &Path) -> anyhow::Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mut mounted: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|mount_point| mount_point.starts_with(dir))
+        .collect();
+    mounted.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
+    for mount_point in &mounted {
+        eprintln!("unmounting leftover mount {}...", mount_point.display());
+        umount2(mount_point, MntFlags::MNT_DETACH).with_context(|| {
+            format!(
+                "unmounting {} before removing the work directory",
+                mount_point.display()
+            )
+        })?;
+    }
+    eprintln!("removing {}...", dir.display());
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing the work directory {}", dir.display()))
+}

@@ -253,7 +253,7 @@ fn child_setup(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
 
 async fn exec(
     spec: ExecSpec,
-    mut reader: tokio::net::unix::OwnedReadHalf,
+    reader: tokio::net::unix::OwnedReadHalf,
     mut writer: tokio::net::unix::OwnedWriteHalf,
     table: Arc<ProcessTable>,
 ) -> Result<(), nook_agent_proto::ProtocolError> {
@@ -284,77 +284,78 @@ async fn exec(
         }
     };
     let pid = child.id() as i32;
+    // From here on, any way out of this function that did not see the exit kills the process group.
+    let mut guard = ProcessGuard { pid, reaped: false };
     write_json(&mut writer, FrameKind::Started, &Started { pid: pid as u32 }).await?;
 
     let mut stdout = pipe_receiver(child.stdout.take().map(OwnedFd::from));
     let mut stderr = pipe_receiver(child.stderr.take().map(OwnedFd::from));
-    let stdin_sender = child.stdin.take().map(|stdin| spawn_stdin_writer(OwnedFd::from(stdin)));
-    let mut stdin_sender = stdin_sender;
+    let stdin = child.stdin.take().map(|stdin| spawn_stdin_writer(OwnedFd::from(stdin)));
+    // Frames from the client are read by their own task: reading a frame is not cancel-safe, and input must keep
+    // flowing while this loop is busy writing output (or the two directions could wait on each other).
+    let (control_sender, mut control) = mpsc::channel(16);
+    let client_reader = tokio::spawn(read_client_frames(reader, stdin, control_sender));
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timer = spec.timeout_ms.map(|ms| {
+        let timed_out = timed_out.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        })
+    });
 
-    let deadline = spec
-        .timeout_ms
-        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let mut timed_out = false;
     let mut status: Option<WaitStatus> = None;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
-    let mut client_open = true;
     let mut out_buf = vec![0u8; READ_CHUNK];
     let mut err_buf = vec![0u8; READ_CHUNK];
-
-    loop {
+    let result = loop {
         if status.is_some() && stdout.is_none() && stderr.is_none() {
-            break;
+            break Ok(());
         }
-        tokio::select! {
+        let written = tokio::select! {
             read = read_some(&mut stdout, &mut out_buf) => match read {
-                Some(n) => write_frame(&mut writer, FrameKind::Stdout, &out_buf[..n]).await?,
-                None => stdout = None,
+                Some(n) => write_frame(&mut writer, FrameKind::Stdout, &out_buf[..n]).await,
+                None => { stdout = None; Ok(()) }
             },
             read = read_some(&mut stderr, &mut err_buf) => match read {
-                Some(n) => write_frame(&mut writer, FrameKind::Stderr, &err_buf[..n]).await?,
-                None => stderr = None,
+                Some(n) => write_frame(&mut writer, FrameKind::Stderr, &err_buf[..n]).await,
+                None => { stderr = None; Ok(()) }
             },
             exited = &mut exit_receiver, if status.is_none() => {
                 status = Some(exited.unwrap_or(WaitStatus::StillAlive));
+                guard.reaped = true;
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                Ok(())
             },
-            frame = read_frame(&mut reader), if client_open => match frame {
-                Ok(Some(frame)) => match frame.kind {
-                    FrameKind::Stdin => {
-                        if let Some(sender) = &stdin_sender {
-                            let _ = sender.send(frame.payload).await;
-                        }
+            event = control.recv() => {
+                match event {
+                    // Signals go only to a process not yet reaped, never to a recycled pid.
+                    Some(ClientEvent::Signal(signal)) if status.is_none() => {
+                        let _ = kill(Pid::from_raw(pid), signal);
+                        Ok(())
                     }
-                    FrameKind::StdinClose => stdin_sender = None,
-                    FrameKind::Signal => {
-                        if let Ok(request) = frame.parse::<SignalRequest>() {
-                            if let Ok(signal) = Signal::try_from(request.signal) {
-                                let _ = kill(Pid::from_raw(pid), signal);
-                            }
-                        }
-                    }
-                    other => {
-                        eprintln!("nook-agent: ignoring unexpected {other:?} frame");
-                    }
-                },
-                // The client went away: nobody can receive the result, so the whole process group goes.
-                Ok(None) | Err(_) => {
-                    client_open = false;
-                    stdin_sender = None;
-                    let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+                    Some(ClientEvent::Signal(_)) => Ok(()),
+                    // The client went away: nobody can receive the result.
+                    None => break Err(nook_agent_proto::ProtocolError::Io(std::io::ErrorKind::BrokenPipe.into())),
                 }
-            },
-            _ = sleep_until(deadline), if status.is_none() && !timed_out => {
-                timed_out = true;
-                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
             },
             _ = sleep_until(drain_deadline) => {
                 // Descendants still hold the pipes open; the process itself has ended.
                 stdout = None;
                 stderr = None;
+                Ok(())
             },
+        };
+        if let Err(error) = written {
+            break Err(error);
         }
+    };
+    client_reader.abort();
+    if let Some(timer) = timer {
+        timer.abort();
     }
+    result?;
 
     let (code, signal) = match status {
         Some(WaitStatus::Exited(_, code)) => (Some(code), None),
@@ -371,12 +372,68 @@ async fn exec(
     let exit = Exit {
         code,
         signal,
-        timed_out,
+        timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
         duration_ms: started_at.elapsed().as_secs_f64() * 1000.0,
     };
     write_json(&mut writer, FrameKind::Exit, &exit).await?;
     writer.shutdown().await?;
     Ok(())
+}
+
+/// Kills a started process's group unless its exit was observed, whatever way the request ends.
+struct ProcessGuard {
+    pid: i32,
+    reaped: bool,
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = kill(Pid::from_raw(-self.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// What the client's frames mean to the exec loop (input bytes bypass it and go straight to the process).
+enum ClientEvent {
+    Signal(Signal),
+}
+
+/// Reads the client's frames for the whole exec: input goes to the process's stdin writer, signals to the exec
+/// loop. When the client disconnects (or breaks the protocol) the channel closes, which the loop sees.
+async fn read_client_frames(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut stdin: Option<mpsc::Sender<Vec<u8>>>,
+    control: mpsc::Sender<ClientEvent>,
+) {
+    loop {
+        let frame = match read_frame(&mut reader).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(_) => return,
+        };
+        match frame.kind {
+            FrameKind::Stdin => {
+                if let Some(sender) = &stdin {
+                    if sender.send(frame.payload).await.is_err() {
+                        stdin = None;
+                    }
+                }
+            }
+            FrameKind::StdinClose => stdin = None,
+            FrameKind::Signal => {
+                let signal = frame
+                    .parse::<SignalRequest>()
+                    .ok()
+                    .and_then(|r| Signal::try_from(r.signal).ok());
+                if let Some(signal) = signal {
+                    if control.send(ClientEvent::Signal(signal)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            other => eprintln!("nook-agent: ignoring unexpected {other:?} frame"),
+        }
+    }
 }
 
 fn pipe_receiver(fd: Option<OwnedFd>) -> Option<tokio::net::unix::pipe::Receiver> {

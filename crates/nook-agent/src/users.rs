@@ -54,7 +54,13 @@ pub fn resolve(root: &Path, user: &str) -> Result<Account, UserError> {
     let numeric = numeric.or((user == "root").then_some(0));
     let mut account = match (entry, numeric) {
         (Some(account), _) => account,
-        (None, Some(0)) => Account { name: "root".into(), uid: 0, gid: 0, home: "/root".into(), groups: Vec::new() },
+        (None, Some(0)) => Account {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+            groups: Vec::new(),
+        },
         (None, Some(uid)) => Account {
             name: uid.to_string(),
             uid,

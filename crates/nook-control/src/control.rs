@@ -17,7 +17,7 @@ use nook_runner::{ExecInput, ExecOptions, ExecStream, Runner, RunnerError, Runne
 
 use crate::error::ApiFailure;
 use crate::ids;
-use crate::store::{Store, Transition};
+use crate::store::{Store, StoreError, Transition};
 
 /// Filters for listing sandboxes.
 #[derive(Debug, Clone, Default)]
@@ -136,22 +136,24 @@ impl Control {
             env: request.env,
         };
         match self.runner.create_sandbox(spec).await {
-            Ok(()) => Ok(self
-                .store
-                .transition(
-                    &id,
-                    transition(SandboxState::Running, StateReason::Requested, "started"),
-                )
-                .await?),
+            Ok(()) => {
+                let started = transition(CREATING, SandboxState::Running, StateReason::Requested, "started");
+                match self.store.transition(&id, started).await {
+                    Ok(sandbox) => Ok(sandbox),
+                    Err(error) => {
+                        // The record changed under us (a delete while creating): remove what the runner built.
+                        let _ = self.runner.delete_sandbox(&id).await;
+                        Err(
+                            ApiFailure::conflict(format!("sandbox {id} was deleted while it was being created"))
+                                .with_reason(&error),
+                        )
+                    }
+                }
+            }
             Err(error) => {
                 let message = crate::error::chain(&error);
-                let _ = self
-                    .store
-                    .transition(
-                        &id,
-                        transition(SandboxState::Error, StateReason::CreateFailed, &message),
-                    )
-                    .await;
+                let failed = transition(CREATING, SandboxState::Error, StateReason::CreateFailed, &message);
+                let _ = self.store.transition(&id, failed).await;
                 Err(ApiFailure::from(error))
             }
         }
@@ -186,7 +188,7 @@ impl Control {
         let sandbox = self.resolve(key).await?;
         match sandbox.state {
             SandboxState::Stopped => return Ok(sandbox),
-            SandboxState::Running | SandboxState::Error => {}
+            SandboxState::Running => {}
             other => {
                 return Err(ApiFailure::conflict(format!(
                     "sandbox {} is {other} and cannot be stopped",
@@ -195,13 +197,13 @@ impl Control {
             }
         }
         self.runner.stop_sandbox(&sandbox.id).await?;
-        Ok(self
-            .store
-            .transition(
-                &sandbox.id,
-                transition(SandboxState::Stopped, StateReason::Requested, "stopped by a client"),
-            )
-            .await?)
+        let stopped = transition(
+            RUNNING,
+            SandboxState::Stopped,
+            StateReason::Requested,
+            "stopped by a client",
+        );
+        Ok(self.store.transition(&sandbox.id, stopped).await?)
     }
 
     /// Starts a stopped sandbox.
@@ -218,30 +220,33 @@ impl Control {
             }
         }
         match self.runner.start_sandbox(&sandbox.id).await {
-            Ok(()) | Err(RunnerError::AlreadyRunning(_)) => Ok(self
-                .store
-                .transition(
-                    &sandbox.id,
-                    transition(SandboxState::Running, StateReason::Requested, "started by a client"),
-                )
-                .await?),
+            Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
+                let started = transition(
+                    STOPPED,
+                    SandboxState::Running,
+                    StateReason::Requested,
+                    "started by a client",
+                );
+                Ok(self.store.transition(&sandbox.id, started).await?)
+            }
             Err(error) => {
                 let message = crate::error::chain(&error);
-                let _ = self
-                    .store
-                    .transition(
-                        &sandbox.id,
-                        transition(SandboxState::Stopped, StateReason::StartFailed, &message),
-                    )
-                    .await;
+                let failed = transition(STOPPED, SandboxState::Stopped, StateReason::StartFailed, &message);
+                let _ = self.store.transition(&sandbox.id, failed).await;
                 Err(ApiFailure::from(error))
             }
         }
     }
 
-    /// Deletes a sandbox and all its files, whatever its state.
+    /// Deletes a sandbox and all its files, whatever its state (except while it is still being created).
     pub async fn delete(&self, key: &str) -> Result<(), ApiFailure> {
         let sandbox = self.resolve(key).await?;
+        if sandbox.state == SandboxState::Creating {
+            return Err(ApiFailure::conflict(format!(
+                "sandbox {} is still being created; delete it once it is running or has failed",
+                sandbox.name
+            )));
+        }
         self.runner.delete_sandbox(&sandbox.id).await?;
         self.store.delete_sandbox(&sandbox.id).await?;
         Ok(())
@@ -269,43 +274,42 @@ impl Control {
         Ok(stream)
     }
 
-    /// Brings the store in line with what the runner runs (after a restart of the server).
+    /// Brings the store in line with what the runner runs (after a restart of the server, or when runner events
+    /// were missed).
     pub async fn reconcile(&self) -> Result<(), ApiFailure> {
         let running = self.runner.running_sandboxes().await;
         let sandboxes = self.store.sandboxes().await?;
         for sandbox in &sandboxes {
             let is_running = running.contains(&sandbox.id);
-            match (sandbox.state, is_running) {
+            let change = match (sandbox.state, is_running) {
                 (SandboxState::Creating, _) => {
                     let _ = self.runner.delete_sandbox(&sandbox.id).await;
-                    self.store
-                        .transition(
-                            &sandbox.id,
-                            transition(
-                                SandboxState::Error,
-                                StateReason::CreateFailed,
-                                "the server stopped while this sandbox was being created; delete it and create it again",
-                            ),
-                        )
-                        .await?;
+                    Some(transition(
+                        CREATING,
+                        SandboxState::Error,
+                        StateReason::CreateFailed,
+                        "the server stopped while this sandbox was being created; delete it and create it again",
+                    ))
                 }
-                (SandboxState::Running, false) => {
-                    self.store
-                        .transition(
-                            &sandbox.id,
-                            transition(
-                                SandboxState::Stopped,
-                                StateReason::LostOnRestart,
-                                "the sandbox's processes were gone when the server started (for example after a \
-                                 host reboot); its files are kept and it can be started again",
-                            ),
-                        )
-                        .await?;
-                }
+                (SandboxState::Running, false) => Some(transition(
+                    RUNNING,
+                    SandboxState::Stopped,
+                    StateReason::LostOnRestart,
+                    "the sandbox's processes were gone when the server looked (for example after a host reboot); \
+                     its files are kept and it can be started again",
+                )),
                 (SandboxState::Stopped | SandboxState::Error, true) => {
                     let _ = self.runner.stop_sandbox(&sandbox.id).await;
+                    None
                 }
-                _ => {}
+                _ => None,
+            };
+            if let Some(change) = change {
+                match self.store.transition(&sandbox.id, change).await {
+                    // Another request changed the sandbox meanwhile: its outcome stands.
+                    Ok(_) | Err(StoreError::WrongState(_)) | Err(StoreError::NotFound) => {}
+                    Err(error) => return Err(error.into()),
+                }
             }
         }
         for id in running {
@@ -326,7 +330,10 @@ impl Control {
                 let event = match events.recv().await {
                     Ok(event) => event,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::error!(missed, "runner events were dropped");
+                        tracing::warn!(missed, "runner events were dropped; reconciling with the runner");
+                        if let Err(failure) = control.reconcile().await {
+                            tracing::error!(message = %failure.message, "reconciling with the runner failed");
+                        }
                         continue;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -352,6 +359,7 @@ impl Control {
                         .transition(
                             sandbox_id,
                             transition(
+                                RUNNING,
                                 SandboxState::Stopped,
                                 StateReason::InitExited,
                                 "the sandbox's init process exited on its own; its files are kept",
@@ -368,8 +376,13 @@ impl Control {
     }
 }
 
-fn transition(to: SandboxState, reason: StateReason, message: &str) -> Transition {
+const CREATING: &[SandboxState] = &[SandboxState::Creating];
+const RUNNING: &[SandboxState] = &[SandboxState::Running];
+const STOPPED: &[SandboxState] = &[SandboxState::Stopped];
+
+fn transition(from: &'static [SandboxState], to: SandboxState, reason: StateReason, message: &str) -> Transition {
     Transition {
+        from,
         to,
         reason,
         message: message.to_string(),

@@ -100,6 +100,9 @@ impl From<StoreError> for ApiFailure {
                 Self::conflict(format!("a sandbox named {name:?} already exists; choose another name"))
             }
             StoreError::NotFound => Self::not_found("the sandbox no longer exists"),
+            StoreError::WrongState(state) => {
+                Self::conflict(format!("another request changed the sandbox first; it is now {state}"))
+            }
             _ => Self::internal("the control plane's database failed", &error),
         }
     }

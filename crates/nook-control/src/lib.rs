@@ -90,6 +90,13 @@ impl Server {
             source,
         };
         std::fs::create_dir_all(&config.data_dir).map_err(data_error)?;
+        // The database holds key hashes and the runner's tree holds sandboxes' root-owned files: owner only.
+        std::fs::set_permissions(&config.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(
+            |source| StartError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            },
+        )?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("nook.db"))?);
         let generated_admin_key = ensure_admin_key(store.as_ref(), config.admin_key.as_deref()).await?;
 

@@ -12,6 +12,7 @@ use nook_agent_proto::{
     read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FrameKind, Pong, ProtocolError, Request,
     SignalRequest, Started,
 };
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -73,62 +74,89 @@ pub async fn ping(socket: &Path) -> Result<Pong, ProtocolError> {
 /// Starts a process through the agent.
 pub async fn exec(socket: &Path, spec: ExecSpec) -> Result<ExecStream, ProtocolError> {
     let stream = UnixStream::connect(socket).await?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = stream.into_split();
     write_json(&mut writer, FrameKind::Request, &Request::Exec(spec)).await?;
     let (event_sender, events) = mpsc::channel(64);
-    let (input, mut input_receiver) = mpsc::channel::<ExecInput>(64);
-
+    let (input, input_receiver) = mpsc::channel::<ExecInput>(64);
+    // Reading and writing run side by side in one task and neither waits on the other, so input can flow while
+    // output waits for a slow consumer. Neither future is ever cancelled mid-frame.
     tokio::spawn(async move {
-        let mut input_open = true;
+        let reading = forward_output(reader, event_sender);
+        let writing = forward_input(writer, input_receiver);
+        tokio::pin!(reading, writing);
+        let mut writer_kept = None;
+        let mut writing_done = false;
         loop {
             tokio::select! {
-                frame = read_frame(&mut reader) => {
-                    let (event, last) = match frame {
-                        Ok(Some(frame)) => match decode(frame) {
-                            Ok(decoded) => decoded,
-                            Err(error) => (broken(&error), true),
-                        },
-                        Ok(None) => (ExecOutput::Error {
-                            code: "agent_disconnected".into(),
-                            message: "the agent closed the connection before the process's exit was reported \
-                                      (the sandbox may have stopped)".into(),
-                        }, true),
-                        Err(error) => (broken(&error), true),
-                    };
-                    if event_sender.send(event).await.is_err() || last {
-                        return;
-                    }
+                () = &mut reading => break,
+                writer = &mut writing, if !writing_done => {
+                    writing_done = true;
+                    // Keep the write half open: dropping it would shut the socket down, which the agent reads as
+                    // the client leaving.
+                    writer_kept = writer;
                 }
-                input = input_receiver.recv(), if input_open => {
-                    let result = match input {
-                        Some(ExecInput::Stdin(bytes)) => {
-                            let mut result = Ok(());
-                            for chunk in bytes.chunks(nook_agent_proto::MAX_FRAME_LEN) {
-                                result = write_frame(&mut writer, FrameKind::Stdin, chunk).await;
-                                if result.is_err() { break; }
-                            }
-                            result
-                        }
-                        Some(ExecInput::CloseStdin) => write_frame(&mut writer, FrameKind::StdinClose, &[]).await,
-                        Some(ExecInput::Signal(signal)) => {
-                            write_json(&mut writer, FrameKind::Signal, &SignalRequest { signal }).await
-                        }
-                        None => {
-                            input_open = false;
-                            Ok(())
-                        }
-                    };
-                    // A failed write means the agent is gone; the read side reports it.
-                    if result.is_err() {
-                        input_open = false;
-                    }
-                }
-                // The consumer dropped the stream: disconnecting makes the agent kill the process.
-                _ = event_sender.closed() => return,
             }
         }
+        drop(writer_kept);
     });
     Ok(ExecStream { events, input })
+}
+
+/// Forwards the agent's frames as output items until the final one, the consumer leaves, or the connection fails.
+async fn forward_output(mut reader: OwnedReadHalf, events: mpsc::Sender<ExecOutput>) {
+    loop {
+        let frame = tokio::select! {
+            // Abandoning a half-read frame is fine here: the consumer is gone and the connection is dropped, which
+            // makes the agent kill the process.
+            () = events.closed() => return,
+            frame = read_frame(&mut reader) => frame,
+        };
+        let (event, last) = match frame {
+            Ok(Some(frame)) => match decode(frame) {
+                Ok(decoded) => decoded,
+                Err(error) => (broken(&error), true),
+            },
+            Ok(None) => (
+                ExecOutput::Error {
+                    code: "agent_disconnected".into(),
+                    message: "the agent closed the connection before the process's exit was reported \
+                              (the sandbox may have stopped)"
+                        .into(),
+                },
+                true,
+            ),
+            Err(error) => (broken(&error), true),
+        };
+        if events.send(event).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Writes the caller's input to the agent until the caller drops its sender; returns the write half (to keep the
+/// connection open) unless writing failed.
+async fn forward_input(mut writer: OwnedWriteHalf, mut input: mpsc::Receiver<ExecInput>) -> Option<OwnedWriteHalf> {
+    while let Some(item) = input.recv().await {
+        let result = match item {
+            ExecInput::Stdin(bytes) => {
+                let mut result = Ok(());
+                for chunk in bytes.chunks(nook_agent_proto::MAX_FRAME_LEN) {
+                    result = write_frame(&mut writer, FrameKind::Stdin, chunk).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                result
+            }
+            ExecInput::CloseStdin => write_frame(&mut writer, FrameKind::StdinClose, &[]).await,
+            ExecInput::Signal(signal) => write_json(&mut writer, FrameKind::Signal, &SignalRequest { signal }).await,
+        };
+        // A failed write means the agent is gone; the reading side reports it.
+        if result.is_err() {
+            return None;
+        }
+    }
+    Some(writer)
 }
 
 fn broken(error: &ProtocolError) -> ExecOutput {

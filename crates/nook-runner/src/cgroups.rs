@@ -21,6 +21,19 @@ use tokio::io::unix::AsyncFd;
 /// Name of the directory that holds all of nook's sandbox cgroups in each hierarchy.
 const PARENT: &str = "nook";
 
+/// Devices a sandbox may open where the v1 devices controller exists (defence in depth: sandboxes also lack
+/// `CAP_MKNOD` and their root is mounted `nodev`): null, zero, full, random, urandom, tty, ptmx and the pts.
+const ALLOWED_DEVICES: &[&str] = &[
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
+
 /// CFS period used for CPU quotas, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -64,7 +77,7 @@ pub enum CgroupHost {
     },
     /// One v1 hierarchy per controller (a path may serve several controllers, e.g. `cpu,cpuacct`).
     V1 {
-        /// Mount point per controller name: `memory`, `cpu`, `pids`, and `freezer` when present.
+        /// Mount point per controller name: `memory`, `cpu`, `pids`, and `freezer` and `devices` when present.
         mounts: BTreeMap<&'static str, PathBuf>,
     },
 }
@@ -95,7 +108,7 @@ impl CgroupHost {
                 "cgroup2" => v2_root = Some(mount_point),
                 "cgroup" => {
                     for option in right[2].split(',') {
-                        for controller in ["memory", "cpu", "pids", "freezer"] {
+                        for controller in ["memory", "cpu", "pids", "freezer", "devices"] {
                             if option == controller {
                                 v1.entry(controller).or_insert_with(|| mount_point.clone());
                             }
@@ -235,6 +248,15 @@ impl SandboxCgroup {
                 write(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                 write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
                 write(self.controller_dir("pids"), "pids.max", &resources.pids.to_string())?;
+                if let CgroupHost::V1 { mounts } = &self.host {
+                    if mounts.contains_key("devices") {
+                        let dir = self.controller_dir("devices");
+                        write(dir, "devices.deny", "a")?;
+                        for rule in ALLOWED_DEVICES {
+                            write(dir, "devices.allow", rule)?;
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -252,6 +274,29 @@ impl SandboxCgroup {
             .lines()
             .filter_map(|line| line.trim().parse().ok())
             .collect()
+    }
+
+    /// SIGKILLs every process still in the cgroup (processes a lost init left behind, or an init that was never
+    /// recorded). Each pid is pinned with a pidfd and re-checked to be in this cgroup before it is signalled, so a
+    /// recycled pid is never hit.
+    pub fn kill_all(&self) {
+        let marker = format!("/{PARENT}/{}", self.sandbox_id());
+        for pid in self.pids() {
+            let Ok(pidfd) = crate::container::PidFd::open(pid) else {
+                continue;
+            };
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if cgroup.lines().any(|line| line.ends_with(&marker)) {
+                pidfd.kill();
+            }
+        }
+    }
+
+    fn sandbox_id(&self) -> String {
+        self.memory_dir()
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// Whether any of the cgroup's directories exists.

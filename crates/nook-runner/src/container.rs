@@ -166,13 +166,14 @@ impl IsolationBackend for ContainerBackend {
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut stderr = child.stderr.take().expect("piped stderr");
 
+        // The init pid is kept outside the timed future so that every failure path below can kill it.
+        let mut init: Option<i32> = None;
         let outcome = tokio::time::timeout(BOOT_TIMEOUT, async {
             stdin
                 .write_all(&spec_json)
                 .await
                 .map_err(|e| format!("sending the boot spec failed: {e}"))?;
             drop(stdin);
-            let mut init: Option<i32> = None;
             let mut failure: Option<String> = None;
             let mut line = String::new();
             loop {
@@ -185,7 +186,8 @@ impl IsolationBackend for ContainerBackend {
                     break;
                 }
                 match serde_json::from_str::<BootReport>(line.trim()) {
-                    Ok(BootReport::Init { pid }) => init = Some(pid),
+                    Ok(BootReport::Init { pid }) if pid > 1 => init = Some(pid),
+                    Ok(BootReport::Init { pid }) => failure = Some(format!("the boot process reported pid {pid}")),
                     Ok(BootReport::Failed { message }) => failure = Some(message),
                     Err(_) => failure = Some(format!("unexpected boot output: {}", line.trim())),
                 }
@@ -196,16 +198,25 @@ impl IsolationBackend for ContainerBackend {
                 .wait()
                 .await
                 .map_err(|e| format!("waiting for the boot process: {e}"))?;
-            Ok::<_, String>((init, failure, status, errors))
+            Ok::<_, String>((failure, status, errors))
         })
         .await;
 
-        let (init, failure, status, errors) = match outcome {
-            Ok(Ok(result)) => result,
-            Ok(Err(message)) => return Err(fail(message)),
-            Err(_) => return Err(fail(format!("no answer within {} s", BOOT_TIMEOUT.as_secs()))),
+        let outcome = match outcome {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(message)) => Err(message),
+            Err(_) => Err(format!("no answer within {} s", BOOT_TIMEOUT.as_secs())),
         };
-        let init_pid = init.filter(|pid| *pid > 1);
+        let (failure, status, errors) = match outcome {
+            Ok(result) => result,
+            Err(message) => {
+                if let Some(pid) = init {
+                    kill_and_reap(pid).await;
+                }
+                return Err(fail(message));
+            }
+        };
+        let init_pid = init;
         let failure = failure.or_else(|| match (init_pid, status.success()) {
             (Some(_), true) => None,
             (None, _) => Some(format!(
@@ -230,10 +241,7 @@ impl IsolationBackend for ContainerBackend {
 /// Kills a process and waits for it to be gone (reaping it when it is our child).
 pub async fn kill_and_reap(pid: i32) {
     let Ok(pidfd) = PidFd::open(pid) else { return };
-    // SAFETY: sending a signal has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    pidfd.kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), pidfd.exited()).await;
 }
 
@@ -293,6 +301,20 @@ impl PidFd {
         Ok(Self {
             fd: register_fd(fd, tokio::io::Interest::READABLE)?,
         })
+    }
+
+    /// Sends SIGKILL through the pidfd: it reaches this process or nothing, never a process that reused its pid.
+    pub fn kill(&self) {
+        // SAFETY: pidfd_send_signal on a descriptor we own, with a null siginfo and no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.get_ref().as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
     }
 
     /// Waits until the process has exited, then reaps it if it is our child (after a restart it is not, and its

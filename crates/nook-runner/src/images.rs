@@ -216,11 +216,15 @@ impl ImageStore {
             let _ = std::fs::remove_dir_all(&tmp);
         } else if let Err(error) = std::fs::rename(&tmp, &final_dir) {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(ImageError::Io {
-                action: "moving layer into",
-                path: final_dir,
-                source: error,
-            });
+            // A concurrent import of the same layer won the race: its copy is identical.
+            let lost_race = matches!(error.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST));
+            if !lost_race {
+                return Err(ImageError::Io {
+                    action: "moving layer into",
+                    path: final_dir,
+                    source: error,
+                });
+            }
         }
         Ok((digest, size))
     }

@@ -16,6 +16,7 @@
 //! get reaped), then re-adopts every sandbox whose recorded init is still alive (same pid and start time).
 
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,7 +64,8 @@ struct SandboxRecord {
 /// A running sandbox.
 struct Live {
     record: SandboxRecord,
-    init: InitProcess,
+    /// The init, pinned: signals through it never reach a process that reused the pid.
+    pidfd: Arc<PidFd>,
     stopping: AtomicBool,
     exited: watch::Receiver<bool>,
 }
@@ -95,12 +97,15 @@ impl LocalRunner {
                 source: std::io::Error::last_os_error(),
             });
         }
+        // Sandboxes' files are owned by their (real) root users and may be setuid: no host user may reach them.
         let sandboxes = config.dir.join("sandboxes");
-        std::fs::create_dir_all(&sandboxes).map_err(|source| RunnerError::Io {
-            action: "creating",
-            path: sandboxes.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&sandboxes)
+            .and_then(|()| std::fs::set_permissions(&config.dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|source| RunnerError::Io {
+                action: "creating",
+                path: sandboxes.clone(),
+                source,
+            })?;
         let images = ImageStore::open(&config.dir)?;
         let cgroups = CgroupHost::detect()?;
         let backend = Box::new(ContainerBackend::new(&config.agent_binary)?);
@@ -154,15 +159,14 @@ impl LocalRunner {
                 continue;
             };
             let Some(init) = record.init else { continue };
-            if process_start_time(init.pid) == Some(init.start_time) {
-                match PidFd::open(init.pid) {
-                    Ok(pidfd) => {
-                        let cgroup = self.inner.cgroups.existing(&id);
-                        self.watch(record, init, pidfd, cgroup);
-                        tracing::info!(sandbox = %id, pid = init.pid, "re-adopted running sandbox");
-                        continue;
-                    }
-                    Err(error) => tracing::warn!(sandbox = %id, %error, "cannot watch the sandbox's init"),
+            // Pin the pid first, then check it is still the same process (start time), so a recycled pid cannot be
+            // adopted.
+            if let Ok(pidfd) = PidFd::open(init.pid) {
+                if process_start_time(init.pid) == Some(init.start_time) {
+                    let cgroup = self.inner.cgroups.existing(&id);
+                    self.watch(record, pidfd, cgroup);
+                    tracing::info!(sandbox = %id, pid = init.pid, "re-adopted running sandbox");
+                    continue;
                 }
             }
             tracing::warn!(sandbox = %id, "the sandbox's init is gone; cleaning up its leftovers");
@@ -216,15 +220,24 @@ impl LocalRunner {
         self.sandbox_dir(id).join("agent.sock")
     }
 
-    /// Removes what a sandbox's run leaves on the host: its cgroup and its socket.
+    /// Removes what a sandbox's run leaves on the host: any process still in its cgroup, the cgroup, the socket.
+    /// Blocking (it may wait for killed processes to finish exiting): call from a blocking thread.
     fn clean_after_exit(&self, id: &str) {
         let cgroup = self.inner.cgroups.existing(id);
         if cgroup.exists() {
+            cgroup.kill_all();
             if let Err(error) = cgroup.remove() {
                 tracing::error!(sandbox = %id, error = %error, "removing the sandbox's cgroup failed");
             }
         }
         let _ = std::fs::remove_file(self.socket_path(id));
+    }
+
+    /// [`Self::clean_after_exit`] on a blocking thread.
+    async fn clean_after_exit_async(&self, id: &str) {
+        let runner = self.clone();
+        let id = id.to_string();
+        let _ = tokio::task::spawn_blocking(move || runner.clean_after_exit(&id)).await;
     }
 
     /// Boots a sandbox whose directory and record exist; on failure nothing of the run is left.
@@ -254,56 +267,56 @@ impl LocalRunner {
         let init = match self.inner.backend.boot(&request).await {
             Ok(init) => init,
             Err(error) => {
-                self.clean_after_exit(&id);
+                self.clean_after_exit_async(&id).await;
                 return Err(error);
             }
         };
-        let ready = tokio::time::timeout(AGENT_READY_TIMEOUT, agent_client::ping(&socket_path)).await;
-        let ready = match ready {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(RunnerError::Agent {
-                sandbox_id: id.clone(),
-                source,
-            }),
-            Err(_) => Err(RunnerError::Boot {
-                sandbox_id: id.clone(),
-                message: format!("the agent did not answer within {} s", AGENT_READY_TIMEOUT.as_secs()),
-            }),
-        };
-        if let Err(error) = ready {
-            kill_and_reap(init.pid).await;
-            self.clean_after_exit(&id);
-            return Err(error);
-        }
-        let pidfd = match PidFd::open(init.pid) {
-            Ok(pidfd) => pidfd,
-            Err(source) => {
-                kill_and_reap(init.pid).await;
-                self.clean_after_exit(&id);
-                return Err(RunnerError::Io {
-                    action: "watching the init of",
-                    path: dir,
-                    source,
-                });
-            }
-        };
+        // Record the init before anything else can fail, so that a crash from here on leaves a record that the
+        // next start adopts or cleans up, never an unknown process.
         record.init = Some(init);
-        if let Err(error) = self.write_record(&id, &record) {
-            kill_and_reap(init.pid).await;
-            self.clean_after_exit(&id);
-            return Err(error);
+        let pidfd = PidFd::open(init.pid).map_err(|source| RunnerError::Io {
+            action: "watching the init of",
+            path: dir.clone(),
+            source,
+        });
+        let recorded = pidfd.and_then(|pidfd| self.write_record(&id, &record).map(|()| pidfd));
+        let ready = match recorded {
+            Ok(pidfd) => match tokio::time::timeout(AGENT_READY_TIMEOUT, agent_client::ping(&socket_path)).await {
+                Ok(Ok(_)) => Ok(pidfd),
+                Ok(Err(source)) => Err(RunnerError::Agent {
+                    sandbox_id: id.clone(),
+                    source,
+                }),
+                Err(_) => Err(RunnerError::Boot {
+                    sandbox_id: id.clone(),
+                    message: format!("the agent did not answer within {} s", AGENT_READY_TIMEOUT.as_secs()),
+                }),
+            },
+            Err(error) => Err(error),
+        };
+        match ready {
+            Ok(pidfd) => {
+                self.watch(record, pidfd, cgroup);
+                Ok(())
+            }
+            Err(error) => {
+                kill_and_reap(init.pid).await;
+                self.clean_after_exit_async(&id).await;
+                record.init = None;
+                let _ = self.write_record(&id, &record);
+                Err(error)
+            }
         }
-        self.watch(record, init, pidfd, cgroup);
-        Ok(())
     }
 
     /// Registers a running sandbox and starts its monitor task.
-    fn watch(&self, record: SandboxRecord, init: InitProcess, pidfd: PidFd, cgroup: SandboxCgroup) {
+    fn watch(&self, record: SandboxRecord, pidfd: PidFd, cgroup: SandboxCgroup) {
         let id = record.spec.id.clone();
         let (exited_sender, exited) = watch::channel(false);
+        let pidfd = Arc::new(pidfd);
         let live = Arc::new(Live {
             record,
-            init,
+            pidfd: pidfd.clone(),
             stopping: AtomicBool::new(false),
             exited,
         });
@@ -386,22 +399,22 @@ impl LocalRunner {
         let Some(live) = live else { return Ok(false) };
         live.stopping.store(true, Ordering::SeqCst);
         // Killing PID 1 of the sandbox's PID namespace makes the kernel kill every process in it.
-        // SAFETY: sending a signal has no memory-safety preconditions.
-        unsafe {
-            libc::kill(live.init.pid, libc::SIGKILL);
-        }
+        live.pidfd.kill();
         let mut exited = live.exited.clone();
         let waited = tokio::time::timeout(STOP_TIMEOUT, exited.wait_for(|done| *done))
             .await
             .is_ok();
-        if !waited {
-            tracing::error!(sandbox = %id, pid = live.init.pid, "the init did not exit after SIGKILL");
+        // Whatever is left in the cgroup is killed too, then the cgroup and socket go.
+        self.clean_after_exit_async(id).await;
+        if !waited && self.inner.cgroups.existing(id).exists() {
+            return Err(RunnerError::Boot {
+                sandbox_id: id.to_string(),
+                message: format!(
+                    "the sandbox's processes did not exit within {} s of SIGKILL",
+                    STOP_TIMEOUT.as_secs()
+                ),
+            });
         }
-        let runner = self.clone();
-        let cleanup_id = id.to_string();
-        tokio::task::spawn_blocking(move || runner.clean_after_exit(&cleanup_id))
-            .await
-            .expect("cleanup does not panic");
         let mut record = live.record.clone();
         record.init = None;
         self.write_record(id, &record)?;

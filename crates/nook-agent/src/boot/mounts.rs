@@ -109,7 +109,8 @@ pub fn mount_overlay(spec: &BootSpec) -> Result<(), BootError> {
         Some("overlay"),
         &spec.rootfs_dir,
         Some("overlay"),
-        MsFlags::empty(),
+        // Device nodes in image layers or the writable layer never open a host device.
+        MsFlags::MS_NODEV,
         Some(options.data.as_str()),
     )
     .step(step)

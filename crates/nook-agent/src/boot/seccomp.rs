@@ -166,6 +166,26 @@ pub const RULES: &[Rule] = &[
         when: When::Always,
         errno: libc::ENOSYS,
     },
+    // io_uring bypasses this filter (its operations are not system calls) and has been a repeated source of kernel
+    // escapes; Docker and containerd refuse it too. ENOSYS makes programs fall back to ordinary I/O.
+    Rule {
+        name: "io_uring_setup",
+        nr: libc::SYS_io_uring_setup as u32,
+        when: When::Always,
+        errno: libc::ENOSYS,
+    },
+    Rule {
+        name: "io_uring_enter",
+        nr: libc::SYS_io_uring_enter as u32,
+        when: When::Always,
+        errno: libc::ENOSYS,
+    },
+    Rule {
+        name: "io_uring_register",
+        nr: libc::SYS_io_uring_register as u32,
+        when: When::Always,
+        errno: libc::ENOSYS,
+    },
     Rule {
         name: "personality",
         nr: libc::SYS_personality as u32,
@@ -370,6 +390,9 @@ mod tests {
             "unshare",
             "clone",
             "clone3",
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
             "personality",
         ];
         for name in listed {

@@ -19,6 +19,9 @@ pub enum StoreError {
     /// No row matched.
     #[error("no such record")]
     NotFound,
+    /// The record is not in a state the change may start from (another request changed it first).
+    #[error("the sandbox is {0}, which this change cannot start from")]
+    WrongState(SandboxState),
     /// The database failed.
     #[error("the database failed")]
     Database(#[from] rusqlite::Error),
@@ -38,9 +41,12 @@ pub struct ApiKeyRecord {
     pub created_at: DateTime<Utc>,
 }
 
-/// A state change to record.
+/// A state change to record. It applies only if the sandbox is in one of `from` (compare-and-set), so that two
+/// requests racing on one sandbox cannot overwrite each other's outcome.
 #[derive(Debug, Clone)]
 pub struct Transition {
+    /// States the change may start from.
+    pub from: &'static [SandboxState],
     /// New state.
     pub to: SandboxState,
     /// Why.

@@ -252,6 +252,9 @@ impl Store for SqliteStore {
         self.with(|connection| {
             let transaction = connection.transaction()?;
             let current = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            if !transition.from.contains(&current.state) {
+                return Err(StoreError::WrongState(current.state));
+            }
             let now = now_text();
             transaction.execute(
                 "UPDATE sandboxes SET state = ?2, state_reason = ?3, state_message = ?4, updated_at = ?5 \
@@ -430,6 +433,7 @@ mod tests {
             .transition(
                 "sb-1",
                 Transition {
+                    from: &[SandboxState::Creating],
                     to: SandboxState::Running,
                     reason: StateReason::Requested,
                     message: "up".into(),
@@ -450,6 +454,28 @@ mod tests {
         store.delete_sandbox("sb-1").await.unwrap();
         assert!(store.sandbox("sb-1").await.unwrap().is_none());
         assert!(store.events("sb-1").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn transitions_only_apply_from_the_expected_states() {
+        let store = SqliteStore::in_memory().unwrap();
+        store.insert_sandbox(&sandbox("sb-1", "one")).await.unwrap();
+        let from_stopped = Transition {
+            from: &[SandboxState::Stopped],
+            to: SandboxState::Running,
+            reason: StateReason::Requested,
+            message: "start".into(),
+        };
+        let error = store.transition("sb-1", from_stopped).await.unwrap_err();
+        assert!(
+            matches!(error, StoreError::WrongState(SandboxState::Creating)),
+            "{error}"
+        );
+        assert_eq!(
+            store.events("sb-1").await.unwrap().len(),
+            1,
+            "a refused transition recorded an event"
+        );
     }
 
     #[tokio::test]
