@@ -44,6 +44,12 @@ pub enum FrameKind {
     Error = 14,
     /// Agent → client: JSON [`Pong`], the answer to a ping, final.
     Pong = 15,
+    /// Agent → client: a JSON answer to a request that is not a stream ([`Spawned`], a process list, `{}`), final.
+    Reply = 16,
+    /// Agent → client: JSON [`Attached`], the first frame of an attach: where the output replay starts.
+    Attached = 17,
+    /// Agent → client: JSON [`End`], an attach without `follow` caught up with the output so far, final.
+    End = 18,
 }
 
 impl FrameKind {
@@ -59,6 +65,9 @@ impl FrameKind {
             13 => Self::Exit,
             14 => Self::Error,
             15 => Self::Pong,
+            16 => Self::Reply,
+            17 => Self::Attached,
+            18 => Self::End,
             _ => return None,
         })
     }
@@ -167,8 +176,127 @@ pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
 pub enum Request {
     /// Is the agent alive? Answered with [`Pong`].
     Ping,
-    /// Start a process and stream it.
+    /// Start a process and stream it; the process is killed if the connection closes first.
     Exec(ExecSpec),
+    /// Start a background process that outlives the connection; answered with [`Spawned`] at once.
+    Spawn(ExecSpec),
+    /// Stream a background process's output from `offset` (replayed from the agent's bounded buffer), then, with
+    /// `follow`, live output and exactly one [`Exit`]; without `follow`, an [`End`] once caught up (or the [`Exit`] if
+    /// the process has ended and everything was sent).
+    Attach {
+        /// Process id inside the sandbox.
+        pid: u32,
+        /// Byte offset in the process's combined output (stdout and stderr in the order written).
+        offset: u64,
+        /// Keep streaming until the process exits.
+        follow: bool,
+    },
+    /// Wait for a background process to end; answered with its [`Exit`].
+    Wait {
+        /// Process id inside the sandbox.
+        pid: u32,
+    },
+    /// Write to a background process's standard input, optionally closing it after; answered with `{}`.
+    Input {
+        /// Process id inside the sandbox.
+        pid: u32,
+        /// Bytes to write (at most [`MAX_FRAME_LEN`] after encoding; send more in several requests).
+        #[serde(with = "bytes_as_base64")]
+        data: Vec<u8>,
+        /// Close standard input after writing.
+        close: bool,
+    },
+    /// Send a signal to a background process; answered with `{}`.
+    Signal {
+        /// Process id inside the sandbox.
+        pid: u32,
+        /// Signal number.
+        signal: i32,
+    },
+    /// List the background processes the agent knows (running, and recently ended); answered with a
+    /// `Vec<ProcessInfo>`.
+    List,
+}
+
+/// Payload of [`FrameKind::Reply`] for [`Request::Spawn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spawned {
+    /// Process id inside the sandbox.
+    pub pid: u32,
+}
+
+/// Payload of [`FrameKind::Attached`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    /// Offset of the first byte that follows (later than the requested one when output was dropped).
+    pub offset: u64,
+    /// Bytes between the requested offset and `offset` that the bounded buffer no longer holds.
+    pub missed: u64,
+}
+
+/// Payload of [`FrameKind::End`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct End {
+    /// Offset just past the last byte sent.
+    pub offset: u64,
+}
+
+/// A background process as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Process id inside the sandbox.
+    pub pid: u32,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Milliseconds since the Unix epoch when it started.
+    pub started_at_ms: u64,
+    /// Total bytes of output written so far.
+    pub output_bytes: u64,
+    /// How it ended, once it has.
+    pub exit: Option<Exit>,
+}
+
+/// JSON encoding of byte strings as standard padded base64.
+mod bytes_as_base64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for (index, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+                if index <= chunk.len() {
+                    text.push(ALPHABET[((n >> shift) & 63) as usize] as char);
+                } else {
+                    text.push('=');
+                }
+            }
+        }
+        serializer.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let value = |c: u8| ALPHABET.iter().position(|a| *a == c).map(|v| v as u32);
+        let trimmed = text.trim_end_matches('=');
+        let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+        let mut acc = 0u32;
+        let mut bits = 0;
+        for c in trimmed.bytes() {
+            let v = value(c).ok_or_else(|| serde::de::Error::custom("invalid base64"))?;
+            acc = (acc << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A process to start.
@@ -247,6 +375,32 @@ mod tests {
         let second = read_frame(&mut reader).await.unwrap().unwrap();
         assert_eq!(second.parse::<Request>().unwrap(), Request::Ping);
         assert!(read_frame(&mut reader).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn input_bytes_round_trip_as_base64() {
+        for data in [
+            b"".to_vec(),
+            b"a".to_vec(),
+            b"ab".to_vec(),
+            b"abc".to_vec(),
+            (0..=255).collect::<Vec<u8>>(),
+        ] {
+            let request = Request::Input {
+                pid: 7,
+                data: data.clone(),
+                close: true,
+            };
+            let json = serde_json::to_string(&request).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request, "{json}");
+        }
+        let json = serde_json::to_string(&Request::Input {
+            pid: 1,
+            data: b"hi!".to_vec(),
+            close: false,
+        })
+        .unwrap();
+        assert!(json.contains("\"aGkh\""), "{json}");
     }
 
     #[tokio::test]

@@ -22,13 +22,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use nook_agent_proto::{
-    boot::LISTEN_FD, read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FrameKind, Pong, Request,
-    SignalRequest, Started, PROTOCOL_VERSION,
+    boot::LISTEN_FD, read_frame, write_frame, write_json, AgentError, Attached, End, ExecSpec, Exit, FrameKind, Pong,
+    Request, SignalRequest, Spawned, Started, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::processes::{Registry, Stream};
 use crate::users;
 
 /// How long output is still collected after the process exited, for descendants that keep its pipes open.
@@ -91,6 +92,7 @@ async fn serve() -> std::io::Result<()> {
     let listener = UnixListener::from_std(listener)?;
 
     let table = Arc::new(ProcessTable::default());
+    let registry = Arc::new(Registry::default());
     let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     let reaper_table = table.clone();
     tokio::spawn(async move {
@@ -110,8 +112,9 @@ async fn serve() -> std::io::Result<()> {
             }
         };
         let table = table.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, table).await {
+            if let Err(error) = handle(stream, table, registry).await {
                 eprintln!("nook-agent: connection failed: {error}");
             }
         });
@@ -128,7 +131,11 @@ fn set_cloexec(fd: i32) {
     }
 }
 
-async fn handle(stream: UnixStream, table: Arc<ProcessTable>) -> Result<(), nook_agent_proto::ProtocolError> {
+async fn handle(
+    stream: UnixStream,
+    table: Arc<ProcessTable>,
+    registry: Arc<Registry>,
+) -> Result<(), nook_agent_proto::ProtocolError> {
     let (mut reader, mut writer) = stream.into_split();
     let Some(first) = read_frame(&mut reader).await? else {
         return Ok(());
@@ -148,6 +155,194 @@ async fn handle(stream: UnixStream, table: Arc<ProcessTable>) -> Result<(), nook
             .await
         }
         Request::Exec(spec) => exec(spec, reader, writer, table).await,
+        Request::Spawn(spec) => spawn_background(spec, writer, table, registry).await,
+        Request::Attach { pid, offset, follow } => attach(&registry, pid, offset, follow, reader, writer).await,
+        Request::Wait { pid } => wait(&registry, pid, reader, writer).await,
+        Request::Input { pid, data, close } => input(&registry, pid, data, close, writer).await,
+        Request::Signal { pid, signal } => {
+            let Some(process) = registry.get(pid) else {
+                return no_such_process(&mut writer, pid).await;
+            };
+            // An ended process's pid may belong to another process by now: never signal it.
+            if !process.exited() {
+                if let Ok(signal) = Signal::try_from(signal) {
+                    let _ = kill(Pid::from_raw(pid as i32), signal);
+                }
+            }
+            write_json(&mut writer, FrameKind::Reply, &serde_json::json!({})).await
+        }
+        Request::List => write_json(&mut writer, FrameKind::Reply, &registry.list()).await,
+    }
+}
+
+async fn no_such_process(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    pid: u32,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    send_error(
+        writer,
+        "no_such_process",
+        format!("no background process with pid {pid} in this sandbox"),
+    )
+    .await
+}
+
+/// Starts a process owned by the registry (not by this connection) and answers with its pid.
+async fn spawn_background(
+    spec: ExecSpec,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    table: Arc<ProcessTable>,
+    registry: Arc<Registry>,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    let mut prepared = match prepare(&spec) {
+        Ok(prepared) => prepared,
+        Err((code, message)) => return send_error(&mut writer, code, message).await,
+    };
+    let started = Instant::now();
+    let (mut child, exit) = match start(&mut prepared, &table, &spec.argv[0]) {
+        Ok(started) => started,
+        Err(message) => return send_error(&mut writer, "spawn_failed", message).await,
+    };
+    let process = registry.adopt(&mut child, spec.argv.clone(), exit, started);
+    write_json(&mut writer, FrameKind::Reply, &Spawned { pid: process.pid }).await
+}
+
+/// Streams a background process's output from `offset`; see [`Request::Attach`].
+async fn attach(
+    registry: &Registry,
+    pid: u32,
+    offset: u64,
+    follow: bool,
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    let Some(process) = registry.get(pid) else {
+        return no_such_process(&mut writer, pid).await;
+    };
+    let mut changes = process.subscribe();
+    let mut offset = offset;
+    let mut first = true;
+    loop {
+        // Mark the current version seen before reading, so a change after the read wakes us.
+        changes.borrow_and_update();
+        let (chunks, served, missed, exit) = {
+            let state = process.state.lock().expect("process state lock");
+            let (chunks, served, missed) = state.log.read_from(offset);
+            (chunks, served, missed, state.exit)
+        };
+        if first {
+            write_json(&mut writer, FrameKind::Attached, &Attached { offset: served, missed }).await?;
+            first = false;
+        }
+        offset = served;
+        for (stream, bytes) in chunks {
+            let kind = match stream {
+                Stream::Stdout => FrameKind::Stdout,
+                Stream::Stderr => FrameKind::Stderr,
+            };
+            for piece in bytes.chunks(nook_agent_proto::MAX_FRAME_LEN) {
+                write_frame(&mut writer, kind, piece).await?;
+            }
+            offset += bytes.len() as u64;
+        }
+        if let Some(exit) = exit {
+            return write_json(&mut writer, FrameKind::Exit, &exit).await;
+        }
+        if !follow {
+            return write_json(&mut writer, FrameKind::End, &End { offset }).await;
+        }
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return Ok(()) },
+            // The client never sends after an attach: any readiness means it left.
+            _ = reader.read(&mut probe) => return Ok(()),
+        }
+    }
+}
+
+/// Answers with the process's exit once it has one.
+async fn wait(
+    registry: &Registry,
+    pid: u32,
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    let Some(process) = registry.get(pid) else {
+        return no_such_process(&mut writer, pid).await;
+    };
+    let mut changes = process.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let exit = process.state.lock().expect("process state lock").exit;
+        if let Some(exit) = exit {
+            return write_json(&mut writer, FrameKind::Exit, &exit).await;
+        }
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return Ok(()) },
+            _ = reader.read(&mut probe) => return Ok(()),
+        }
+    }
+}
+
+/// Writes to a background process's standard input.
+async fn input(
+    registry: &Registry,
+    pid: u32,
+    data: Vec<u8>,
+    close: bool,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    let Some(process) = registry.get(pid) else {
+        return no_such_process(&mut writer, pid).await;
+    };
+    let mut stdin = process.stdin.lock().await;
+    let Some(pipe) = stdin.as_mut() else {
+        return send_error(
+            &mut writer,
+            "stdin_closed",
+            format!("process {pid} has no open standard input"),
+        )
+        .await;
+    };
+    if !data.is_empty() {
+        if let Err(error) = pipe.write_all(&data).await {
+            *stdin = None;
+            return send_error(
+                &mut writer,
+                "stdin_closed",
+                format!("writing to process {pid} failed: {error}"),
+            )
+            .await;
+        }
+    }
+    if close {
+        *stdin = None;
+    }
+    drop(stdin);
+    write_json(&mut writer, FrameKind::Reply, &serde_json::json!({})).await
+}
+
+/// Forks and execs a prepared command with the reaper's table locked, so its exit status is never lost.
+fn start(
+    prepared: &mut Prepared,
+    table: &ProcessTable,
+    program: &str,
+) -> Result<(std::process::Child, oneshot::Receiver<WaitStatus>), String> {
+    let (exit_sender, exit_receiver) = oneshot::channel();
+    let spawned = {
+        let mut waiting = table.waiting.lock().expect("process table lock");
+        prepared.command.spawn().inspect(|child| {
+            waiting.insert(child.id() as i32, exit_sender);
+        })
+    };
+    match spawned {
+        Ok(child) => Ok((child, exit_receiver)),
+        Err(error) => Err(match error.kind() {
+            std::io::ErrorKind::NotFound => format!("{program:?} was not found in the sandbox"),
+            std::io::ErrorKind::PermissionDenied => format!("{program:?} is not executable: {error}"),
+            _ => format!("starting {program:?} failed: {error}"),
+        }),
     }
 }
 
@@ -263,25 +458,9 @@ async fn exec(
     };
 
     let started_at = Instant::now();
-    let (exit_sender, mut exit_receiver) = oneshot::channel();
-    let spawned = {
-        // Holding the table lock across the fork means the reaper cannot reap this child before it is registered.
-        let mut waiting = table.waiting.lock().expect("process table lock");
-        prepared.command.spawn().inspect(|child| {
-            waiting.insert(child.id() as i32, exit_sender);
-        })
-    };
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(error) => {
-            let program = &spec.argv[0];
-            let message = match error.kind() {
-                std::io::ErrorKind::NotFound => format!("{program:?} was not found in the sandbox"),
-                std::io::ErrorKind::PermissionDenied => format!("{program:?} is not executable: {error}"),
-                _ => format!("starting {program:?} failed: {error}"),
-            };
-            return send_error(&mut writer, "spawn_failed", message).await;
-        }
+    let (mut child, mut exit_receiver) = match start(&mut prepared, &table, &spec.argv[0]) {
+        Ok(started) => started,
+        Err(message) => return send_error(&mut writer, "spawn_failed", message).await,
     };
     let pid = child.id() as i32;
     // From here on, any way out of this function that did not see the exit kills the process group.

@@ -311,12 +311,33 @@ pub enum ExecEvent {
     Stdout {
         /// Base64 (standard alphabet, padded) of the raw bytes.
         data: String,
+        /// For background processes: offset of this chunk's first byte in the combined output.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     /// A chunk of standard error, base64-encoded.
     Stderr {
         /// Base64 (standard alphabet, padded) of the raw bytes.
         data: String,
+        /// For background processes: offset of this chunk's first byte in the combined output.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
+    /// First line of a background process's output stream: replay starts at `offset`; `missed` bytes before it
+    /// were dropped from the bounded buffer.
+    Attached {
+        /// Offset of the next byte.
+        offset: u64,
+        /// Bytes requested but no longer held.
+        missed: u64,
+    },
+    /// Without `follow`: the stream caught up with the output so far (final). Reattach from `offset`.
+    End {
+        /// Offset just past the last byte sent.
+        offset: u64,
+    },
+    /// Sent every 15 s while nothing else is, so that idle streams are never cut by proxies or timeouts.
+    Keepalive,
     /// The process ended.
     Exit {
         /// How it ended.
@@ -332,6 +353,38 @@ pub enum ExecEvent {
         /// What went wrong.
         message: String,
     },
+}
+
+/// A background process in a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProcessInfo {
+    /// Process id inside the sandbox.
+    pub pid: u32,
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Bytes of output (stdout and stderr together) written so far; the offset a follower would reach.
+    pub output_bytes: u64,
+    /// Whether it is still running.
+    pub running: bool,
+    /// How it ended, once it has.
+    pub exit: Option<ExitStatus>,
+}
+
+/// Response of `GET /v1/sandboxes/{sandbox}/processes`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessList {
+    /// Running and recently ended background processes, by pid.
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/processes/{pid}/signal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// Signal number (e.g. 15 for SIGTERM, 9 for SIGKILL, 2 for SIGINT).
+    pub signal: i32,
 }
 
 /// Configuration carried by an image and applied to every process in sandboxes made from it.

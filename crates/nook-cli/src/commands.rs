@@ -100,7 +100,50 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             }
             Ok(0)
         }
+        Command::Exec(args) if args.detach => {
+            let request = exec_request(&args)?;
+            let process = client.start_process(&args.sandbox, &request).await?;
+            println!("{}", process.pid);
+            Ok(0)
+        }
         Command::Exec(args) => exec(client, args).await,
+        Command::Ps(args) => {
+            let processes = client.processes(&args.sandbox).await?;
+            if args.json {
+                print_json(&processes)?;
+            } else {
+                let rows: Vec<Vec<String>> = processes
+                    .iter()
+                    .map(|process| {
+                        let status = match &process.exit {
+                            None => "running".to_string(),
+                            Some(exit) => match (exit.exit_code, exit.signal) {
+                                (Some(code), _) => format!("exited {code}"),
+                                (None, Some(signal)) => format!("killed by signal {signal}"),
+                                (None, None) => "ended".to_string(),
+                            },
+                        };
+                        vec![
+                            process.pid.to_string(),
+                            status,
+                            table::bytes(process.output_bytes),
+                            table::age(process.started_at),
+                            process.command.join(" "),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table::render(&["PID", "STATUS", "OUTPUT", "STARTED", "COMMAND"], &rows)
+                );
+            }
+            Ok(0)
+        }
+        Command::Logs(args) => logs(client, args).await,
+        Command::Kill(args) => {
+            client.signal_process(&args.sandbox, args.pid, args.signal).await?;
+            Ok(0)
+        }
         Command::Stop(args) => {
             each(args.sandboxes, args.json, |key| async move {
                 client.stop_sandbox(&key).await
@@ -159,15 +202,83 @@ where
     Ok(u8::from(failed))
 }
 
-async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
-    let request = ExecRequest {
-        command: args.command,
-        env: pairs(args.env),
-        cwd: args.cwd,
-        user: args.user,
+fn exec_request(args: &crate::ExecArgs) -> anyhow::Result<ExecRequest> {
+    Ok(ExecRequest {
+        command: args.command.clone(),
+        env: pairs(args.env.clone()),
+        cwd: args.cwd.clone(),
+        user: args.user.clone(),
         timeout_ms: args.timeout.map(|seconds| (seconds * 1000.0).ceil().max(1.0) as u64),
         ..ExecRequest::default()
+    })
+}
+
+/// Prints a background process's output; with `-f`, reconnects after a dropped connection from the last offset
+/// seen, so nothing is lost or repeated, and exits with the process's exit code.
+async fn logs(client: &Client, args: crate::LogsArgs) -> anyhow::Result<u8> {
+    let mut offset = 0u64;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let decode = |data: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .context("corrupt output chunk")
     };
+    let mut retries = 0;
+    loop {
+        let mut events = client
+            .process_output(&args.sandbox, args.pid, offset, args.follow)
+            .await?;
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(error) if args.follow && retries < 5 => {
+                    retries += 1;
+                    eprintln!("nook: the output stream broke ({error}); reconnecting from offset {offset}");
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            match event {
+                ExecEvent::Attached { offset: start, missed } => {
+                    if missed > 0 {
+                        eprintln!("nook: {missed} bytes of earlier output are no longer buffered");
+                    }
+                    offset = start;
+                }
+                ExecEvent::Stdout { data, .. } => {
+                    let bytes = decode(&data)?;
+                    offset += bytes.len() as u64;
+                    stdout.write_all(&bytes)?;
+                    stdout.flush()?;
+                }
+                ExecEvent::Stderr { data, .. } => {
+                    let bytes = decode(&data)?;
+                    offset += bytes.len() as u64;
+                    stderr.write_all(&bytes)?;
+                    stderr.flush()?;
+                }
+                ExecEvent::Exit { status, .. } => {
+                    return Ok(match (status.exit_code, status.signal) {
+                        (Some(code), _) if args.follow => code.clamp(0, 255) as u8,
+                        (None, Some(signal)) if args.follow => (128 + signal).clamp(0, 255) as u8,
+                        _ => 0,
+                    })
+                }
+                ExecEvent::End { .. } => return Ok(0),
+                ExecEvent::Error { message, .. } => bail!("{message}"),
+                ExecEvent::Started { .. } | ExecEvent::Keepalive => {}
+            }
+        }
+        retries += 1;
+        if retries > 5 {
+            bail!("the output stream keeps ending before the process does");
+        }
+    }
+}
+
+async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
+    let request = exec_request(&args)?;
     let mut events = client.exec_stream(&args.sandbox, &request).await?;
     let decode = |data: &str| {
         base64::engine::general_purpose::STANDARD
@@ -178,12 +289,12 @@ async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
     let mut stderr = std::io::stderr();
     while let Some(event) = events.next().await {
         match event? {
-            ExecEvent::Started { .. } => {}
-            ExecEvent::Stdout { data } => {
+            ExecEvent::Started { .. } | ExecEvent::Keepalive | ExecEvent::Attached { .. } | ExecEvent::End { .. } => {}
+            ExecEvent::Stdout { data, .. } => {
                 stdout.write_all(&decode(&data)?)?;
                 stdout.flush()?;
             }
-            ExecEvent::Stderr { data } => {
+            ExecEvent::Stderr { data, .. } => {
                 stderr.write_all(&decode(&data)?)?;
                 stderr.flush()?;
             }

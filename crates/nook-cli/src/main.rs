@@ -46,6 +46,12 @@ enum Command {
     Rm(TargetsArgs),
     /// Show a sandbox's state changes and events.
     Events(InspectArgs),
+    /// List a sandbox's background processes (started with `nook exec -d`).
+    Ps(InspectArgs),
+    /// Show a background process's output (replayed from its buffer); `-f` follows it until it exits.
+    Logs(LogsArgs),
+    /// Send a signal to a background process.
+    Kill(KillArgs),
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -120,11 +126,36 @@ struct ExecArgs {
     /// Kill the command after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// Run in the background: print the pid and return; the process outlives this command.
+    #[arg(long, short = 'd')]
+    detach: bool,
     /// Sandbox id or name.
     sandbox: String,
     /// The command and its arguments (after `--`).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct LogsArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Process id inside the sandbox.
+    pid: u32,
+    /// Keep following the output until the process exits.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct KillArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Process id inside the sandbox.
+    pid: u32,
+    /// Signal number.
+    #[arg(long, short, default_value_t = 15)]
+    signal: i32,
 }
 
 #[derive(Debug, clap::Args)]

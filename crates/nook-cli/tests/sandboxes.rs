@@ -177,7 +177,7 @@ async fn exec_stream_delivers_chunks_then_exactly_one_exit() {
     let stdout: String = seen
         .iter()
         .filter_map(|e| {
-            if let ExecEvent::Stdout { data } = e {
+            if let ExecEvent::Stdout { data, .. } = e {
                 Some(decode(data))
             } else {
                 None
@@ -187,7 +187,7 @@ async fn exec_stream_delivers_chunks_then_exactly_one_exit() {
     let stderr: String = seen
         .iter()
         .filter_map(|e| {
-            if let ExecEvent::Stderr { data } = e {
+            if let ExecEvent::Stderr { data, .. } = e {
                 Some(decode(data))
             } else {
                 None

@@ -9,8 +9,8 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use nook_api::{
-    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, Health, Image, ImageList, Sandbox,
-    SandboxEvent, SandboxEventList, SandboxList, SandboxState,
+    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, Health, Image, ImageList,
+    ProcessInfo, ProcessList, Sandbox, SandboxEvent, SandboxEventList, SandboxList, SandboxState, SignalRequest,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -226,6 +226,11 @@ impl Client {
                     .json(request),
             )
             .await?;
+        Ok(self.ndjson(response))
+    }
+
+    /// Parses an NDJSON body into events as lines arrive.
+    fn ndjson(&self, response: reqwest::Response) -> ExecEvents {
         let url = self.base.to_string();
         let bytes = response.bytes_stream();
         let lines = futures::stream::unfold(
@@ -258,7 +263,82 @@ impl Client {
                 }
             },
         );
-        Ok(Box::pin(lines))
+        Box::pin(lines)
+    }
+
+    /// Starts a background process that outlives this call.
+    pub async fn start_process(&self, key: &str, request: &ExecRequest) -> Result<ProcessInfo, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "processes"]))
+                .json(request),
+        )
+        .await
+    }
+
+    /// A sandbox's background processes.
+    pub async fn processes(&self, key: &str) -> Result<Vec<ProcessInfo>, ClientError> {
+        let list: ProcessList = self
+            .json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "processes"])))
+            .await?;
+        Ok(list.processes)
+    }
+
+    /// One background process.
+    pub async fn process(&self, key: &str, pid: u32) -> Result<ProcessInfo, ClientError> {
+        let pid = pid.to_string();
+        self.json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "processes", &pid])))
+            .await
+    }
+
+    /// A background process's output from `offset` (0 for all that is still buffered); with `follow`, live until
+    /// it exits. Reconnect with the offset after the last byte received to continue without loss or repetition.
+    pub async fn process_output(
+        &self,
+        key: &str,
+        pid: u32,
+        offset: u64,
+        follow: bool,
+    ) -> Result<ExecEvents, ClientError> {
+        let pid = pid.to_string();
+        let mut url = self.url_for(&["v1", "sandboxes", key, "processes", &pid, "output"]);
+        url.query_pairs_mut()
+            .append_pair("offset", &offset.to_string())
+            .append_pair("follow", &follow.to_string());
+        let response = self.send(self.request(Method::GET, url)).await?;
+        Ok(self.ndjson(response))
+    }
+
+    /// Waits until a background process ends.
+    pub async fn wait_process(&self, key: &str, pid: u32) -> Result<ExitStatus, ClientError> {
+        let pid = pid.to_string();
+        self.json(self.request(
+            Method::POST,
+            self.url_for(&["v1", "sandboxes", key, "processes", &pid, "wait"]),
+        ))
+        .await
+    }
+
+    /// Writes bytes to a background process's standard input, closing it after when `close`.
+    pub async fn process_stdin(&self, key: &str, pid: u32, data: Vec<u8>, close: bool) -> Result<(), ClientError> {
+        let pid = pid.to_string();
+        let mut url = self.url_for(&["v1", "sandboxes", key, "processes", &pid, "stdin"]);
+        url.query_pairs_mut().append_pair("close", &close.to_string());
+        self.send(
+            self.request(Method::POST, url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(data),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sends a signal to a background process.
+    pub async fn signal_process(&self, key: &str, pid: u32, signal: i32) -> Result<(), ClientError> {
+        let pid = pid.to_string();
+        let url = self.url_for(&["v1", "sandboxes", key, "processes", &pid, "signal"]);
+        self.send(self.request(Method::POST, url).json(&SignalRequest { signal }))
+            .await?;
+        Ok(())
     }
 
     /// All images.

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use chrono::Utc;
 use nook_api::limits::*;
 use nook_api::names::{check_env_name, check_image_name, check_label_key, check_sandbox_name, is_sandbox_id};
-use nook_api::{CreateSandboxRequest, ExecRequest, Isolation, Resources, Sandbox, SandboxState, StateReason};
-use nook_runner::{ExecInput, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
+use nook_api::{
+    CreateSandboxRequest, ExecRequest, ExitStatus, Isolation, ProcessInfo, Resources, Sandbox, SandboxState,
+    StateReason,
+};
+use nook_runner::{ExecInput, ExecOptions, ExecOutput, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
 use crate::error::ApiFailure;
 use crate::ids;
@@ -274,6 +277,119 @@ impl Control {
         Ok(stream)
     }
 
+    /// The sandbox if it is running (processes exist only in running sandboxes).
+    async fn running(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        if sandbox.state != SandboxState::Running {
+            return Err(ApiFailure::new(
+                axum::http::StatusCode::CONFLICT,
+                "not_running",
+                format!(
+                    "sandbox {} is {}; start it before running commands",
+                    sandbox.name, sandbox.state
+                ),
+            ));
+        }
+        Ok(sandbox)
+    }
+
+    /// Starts a background process; `stdin` text, if any, is written and the pipe stays open for more.
+    pub async fn spawn(&self, key: &str, request: ExecRequest) -> Result<ProcessInfo, ApiFailure> {
+        let mut options = check_exec(&request)?;
+        if options.timeout_ms.is_some() {
+            return Err(ApiFailure::invalid(
+                "timeout_ms applies to exec; signal a background process to end it",
+            ));
+        }
+        options.stdin = true;
+        let sandbox = self.running(key).await?;
+        let command = options.argv.clone();
+        let pid = self.runner.spawn(&sandbox.id, options).await?;
+        if let Some(stdin) = request.stdin {
+            self.runner.input(&sandbox.id, pid, stdin.into_bytes(), false).await?;
+        }
+        Ok(ProcessInfo {
+            pid,
+            command,
+            started_at: Utc::now(),
+            output_bytes: 0,
+            running: true,
+            exit: None,
+        })
+    }
+
+    /// The sandbox's background processes.
+    pub async fn processes(&self, key: &str) -> Result<Vec<ProcessInfo>, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        let processes = self.runner.processes(&sandbox.id).await?;
+        Ok(processes
+            .into_iter()
+            .map(|process| ProcessInfo {
+                pid: process.pid,
+                command: process.argv,
+                started_at: chrono::DateTime::from_timestamp_millis(process.started_at_ms as i64).unwrap_or_default(),
+                output_bytes: process.output_bytes,
+                running: process.exit.is_none(),
+                exit: process.exit.map(exit_status),
+            })
+            .collect())
+    }
+
+    /// Streams a background process's output from `offset`.
+    pub async fn attach(&self, key: &str, pid: u32, offset: u64, follow: bool) -> Result<ExecStream, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        let mut stream = self.runner.attach(&sandbox.id, pid, offset, follow).await?;
+        // An unknown pid is answered with an error as the first item: turn it into an HTTP error.
+        match stream.events.recv().await {
+            Some(ExecOutput::Error { code, message }) => Err(process_failure(code, message)),
+            Some(first) => {
+                let (sender, events) = tokio::sync::mpsc::channel(64);
+                let _ = sender.try_send(first);
+                let input = stream.input.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = stream.events.recv().await {
+                        if sender.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(nook_runner::exec_stream(events, input))
+            }
+            None => Err(process_failure(
+                "agent_disconnected".into(),
+                "the agent closed the stream".into(),
+            )),
+        }
+    }
+
+    /// Waits until a background process ends.
+    pub async fn wait(&self, key: &str, pid: u32) -> Result<ExitStatus, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        Ok(exit_status(self.runner.wait(&sandbox.id, pid).await?))
+    }
+
+    /// Writes to a background process's standard input.
+    pub async fn input(&self, key: &str, pid: u32, data: Vec<u8>, close: bool) -> Result<(), ApiFailure> {
+        if data.len() > MAX_EXEC_STDIN {
+            return Err(ApiFailure::invalid(format!(
+                "send at most {MAX_EXEC_STDIN} bytes of input per request"
+            )));
+        }
+        let sandbox = self.running(key).await?;
+        Ok(self.runner.input(&sandbox.id, pid, data, close).await?)
+    }
+
+    /// Signals a background process.
+    pub async fn signal(&self, key: &str, pid: u32, signal: i32) -> Result<(), ApiFailure> {
+        if !(1..=64).contains(&signal) {
+            return Err(ApiFailure::invalid(format!(
+                "signal {signal} is not a signal number (1 to 64)"
+            )));
+        }
+        let sandbox = self.running(key).await?;
+        Ok(self.runner.signal(&sandbox.id, pid, signal).await?)
+    }
+
     /// Brings the store in line with what the runner runs (after a restart of the server, or when runner events
     /// were missed).
     pub async fn reconcile(&self) -> Result<(), ApiFailure> {
@@ -387,6 +503,29 @@ fn transition(from: &'static [SandboxState], to: SandboxState, reason: StateReas
         reason,
         message: message.to_string(),
     }
+}
+
+fn exit_status(exit: nook_agent_proto::Exit) -> ExitStatus {
+    ExitStatus {
+        exit_code: exit.code,
+        signal: exit.signal,
+        timed_out: exit.timed_out,
+    }
+}
+
+/// Maps the agent's refusal of a process operation to an HTTP error.
+pub fn process_failure(code: String, message: String) -> ApiFailure {
+    use axum::http::StatusCode;
+    let (status, code) = match code.as_str() {
+        "no_such_process" => (StatusCode::NOT_FOUND, "not_found"),
+        "stdin_closed" => (StatusCode::CONFLICT, "stdin_closed"),
+        "spawn_failed" => (StatusCode::BAD_REQUEST, "spawn_failed"),
+        "no_such_user" => (StatusCode::BAD_REQUEST, "no_such_user"),
+        "bad_cwd" => (StatusCode::BAD_REQUEST, "bad_cwd"),
+        "bad_request" => (StatusCode::BAD_REQUEST, "invalid_request"),
+        _ => (StatusCode::BAD_GATEWAY, "exec_failed"),
+    };
+    ApiFailure::new(status, code, message)
 }
 
 fn check_value(what: &str, key: &str, value: &str) -> Result<(), ApiFailure> {

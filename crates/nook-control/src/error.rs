@@ -118,6 +118,7 @@ impl From<RunnerError> for ApiFailure {
                 "image {name:?} does not exist; `nook image ls` lists the images"
             )),
             RunnerError::Image(nook_runner::images::ImageError::InvalidName(message)) => Self::invalid(message.clone()),
+            RunnerError::Process { code, message } => crate::control::process_failure(code.clone(), message.clone()),
             RunnerError::Boot { .. } | RunnerError::Agent { .. } => {
                 let failure = Self::new(StatusCode::INTERNAL_SERVER_ERROR, "boot_failed", chain(&error));
                 tracing::error!(message = %failure.message, "a sandbox failed to boot");

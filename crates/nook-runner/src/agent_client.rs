@@ -30,6 +30,18 @@ pub enum ExecOutput {
     Stderr(Vec<u8>),
     /// The process ended (final).
     Exit(Exit),
+    /// An attach starts replaying at `offset`; `missed` bytes before it were dropped from the bounded buffer.
+    Attached {
+        /// Offset of the next byte.
+        offset: u64,
+        /// Bytes no longer held.
+        missed: u64,
+    },
+    /// An attach without follow caught up at `offset` (final).
+    End {
+        /// Offset just past the last byte sent.
+        offset: u64,
+    },
     /// The process could not be started or its end could not be observed (final).
     Error {
         /// Stable code.
@@ -73,9 +85,14 @@ pub async fn ping(socket: &Path) -> Result<Pong, ProtocolError> {
 
 /// Starts a process through the agent.
 pub async fn exec(socket: &Path, spec: ExecSpec) -> Result<ExecStream, ProtocolError> {
+    stream(socket, &Request::Exec(spec)).await
+}
+
+/// Sends a request answered by a stream of output frames (exec, attach).
+pub async fn stream(socket: &Path, request: &Request) -> Result<ExecStream, ProtocolError> {
     let stream = UnixStream::connect(socket).await?;
     let (reader, mut writer) = stream.into_split();
-    write_json(&mut writer, FrameKind::Request, &Request::Exec(spec)).await?;
+    write_json(&mut writer, FrameKind::Request, request).await?;
     let (event_sender, events) = mpsc::channel(64);
     let (input, input_receiver) = mpsc::channel::<ExecInput>(64);
     // Reading and writing run side by side in one task and neither waits on the other, so input can flow while
@@ -159,6 +176,42 @@ async fn forward_input(mut writer: OwnedWriteHalf, mut input: mpsc::Receiver<Exe
     Some(writer)
 }
 
+/// The answer to a request that is not a stream.
+#[derive(Debug)]
+pub enum Answer<T> {
+    /// The agent did it.
+    Done(T),
+    /// The agent refused, with its code and message.
+    Refused {
+        /// Stable code such as `no_such_process`.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Sends a request and reads its single answer: a [`FrameKind::Reply`] or [`FrameKind::Exit`] payload as `T`, or
+/// the agent's refusal.
+pub async fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &Request,
+) -> Result<Answer<T>, ProtocolError> {
+    let mut stream = UnixStream::connect(socket).await?;
+    write_json(&mut stream, FrameKind::Request, request).await?;
+    match read_frame(&mut stream).await? {
+        Some(frame) if matches!(frame.kind, FrameKind::Reply | FrameKind::Exit) => Ok(Answer::Done(frame.parse()?)),
+        Some(frame) if frame.kind == FrameKind::Error => {
+            let error: AgentError = frame.parse()?;
+            Ok(Answer::Refused {
+                code: error.code,
+                message: error.message,
+            })
+        }
+        Some(frame) => Err(ProtocolError::Unexpected(frame.kind)),
+        None => Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    }
+}
+
 fn broken(error: &ProtocolError) -> ExecOutput {
     ExecOutput::Error {
         code: "agent_protocol".into(),
@@ -178,6 +231,22 @@ fn decode(frame: nook_agent_proto::Frame) -> Result<(ExecOutput, bool), Protocol
         FrameKind::Stdout => (ExecOutput::Stdout(frame.payload), false),
         FrameKind::Stderr => (ExecOutput::Stderr(frame.payload), false),
         FrameKind::Exit => (ExecOutput::Exit(frame.parse::<Exit>()?), true),
+        FrameKind::Attached => {
+            let attached: nook_agent_proto::Attached = frame.parse()?;
+            (
+                ExecOutput::Attached {
+                    offset: attached.offset,
+                    missed: attached.missed,
+                },
+                false,
+            )
+        }
+        FrameKind::End => (
+            ExecOutput::End {
+                offset: frame.parse::<nook_agent_proto::End>()?.offset,
+            },
+            true,
+        ),
         FrameKind::Error => {
             let error: AgentError = frame.parse()?;
             (

@@ -101,6 +101,14 @@ pub enum RunnerError {
         /// Which step failed and why.
         message: String,
     },
+    /// The agent refused a process operation (unknown pid, closed stdin, program not found...).
+    #[error("{message}")]
+    Process {
+        /// The agent's stable code: `no_such_process`, `stdin_closed`, `spawn_failed`, `no_such_user`, `bad_cwd`.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The sandbox's agent did not answer.
     #[error("the agent of sandbox {sandbox_id} did not answer")]
     Agent {
@@ -151,6 +159,18 @@ pub trait Runner: Send + Sync + 'static {
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError>;
     /// Runs a process in a running sandbox and streams it.
     async fn exec(&self, id: &str, options: ExecOptions) -> Result<ExecStream, RunnerError>;
+    /// Starts a background process that outlives any connection; returns its pid.
+    async fn spawn(&self, id: &str, options: ExecOptions) -> Result<u32, RunnerError>;
+    /// Streams a background process's output from `offset` (see `nook_agent_proto::Request::Attach`).
+    async fn attach(&self, id: &str, pid: u32, offset: u64, follow: bool) -> Result<ExecStream, RunnerError>;
+    /// Waits for a background process to end.
+    async fn wait(&self, id: &str, pid: u32) -> Result<nook_agent_proto::Exit, RunnerError>;
+    /// Writes to a background process's standard input (and closes it with `close`).
+    async fn input(&self, id: &str, pid: u32, data: Vec<u8>, close: bool) -> Result<(), RunnerError>;
+    /// Signals a background process.
+    async fn signal(&self, id: &str, pid: u32, signal: i32) -> Result<(), RunnerError>;
+    /// The sandbox's background processes.
+    async fn processes(&self, id: &str) -> Result<Vec<nook_agent_proto::ProcessInfo>, RunnerError>;
     /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).
     async fn running_sandboxes(&self) -> Vec<String>;
     /// Events about sandboxes that happen without a request (OOM kills, init exits).

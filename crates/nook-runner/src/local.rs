@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nook_agent_proto::ExecSpec;
+use nook_agent_proto::{ExecSpec, Request};
 use nook_api::{Image, ImageConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -421,6 +421,52 @@ impl LocalRunner {
         Ok(true)
     }
 
+    /// The running sandbox, or why there is none.
+    fn running(&self, id: &str) -> Result<Arc<Live>, RunnerError> {
+        self.live(id).ok_or_else(|| {
+            if self.record_path(id).exists() {
+                RunnerError::NotRunning(id.to_string())
+            } else {
+                RunnerError::NoSuchSandbox(id.to_string())
+            }
+        })
+    }
+
+    /// The full process spec for a request: the image's environment, then the sandbox's, then the request's.
+    fn exec_spec(&self, id: &str, options: ExecOptions) -> Result<ExecSpec, RunnerError> {
+        let live = self.running(id)?;
+        let config = &live.record.image_config;
+        let mut env: Vec<String> = config.env.clone();
+        let mut set = |key: &str, value: &str| {
+            env.retain(|entry| entry.split_once('=').map(|(k, _)| k) != Some(key));
+            env.push(format!("{key}={value}"));
+        };
+        for (key, value) in live.record.spec.env.iter().chain(options.env.iter()) {
+            set(key, value);
+        }
+        Ok(ExecSpec {
+            argv: options.argv,
+            env,
+            cwd: options.cwd.or_else(|| config.working_dir.clone()),
+            user: options.user.or_else(|| config.user.clone()),
+            timeout_ms: options.timeout_ms,
+            stdin: options.stdin,
+        })
+    }
+
+    /// A request with one answer; the agent's refusals become [`RunnerError::Process`].
+    async fn call<T: serde::de::DeserializeOwned>(&self, id: &str, request: &Request) -> Result<T, RunnerError> {
+        self.running(id)?;
+        match agent_client::call(&self.socket_path(id), request).await {
+            Ok(agent_client::Answer::Done(value)) => Ok(value),
+            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
+            Err(source) => Err(RunnerError::Agent {
+                sandbox_id: id.to_string(),
+                source,
+            }),
+        }
+    }
+
     fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.inner.live.lock().expect("live map").get(id).cloned()
     }
@@ -568,36 +614,60 @@ impl Runner for LocalRunner {
     }
 
     async fn exec(&self, id: &str, options: ExecOptions) -> Result<ExecStream, RunnerError> {
-        let live = self.live(id).ok_or_else(|| {
-            if self.record_path(id).exists() {
-                RunnerError::NotRunning(id.to_string())
-            } else {
-                RunnerError::NoSuchSandbox(id.to_string())
-            }
-        })?;
-        let config = &live.record.image_config;
-        let mut env: Vec<String> = config.env.clone();
-        let mut set = |key: &str, value: &str| {
-            env.retain(|entry| entry.split_once('=').map(|(k, _)| k) != Some(key));
-            env.push(format!("{key}={value}"));
-        };
-        for (key, value) in live.record.spec.env.iter().chain(options.env.iter()) {
-            set(key, value);
-        }
-        let spec = ExecSpec {
-            argv: options.argv,
-            env,
-            cwd: options.cwd.or_else(|| config.working_dir.clone()),
-            user: options.user.or_else(|| config.user.clone()),
-            timeout_ms: options.timeout_ms,
-            stdin: options.stdin,
-        };
+        let spec = self.exec_spec(id, options)?;
         agent_client::exec(&self.socket_path(id), spec)
             .await
             .map_err(|source| RunnerError::Agent {
                 sandbox_id: id.to_string(),
                 source,
             })
+    }
+
+    async fn spawn(&self, id: &str, options: ExecOptions) -> Result<u32, RunnerError> {
+        let spec = self.exec_spec(id, options)?;
+        let spawned: nook_agent_proto::Spawned = self.call(id, &Request::Spawn(spec)).await?;
+        Ok(spawned.pid)
+    }
+
+    async fn attach(&self, id: &str, pid: u32, offset: u64, follow: bool) -> Result<ExecStream, RunnerError> {
+        self.running(id)?;
+        agent_client::stream(&self.socket_path(id), &Request::Attach { pid, offset, follow })
+            .await
+            .map_err(|source| RunnerError::Agent {
+                sandbox_id: id.to_string(),
+                source,
+            })
+    }
+
+    async fn wait(&self, id: &str, pid: u32) -> Result<nook_agent_proto::Exit, RunnerError> {
+        self.call(id, &Request::Wait { pid }).await
+    }
+
+    async fn input(&self, id: &str, pid: u32, data: Vec<u8>, close: bool) -> Result<(), RunnerError> {
+        // The request carries the bytes as base64 in one frame: stay well under the frame limit per request.
+        let mut chunks: Vec<&[u8]> = data.chunks(nook_agent_proto::MAX_FRAME_LEN / 2).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            let request = Request::Input {
+                pid,
+                data: chunk.to_vec(),
+                close: close && index == last,
+            };
+            let _: serde_json::Value = self.call(id, &request).await?;
+        }
+        Ok(())
+    }
+
+    async fn signal(&self, id: &str, pid: u32, signal: i32) -> Result<(), RunnerError> {
+        let _: serde_json::Value = self.call(id, &Request::Signal { pid, signal }).await?;
+        Ok(())
+    }
+
+    async fn processes(&self, id: &str) -> Result<Vec<nook_agent_proto::ProcessInfo>, RunnerError> {
+        self.call(id, &Request::List).await
     }
 
     async fn running_sandboxes(&self) -> Vec<String> {

@@ -20,8 +20,8 @@ use base64::Engine as _;
 use futures::StreamExt;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
-    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, Health, Image, ImageList, Sandbox,
-    SandboxEventList, SandboxList, SandboxState,
+    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, Health, Image, ImageList,
+    ProcessInfo, ProcessList, Sandbox, SandboxEventList, SandboxList, SandboxState, SignalRequest,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -52,6 +52,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
         .route("/v1/sandboxes/{sandbox}/exec", post(exec))
         .route("/v1/sandboxes/{sandbox}/exec/stream", post(exec_stream))
+        .route(
+            "/v1/sandboxes/{sandbox}/processes",
+            post(start_process).get(list_processes),
+        )
+        .route("/v1/sandboxes/{sandbox}/processes/{pid}", get(get_process))
+        .route("/v1/sandboxes/{sandbox}/processes/{pid}/output", get(process_output))
+        .route("/v1/sandboxes/{sandbox}/processes/{pid}/wait", post(wait_process))
+        .route("/v1/sandboxes/{sandbox}/processes/{pid}/stdin", post(process_stdin))
+        .route("/v1/sandboxes/{sandbox}/processes/{pid}/signal", post(signal_process))
         .route("/v1/images", get(list_images))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
@@ -271,7 +280,7 @@ async fn exec(
     };
     while let Some(event) = stream.events.recv().await {
         match event {
-            ExecOutput::Started { .. } => {}
+            ExecOutput::Started { .. } | ExecOutput::Attached { .. } | ExecOutput::End { .. } => {}
             ExecOutput::Stdout(chunk) => keep(&mut stdout, &mut stdout_truncated, &chunk),
             ExecOutput::Stderr(chunk) => keep(&mut stderr, &mut stderr_truncated, &chunk),
             ExecOutput::Exit(exit) => {
@@ -310,26 +319,43 @@ async fn exec_stream(
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> Result<Response, ApiFailure> {
     let stream = state.control.exec(&key, request).await?;
-    // The input sender lives as long as the body, so the process keeps its stdin until the client goes.
-    let body = futures::stream::unfold(Some(stream), |state| async move {
+    Ok(ndjson_events(stream, false))
+}
+
+/// How often an idle event stream sends a keepalive line.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Streams exec or attach output as NDJSON [`ExecEvent`] lines, with a keepalive line whenever the stream has been
+/// quiet for [`KEEPALIVE`]. With `offsets`, output lines carry their offset in the combined output (attach streams).
+/// The stream's input sender lives as long as the body, so the process keeps its stdin until the client goes.
+fn ndjson_events(stream: nook_runner::ExecStream, offsets: bool) -> Response {
+    let body = futures::stream::unfold((Some(stream), 0u64), move |(state, mut offset)| async move {
         let mut stream = state?;
-        let event = stream.events.recv().await;
-        let (event, last) = match event {
-            Some(ExecOutput::Started { pid }) => (ExecEvent::Started { pid }, false),
-            Some(ExecOutput::Stdout(chunk)) => (
-                ExecEvent::Stdout {
-                    data: base64_of(&chunk),
-                },
-                false,
-            ),
-            Some(ExecOutput::Stderr(chunk)) => (
-                ExecEvent::Stderr {
-                    data: base64_of(&chunk),
-                },
-                false,
-            ),
-            Some(ExecOutput::Exit(exit)) => (
-                ExecEvent::Exit {
+        let event = match tokio::time::timeout(KEEPALIVE, stream.events.recv()).await {
+            Err(_) => ExecEvent::Keepalive,
+            Ok(event) => match event {
+                Some(ExecOutput::Started { pid }) => ExecEvent::Started { pid },
+                Some(ExecOutput::Attached { offset: start, missed }) => {
+                    offset = start;
+                    ExecEvent::Attached { offset: start, missed }
+                }
+                Some(ExecOutput::Stdout(chunk)) => {
+                    let at = offsets.then_some(offset);
+                    offset += chunk.len() as u64;
+                    ExecEvent::Stdout {
+                        data: base64_of(&chunk),
+                        offset: at,
+                    }
+                }
+                Some(ExecOutput::Stderr(chunk)) => {
+                    let at = offsets.then_some(offset);
+                    offset += chunk.len() as u64;
+                    ExecEvent::Stderr {
+                        data: base64_of(&chunk),
+                        offset: at,
+                    }
+                }
+                Some(ExecOutput::Exit(exit)) => ExecEvent::Exit {
                     status: ExitStatus {
                         exit_code: exit.code,
                         signal: exit.signal,
@@ -337,29 +363,162 @@ async fn exec_stream(
                     },
                     duration_ms: exit.duration_ms,
                 },
-                true,
-            ),
-            Some(ExecOutput::Error { code, message }) => (ExecEvent::Error { code, message }, true),
-            None => (
-                ExecEvent::Error {
+                Some(ExecOutput::End { offset }) => ExecEvent::End { offset },
+                Some(ExecOutput::Error { code, message }) => ExecEvent::Error { code, message },
+                None => ExecEvent::Error {
                     code: "exec_failed".into(),
-                    message: "the exec stream ended unexpectedly".into(),
+                    message: "the output stream ended unexpectedly".into(),
                 },
-                true,
-            ),
+            },
         };
+        let last = matches!(
+            event,
+            ExecEvent::Exit { .. } | ExecEvent::End { .. } | ExecEvent::Error { .. }
+        );
         let mut line = serde_json::to_vec(&event).expect("events serialize");
         line.push(b'\n');
         Some((
             Ok::<_, std::convert::Infallible>(line),
-            if last { None } else { Some(stream) },
+            (if last { None } else { Some(stream) }, offset),
         ))
     });
-    Ok(Response::builder()
+    Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header(header::CACHE_CONTROL, "no-store")
         .body(Body::from_stream(body))
-        .expect("valid response"))
+        .expect("valid response")
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/processes", tag = "processes", request_body = ExecRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 201, description = "Started in the background; it outlives this request", body = ProcessInfo),
+              (status = 400, description = "Invalid request, or the process could not start", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "The sandbox is not running", body = ApiError)),
+    security(("bearer" = [])))]
+async fn start_process(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ExecRequest>,
+) -> Result<(StatusCode, Json<ProcessInfo>), ApiFailure> {
+    Ok((StatusCode::CREATED, Json(state.control.spawn(&key, request).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/processes", tag = "processes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Running and recently ended background processes", body = ProcessList),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "The sandbox is not running", body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_processes(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Json<ProcessList>, ApiFailure> {
+    Ok(Json(ProcessList {
+        processes: state.control.processes(&key).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/processes/{pid}", tag = "processes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"),
+           ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    responses((status = 200, description = "The process", body = ProcessInfo),
+              (status = 404, description = "No such sandbox or process", body = ApiError)),
+    security(("bearer" = [])))]
+async fn get_process(
+    State(state): State<AppState>,
+    Path((key, pid)): Path<(String, u32)>,
+) -> Result<Json<ProcessInfo>, ApiFailure> {
+    let processes = state.control.processes(&key).await?;
+    let process = processes.into_iter().find(|process| process.pid == pid);
+    process
+        .map(Json)
+        .ok_or_else(|| ApiFailure::not_found(format!("no background process with pid {pid}")))
+}
+
+/// Query of the output stream.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct OutputQuery {
+    /// Offset in the combined output to start from (the `offset` after the last byte already seen); 0 by default.
+    #[serde(default)]
+    offset: u64,
+    /// Keep streaming until the process exits; otherwise stop once caught up.
+    #[serde(default)]
+    follow: bool,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/processes/{pid}/output", tag = "processes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"),
+           ("pid" = u32, Path, description = "Process id inside the sandbox"), OutputQuery),
+    responses((status = 200, description = "NDJSON: `attached`, output chunks with offsets, keepalives, then one \
+               `exit` (or, without follow, `end`)", body = ExecEvent, content_type = "application/x-ndjson"),
+              (status = 404, description = "No such sandbox or process", body = ApiError)),
+    security(("bearer" = [])))]
+async fn process_output(
+    State(state): State<AppState>,
+    Path((key, pid)): Path<(String, u32)>,
+    Query(query): Query<OutputQuery>,
+) -> Result<Response, ApiFailure> {
+    let stream = state.control.attach(&key, pid, query.offset, query.follow).await?;
+    Ok(ndjson_events(stream, true))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/processes/{pid}/wait", tag = "processes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"),
+           ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    responses((status = 200, description = "The process ended", body = ExitStatus),
+              (status = 404, description = "No such sandbox or process", body = ApiError)),
+    security(("bearer" = [])))]
+async fn wait_process(
+    State(state): State<AppState>,
+    Path((key, pid)): Path<(String, u32)>,
+) -> Result<Json<ExitStatus>, ApiFailure> {
+    Ok(Json(state.control.wait(&key, pid).await?))
+}
+
+/// Query of the stdin call.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct StdinQuery {
+    /// Close standard input after writing the body.
+    #[serde(default)]
+    close: bool,
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/processes/{pid}/stdin", tag = "processes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"),
+           ("pid" = u32, Path, description = "Process id inside the sandbox"), StdinQuery),
+    request_body(content = Vec<u8>, description = "Raw bytes for standard input", content_type = "application/octet-stream"),
+    responses((status = 204, description = "Written"),
+              (status = 404, description = "No such sandbox or process", body = ApiError),
+              (status = 409, description = "Standard input is closed", body = ApiError)),
+    security(("bearer" = [])))]
+async fn process_stdin(
+    State(state): State<AppState>,
+    Path((key, pid)): Path<(String, u32)>,
+    Query(query): Query<StdinQuery>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiFailure> {
+    state.control.input(&key, pid, body.to_vec(), query.close).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/processes/{pid}/signal", tag = "processes",
+    request_body = SignalRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name"),
+           ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    responses((status = 204, description = "Sent (a no-op once the process has ended)"),
+              (status = 400, description = "Invalid signal", body = ApiError),
+              (status = 404, description = "No such sandbox or process", body = ApiError)),
+    security(("bearer" = [])))]
+async fn signal_process(
+    State(state): State<AppState>,
+    Path((key, pid)): Path<(String, u32)>,
+    ApiJson(request): ApiJson<SignalRequest>,
+) -> Result<StatusCode, ApiFailure> {
+    state.control.signal(&key, pid, request.signal).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn base64_of(bytes: &[u8]) -> String {
@@ -434,13 +593,15 @@ impl utoipa::Modify for BearerAuth {
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
-        sandbox_events, exec, exec_stream, list_images, get_image, import_image, remove_image
+        sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
+        process_stdin, signal_process, list_images, get_image, import_image, remove_image
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "system", description = "Server status"),
         (name = "sandboxes", description = "Sandbox lifecycle"),
         (name = "exec", description = "Running processes in sandboxes"),
+        (name = "processes", description = "Background processes that outlive connections, with output replay"),
         (name = "images", description = "Images in the content-addressed store"),
     )
 )]

@@ -1,0 +1,333 @@
+//! Background processes: started by one request, they outlive it and any client connection.
+//!
+//! Each process's output (stdout and stderr, in the order written) is appended by a pump task to a bounded
+//! [`OutputLog`]; every byte has an offset in that combined stream, so a client that reconnects asks for the offset
+//! after the last byte it saw and gets the rest exactly once. When the log is full the oldest bytes are dropped and a
+//! late attach is told how many it missed. A `watch` channel carries a version number that changes on every new chunk
+//! and on exit, so attached clients and waiters sleep until something happens (no polling). The exit status comes
+//! only from the reaper: an attach never reports an exit that did not happen.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::wait::WaitStatus;
+use nook_agent_proto::{Exit, ProcessInfo};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{oneshot, watch};
+
+/// Output kept per process for replay.
+pub const OUTPUT_CAPACITY: usize = 1 << 20;
+/// Ended processes kept for their output and status; older ones are forgotten first.
+const KEEP_ENDED: usize = 256;
+/// How long output is still collected after the process exited, for descendants holding its pipes.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(250);
+
+/// Which stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A process's combined output, bounded; offsets count every byte ever written.
+#[derive(Debug)]
+pub struct OutputLog {
+    chunks: VecDeque<(u64, Stream, Vec<u8>)>,
+    /// Offset of the first byte still held.
+    start: u64,
+    /// Offset just past the last byte written.
+    end: u64,
+    capacity: usize,
+}
+
+impl OutputLog {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            start: 0,
+            end: 0,
+            capacity,
+        }
+    }
+
+    pub fn append(&mut self, stream: Stream, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.chunks.push_back((self.end, stream, bytes.to_vec()));
+        self.end += bytes.len() as u64;
+        while self.end - self.start > self.capacity as u64 {
+            let Some((offset, stream, chunk)) = self.chunks.pop_front() else {
+                break;
+            };
+            let excess = (self.end - self.start - self.capacity as u64) as usize;
+            if excess < chunk.len() {
+                // Keep the tail of a chunk that straddles the limit.
+                self.chunks
+                    .push_front((offset + excess as u64, stream, chunk[excess..].to_vec()));
+                self.start += excess as u64;
+            } else {
+                self.start += chunk.len() as u64;
+            }
+        }
+    }
+
+    /// Chunks from `offset` on (the first one cut to start there), the offset actually served, and how many bytes
+    /// before it are gone.
+    pub fn read_from(&self, offset: u64) -> (Vec<(Stream, Vec<u8>)>, u64, u64) {
+        let served = offset.clamp(self.start, self.end);
+        let missed = served.saturating_sub(offset);
+        let mut out = Vec::new();
+        for (chunk_offset, stream, chunk) in &self.chunks {
+            let chunk_end = chunk_offset + chunk.len() as u64;
+            if chunk_end <= served {
+                continue;
+            }
+            let skip = served.saturating_sub(*chunk_offset) as usize;
+            out.push((*stream, chunk[skip..].to_vec()));
+        }
+        (out, served, missed)
+    }
+
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+}
+
+/// Mutable state of one process.
+#[derive(Debug)]
+pub struct ProcessState {
+    pub log: OutputLog,
+    pub exit: Option<Exit>,
+}
+
+/// One background process.
+pub struct Managed {
+    pub pid: u32,
+    pub argv: Vec<String>,
+    started_at_ms: u64,
+    pub state: Mutex<ProcessState>,
+    /// Bumped on every change; attached clients wait on it.
+    version: watch::Sender<u64>,
+    /// Standard input, while open.
+    pub stdin: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
+}
+
+impl Managed {
+    /// A receiver that wakes on every change from now on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|version| *version += 1);
+    }
+
+    pub fn info(&self) -> ProcessInfo {
+        let state = self.state.lock().expect("process state lock");
+        ProcessInfo {
+            pid: self.pid,
+            argv: self.argv.clone(),
+            started_at_ms: self.started_at_ms,
+            output_bytes: state.log.end(),
+            exit: state.exit,
+        }
+    }
+
+    pub fn exited(&self) -> bool {
+        self.state.lock().expect("process state lock").exit.is_some()
+    }
+}
+
+/// All background processes of the sandbox.
+#[derive(Default)]
+pub struct Registry {
+    processes: Mutex<BTreeMap<u32, Arc<Managed>>>,
+}
+
+impl Registry {
+    pub fn get(&self, pid: u32) -> Option<Arc<Managed>> {
+        self.processes.lock().expect("registry lock").get(&pid).cloned()
+    }
+
+    pub fn list(&self) -> Vec<ProcessInfo> {
+        let processes: Vec<Arc<Managed>> = self
+            .processes
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        processes.iter().map(|process| process.info()).collect()
+    }
+
+    /// Registers a started process and starts pumping its output. A pid reused by the kernel replaces the ended
+    /// process that had it.
+    pub fn adopt(
+        self: &Arc<Self>,
+        child: &mut std::process::Child,
+        argv: Vec<String>,
+        exit: oneshot::Receiver<WaitStatus>,
+        started: std::time::Instant,
+    ) -> Arc<Managed> {
+        let pid = child.id();
+        let stdin = child
+            .stdin
+            .take()
+            .and_then(|stdin| tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(stdin)).ok());
+        let stdout = child
+            .stdout
+            .take()
+            .and_then(|pipe| tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(pipe)).ok());
+        let stderr = child
+            .stderr
+            .take()
+            .and_then(|pipe| tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(pipe)).ok());
+        let started_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let (version, _) = watch::channel(0);
+        let managed = Arc::new(Managed {
+            pid,
+            argv,
+            started_at_ms,
+            state: Mutex::new(ProcessState {
+                log: OutputLog::new(OUTPUT_CAPACITY),
+                exit: None,
+            }),
+            version,
+            stdin: tokio::sync::Mutex::new(stdin),
+        });
+        {
+            let mut processes = self.processes.lock().expect("registry lock");
+            processes.insert(pid, managed.clone());
+            let ended: Vec<u32> = processes
+                .iter()
+                .filter(|(_, process)| process.exited())
+                .map(|(pid, _)| *pid)
+                .collect();
+            if ended.len() > KEEP_ENDED {
+                let mut by_age: Vec<(u64, u32)> =
+                    ended.iter().map(|pid| (processes[pid].started_at_ms, *pid)).collect();
+                by_age.sort_unstable();
+                for (_, pid) in by_age.into_iter().take(ended.len() - KEEP_ENDED) {
+                    processes.remove(&pid);
+                }
+            }
+        }
+        tokio::spawn(pump(managed.clone(), stdout, stderr, exit, started));
+        managed
+    }
+}
+
+/// Moves a process's output into its log until it has exited and its pipes are drained, then records the exit.
+async fn pump(
+    managed: Arc<Managed>,
+    mut stdout: Option<tokio::net::unix::pipe::Receiver>,
+    mut stderr: Option<tokio::net::unix::pipe::Receiver>,
+    mut exit: oneshot::Receiver<WaitStatus>,
+    started: std::time::Instant,
+) {
+    let mut out_buf = vec![0u8; 64 * 1024];
+    let mut err_buf = vec![0u8; 64 * 1024];
+    let mut status: Option<WaitStatus> = None;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    while status.is_none() || stdout.is_some() || stderr.is_some() {
+        tokio::select! {
+            read = read_some(&mut stdout, &mut out_buf) => match read {
+                Some(n) => append(&managed, Stream::Stdout, &out_buf[..n]),
+                None => stdout = None,
+            },
+            read = read_some(&mut stderr, &mut err_buf) => match read {
+                Some(n) => append(&managed, Stream::Stderr, &err_buf[..n]),
+                None => stderr = None,
+            },
+            exited = &mut exit, if status.is_none() => {
+                status = Some(exited.unwrap_or(WaitStatus::StillAlive));
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            },
+            _ = sleep_until(drain_deadline) => {
+                stdout = None;
+                stderr = None;
+            },
+        }
+    }
+    let (code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (Some(code), None),
+        Some(WaitStatus::Signaled(_, signal, _)) => (None, Some(signal as i32)),
+        // The reaper dropped the status (cannot happen while the table holds the sender): report nothing false.
+        _ => return,
+    };
+    let exit = Exit {
+        code,
+        signal,
+        timed_out: false,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+    };
+    managed.state.lock().expect("process state lock").exit = Some(exit);
+    *managed.stdin.lock().await = None;
+    managed.changed();
+}
+
+fn append(managed: &Managed, stream: Stream, bytes: &[u8]) {
+    managed
+        .state
+        .lock()
+        .expect("process state lock")
+        .log
+        .append(stream, bytes);
+    managed.changed();
+}
+
+async fn read_some(pipe: &mut Option<tokio::net::unix::pipe::Receiver>, buf: &mut [u8]) -> Option<usize> {
+    match pipe {
+        Some(pipe) => match pipe.read(buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_serves_from_any_offset_once() {
+        let mut log = OutputLog::new(100);
+        log.append(Stream::Stdout, b"hello ");
+        log.append(Stream::Stderr, b"world");
+        let (chunks, served, missed) = log.read_from(3);
+        assert_eq!((served, missed), (3, 0));
+        assert_eq!(
+            chunks,
+            vec![(Stream::Stdout, b"lo ".to_vec()), (Stream::Stderr, b"world".to_vec())]
+        );
+        let (chunks, served, _) = log.read_from(11);
+        assert!(chunks.is_empty());
+        assert_eq!(served, 11);
+    }
+
+    #[test]
+    fn log_is_bounded_and_reports_what_was_dropped() {
+        let mut log = OutputLog::new(10);
+        log.append(Stream::Stdout, b"0123456789");
+        log.append(Stream::Stdout, b"abcd");
+        let (chunks, served, missed) = log.read_from(0);
+        assert_eq!((served, missed), (4, 4));
+        let text: Vec<u8> = chunks.into_iter().flat_map(|(_, bytes)| bytes).collect();
+        assert_eq!(text, b"456789abcd");
+        assert_eq!(log.end(), 14);
+    }
+}
