@@ -50,6 +50,8 @@ pub enum FrameKind {
     Attached = 17,
     /// Agent → client: JSON [`End`], an attach without `follow` caught up with the output so far, final.
     End = 18,
+    /// Agent → client: bytes of a file being read.
+    FileData = 19,
 }
 
 impl FrameKind {
@@ -68,6 +70,7 @@ impl FrameKind {
             16 => Self::Reply,
             17 => Self::Attached,
             18 => Self::End,
+            19 => Self::FileData,
             _ => return None,
         })
     }
@@ -213,9 +216,94 @@ pub enum Request {
         /// Signal number.
         signal: i32,
     },
+    /// Read a file: answered with a [`FileStat`] ([`FrameKind::Reply`]), its bytes in [`FrameKind::FileData`] frames
+    /// and an [`End`] whose offset is the number of bytes sent.
+    ReadFile {
+        /// Absolute path inside the sandbox.
+        path: String,
+    },
+    /// Write a file from the [`FrameKind::Stdin`] frames that follow, ended by [`FrameKind::StdinClose`]; the file
+    /// appears whole (written beside it, then renamed) and only once the input is complete. Answered with its
+    /// [`FileStat`].
+    WriteFile {
+        /// Absolute path inside the sandbox.
+        path: String,
+        /// Permission bits for a new file (0644 when absent).
+        mode: Option<u32>,
+        /// Create missing parent directories.
+        parents: bool,
+    },
+    /// Describe a path (symlinks are not followed); answered with a [`FileStat`].
+    Stat {
+        /// Absolute path inside the sandbox.
+        path: String,
+    },
+    /// List a directory, `depth` levels deep (1 = its entries); answered with `Vec<FileStat>`.
+    ListDir {
+        /// Absolute path inside the sandbox.
+        path: String,
+        /// Levels to descend, at least 1.
+        depth: u32,
+    },
+    /// Create a directory and its missing parents; answered with its [`FileStat`].
+    MakeDir {
+        /// Absolute path inside the sandbox.
+        path: String,
+    },
+    /// Rename or move a path; answered with the [`FileStat`] of the destination.
+    Move {
+        /// Absolute source path.
+        from: String,
+        /// Absolute destination path.
+        to: String,
+    },
+    /// Remove a file, a symlink, or (with `recursive`) a directory tree; answered with `{}`.
+    Remove {
+        /// Absolute path inside the sandbox.
+        path: String,
+        /// Remove directories with their contents.
+        recursive: bool,
+    },
     /// List the background processes the agent knows (running, and recently ended); answered with a
     /// `Vec<ProcessInfo>`.
     List,
+}
+
+/// What kind of file system object a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (device, socket, FIFO).
+    Other,
+}
+
+/// A path's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    /// Absolute path.
+    pub path: String,
+    /// Last path component.
+    pub name: String,
+    /// Kind.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (e.g. 0o644).
+    pub mode: u32,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Modification time, milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+    /// Where a symlink points.
+    pub symlink_target: Option<String>,
 }
 
 /// Payload of [`FrameKind::Reply`] for [`Request::Spawn`].

@@ -9,6 +9,7 @@
 //! `boot` runs before any thread exists (it forks and changes namespaces); `serve` starts a single-threaded runtime.
 
 mod boot;
+mod files;
 mod processes;
 mod serve;
 mod users;

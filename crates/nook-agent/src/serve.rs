@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::files;
 use crate::processes::{Registry, Stream};
 use crate::users;
 
@@ -172,6 +173,54 @@ async fn handle(
             write_json(&mut writer, FrameKind::Reply, &serde_json::json!({})).await
         }
         Request::List => write_json(&mut writer, FrameKind::Reply, &registry.list()).await,
+        Request::ReadFile { path } => match files::clean_path(&path) {
+            Ok(path) => match files::read_file(&path, &mut writer).await? {
+                Ok(()) => Ok(()),
+                Err(error) => send_error(&mut writer, error.code, error.message).await,
+            },
+            Err(error) => send_error(&mut writer, error.code, error.message).await,
+        },
+        Request::WriteFile { path, mode, parents } => {
+            let result = match files::clean_path(&path) {
+                Ok(path) => files::write_file(&path, mode, parents, &mut reader).await?,
+                Err(error) => Err(error),
+            };
+            reply(&mut writer, result).await
+        }
+        Request::Stat { path } => reply(&mut writer, files::clean_path(&path).and_then(|p| files::stat(&p))).await,
+        Request::ListDir { path, depth } => {
+            let depth = depth.clamp(1, 32);
+            reply(
+                &mut writer,
+                files::clean_path(&path).and_then(|p| files::list(&p, depth)),
+            )
+            .await
+        }
+        Request::MakeDir { path } => {
+            reply(&mut writer, files::clean_path(&path).and_then(|p| files::make_dir(&p))).await
+        }
+        Request::Move { from, to } => {
+            let result = files::clean_path(&from)
+                .and_then(|from| files::clean_path(&to).and_then(|to| files::move_path(&from, &to)));
+            reply(&mut writer, result).await
+        }
+        Request::Remove { path, recursive } => {
+            let result = files::clean_path(&path)
+                .and_then(|p| files::remove(&p, recursive))
+                .map(|()| serde_json::json!({}));
+            reply(&mut writer, result).await
+        }
+    }
+}
+
+/// Answers a file request with its result or its error.
+async fn reply<T: serde::Serialize>(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    result: Result<T, files::FileError>,
+) -> Result<(), nook_agent_proto::ProtocolError> {
+    match result {
+        Ok(value) => write_json(writer, FrameKind::Reply, &value).await,
+        Err(error) => send_error(writer, error.code, error.message).await,
     }
 }
 

@@ -387,6 +387,69 @@ pub struct SignalRequest {
     pub signal: i32,
 }
 
+/// What kind of file system object a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (never followed by file operations).
+    Symlink,
+    /// A device, socket or FIFO.
+    Other,
+}
+
+/// A path in a sandbox and its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FileInfo {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// Last path component.
+    pub name: String,
+    /// Kind.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits, e.g. 420 (0o644).
+    pub mode: u32,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Last modification.
+    pub modified_at: DateTime<Utc>,
+    /// Where a symlink points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+/// Response of `GET /v1/sandboxes/{sandbox}/files/list`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileList {
+    /// Entries, sorted by path.
+    pub entries: Vec<FileInfo>,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/files/mkdir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MakeDirRequest {
+    /// Absolute path; missing parents are created too.
+    pub path: String,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/files/move`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// Absolute source path.
+    pub from: String,
+    /// Absolute destination path.
+    pub to: String,
+}
+
 /// Configuration carried by an image and applied to every process in sandboxes made from it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ImageConfig {

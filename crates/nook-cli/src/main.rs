@@ -52,6 +52,11 @@ enum Command {
     Logs(LogsArgs),
     /// Send a signal to a background process.
     Kill(KillArgs),
+    /// Copy a file between the host and a sandbox: `nook cp ./f box:/tmp/f` or `nook cp box:/etc/os-release .`.
+    Cp(CpArgs),
+    /// Work with files in a sandbox.
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -166,6 +171,72 @@ struct TargetsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CpArgs {
+    /// Source: a host path, or SANDBOX:/path.
+    source: String,
+    /// Destination: a host path, or SANDBOX:/path (missing parent directories are created in sandboxes).
+    destination: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum FilesCommand {
+    /// List a directory.
+    Ls {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Absolute path.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Levels to descend.
+        #[arg(long, short, default_value_t = 1)]
+        depth: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file.
+    Cat {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Absolute path.
+        path: String,
+    },
+    /// Show a path's metadata.
+    Stat {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Absolute path.
+        path: String,
+    },
+    /// Create a directory and its parents.
+    Mkdir {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Absolute path.
+        path: String,
+    },
+    /// Move or rename a path.
+    Mv {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Absolute source path.
+        from: String,
+        /// Absolute destination path.
+        to: String,
+    },
+    /// Remove a path.
+    Rm {
+        /// Sandbox id or name.
+        sandbox: String,
+        /// Absolute path.
+        path: String,
+        /// Remove directories with their contents.
+        #[arg(long, short)]
+        recursive: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -203,3 +203,54 @@ fn the_client_finds_the_server_through_the_config_serve_writes() {
     }
     assert!(serve.wait().unwrap().success());
 }
+
+#[test]
+fn cp_files_and_background_process_verbs() {
+    let server = shared_server();
+    let name = format!("cli-cp-{}", &common::rand_suffix()[..8]);
+    ok(server, &["create", "--name", &name]);
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("payload.bin");
+    let payload: Vec<u8> = (0..(3 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&source, &payload).unwrap();
+    ok(server, &["cp", source.to_str().unwrap(), &format!("{name}:/data/in/")]);
+    let listing = ok(server, &["files", "ls", &name, "/data/in"]);
+    assert!(
+        listing.contains("/data/in/payload.bin") && listing.contains(&payload.len().to_string()),
+        "{listing}"
+    );
+    let back = dir.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    ok(
+        server,
+        &["cp", &format!("{name}:/data/in/payload.bin"), back.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(back.join("payload.bin")).unwrap() == payload,
+        "the copy back differs"
+    );
+    let cat = nook(server, &["files", "cat", &name, "/data/in/payload.bin"]);
+    assert!(cat.status.success() && cat.stdout == payload);
+
+    let pid = ok(
+        server,
+        &[
+            "exec",
+            "-d",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; sleep 0.3; echo bye >&2; exit 4",
+        ],
+    );
+    let pid = pid.trim();
+    let logs = nook(server, &["logs", "-f", &name, pid]);
+    assert_eq!((logs.status.code(), stdout(&logs).as_str()), (Some(4), "hi\n"));
+    assert_eq!(String::from_utf8_lossy(&logs.stderr), "bye\n");
+    let ps = ok(server, &["ps", &name]);
+    assert!(ps.contains(pid) && ps.contains("exited 4"), "{ps}");
+    ok(server, &["rm", &name]);
+}

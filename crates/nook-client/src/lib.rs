@@ -9,8 +9,9 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use nook_api::{
-    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, Health, Image, ImageList,
-    ProcessInfo, ProcessList, Sandbox, SandboxEvent, SandboxEventList, SandboxList, SandboxState, SignalRequest,
+    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, FileInfo, FileList, Health, Image,
+    ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, Sandbox, SandboxEvent, SandboxEventList,
+    SandboxList, SandboxState, SignalRequest,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -338,6 +339,99 @@ impl Client {
         let url = self.url_for(&["v1", "sandboxes", key, "processes", &pid, "signal"]);
         self.send(self.request(Method::POST, url).json(&SignalRequest { signal }))
             .await?;
+        Ok(())
+    }
+
+    /// Downloads a file as a stream of byte chunks (nothing is buffered whole).
+    pub async fn download_file(
+        &self,
+        key: &str,
+        path: &str,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files"]);
+        url.query_pairs_mut().append_pair("path", path);
+        let response = self.send(self.request(Method::GET, url)).await?;
+        let base = self.base.to_string();
+        Ok(Box::pin(response.bytes_stream().map(move |chunk| {
+            chunk.map_err(|source| ClientError::Transport {
+                url: base.clone(),
+                source,
+            })
+        })))
+    }
+
+    /// Uploads a file from a body (a stream, for large files); it appears only once complete. `mode` is permission
+    /// bits (0o644 when `None`); `parents` creates missing directories.
+    pub async fn upload_file(
+        &self,
+        key: &str,
+        path: &str,
+        body: reqwest::Body,
+        mode: Option<u32>,
+        parents: bool,
+    ) -> Result<FileInfo, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files"]);
+        {
+            let mut query = url.query_pairs_mut();
+            query
+                .append_pair("path", path)
+                .append_pair("parents", &parents.to_string());
+            if let Some(mode) = mode {
+                query.append_pair("mode", &format!("{mode:o}"));
+            }
+        }
+        self.json(
+            self.request(Method::PUT, url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body),
+        )
+        .await
+    }
+
+    /// A path's metadata.
+    pub async fn stat_file(&self, key: &str, path: &str) -> Result<FileInfo, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files", "stat"]);
+        url.query_pairs_mut().append_pair("path", path);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// A directory's entries, `depth` levels deep.
+    pub async fn list_files(&self, key: &str, path: &str, depth: u32) -> Result<Vec<FileInfo>, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files", "list"]);
+        url.query_pairs_mut()
+            .append_pair("path", path)
+            .append_pair("depth", &depth.to_string());
+        let list: FileList = self.json(self.request(Method::GET, url)).await?;
+        Ok(list.entries)
+    }
+
+    /// `mkdir -p`.
+    pub async fn make_dir(&self, key: &str, path: &str) -> Result<FileInfo, ClientError> {
+        let url = self.url_for(&["v1", "sandboxes", key, "files", "mkdir"]);
+        self.json(
+            self.request(Method::POST, url)
+                .json(&MakeDirRequest { path: path.into() }),
+        )
+        .await
+    }
+
+    /// Renames or moves a path.
+    pub async fn move_file(&self, key: &str, from: &str, to: &str) -> Result<FileInfo, ClientError> {
+        let url = self.url_for(&["v1", "sandboxes", key, "files", "move"]);
+        self.json(self.request(Method::POST, url).json(&MoveRequest {
+            from: from.into(),
+            to: to.into(),
+        }))
+        .await
+    }
+
+    /// Removes a path (directories with their contents when `recursive`).
+    pub async fn remove_file(&self, key: &str, path: &str, recursive: bool) -> Result<(), ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files"]);
+        url.query_pairs_mut()
+            .append_pair("path", path)
+            .append_pair("recursive", &recursive.to_string());
+        self.send(self.request(Method::DELETE, url)).await?;
         Ok(())
     }
 

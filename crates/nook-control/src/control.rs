@@ -13,8 +13,8 @@ use chrono::Utc;
 use nook_api::limits::*;
 use nook_api::names::{check_env_name, check_image_name, check_label_key, check_sandbox_name, is_sandbox_id};
 use nook_api::{
-    CreateSandboxRequest, ExecRequest, ExitStatus, Isolation, ProcessInfo, Resources, Sandbox, SandboxState,
-    StateReason,
+    CreateSandboxRequest, ExecRequest, ExitStatus, FileInfo, FileKind, Isolation, ProcessInfo, Resources, Sandbox,
+    SandboxState, StateReason,
 };
 use nook_runner::{ExecInput, ExecOptions, ExecOutput, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
@@ -390,6 +390,46 @@ impl Control {
         Ok(self.runner.signal(&sandbox.id, pid, signal).await?)
     }
 
+    /// Reads a file: its metadata and its bytes as a stream.
+    pub async fn read_file(
+        &self,
+        key: &str,
+        path: &str,
+    ) -> Result<(FileInfo, nook_runner::agent_client::FileChunks), ApiFailure> {
+        let sandbox = self.running(key).await?;
+        let (stat, chunks) = self.runner.read_file(&sandbox.id, path).await?;
+        Ok((file_info(stat), chunks))
+    }
+
+    /// Writes a file from a stream.
+    pub async fn write_file(
+        &self,
+        key: &str,
+        path: &str,
+        mode: Option<u32>,
+        parents: bool,
+        body: nook_runner::ByteStream,
+    ) -> Result<FileInfo, ApiFailure> {
+        if mode.is_some_and(|mode| mode > 0o7777) {
+            return Err(ApiFailure::invalid("mode must be permission bits (at most 0o7777)"));
+        }
+        let sandbox = self.running(key).await?;
+        Ok(file_info(
+            self.runner.write_file(&sandbox.id, path, mode, parents, body).await?,
+        ))
+    }
+
+    /// A file operation with a JSON answer, decoded as `T`.
+    pub async fn file_call<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        request: nook_agent_proto::Request,
+    ) -> Result<T, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        let value = self.runner.file_call(&sandbox.id, request).await?;
+        serde_json::from_value(value).map_err(|error| ApiFailure::internal("the agent's answer did not parse", &error))
+    }
+
     /// Brings the store in line with what the runner runs (after a restart of the server, or when runner events
     /// were missed).
     pub async fn reconcile(&self) -> Result<(), ApiFailure> {
@@ -505,6 +545,26 @@ fn transition(from: &'static [SandboxState], to: SandboxState, reason: StateReas
     }
 }
 
+/// The API's form of the agent's file metadata.
+pub fn file_info(stat: nook_agent_proto::FileStat) -> FileInfo {
+    FileInfo {
+        path: stat.path,
+        name: stat.name,
+        kind: match stat.kind {
+            nook_agent_proto::FileKind::File => FileKind::File,
+            nook_agent_proto::FileKind::Dir => FileKind::Dir,
+            nook_agent_proto::FileKind::Symlink => FileKind::Symlink,
+            nook_agent_proto::FileKind::Other => FileKind::Other,
+        },
+        size: stat.size,
+        mode: stat.mode,
+        uid: stat.uid,
+        gid: stat.gid,
+        modified_at: chrono::DateTime::from_timestamp_millis(stat.modified_ms).unwrap_or_default(),
+        symlink_target: stat.symlink_target,
+    }
+}
+
 fn exit_status(exit: nook_agent_proto::Exit) -> ExitStatus {
     ExitStatus {
         exit_code: exit.code,
@@ -517,7 +577,15 @@ fn exit_status(exit: nook_agent_proto::Exit) -> ExitStatus {
 pub fn process_failure(code: String, message: String) -> ApiFailure {
     use axum::http::StatusCode;
     let (status, code) = match code.as_str() {
-        "no_such_process" => (StatusCode::NOT_FOUND, "not_found"),
+        "no_such_process" | "not_found" => (StatusCode::NOT_FOUND, "not_found"),
+        "already_exists" => (StatusCode::CONFLICT, "already_exists"),
+        "permission_denied" => (StatusCode::FORBIDDEN, "permission_denied"),
+        "not_a_directory" => (StatusCode::BAD_REQUEST, "not_a_directory"),
+        "is_a_directory" => (StatusCode::BAD_REQUEST, "is_a_directory"),
+        "not_empty" => (StatusCode::CONFLICT, "not_empty"),
+        "invalid_path" => (StatusCode::BAD_REQUEST, "invalid_path"),
+        "too_many_entries" => (StatusCode::BAD_REQUEST, "too_many_entries"),
+        "incomplete" => (StatusCode::BAD_REQUEST, "incomplete"),
         "stdin_closed" => (StatusCode::CONFLICT, "stdin_closed"),
         "spawn_failed" => (StatusCode::BAD_REQUEST, "spawn_failed"),
         "no_such_user" => (StatusCode::BAD_REQUEST, "no_such_user"),

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use nook_agent_proto::{
-    read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FrameKind, Pong, ProtocolError, Request,
+    read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FileStat, FrameKind, Pong, ProtocolError, Request,
     SignalRequest, Started,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -209,6 +209,89 @@ pub async fn call<T: serde::de::DeserializeOwned>(
         }
         Some(frame) => Err(ProtocolError::Unexpected(frame.kind)),
         None => Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    }
+}
+
+/// File bytes as they arrive from the agent; an `Err` item ends the stream early.
+pub type FileChunks = mpsc::Receiver<Result<Vec<u8>, String>>;
+
+/// Reads a file through the agent: its metadata at once, its bytes as a bounded stream.
+pub async fn read_file(socket: &Path, path: String) -> Result<Answer<(FileStat, FileChunks)>, ProtocolError> {
+    let mut stream = UnixStream::connect(socket).await?;
+    write_json(&mut stream, FrameKind::Request, &Request::ReadFile { path }).await?;
+    let stat: FileStat = match read_frame(&mut stream).await? {
+        Some(frame) if frame.kind == FrameKind::Reply => frame.parse()?,
+        Some(frame) if frame.kind == FrameKind::Error => {
+            let error: AgentError = frame.parse()?;
+            return Ok(Answer::Refused {
+                code: error.code,
+                message: error.message,
+            });
+        }
+        Some(frame) => return Err(ProtocolError::Unexpected(frame.kind)),
+        None => return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    };
+    let (sender, chunks) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let item = match read_frame(&mut stream).await {
+                Ok(Some(frame)) if frame.kind == FrameKind::FileData => Ok(frame.payload),
+                Ok(Some(frame)) if frame.kind == FrameKind::End => return,
+                Ok(Some(frame)) => Err(format!("unexpected {:?} frame from the agent", frame.kind)),
+                Ok(None) => Err("the agent closed the connection before the end of the file".to_string()),
+                Err(error) => Err(format!("reading from the agent failed: {error}")),
+            };
+            let failed = item.is_err();
+            if sender.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok(Answer::Done((stat, chunks)))
+}
+
+/// Writes a file through the agent from a byte stream, in bounded chunks; the file appears only if the whole
+/// stream arrived.
+pub async fn write_file(
+    socket: &Path,
+    request: Request,
+    mut body: crate::ByteStream,
+) -> Result<Answer<FileStat>, ProtocolError> {
+    use tokio::io::AsyncReadExt as _;
+    let stream = UnixStream::connect(socket).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    write_json(&mut writer, FrameKind::Request, &request).await?;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let sent = loop {
+        let n = match body.read(&mut buffer).await {
+            Ok(n) => n,
+            // The upload broke: drop the connection without closing the input, so the agent discards the file.
+            Err(error) => return Err(ProtocolError::Io(error)),
+        };
+        let result = if n == 0 {
+            write_frame(&mut writer, FrameKind::StdinClose, &[]).await
+        } else {
+            write_frame(&mut writer, FrameKind::Stdin, &buffer[..n]).await
+        };
+        // A failed write usually means the agent refused early and closed: its answer says why.
+        if result.is_err() || n == 0 {
+            break result;
+        }
+    };
+    match read_frame(&mut reader).await {
+        Ok(Some(frame)) if frame.kind == FrameKind::Reply => Ok(Answer::Done(frame.parse()?)),
+        Ok(Some(frame)) if frame.kind == FrameKind::Error => {
+            let error: AgentError = frame.parse()?;
+            Ok(Answer::Refused {
+                code: error.code,
+                message: error.message,
+            })
+        }
+        Ok(Some(frame)) => Err(ProtocolError::Unexpected(frame.kind)),
+        Ok(None) => Err(sent
+            .err()
+            .unwrap_or(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()))),
+        Err(error) => Err(error),
     }
 }
 

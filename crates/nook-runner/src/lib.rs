@@ -171,6 +171,23 @@ pub trait Runner: Send + Sync + 'static {
     async fn signal(&self, id: &str, pid: u32, signal: i32) -> Result<(), RunnerError>;
     /// The sandbox's background processes.
     async fn processes(&self, id: &str) -> Result<Vec<nook_agent_proto::ProcessInfo>, RunnerError>;
+    /// Reads a file: its metadata, and its bytes as a bounded stream.
+    async fn read_file(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError>;
+    /// Writes a file from a byte stream; it appears whole or not at all.
+    async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        parents: bool,
+        body: ByteStream,
+    ) -> Result<nook_agent_proto::FileStat, RunnerError>;
+    /// A file operation answered with one JSON value (stat, list, mkdir, move, remove).
+    async fn file_call(&self, id: &str, request: nook_agent_proto::Request) -> Result<serde_json::Value, RunnerError>;
     /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).
     async fn running_sandboxes(&self) -> Vec<String>;
     /// Events about sandboxes that happen without a request (OOM kills, init exits).

@@ -670,6 +670,50 @@ impl Runner for LocalRunner {
         self.call(id, &Request::List).await
     }
 
+    async fn read_file(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError> {
+        self.running(id)?;
+        match agent_client::read_file(&self.socket_path(id), path.to_string()).await {
+            Ok(agent_client::Answer::Done(found)) => Ok(found),
+            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
+            Err(source) => Err(RunnerError::Agent {
+                sandbox_id: id.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        parents: bool,
+        body: ByteStream,
+    ) -> Result<nook_agent_proto::FileStat, RunnerError> {
+        self.running(id)?;
+        let request = Request::WriteFile {
+            path: path.to_string(),
+            mode,
+            parents,
+        };
+        match agent_client::write_file(&self.socket_path(id), request, body).await {
+            Ok(agent_client::Answer::Done(stat)) => Ok(stat),
+            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
+            Err(source) => Err(RunnerError::Agent {
+                sandbox_id: id.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn file_call(&self, id: &str, request: Request) -> Result<serde_json::Value, RunnerError> {
+        self.call(id, &request).await
+    }
+
     async fn running_sandboxes(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.inner.live.lock().expect("live map").keys().cloned().collect();
         ids.sort();

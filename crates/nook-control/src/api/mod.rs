@@ -20,8 +20,9 @@ use base64::Engine as _;
 use futures::StreamExt;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
-    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, Health, Image, ImageList,
-    ProcessInfo, ProcessList, Sandbox, SandboxEventList, SandboxList, SandboxState, SignalRequest,
+    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, FileInfo, FileList, Health, Image,
+    ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, Sandbox, SandboxEventList, SandboxList,
+    SandboxState, SignalRequest,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -61,10 +62,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/wait", post(wait_process))
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/stdin", post(process_stdin))
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/signal", post(signal_process))
+        .route("/v1/sandboxes/{sandbox}/files/stat", get(stat_file))
+        .route("/v1/sandboxes/{sandbox}/files/list", get(list_files))
+        .route("/v1/sandboxes/{sandbox}/files/mkdir", post(make_dir))
+        .route("/v1/sandboxes/{sandbox}/files/move", post(move_file))
         .route("/v1/images", get(list_images))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
+            // Streamed bodies of any size: file uploads and image imports.
             Router::new()
+                .route(
+                    "/v1/sandboxes/{sandbox}/files",
+                    get(download_file).put(upload_file).delete(remove_file),
+                )
                 .route(
                     "/v1/images/{*name}",
                     get(get_image).put(import_image).delete(remove_image),
@@ -521,6 +531,201 @@ async fn signal_process(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Query naming one path.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct PathQuery {
+    /// Absolute path inside the sandbox.
+    path: String,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/files", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), PathQuery),
+    responses((status = 200, description = "The file's bytes, streamed; `X-Nook-File-Size` and `X-Nook-File-Mode` \
+               give its size and mode when reading started", content_type = "application/octet-stream"),
+              (status = 400, description = "Invalid path, or a directory", body = ApiError),
+              (status = 404, description = "No such sandbox or file", body = ApiError)),
+    security(("bearer" = [])))]
+async fn download_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<PathQuery>,
+) -> Result<Response, ApiFailure> {
+    let (info, chunks) = state.control.read_file(&key, &query.path).await?;
+    let body = futures::stream::unfold(chunks, |mut chunks| async move {
+        let item = chunks.recv().await?;
+        Some((item.map(axum::body::Bytes::from).map_err(std::io::Error::other), chunks))
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("x-nook-file-size", info.size)
+        .header("x-nook-file-mode", format!("{:o}", info.mode))
+        .body(Body::from_stream(body))
+        .expect("valid response"))
+}
+
+/// Query of an upload.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    /// Absolute path inside the sandbox.
+    path: String,
+    /// Permission bits for the file, in octal (e.g. `755`); 644 by default.
+    mode: Option<String>,
+    /// Create missing parent directories.
+    #[serde(default)]
+    parents: bool,
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{sandbox}/files", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), UploadQuery),
+    request_body(content = Vec<u8>, description = "The file's bytes, streamed", content_type = "application/octet-stream"),
+    responses((status = 201, description = "Written whole (it appears only once complete)", body = FileInfo),
+              (status = 400, description = "Invalid path or mode, or an incomplete upload", body = ApiError),
+              (status = 404, description = "No such sandbox, or a missing parent directory", body = ApiError)),
+    security(("bearer" = [])))]
+async fn upload_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<UploadQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<FileInfo>), ApiFailure> {
+    let mode = match &query.mode {
+        Some(text) => Some(
+            u32::from_str_radix(text, 8)
+                .map_err(|_| ApiFailure::invalid(format!("mode {text:?} is not an octal number like 644")))?,
+        ),
+        None => None,
+    };
+    let stream = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(std::io::Error::other));
+    let reader = StreamReader::new(stream);
+    let info = state
+        .control
+        .write_file(&key, &query.path, mode, query.parents, Box::pin(reader))
+        .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Query of a removal.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    /// Absolute path inside the sandbox.
+    path: String,
+    /// Remove a directory with everything in it.
+    #[serde(default)]
+    recursive: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{sandbox}/files", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), RemoveQuery),
+    responses((status = 204, description = "Removed"),
+              (status = 404, description = "No such sandbox or path", body = ApiError),
+              (status = 409, description = "A non-empty directory without `recursive`", body = ApiError)),
+    security(("bearer" = [])))]
+async fn remove_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<RemoveQuery>,
+) -> Result<StatusCode, ApiFailure> {
+    let request = nook_agent_proto::Request::Remove {
+        path: query.path,
+        recursive: query.recursive,
+    };
+    let _: serde_json::Value = state.control.file_call(&key, request).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/files/stat", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), PathQuery),
+    responses((status = 200, description = "The path's metadata (a final symlink is not followed)", body = FileInfo),
+              (status = 404, description = "No such sandbox or path", body = ApiError)),
+    security(("bearer" = [])))]
+async fn stat_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<PathQuery>,
+) -> Result<Json<FileInfo>, ApiFailure> {
+    let stat: nook_agent_proto::FileStat = state
+        .control
+        .file_call(&key, nook_agent_proto::Request::Stat { path: query.path })
+        .await?;
+    Ok(Json(crate::control::file_info(stat)))
+}
+
+/// Query of a listing.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Absolute path of a directory.
+    path: String,
+    /// Levels to descend (1 = the directory's entries; at most 32).
+    #[serde(default = "one")]
+    depth: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/files/list", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), ListQuery),
+    responses((status = 200, description = "Entries sorted by path; symlinked directories are not descended", body = FileList),
+              (status = 400, description = "Not a directory", body = ApiError),
+              (status = 404, description = "No such sandbox or directory", body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_files(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<FileList>, ApiFailure> {
+    let request = nook_agent_proto::Request::ListDir {
+        path: query.path,
+        depth: query.depth,
+    };
+    let entries: Vec<nook_agent_proto::FileStat> = state.control.file_call(&key, request).await?;
+    Ok(Json(FileList {
+        entries: entries.into_iter().map(crate::control::file_info).collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/files/mkdir", tag = "files", request_body = MakeDirRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The directory (created with its parents, or already there)", body = FileInfo),
+              (status = 400, description = "Invalid path, or a file is in the way", body = ApiError)),
+    security(("bearer" = [])))]
+async fn make_dir(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<MakeDirRequest>,
+) -> Result<Json<FileInfo>, ApiFailure> {
+    let stat: nook_agent_proto::FileStat = state
+        .control
+        .file_call(&key, nook_agent_proto::Request::MakeDir { path: request.path })
+        .await?;
+    Ok(Json(crate::control::file_info(stat)))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/files/move", tag = "files", request_body = MoveRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The destination after the move", body = FileInfo),
+              (status = 404, description = "No such sandbox or source", body = ApiError)),
+    security(("bearer" = [])))]
+async fn move_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<MoveRequest>,
+) -> Result<Json<FileInfo>, ApiFailure> {
+    let request = nook_agent_proto::Request::Move {
+        from: request.from,
+        to: request.to,
+    };
+    let stat: nook_agent_proto::FileStat = state.control.file_call(&key, request).await?;
+    Ok(Json(crate::control::file_info(stat)))
+}
+
 fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -594,7 +799,8 @@ impl utoipa::Modify for BearerAuth {
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
         sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
-        process_stdin, signal_process, list_images, get_image, import_image, remove_image
+        process_stdin, signal_process, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
+        move_file, list_images, get_image, import_image, remove_image
     ),
     modifiers(&BearerAuth),
     tags(
@@ -602,6 +808,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "sandboxes", description = "Sandbox lifecycle"),
         (name = "exec", description = "Running processes in sandboxes"),
         (name = "processes", description = "Background processes that outlive connections, with output replay"),
+        (name = "files", description = "Files in sandboxes, streamed both ways"),
         (name = "images", description = "Images in the content-addressed store"),
     )
 )]

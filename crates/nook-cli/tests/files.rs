@@ -1,0 +1,277 @@
+//! Files in sandboxes: streaming upload and download, metadata operations, clear errors, and paths that cannot
+//! leave the sandbox whatever `..`, symlinks or /proc tricks they use.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{create, sh, shared_server};
+use futures::StreamExt;
+use nook_api::FileKind;
+
+/// A deterministic pseudo-random byte sequence, generated in chunks so that nothing holds the whole file.
+fn chunk(seed: u64, index: u64, len: usize) -> Vec<u8> {
+    let mut state = (seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+const CHUNK: usize = 1 << 20;
+
+#[tokio::test]
+async fn large_files_stream_both_ways_byte_identical() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-big").await;
+    let chunks = 256u64; // 256 MiB
+    let body = futures::stream::iter(0..chunks).map(|index| Ok::<_, std::io::Error>(chunk(7, index, CHUNK)));
+    let started = Instant::now();
+    let info = client
+        .upload_file(
+            &sandbox.id,
+            "/data/big.bin",
+            reqwest::Body::wrap_stream(body),
+            None,
+            true,
+        )
+        .await
+        .unwrap();
+    let upload_s = started.elapsed().as_secs_f64();
+    assert_eq!(
+        (info.size, info.kind, info.mode),
+        (chunks * CHUNK as u64, FileKind::File, 0o644)
+    );
+
+    let started = Instant::now();
+    let mut stream = client.download_file(&sandbox.id, "/data/big.bin").await.unwrap();
+    let mut expected = Vec::new();
+    let mut index = 0;
+    let mut total = 0u64;
+    while let Some(piece) = stream.next().await {
+        let mut piece = &piece.unwrap()[..];
+        total += piece.len() as u64;
+        while !piece.is_empty() {
+            if expected.is_empty() {
+                expected = chunk(7, index, CHUNK);
+                index += 1;
+            }
+            let n = piece.len().min(expected.len());
+            assert!(
+                piece[..n] == expected[..n],
+                "downloaded bytes differ near offset {total}"
+            );
+            piece = &piece[n..];
+            expected.drain(..n);
+        }
+    }
+    let download_s = started.elapsed().as_secs_f64();
+    assert_eq!(total, chunks * CHUNK as u64);
+    let mib = (chunks * CHUNK as u64) as f64 / (1 << 20) as f64;
+    eprintln!(
+        "upload {:.0} MiB/s, download {:.0} MiB/s (debug build)",
+        mib / upload_s,
+        mib / download_s
+    );
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn metadata_operations_work_and_fail_clearly() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-ops").await;
+    let id = sandbox.id.as_str();
+    let script = client
+        .upload_file(
+            id,
+            "/work/bin/run.sh",
+            "#!/bin/sh\necho ran\n".into(),
+            Some(0o755),
+            true,
+        )
+        .await;
+    assert_eq!(script.unwrap().mode, 0o755);
+    assert_eq!(sh(&client, id, "/work/bin/run.sh").await.stdout, "ran\n");
+
+    let dir = client.make_dir(id, "/work/a/b/c").await.unwrap();
+    assert_eq!(dir.kind, FileKind::Dir);
+    client
+        .upload_file(id, "/work/a/b/c/note.txt", "hi".into(), None, false)
+        .await
+        .unwrap();
+    let shallow: Vec<String> = client
+        .list_files(id, "/work", 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(shallow, ["/work/a", "/work/bin"]);
+    let deep = client.list_files(id, "/work", 4).await.unwrap();
+    assert!(deep
+        .iter()
+        .any(|entry| entry.path == "/work/a/b/c/note.txt" && entry.size == 2));
+
+    let moved = client
+        .move_file(id, "/work/a/b/c/note.txt", "/work/note.txt")
+        .await
+        .unwrap();
+    assert_eq!((moved.path.as_str(), moved.size), ("/work/note.txt", 2));
+    sh(&client, id, "ln -s /work/note.txt /work/link").await;
+    let link = client.stat_file(id, "/work/link").await.unwrap();
+    assert_eq!(
+        (link.kind, link.symlink_target.as_deref()),
+        (FileKind::Symlink, Some("/work/note.txt"))
+    );
+
+    for (what, error, code) in [
+        (
+            "stat of a missing path",
+            client.stat_file(id, "/nope").await.unwrap_err(),
+            "not_found",
+        ),
+        (
+            "relative path",
+            client.stat_file(id, "work/note.txt").await.unwrap_err(),
+            "invalid_path",
+        ),
+        (
+            "listing a file",
+            client.list_files(id, "/work/note.txt", 1).await.unwrap_err(),
+            "not_a_directory",
+        ),
+        (
+            "non-empty dir",
+            client.remove_file(id, "/work/a", false).await.unwrap_err(),
+            "not_empty",
+        ),
+        (
+            "missing parent",
+            client
+                .upload_file(id, "/x/y/z", "1".into(), None, false)
+                .await
+                .unwrap_err(),
+            "not_found",
+        ),
+        (
+            "root",
+            client.remove_file(id, "/", true).await.unwrap_err(),
+            "invalid_path",
+        ),
+    ] {
+        assert_eq!(error.code(), Some(code), "{what}: {error}");
+    }
+    client.remove_file(id, "/work/a", true).await.unwrap();
+    assert_eq!(
+        client.stat_file(id, "/work/a").await.unwrap_err().code(),
+        Some("not_found")
+    );
+    client.delete_sandbox(id).await.unwrap();
+}
+
+#[tokio::test]
+async fn paths_never_leave_the_sandbox() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-escape").await;
+    let id = sandbox.id.as_str();
+    let marker = format!("nook-escape-{}", &common::rand_suffix()[..8]);
+    sh(
+        &client,
+        id,
+        "ln -s / /tmp/root; ln -s ../../../../../../etc /tmp/up; ln -s /proc/1/root /tmp/proc-root",
+    )
+    .await;
+    let own_passwd = sh(&client, id, "cat /etc/passwd").await.stdout;
+
+    for path in [
+        "/../../../etc/passwd",
+        "/tmp/root/etc/passwd",
+        "/tmp/up/passwd",
+        "/tmp/proc-root/etc/passwd",
+        "/proc/1/root/etc/passwd",
+    ] {
+        let mut stream = client
+            .download_file(id, path)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut text = Vec::new();
+        while let Some(piece) = stream.next().await {
+            text.extend_from_slice(&piece.unwrap());
+        }
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            own_passwd,
+            "{path} did not read the sandbox's own file"
+        );
+    }
+    for path in [
+        format!("/../../tmp/{marker}"),
+        format!("/tmp/root/tmp/{marker}"),
+        format!("/tmp/up/../../tmp/{marker}"),
+    ] {
+        client
+            .upload_file(id, &path, "x".into(), None, false)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    assert!(
+        !std::path::Path::new("/tmp").join(&marker).exists(),
+        "an upload reached the host's /tmp"
+    );
+    assert_eq!(sh(&client, id, &format!("cat /tmp/{marker}")).await.stdout, "x");
+    client.delete_sandbox(id).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_leaves_nothing() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-cut").await;
+    let body = futures::stream::iter(0..4u64).map(|index| {
+        if index < 3 {
+            Ok(chunk(1, index, CHUNK))
+        } else {
+            Err(std::io::Error::other("the client's source failed"))
+        }
+    });
+    let result = client
+        .upload_file(
+            &sandbox.id,
+            "/tmp/partial.bin",
+            reqwest::Body::wrap_stream(body),
+            None,
+            false,
+        )
+        .await;
+    assert!(result.is_err(), "an interrupted upload reported success");
+    assert_eq!(
+        client
+            .stat_file(&sandbox.id, "/tmp/partial.bin")
+            .await
+            .unwrap_err()
+            .code(),
+        Some("not_found")
+    );
+    common::eventually(
+        "the partial upload's temporary file is gone",
+        std::time::Duration::from_secs(5),
+        || async {
+            client
+                .list_files(&sandbox.id, "/tmp", 1)
+                .await
+                .unwrap()
+                .iter()
+                .all(|entry| !entry.name.contains("partial"))
+        },
+    )
+    .await;
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+}
