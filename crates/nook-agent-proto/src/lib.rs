@@ -264,6 +264,55 @@ pub enum Request {
         /// Remove directories with their contents.
         recursive: bool,
     },
+    /// Find paths under `path` whose file name matches a glob (`*`, `?`, `[abc]`); answered with a [`FindResult`].
+    Find {
+        /// Absolute directory to search.
+        path: String,
+        /// Glob matched against each file name.
+        pattern: String,
+        /// Stop after this many matches.
+        max_results: u32,
+    },
+    /// Search file contents under `path` (a file or a directory, recursively) for a regular expression, like
+    /// `grep -rn`; binary files are skipped. Answered with a [`SearchResult`].
+    Search {
+        /// Absolute file or directory.
+        path: String,
+        /// Regular expression (Rust syntax, linear-time matching).
+        regex: String,
+        /// Only files whose name matches this glob.
+        include: Option<String>,
+        /// Stop after this many matching lines.
+        max_results: u32,
+        /// Stop after this many milliseconds.
+        timeout_ms: u64,
+    },
+    /// Replace every match of a regular expression in the given files (each rewritten atomically, mode kept);
+    /// answered with a `Vec<Replaced>`.
+    Replace {
+        /// Absolute paths of the files.
+        paths: Vec<String>,
+        /// Regular expression.
+        regex: String,
+        /// Replacement text (`$1`, `${name}` refer to groups).
+        replacement: String,
+    },
+    /// Change permission bits; answered with the [`FileStat`].
+    Chmod {
+        /// Absolute path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Change owner and group; answered with the [`FileStat`].
+    Chown {
+        /// Absolute path.
+        path: String,
+        /// New owner uid.
+        uid: u32,
+        /// New group gid.
+        gid: u32,
+    },
     /// List the background processes the agent knows (running, and recently ended); answered with a
     /// `Vec<ProcessInfo>`.
     List,
@@ -304,6 +353,46 @@ pub struct FileStat {
     pub modified_ms: i64,
     /// Where a symlink points.
     pub symlink_target: Option<String>,
+}
+
+/// Answer to [`Request::Find`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindResult {
+    /// Matching paths, sorted.
+    pub matches: Vec<FileStat>,
+    /// Whether the search stopped at `max_results`.
+    pub truncated: bool,
+}
+
+/// One matching line of a [`Request::Search`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchMatch {
+    /// File.
+    pub path: String,
+    /// Line number, from 1.
+    pub line_number: u64,
+    /// The line (without its newline; long lines are cut at 4096 bytes).
+    pub line: String,
+}
+
+/// Answer to [`Request::Search`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchResult {
+    /// Matching lines, by file then line.
+    pub matches: Vec<SearchMatch>,
+    /// Whether the search stopped early (result limit or time limit).
+    pub truncated: bool,
+    /// Files searched.
+    pub files_searched: u64,
+}
+
+/// One file of a [`Request::Replace`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replaced {
+    /// File.
+    pub path: String,
+    /// Matches replaced.
+    pub replacements: u64,
 }
 
 /// Payload of [`FrameKind::Reply`] for [`Request::Spawn`].

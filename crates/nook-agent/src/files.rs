@@ -54,6 +54,28 @@ impl FileError {
     }
 }
 
+/// A failed I/O operation on a path, with a stable code.
+pub fn io_error(action: &str, path: &Path, error: std::io::Error) -> FileError {
+    FileError::io(action, path, error)
+}
+
+/// Sets permission bits (a final symlink is followed, as chmod(1) does).
+pub fn chmod(path: &Path, mode: u32) -> Result<FileStat, FileError> {
+    if mode > 0o7777 {
+        return Err(FileError::invalid(format!("mode {mode:o} has bits beyond 7777")));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| FileError::io("changing the mode of", path, e))?;
+    stat(path)
+}
+
+/// Sets owner and group (of a symlink itself, never of what it points to).
+pub fn chown(path: &Path, uid: u32, gid: u32) -> Result<FileStat, FileError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .map_err(|e| FileError::io("changing the owner of", path, e))?;
+    stat(path)
+}
+
 /// Checks and normalises a client's path: absolute, no NUL, bounded; `.` and `..` resolved lexically (`..` at the
 /// root stays at the root, as the kernel does).
 pub fn clean_path(path: &str) -> Result<PathBuf, FileError> {

@@ -11,6 +11,7 @@
 mod boot;
 mod files;
 mod processes;
+mod search;
 mod serve;
 mod users;
 

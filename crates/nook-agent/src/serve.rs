@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::files;
 use crate::processes::{Registry, Stream};
+use crate::search;
 use crate::users;
 
 /// How long output is still collected after the process exited, for descendants that keep its pipes open.
@@ -203,6 +204,64 @@ async fn handle(
             let result = files::clean_path(&from)
                 .and_then(|from| files::clean_path(&to).and_then(|to| files::move_path(&from, &to)));
             reply(&mut writer, result).await
+        }
+        Request::Find {
+            path,
+            pattern,
+            max_results,
+        } => {
+            let result = files::clean_path(&path).and_then(|p| search::find(&p, &pattern, max_results));
+            reply(&mut writer, result).await
+        }
+        Request::Search {
+            path,
+            regex,
+            include,
+            max_results,
+            timeout_ms,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms.clamp(1, 600_000));
+            let result = match files::clean_path(&path) {
+                // A search can take a while: keep it off the agent's only runtime thread.
+                Ok(path) => tokio::task::spawn_blocking(move || {
+                    search::search(&path, &regex, include.as_deref(), max_results, timeout)
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(files::FileError {
+                        code: "io_error",
+                        message: "the search failed".into(),
+                    })
+                }),
+                Err(error) => Err(error),
+            };
+            reply(&mut writer, result).await
+        }
+        Request::Replace {
+            paths,
+            regex,
+            replacement,
+        } => {
+            let result = paths
+                .iter()
+                .map(|path| files::clean_path(path))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|paths| search::replace(&paths, &regex, &replacement));
+            reply(&mut writer, result).await
+        }
+        Request::Chmod { path, mode } => {
+            reply(
+                &mut writer,
+                files::clean_path(&path).and_then(|p| files::chmod(&p, mode)),
+            )
+            .await
+        }
+        Request::Chown { path, uid, gid } => {
+            reply(
+                &mut writer,
+                files::clean_path(&path).and_then(|p| files::chown(&p, uid, gid)),
+            )
+            .await
         }
         Request::Remove { path, recursive } => {
             let result = files::clean_path(&path)

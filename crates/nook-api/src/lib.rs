@@ -432,6 +432,106 @@ pub struct FileList {
     pub entries: Vec<FileInfo>,
 }
 
+/// Response of `GET /v1/sandboxes/{sandbox}/files/find`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FindResult {
+    /// Matching paths, sorted.
+    pub matches: Vec<FileInfo>,
+    /// Whether the result limit stopped the search.
+    pub truncated: bool,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/files/search`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// Absolute file or directory to search (recursively; symlinks are not followed, binary files skipped).
+    pub path: String,
+    /// Regular expression (linear-time syntax: no backreferences or lookaround).
+    pub regex: String,
+    /// Only files whose name matches this glob, e.g. `*.py`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<String>,
+    /// Most matching lines to return (1000 by default, at most 100000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_results: Option<u32>,
+    /// Time limit in milliseconds (10 s by default, at most 600 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One matching line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SearchMatch {
+    /// File.
+    pub path: String,
+    /// Line number, from 1.
+    pub line_number: u64,
+    /// The line, without its newline (cut at 4 KiB).
+    pub line: String,
+}
+
+/// Response of `POST /v1/sandboxes/{sandbox}/files/search`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SearchResult {
+    /// Matching lines, by file then line.
+    pub matches: Vec<SearchMatch>,
+    /// Whether the result or time limit stopped the search.
+    pub truncated: bool,
+    /// Text files searched.
+    pub files_searched: u64,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/files/replace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceRequest {
+    /// Absolute paths of the files to rewrite.
+    pub paths: Vec<String>,
+    /// Regular expression.
+    pub regex: String,
+    /// Replacement; `$1` or `${name}` insert groups.
+    pub replacement: String,
+}
+
+/// One rewritten file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplacedFile {
+    /// File.
+    pub path: String,
+    /// Matches replaced.
+    pub replacements: u64,
+}
+
+/// Response of `POST /v1/sandboxes/{sandbox}/files/replace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplaceResult {
+    /// Each file and its count.
+    pub files: Vec<ReplacedFile>,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/files/chmod`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChmodRequest {
+    /// Absolute path.
+    pub path: String,
+    /// Permission bits, e.g. 493 (0o755).
+    pub mode: u32,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/files/chown`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChownRequest {
+    /// Absolute path.
+    pub path: String,
+    /// New owner uid.
+    pub uid: u32,
+    /// New group gid.
+    pub gid: u32,
+}
+
 /// Body of `POST /v1/sandboxes/{sandbox}/files/mkdir`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

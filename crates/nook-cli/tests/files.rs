@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use common::{create, sh, shared_server};
 use futures::StreamExt;
-use nook_api::FileKind;
+use nook_api::{FileKind, ReplaceRequest, SearchRequest};
 
 /// A deterministic pseudo-random byte sequence, generated in chunks so that nothing holds the whole file.
 fn chunk(seed: u64, index: u64, len: usize) -> Vec<u8> {
@@ -274,4 +274,90 @@ async fn an_interrupted_upload_leaves_nothing() {
     )
     .await;
     client.delete_sandbox(&sandbox.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn search_find_replace_and_permissions() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-search").await;
+    let id = sandbox.id.as_str();
+    sh(
+        &client,
+        id,
+        "mkdir -p /src/pkg && printf 'import os\\n# TODO: fix\\n' > /src/main.py && \\
+         printf '# TODO: test\\nx = 1\\n' > /src/pkg/util.py && printf 'TODO in notes\\n' > /src/notes.md && \\
+         ln -s /etc /src/etc-link",
+    )
+    .await;
+
+    let found = client
+        .search_files(
+            id,
+            &SearchRequest {
+                path: "/src".into(),
+                regex: r"TODO: (\w+)".into(),
+                include: Some("*.py".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let hits: Vec<(String, u64)> = found.matches.iter().map(|m| (m.path.clone(), m.line_number)).collect();
+    assert_eq!(
+        hits,
+        [("/src/main.py".to_string(), 2), ("/src/pkg/util.py".to_string(), 1)]
+    );
+    assert!(!found.truncated);
+    let bad = client
+        .search_files(
+            id,
+            &SearchRequest {
+                path: "/src".into(),
+                regex: "(".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(bad.unwrap_err().code(), Some("invalid_pattern"));
+
+    let py: Vec<String> = client
+        .find_files(id, "/src", "*.py")
+        .await
+        .unwrap()
+        .matches
+        .into_iter()
+        .map(|m| m.path)
+        .collect();
+    assert_eq!(
+        py,
+        ["/src/main.py", "/src/pkg/util.py"],
+        "symlinked directories must not be followed"
+    );
+
+    let replaced = client
+        .replace_in_files(
+            id,
+            &ReplaceRequest {
+                paths: vec!["/src/main.py".into(), "/src/pkg/util.py".into()],
+                regex: r"TODO: (\w+)".into(),
+                replacement: "DONE: $1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.files.iter().map(|f| f.replacements).sum::<u64>(), 2);
+    assert_eq!(
+        sh(&client, id, "cat /src/pkg/util.py").await.stdout,
+        "# DONE: test\nx = 1\n"
+    );
+
+    assert_eq!(client.chmod_file(id, "/src/main.py", 0o600).await.unwrap().mode, 0o600);
+    let owned = client.chown_file(id, "/src/main.py", 1000, 1000).await.unwrap();
+    assert_eq!((owned.uid, owned.gid), (1000, 1000));
+    assert_eq!(
+        sh(&client, id, "stat -c '%a %U' /src/main.py").await.stdout,
+        "600 user\n"
+    );
+    client.delete_sandbox(id).await.unwrap();
 }

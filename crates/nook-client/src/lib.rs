@@ -9,9 +9,10 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use nook_api::{
-    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, FileInfo, FileList, Health, Image,
-    ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, Sandbox, SandboxEvent, SandboxEventList,
-    SandboxList, SandboxState, SignalRequest,
+    ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
+    FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
+    ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList, SandboxState, SearchRequest,
+    SearchResult, SignalRequest,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -433,6 +434,48 @@ impl Client {
             .append_pair("recursive", &recursive.to_string());
         self.send(self.request(Method::DELETE, url)).await?;
         Ok(())
+    }
+
+    /// Paths under `path` whose name matches a glob.
+    pub async fn find_files(&self, key: &str, path: &str, pattern: &str) -> Result<FindResult, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files", "find"]);
+        url.query_pairs_mut()
+            .append_pair("path", path)
+            .append_pair("pattern", pattern);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// Lines matching a regular expression in the files under a path.
+    pub async fn search_files(&self, key: &str, request: &SearchRequest) -> Result<SearchResult, ClientError> {
+        let url = self.url_for(&["v1", "sandboxes", key, "files", "search"]);
+        self.json(self.request(Method::POST, url).json(request)).await
+    }
+
+    /// Replaces every match of a regular expression in the given files.
+    pub async fn replace_in_files(&self, key: &str, request: &ReplaceRequest) -> Result<ReplaceResult, ClientError> {
+        let url = self.url_for(&["v1", "sandboxes", key, "files", "replace"]);
+        self.json(self.request(Method::POST, url).json(request)).await
+    }
+
+    /// Changes permission bits.
+    pub async fn chmod_file(&self, key: &str, path: &str, mode: u32) -> Result<FileInfo, ClientError> {
+        let url = self.url_for(&["v1", "sandboxes", key, "files", "chmod"]);
+        self.json(self.request(Method::POST, url).json(&ChmodRequest {
+            path: path.into(),
+            mode,
+        }))
+        .await
+    }
+
+    /// Changes owner and group.
+    pub async fn chown_file(&self, key: &str, path: &str, uid: u32, gid: u32) -> Result<FileInfo, ClientError> {
+        let url = self.url_for(&["v1", "sandboxes", key, "files", "chown"]);
+        self.json(self.request(Method::POST, url).json(&ChownRequest {
+            path: path.into(),
+            uid,
+            gid,
+        }))
+        .await
     }
 
     /// All images.

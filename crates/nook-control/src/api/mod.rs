@@ -20,9 +20,10 @@ use base64::Engine as _;
 use futures::StreamExt;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
-    ApiError, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, FileInfo, FileList, Health, Image,
-    ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, Sandbox, SandboxEventList, SandboxList,
-    SandboxState, SignalRequest,
+    ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
+    FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
+    ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState, SearchMatch,
+    SearchRequest, SearchResult, SignalRequest,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -66,6 +67,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/list", get(list_files))
         .route("/v1/sandboxes/{sandbox}/files/mkdir", post(make_dir))
         .route("/v1/sandboxes/{sandbox}/files/move", post(move_file))
+        .route("/v1/sandboxes/{sandbox}/files/find", get(find_files))
+        .route("/v1/sandboxes/{sandbox}/files/search", post(search_files))
+        .route("/v1/sandboxes/{sandbox}/files/replace", post(replace_in_files))
+        .route("/v1/sandboxes/{sandbox}/files/chmod", post(chmod_file))
+        .route("/v1/sandboxes/{sandbox}/files/chown", post(chown_file))
         .route("/v1/images", get(list_images))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
@@ -726,6 +732,140 @@ async fn move_file(
     Ok(Json(crate::control::file_info(stat)))
 }
 
+/// Query of a find.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct FindQuery {
+    /// Absolute directory to search.
+    path: String,
+    /// Glob matched against file names, e.g. `*.py`.
+    pattern: String,
+    /// Most matches to return (1000 by default).
+    max_results: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/files/find", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), FindQuery),
+    responses((status = 200, description = "Paths whose name matches, sorted (symlinks are not followed)", body = FindResult),
+              (status = 400, description = "Invalid path or glob", body = ApiError)),
+    security(("bearer" = [])))]
+async fn find_files(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<FindQuery>,
+) -> Result<Json<FindResult>, ApiFailure> {
+    let request = nook_agent_proto::Request::Find {
+        path: query.path,
+        pattern: query.pattern,
+        max_results: query.max_results.unwrap_or(1000),
+    };
+    let found: nook_agent_proto::FindResult = state.control.file_call(&key, request).await?;
+    Ok(Json(FindResult {
+        matches: found.matches.into_iter().map(crate::control::file_info).collect(),
+        truncated: found.truncated,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/files/search", tag = "files", request_body = SearchRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Matching lines, like grep -rn", body = SearchResult),
+              (status = 400, description = "Invalid path or pattern", body = ApiError)),
+    security(("bearer" = [])))]
+async fn search_files(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<SearchRequest>,
+) -> Result<Json<SearchResult>, ApiFailure> {
+    let request = nook_agent_proto::Request::Search {
+        path: request.path,
+        regex: request.regex,
+        include: request.include,
+        max_results: request.max_results.unwrap_or(1000),
+        timeout_ms: request.timeout_ms.unwrap_or(10_000).min(600_000),
+    };
+    let found: nook_agent_proto::SearchResult = state.control.file_call(&key, request).await?;
+    Ok(Json(SearchResult {
+        matches: found
+            .matches
+            .into_iter()
+            .map(|m| SearchMatch {
+                path: m.path,
+                line_number: m.line_number,
+                line: m.line,
+            })
+            .collect(),
+        truncated: found.truncated,
+        files_searched: found.files_searched,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/files/replace", tag = "files", request_body = ReplaceRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Each file rewritten atomically, with its count", body = ReplaceResult),
+              (status = 400, description = "Invalid pattern, or a path that is not a text file", body = ApiError)),
+    security(("bearer" = [])))]
+async fn replace_in_files(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ReplaceRequest>,
+) -> Result<Json<ReplaceResult>, ApiFailure> {
+    if request.paths.is_empty() || request.paths.len() > 10_000 {
+        return Err(ApiFailure::invalid("give between 1 and 10000 paths"));
+    }
+    let request = nook_agent_proto::Request::Replace {
+        paths: request.paths,
+        regex: request.regex,
+        replacement: request.replacement,
+    };
+    let replaced: Vec<nook_agent_proto::Replaced> = state.control.file_call(&key, request).await?;
+    Ok(Json(ReplaceResult {
+        files: replaced
+            .into_iter()
+            .map(|r| ReplacedFile {
+                path: r.path,
+                replacements: r.replacements,
+            })
+            .collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/files/chmod", tag = "files", request_body = ChmodRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The path after the change", body = FileInfo),
+              (status = 404, description = "No such path", body = ApiError)),
+    security(("bearer" = [])))]
+async fn chmod_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ChmodRequest>,
+) -> Result<Json<FileInfo>, ApiFailure> {
+    let request = nook_agent_proto::Request::Chmod {
+        path: request.path,
+        mode: request.mode,
+    };
+    let stat: nook_agent_proto::FileStat = state.control.file_call(&key, request).await?;
+    Ok(Json(crate::control::file_info(stat)))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/files/chown", tag = "files", request_body = ChownRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The path after the change (a symlink itself, not its target)", body = FileInfo),
+              (status = 404, description = "No such path", body = ApiError)),
+    security(("bearer" = [])))]
+async fn chown_file(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ChownRequest>,
+) -> Result<Json<FileInfo>, ApiFailure> {
+    let request = nook_agent_proto::Request::Chown {
+        path: request.path,
+        uid: request.uid,
+        gid: request.gid,
+    };
+    let stat: nook_agent_proto::FileStat = state.control.file_call(&key, request).await?;
+    Ok(Json(crate::control::file_info(stat)))
+}
+
 fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -800,7 +940,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
         sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
-        move_file, list_images, get_image, import_image, remove_image
+        move_file, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
     ),
     modifiers(&BearerAuth),
     tags(
