@@ -52,6 +52,8 @@ pub enum FrameKind {
     End = 18,
     /// Agent → client: bytes of a file being read.
     FileData = 19,
+    /// Agent → client: JSON [`WatchEvent`], one change under a watched directory.
+    WatchEvent = 20,
 }
 
 impl FrameKind {
@@ -71,6 +73,7 @@ impl FrameKind {
             17 => Self::Attached,
             18 => Self::End,
             19 => Self::FileData,
+            20 => Self::WatchEvent,
             _ => return None,
         })
     }
@@ -297,6 +300,14 @@ pub enum Request {
         /// Replacement text (`$1`, `${name}` refer to groups).
         replacement: String,
     },
+    /// Watch a directory (and, with `recursive`, its subdirectories, including ones created later): answered with
+    /// `{}` once the watch is in place, then a [`FrameKind::WatchEvent`] per change until the client disconnects.
+    Watch {
+        /// Absolute directory.
+        path: String,
+        /// Watch subdirectories too.
+        recursive: bool,
+    },
     /// Change permission bits; answered with the [`FileStat`].
     Chmod {
         /// Absolute path.
@@ -353,6 +364,37 @@ pub struct FileStat {
     pub modified_ms: i64,
     /// Where a symlink points.
     pub symlink_target: Option<String>,
+}
+
+/// What changed under a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchEventKind {
+    /// A file or directory appeared.
+    Create,
+    /// A file opened for writing was closed (one event per writer, not one per write).
+    Write,
+    /// A file or directory was removed.
+    Remove,
+    /// A path was renamed away from here.
+    RenameFrom,
+    /// A path was renamed to here.
+    RenameTo,
+    /// Permissions, owner or times changed.
+    Metadata,
+    /// The kernel dropped events (its queue overflowed): re-list the directory.
+    Overflow,
+}
+
+/// Payload of [`FrameKind::WatchEvent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    /// What happened.
+    pub kind: WatchEventKind,
+    /// The absolute path it happened to (the watched directory for `overflow`).
+    pub path: String,
+    /// Whether the path is a directory.
+    pub is_dir: bool,
 }
 
 /// Answer to [`Request::Find`].

@@ -14,6 +14,7 @@ mod processes;
 mod search;
 mod serve;
 mod users;
+mod watch;
 
 fn main() {
     let mut args = std::env::args().skip(1);

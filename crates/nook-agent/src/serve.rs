@@ -33,6 +33,7 @@ use crate::files;
 use crate::processes::{Registry, Stream};
 use crate::search;
 use crate::users;
+use crate::watch;
 
 /// How long output is still collected after the process exited, for descendants that keep its pipes open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(250);
@@ -249,6 +250,13 @@ async fn handle(
                 .and_then(|paths| search::replace(&paths, &regex, &replacement));
             reply(&mut writer, result).await
         }
+        Request::Watch { path, recursive } => match files::clean_path(&path) {
+            Ok(path) => match watch::serve(&path, recursive, reader, &mut writer).await? {
+                Ok(()) => Ok(()),
+                Err(error) => send_error(&mut writer, error.code, error.message).await,
+            },
+            Err(error) => send_error(&mut writer, error.code, error.message).await,
+        },
         Request::Chmod { path, mode } => {
             reply(
                 &mut writer,

@@ -432,6 +432,42 @@ pub struct FileList {
     pub entries: Vec<FileInfo>,
 }
 
+/// What changed under a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchEventKind {
+    /// A file or directory appeared.
+    Create,
+    /// A file opened for writing was closed.
+    Write,
+    /// A file or directory was removed.
+    Remove,
+    /// A path was renamed away.
+    RenameFrom,
+    /// A path was renamed to here.
+    RenameTo,
+    /// Permissions, owner or times changed.
+    Metadata,
+    /// The kernel dropped events: list the directory again.
+    Overflow,
+    /// Nothing happened for 15 s (sent so idle streams are never cut).
+    Keepalive,
+    /// The watch ended abnormally (for example, the sandbox stopped); `path` holds the reason.
+    Error,
+}
+
+/// One line of the NDJSON stream of `GET /v1/sandboxes/{sandbox}/files/watch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WatchEvent {
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: WatchEventKind,
+    /// The absolute path it happened to (the reason, for `error`).
+    pub path: String,
+    /// Whether the path is a directory.
+    pub is_dir: bool,
+}
+
 /// Response of `GET /v1/sandboxes/{sandbox}/files/find`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FindResult {

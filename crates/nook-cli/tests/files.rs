@@ -361,3 +361,71 @@ async fn search_find_replace_and_permissions() {
     );
     client.delete_sandbox(id).await.unwrap();
 }
+
+#[tokio::test]
+async fn watching_a_directory_reports_changes_recursively() {
+    use nook_api::{WatchEvent, WatchEventKind};
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-watch").await;
+    let id = sandbox.id.as_str();
+    client.make_dir(id, "/w").await.unwrap();
+    let mut events = client.watch_files(id, "/w", true).await.unwrap();
+    let event = |kind, path: &str, is_dir| WatchEvent {
+        kind,
+        path: path.into(),
+        is_dir,
+    };
+
+    sh(&client, id, "mkdir /w/sub").await;
+    assert_eq!(
+        next_change(&mut events).await,
+        event(WatchEventKind::Create, "/w/sub", true)
+    );
+    // The new subdirectory is watched too.
+    sh(
+        &client,
+        id,
+        "echo hi > /w/sub/a.txt && mv /w/sub/a.txt /w/b.txt && chmod 600 /w/b.txt && rm /w/b.txt",
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(next_change(&mut events).await);
+    }
+    assert_eq!(
+        seen,
+        [
+            event(WatchEventKind::Create, "/w/sub/a.txt", false),
+            event(WatchEventKind::Write, "/w/sub/a.txt", false),
+            event(WatchEventKind::RenameFrom, "/w/sub/a.txt", false),
+            event(WatchEventKind::RenameTo, "/w/b.txt", false),
+            event(WatchEventKind::Metadata, "/w/b.txt", false),
+            event(WatchEventKind::Remove, "/w/b.txt", false),
+        ]
+    );
+    drop(events);
+    let not_dir = client
+        .watch_files(id, "/etc/passwd", false)
+        .await
+        .err()
+        .expect("watching a file must fail");
+    assert_eq!(not_dir.code(), Some("not_a_directory"));
+    client.delete_sandbox(id).await.unwrap();
+}
+
+/// The next watch event that is not a keepalive, within 20 s.
+async fn next_change(
+    events: &mut (impl futures::Stream<Item = Result<nook_api::WatchEvent, nook_client::ClientError>> + Unpin),
+) -> nook_api::WatchEvent {
+    loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(20), events.next())
+            .await
+            .expect("no watch event within 20 s")
+            .expect("the watch stream ended")
+            .unwrap();
+        if event.kind != nook_api::WatchEventKind::Keepalive {
+            return event;
+        }
+    }
+}

@@ -12,7 +12,7 @@ use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
     ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList, SandboxState, SearchRequest,
-    SearchResult, SignalRequest,
+    SearchResult, SignalRequest, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -434,6 +434,44 @@ impl Client {
             .append_pair("recursive", &recursive.to_string());
         self.send(self.request(Method::DELETE, url)).await?;
         Ok(())
+    }
+
+    /// Watches a directory: the watch is in place when this returns; events arrive until the stream is dropped.
+    pub async fn watch_files(
+        &self,
+        key: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<WatchEvent, ClientError>> + Send>>, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files", "watch"]);
+        url.query_pairs_mut()
+            .append_pair("path", path)
+            .append_pair("recursive", &recursive.to_string());
+        let response = self.send(self.request(Method::GET, url)).await?;
+        let base = self.base.to_string();
+        let lines = futures::stream::unfold(
+            (response.bytes_stream(), Vec::<u8>::new()),
+            move |(mut bytes, mut buffer)| {
+                let base = base.clone();
+                async move {
+                    loop {
+                        if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buffer.drain(..=end).collect();
+                            let parsed = serde_json::from_slice::<WatchEvent>(&line[..line.len() - 1])
+                                .map_err(|error| ClientError::Decode(error.to_string()));
+                            return Some((parsed, (bytes, buffer)));
+                        }
+                        match bytes.next().await? {
+                            Ok(chunk) => buffer.extend_from_slice(&chunk),
+                            Err(source) => {
+                                return Some((Err(ClientError::Transport { url: base, source }), (bytes, Vec::new())))
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(lines))
     }
 
     /// Paths under `path` whose name matches a glob.

@@ -419,6 +419,17 @@ impl Control {
         ))
     }
 
+    /// Watches a directory until the receiver is dropped.
+    pub async fn watch(
+        &self,
+        key: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<nook_runner::agent_client::WatchEvents, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        Ok(self.runner.watch(&sandbox.id, path, recursive).await?)
+    }
+
     /// A file operation with a JSON answer, decoded as `T`.
     pub async fn file_call<T: serde::de::DeserializeOwned>(
         &self,
@@ -562,6 +573,26 @@ pub fn file_info(stat: nook_agent_proto::FileStat) -> FileInfo {
         gid: stat.gid,
         modified_at: chrono::DateTime::from_timestamp_millis(stat.modified_ms).unwrap_or_default(),
         symlink_target: stat.symlink_target,
+    }
+}
+
+/// The API's form of the agent's watch event.
+pub fn watch_event(event: nook_agent_proto::WatchEvent) -> nook_api::WatchEvent {
+    use nook_agent_proto::WatchEventKind as Agent;
+    use nook_api::WatchEventKind as Api;
+    let kind = match event.kind {
+        Agent::Create => Api::Create,
+        Agent::Write => Api::Write,
+        Agent::Remove => Api::Remove,
+        Agent::RenameFrom => Api::RenameFrom,
+        Agent::RenameTo => Api::RenameTo,
+        Agent::Metadata => Api::Metadata,
+        Agent::Overflow => Api::Overflow,
+    };
+    nook_api::WatchEvent {
+        kind,
+        path: event.path,
+        is_dir: event.is_dir,
     }
 }
 

@@ -295,6 +295,48 @@ pub async fn write_file(
     }
 }
 
+/// Watches a directory through the agent: the watch is in place when this returns; events follow on the channel
+/// until it is dropped (which closes the connection and the agent's watch).
+pub async fn watch(socket: &Path, path: String, recursive: bool) -> Result<Answer<WatchEvents>, ProtocolError> {
+    let mut stream = UnixStream::connect(socket).await?;
+    write_json(&mut stream, FrameKind::Request, &Request::Watch { path, recursive }).await?;
+    match read_frame(&mut stream).await? {
+        Some(frame) if frame.kind == FrameKind::Reply => {}
+        Some(frame) if frame.kind == FrameKind::Error => {
+            let error: AgentError = frame.parse()?;
+            return Ok(Answer::Refused {
+                code: error.code,
+                message: error.message,
+            });
+        }
+        Some(frame) => return Err(ProtocolError::Unexpected(frame.kind)),
+        None => return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    }
+    let (sender, events) = mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                () = sender.closed() => return,
+                frame = read_frame(&mut stream) => frame,
+            };
+            let event = match frame {
+                Ok(Some(frame)) if frame.kind == FrameKind::WatchEvent => frame.parse().map_err(|e| e.to_string()),
+                Ok(Some(frame)) => Err(format!("unexpected {:?} frame from the agent", frame.kind)),
+                Ok(None) => Err("the agent ended the watch (the sandbox may have stopped)".to_string()),
+                Err(error) => Err(format!("reading from the agent failed: {error}")),
+            };
+            let failed = event.is_err();
+            if sender.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok(Answer::Done(events))
+}
+
+/// Changes under a watched directory; an `Err` item ends the stream.
+pub type WatchEvents = mpsc::Receiver<Result<nook_agent_proto::WatchEvent, String>>;
+
 fn broken(error: &ProtocolError) -> ExecOutput {
     ExecOutput::Error {
         code: "agent_protocol".into(),

@@ -186,6 +186,8 @@ pub trait Runner: Send + Sync + 'static {
         parents: bool,
         body: ByteStream,
     ) -> Result<nook_agent_proto::FileStat, RunnerError>;
+    /// Watches a directory; the watch is in place when this returns and lasts until the receiver is dropped.
+    async fn watch(&self, id: &str, path: &str, recursive: bool) -> Result<agent_client::WatchEvents, RunnerError>;
     /// A file operation answered with one JSON value (stat, list, mkdir, move, remove).
     async fn file_call(&self, id: &str, request: nook_agent_proto::Request) -> Result<serde_json::Value, RunnerError>;
     /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).

@@ -710,6 +710,18 @@ impl Runner for LocalRunner {
         }
     }
 
+    async fn watch(&self, id: &str, path: &str, recursive: bool) -> Result<agent_client::WatchEvents, RunnerError> {
+        self.running(id)?;
+        match agent_client::watch(&self.socket_path(id), path.to_string(), recursive).await {
+            Ok(agent_client::Answer::Done(events)) => Ok(events),
+            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
+            Err(source) => Err(RunnerError::Agent {
+                sandbox_id: id.to_string(),
+                source,
+            }),
+        }
+    }
+
     async fn file_call(&self, id: &str, request: Request) -> Result<serde_json::Value, RunnerError> {
         self.call(id, &request).await
     }

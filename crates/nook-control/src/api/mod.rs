@@ -23,7 +23,7 @@ use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
     ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState, SearchMatch,
-    SearchRequest, SearchResult, SignalRequest,
+    SearchRequest, SearchResult, SignalRequest, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/mkdir", post(make_dir))
         .route("/v1/sandboxes/{sandbox}/files/move", post(move_file))
         .route("/v1/sandboxes/{sandbox}/files/find", get(find_files))
+        .route("/v1/sandboxes/{sandbox}/files/watch", get(watch_files))
         .route("/v1/sandboxes/{sandbox}/files/search", post(search_files))
         .route("/v1/sandboxes/{sandbox}/files/replace", post(replace_in_files))
         .route("/v1/sandboxes/{sandbox}/files/chmod", post(chmod_file))
@@ -866,6 +867,67 @@ async fn chown_file(
     Ok(Json(crate::control::file_info(stat)))
 }
 
+/// Query of a watch.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct WatchQuery {
+    /// Absolute directory.
+    path: String,
+    /// Watch subdirectories too, including ones created later.
+    #[serde(default)]
+    recursive: bool,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/files/watch", tag = "files",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), WatchQuery),
+    responses((status = 200, description = "NDJSON: one WatchEvent per change (the watch is in place when the \
+               response starts), keepalives while idle, until the client disconnects",
+               body = WatchEvent, content_type = "application/x-ndjson"),
+              (status = 400, description = "Not a directory", body = ApiError),
+              (status = 404, description = "No such sandbox or directory", body = ApiError)),
+    security(("bearer" = [])))]
+async fn watch_files(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<WatchQuery>,
+) -> Result<Response, ApiFailure> {
+    let events = state.control.watch(&key, &query.path, query.recursive).await?;
+    let body = futures::stream::unfold(Some(events), |state| async move {
+        let mut events = state?;
+        let (event, last) = match tokio::time::timeout(KEEPALIVE, events.recv()).await {
+            Err(_) => (
+                WatchEvent {
+                    kind: WatchEventKind::Keepalive,
+                    path: String::new(),
+                    is_dir: false,
+                },
+                false,
+            ),
+            Ok(Some(Ok(event))) => (crate::control::watch_event(event), false),
+            Ok(Some(Err(reason))) => (
+                WatchEvent {
+                    kind: WatchEventKind::Error,
+                    path: reason,
+                    is_dir: false,
+                },
+                true,
+            ),
+            Ok(None) => return None,
+        };
+        let mut line = serde_json::to_vec(&event).expect("events serialize");
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(line),
+            if last { None } else { Some(events) },
+        ))
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(body))
+        .expect("valid response"))
+}
+
 fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -940,7 +1002,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
         sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
-        move_file, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
     ),
     modifiers(&BearerAuth),
     tags(
