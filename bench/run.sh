@@ -2,6 +2,7 @@
 # Benchmark nook against runc and gVisor's runsc on this machine and print a markdown report on stdout.
 #
 # Usage: bench/run.sh [nook-bench flags...]      e.g. bench/run.sh --sandboxes 30 --execs 100 --peer-runs 20
+#        (nook-bench --help lists them all: also --processes, --file-mib, --file-runs, --runsc, --work-dir...)
 #
 # Steps, each idempotent:
 #   1. install runc (Debian main) and a current runsc (bookworm-backports: main's 2022 runsc has no systrap

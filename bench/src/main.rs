@@ -1,8 +1,10 @@
 //! `nook-bench`: measures nook's create→first exec and exec round trip against runc and runsc running the same
-//! root filesystem on the same machine, and prints a markdown report of figures and ratios (never pass/fail).
+//! root filesystem on the same machine, plus nook's background process start→first output and file upload and
+//! download throughput, and prints a markdown report of figures and ratios (never pass/fail).
 //!
 //! Flow: make a work directory under `--work-dir`; start the bench's own `nook serve` there (fresh data directory,
-//! free loopback port, random admin key) and wait for its health check; run the nook series through the Rust client;
+//! free loopback port, random admin key) and wait for its health check; run the nook series through the Rust client
+//! (sampling the server's peak resident memory before and after the file transfers);
 //! find the base image's unpacked layer in the server's data directory and run the peer series on it; then delete
 //! every sandbox, stop the server, remove the work directory and print the report on stdout. Progress goes to
 //! stderr. The exit status is non-zero only when setup or a nook call failed; peers that cannot run are reported as
@@ -28,9 +30,9 @@ use rand::Rng as _;
 
 use crate::interrupt::Interrupt;
 use crate::machine::MachineFacts;
-use crate::nook::{CreateFigures, Sandboxes};
+use crate::nook::{CreateFigures, FileFigures, Sandboxes};
 use crate::peers::{PeerFigures, PeerOptions};
-use crate::server::{NookServer, ServerOptions};
+use crate::server::{MemoryAroundFiles, NookServer, ServerOptions};
 use crate::stats::Summary;
 
 /// Benchmarks nook against runc and runsc on this machine and prints a markdown report.
@@ -52,6 +54,15 @@ struct Args {
     /// Timed exec round trips in one sandbox.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     execs: u32,
+    /// Timed background processes (`echo ready`, timed to the first output line) in one sandbox.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    processes: u32,
+    /// Size of the file uploaded and downloaded in the file throughput series, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    file_mib: u32,
+    /// Timed upload+download runs in the file throughput series.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    file_runs: u32,
     /// Timed runs per peer series (runc run, runc exec, runsc run).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     peer_runs: u32,
@@ -115,9 +126,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "{}",
         report::render(&report::Report {
             machine: &machine,
-            nook_version: &figures.nook_version,
-            create: &figures.create,
-            exec: &figures.exec,
+            nook_version: &figures.nook.version,
+            create: &figures.nook.create,
+            exec: &figures.nook.exec,
+            processes: &figures.nook.processes,
+            files: &figures.nook.files,
+            server_memory: &figures.nook.server_memory,
             peers: &figures.peers,
         })
     );
@@ -126,10 +140,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
 /// What [`measure`] returns.
 struct Figures {
-    nook_version: String,
+    nook: NookFigures,
+    peers: PeerFigures,
+}
+
+/// The nook series' figures.
+struct NookFigures {
+    version: String,
+    /// The base image's unpacked layer, which the peers run on.
+    base_layer: PathBuf,
     create: CreateFigures,
     exec: Summary,
-    peers: PeerFigures,
+    processes: Summary,
+    files: FileFigures,
+    server_memory: MemoryAroundFiles,
 }
 
 /// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
@@ -160,7 +184,7 @@ fn measure(
             "starting nook serve at {} (the first start imports the base image)...",
             server.url
         );
-        let (nook_version, create, exec, base_layer) = runtime.block_on(async {
+        let nook = runtime.block_on(async {
             server
                 .wait_ready(&client, Duration::from_secs(args.ready_timeout_s), interrupt)
                 .await?;
@@ -169,24 +193,48 @@ fn measure(
             let create =
                 nook::create_to_first_exec(&client, args.sandboxes as usize, &mut sandboxes, interrupt).await?;
             let exec = nook::exec_round_trip(&client, args.execs as usize, &mut sandboxes, interrupt).await?;
-            anyhow::Ok((version, create, exec, base_layer))
+            let processes =
+                nook::background_first_output(&client, args.processes as usize, &mut sandboxes, interrupt).await?;
+            let before = server
+                .memory()
+                .context("reading the server's memory before the file transfers")?;
+            let files = nook::file_throughput(
+                &client,
+                u64::from(args.file_mib),
+                args.file_runs as usize,
+                &mut sandboxes,
+                interrupt,
+            )
+            .await?;
+            let after = server
+                .memory()
+                .context("reading the server's memory after the file transfers")?;
+            eprintln!(
+                "nook serve peak RSS: {} MiB before the file transfers, {} MiB after",
+                before.peak_kib / 1024,
+                after.peak_kib / 1024
+            );
+            anyhow::Ok(NookFigures {
+                version,
+                base_layer,
+                create,
+                exec,
+                processes,
+                files,
+                server_memory: MemoryAroundFiles { before, after },
+            })
         })?;
         let peers = peers::bench(
             &PeerOptions {
                 runc,
                 runsc,
-                base_layer,
+                base_layer: nook.base_layer.clone(),
                 work: work.join("peers"),
                 runs: args.peer_runs as usize,
             },
             interrupt,
         )?;
-        anyhow::Ok(Figures {
-            nook_version,
-            create,
-            exec,
-            peers,
-        })
+        anyhow::Ok(Figures { nook, peers })
     })();
 
     if result.is_err() {

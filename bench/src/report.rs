@@ -1,13 +1,15 @@
-//! The markdown report printed at the end: one table of all series, the ratios between nook and its peers, the
-//! issue's targets stated as facts, how each figure was taken, and the machine it was taken on.
+//! The markdown report printed at the end: one table of all latency series, nook's file throughput and the server's
+//! peak memory, the ratios between nook and its peers, the issue's targets stated as facts, how each figure was
+//! taken, and the machine it was taken on.
 //!
 //! The report never judges: it prints figures and ratios, never pass or fail.
 
 use std::fmt::Write as _;
 
 use crate::machine::MachineFacts;
-use crate::nook::CreateFigures;
+use crate::nook::{mebibytes_per_s, megabytes_per_s, CreateFigures, FileFigures};
 use crate::peers::{Outcome, PeerFigures};
+use crate::server::MemoryAroundFiles;
 use crate::stats::Summary;
 
 /// Everything the report shows.
@@ -21,6 +23,12 @@ pub struct Report<'a> {
     pub create: &'a CreateFigures,
     /// nook exec round trip.
     pub exec: &'a Summary,
+    /// nook background process start→first output line.
+    pub processes: &'a Summary,
+    /// nook file upload and download.
+    pub files: &'a FileFigures,
+    /// The server's memory around the file transfers.
+    pub server_memory: &'a MemoryAroundFiles,
     /// The peers.
     pub peers: &'a PeerFigures,
 }
@@ -43,6 +51,12 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
     writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     row(out, "nook create→first exec", Some(&r.create.total), None)?;
     row(out, "nook exec round trip", Some(r.exec), None)?;
+    row(
+        out,
+        "nook background process → first output line",
+        Some(r.processes),
+        None,
+    )?;
     outcome_row(out, "runc run", &peers.runc_run)?;
     outcome_row(out, "runc exec", &peers.runc_exec)?;
     outcome_row(out, "runsc run (systrap)", &peers.runsc_run)?;
@@ -51,6 +65,25 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         out,
         "nook create alone: p50 {:.2} ms (p95 {:.2}); first exec alone: p50 {:.2} ms (p95 {:.2}).\n",
         r.create.create.p50, r.create.create.p95, r.create.first_exec.p50, r.create.first_exec.p95
+    )?;
+
+    let files = r.files;
+    writeln!(out, "## nook file throughput (loopback)\n")?;
+    writeln!(
+        out,
+        "| direction | runs | size | best MB/s | best MiB/s | median MB/s | median MiB/s |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+    throughput_row(out, "upload", files.bytes, &files.upload)?;
+    throughput_row(out, "download", files.bytes, &files.download)?;
+    writeln!(out)?;
+    let memory = r.server_memory;
+    writeln!(
+        out,
+        "nook serve peak RSS (VmHWM): {} before the file transfers, {} after them (RSS after them: {}).\n",
+        mib(memory.before.peak_kib),
+        mib(memory.after.peak_kib),
+        mib(memory.after.current_kib)
     )?;
 
     writeln!(out, "## Ratios (p50)\n")?;
@@ -85,8 +118,17 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
     )?;
     writeln!(
         out,
-        "- nook exec round trip p50 ≤ 5 ms; measured here: {:.2} ms.\n",
+        "- nook exec round trip p50 ≤ 5 ms; measured here: {:.2} ms.",
         r.exec.p50
+    )?;
+    writeln!(
+        out,
+        "- nook file upload and download ≥ 500 MB/s each way on loopback; measured here (median of {} runs of {}): \
+         upload {:.0} MB/s, download {:.0} MB/s.\n",
+        files.upload.n,
+        size(files.bytes),
+        megabytes_per_s(files.bytes, files.upload.p50),
+        megabytes_per_s(files.bytes, files.download.p50)
     )?;
 
     writeln!(out, "## How the figures were taken\n")?;
@@ -104,6 +146,26 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
     writeln!(
         out,
         "- nook exec round trip: one sandbox, `exec [\"true\"]` repeatedly."
+    )?;
+    writeln!(
+        out,
+        "- nook background process → first output line: one sandbox; start `echo ready` as a background process, then \
+         follow its output from offset 0; timed from before the start call to the first `stdout` event. The rest of \
+         the stream, up to the process's exit, is read untimed before the next start."
+    )?;
+    writeln!(
+        out,
+        "- nook file throughput: one sandbox; upload {} to `/tmp/bench.bin` with a streamed body generated in 1 MiB \
+         chunks as it is sent, then download it counting the bytes (both sizes checked). Each transfer is timed from \
+         before the call to its last byte (for the upload, the server's answer), so the sandbox's disk write is in the \
+         upload figure. MB = 10^6 bytes, MiB = 2^20 bytes; best is the fastest run, median the nearest-rank median.",
+        size(files.bytes)
+    )?;
+    writeln!(
+        out,
+        "- nook serve peak RSS: `VmHWM` of the server process in `/proc/<pid>/status`, the high-water mark over its \
+         whole life (base image import and every earlier series included), read just before the first file transfer \
+         and just after the last; memory of the in-sandbox agent is not included."
     )?;
     writeln!(
         out,
@@ -162,6 +224,29 @@ fn row(out: &mut String, name: &str, summary: Option<&Summary>, note: Option<&st
     }
 }
 
+fn throughput_row(out: &mut String, direction: &str, bytes: u64, durations: &Summary) -> std::fmt::Result {
+    writeln!(
+        out,
+        "| {direction} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        durations.n,
+        size(bytes),
+        megabytes_per_s(bytes, durations.min),
+        mebibytes_per_s(bytes, durations.min),
+        megabytes_per_s(bytes, durations.p50),
+        mebibytes_per_s(bytes, durations.p50)
+    )
+}
+
+/// `bytes` in MiB, e.g. "1024 MiB".
+fn size(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
+}
+
+/// KiB as MiB with one decimal, e.g. "45.2 MiB".
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
 fn outcome_row(out: &mut String, name: &str, outcome: &Outcome) -> std::fmt::Result {
     row(out, name, outcome.summary(), Some("unavailable (see below)"))
 }
@@ -191,6 +276,7 @@ fn ratio(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::ProcessMemory;
 
     fn summary(p50: f64) -> Summary {
         Summary {
@@ -221,6 +307,18 @@ mod tests {
             first_exec: summary(10.0),
         };
         let exec = summary(2.0);
+        let processes = summary(4.0);
+        // 1 GiB: the median upload takes 2 s (537 MB/s), the fastest 1 s; the median download 4 s.
+        let files = FileFigures {
+            bytes: 1 << 30,
+            upload: summary(2000.0),
+            download: summary(4000.0),
+        };
+        let memory = |peak_kib, current_kib| ProcessMemory { peak_kib, current_kib };
+        let server_memory = MemoryAroundFiles {
+            before: memory(40 * 1024, 30 * 1024),
+            after: memory(46_592, 35 * 1024),
+        };
         let peers = PeerFigures {
             runc_run: Outcome::Measured(summary(155.0)),
             runc_exec: Outcome::Measured(summary(30.0)),
@@ -234,9 +332,29 @@ mod tests {
             nook_version: "0.1.0",
             create: &create,
             exec: &exec,
+            processes: &processes,
+            files: &files,
+            server_memory: &server_memory,
             peers: &peers,
         });
         assert!(text.contains("| nook create→first exec | 3 | 50.00 |"), "{text}");
+        assert!(
+            text.contains("| nook background process → first output line | 3 | 4.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| upload | 3 | 1024 MiB | 1074 | 1024 | 537 | 512 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| download | 3 | 1024 MiB | 537 | 512 | 268 | 256 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("peak RSS (VmHWM): 40.0 MiB before the file transfers, 45.5 MiB after them"),
+            "{text}"
+        );
+        assert!(text.contains("upload 537 MB/s, download 268 MB/s"), "{text}");
         assert!(
             text.contains("| runsc run (systrap) | – | unavailable (see below) |"),
             "{text}"

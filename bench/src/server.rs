@@ -5,7 +5,8 @@
 //! bench, which then cleans up in order), with its log written to a file; [`NookServer::wait_ready`] polls
 //! `GET /v1/health` until it answers, failing early with the log's tail if the process exits. [`NookServer::stop`]
 //! sends SIGTERM and waits, then SIGKILL; dropping a server that was not stopped does the same. nook leaves sandboxes
-//! running when it stops, so the caller deletes its sandboxes first.
+//! running when it stops, so the caller deletes its sandboxes first. [`NookServer::memory`] reads the process's peak
+//! and current resident memory from `/proc`.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
@@ -116,6 +117,14 @@ impl NookServer {
         }
     }
 
+    /// The server process's memory as `/proc/<pid>/status` states it now.
+    pub fn memory(&self) -> anyhow::Result<ProcessMemory> {
+        let child = self.child.as_ref().context("nook serve is not running")?;
+        let path = format!("/proc/{}/status", child.id());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        ProcessMemory::parse(&status).with_context(|| format!("{path} has no VmHWM or VmRSS line"))
+    }
+
     /// The last `lines` lines of the server's log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
@@ -156,6 +165,40 @@ impl Drop for NookServer {
     }
 }
 
+/// A process's resident memory, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessMemory {
+    /// The peak resident set size so far (`VmHWM`), in KiB.
+    pub peak_kib: u64,
+    /// The resident set size now (`VmRSS`), in KiB.
+    pub current_kib: u64,
+}
+
+impl ProcessMemory {
+    /// Reads `VmHWM` and `VmRSS` from the text of a `/proc/<pid>/status` file.
+    fn parse(status: &str) -> Option<Self> {
+        let field = |name: &str| {
+            status.lines().find_map(|line| {
+                let value = line.strip_prefix(name)?.strip_prefix(':')?.trim();
+                value.strip_suffix("kB")?.trim().parse::<u64>().ok()
+            })
+        };
+        Some(Self {
+            peak_kib: field("VmHWM")?,
+            current_kib: field("VmRSS")?,
+        })
+    }
+}
+
+/// The server's memory sampled just before the file transfers and just after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryAroundFiles {
+    /// Before the first transfer (after every other nook series).
+    pub before: ProcessMemory,
+    /// After the last transfer.
+    pub after: ProcessMemory,
+}
+
 /// A loopback TCP port that was free a moment ago (bound, then released for the server to take).
 fn free_loopback_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free loopback port")?;
@@ -171,5 +214,30 @@ pub fn tail(path: &Path, lines: usize) -> String {
             all[all.len().saturating_sub(lines)..].join("\n")
         }
         Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_read_from_proc_status() {
+        let status = "Name:\tnook\nVmPeak:\t  900 kB\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\nThreads:\t4\n";
+        assert_eq!(
+            ProcessMemory::parse(status),
+            Some(ProcessMemory {
+                peak_kib: 51200,
+                current_kib: 40960
+            })
+        );
+        assert_eq!(ProcessMemory::parse("Name:\tnook\n"), None);
+    }
+
+    #[test]
+    fn own_memory_can_be_read() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let memory = ProcessMemory::parse(&status).unwrap();
+        assert!(memory.peak_kib >= memory.current_kib && memory.current_kib > 0);
     }
 }

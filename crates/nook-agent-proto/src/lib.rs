@@ -324,6 +324,14 @@ pub enum Request {
         /// New group gid.
         gid: u32,
     },
+    /// Resize a background process's pseudo-terminal (its foreground process group gets SIGWINCH); answered with
+    /// `{}`.
+    Resize {
+        /// Process id inside the sandbox.
+        pid: u32,
+        /// New size.
+        size: PtySize,
+    },
     /// List the background processes the agent knows (running, and recently ended); answered with a
     /// `Vec<ProcessInfo>`.
     List,
@@ -533,6 +541,19 @@ pub struct ExecSpec {
     pub timeout_ms: Option<u64>,
     /// Whether standard input is a pipe fed by [`FrameKind::Stdin`] frames (otherwise `/dev/null`).
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (background processes only): stdin, stdout and stderr are the
+    /// terminal, and output arrives as stdout.
+    #[serde(default)]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
 }
 
 /// Payload of [`FrameKind::Signal`].

@@ -111,9 +111,16 @@ pub struct Managed {
     pub state: Mutex<ProcessState>,
     /// Bumped on every change; attached clients wait on it.
     version: watch::Sender<u64>,
-    /// Standard input, while open.
-    pub stdin: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
+    /// Standard input, while open (a pipe, or the terminal's master side).
+    pub stdin: tokio::sync::Mutex<Option<Input>>,
+    /// The pseudo-terminal's master side, for resizing.
+    pub pty: Option<OwnedFd>,
 }
+
+/// Where a process's input goes.
+pub type Input = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+/// Where a process's output comes from.
+type Output = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 
 impl Managed {
     /// A receiver that wakes on every change from now on.
@@ -134,6 +141,28 @@ impl Managed {
             output_bytes: state.log.end(),
             exit: state.exit,
         }
+    }
+
+    /// Sets the terminal size; the kernel sends SIGWINCH to the terminal's foreground process group.
+    pub fn resize(&self, cols: u16, rows: u16) -> Result<(), String> {
+        let Some(master) = &self.pty else {
+            return Err(format!("process {} has no terminal", self.pid));
+        };
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a `winsize` from the pointer, which is valid for the call.
+        let result = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(master), libc::TIOCSWINSZ, &size) };
+        if result < 0 {
+            return Err(format!(
+                "resizing the terminal failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
     }
 
     pub fn exited(&self) -> bool {
@@ -168,23 +197,43 @@ impl Registry {
     pub fn adopt(
         self: &Arc<Self>,
         child: &mut std::process::Child,
+        pty: Option<OwnedFd>,
         argv: Vec<String>,
         exit: oneshot::Receiver<WaitStatus>,
         started: std::time::Instant,
     ) -> Arc<Managed> {
         let pid = child.id();
-        let stdin = child
-            .stdin
-            .take()
-            .and_then(|stdin| tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(stdin)).ok());
-        let stdout = child
-            .stdout
-            .take()
-            .and_then(|pipe| tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(pipe)).ok());
-        let stderr = child
-            .stderr
-            .take()
-            .and_then(|pipe| tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(pipe)).ok());
+        let (stdin, stdout, stderr): (Option<Input>, Option<Output>, Option<Output>) = match &pty {
+            // A terminal: one master side for both directions (reads and writes on their own duplicates).
+            Some(master) => (
+                master
+                    .try_clone()
+                    .ok()
+                    .map(|fd| Box::new(tokio::fs::File::from_std(fd.into())) as Input),
+                master
+                    .try_clone()
+                    .ok()
+                    .map(|fd| Box::new(tokio::fs::File::from_std(fd.into())) as Output),
+                None,
+            ),
+            None => (
+                child.stdin.take().and_then(|pipe| {
+                    tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(pipe))
+                        .ok()
+                        .map(|p| Box::new(p) as Input)
+                }),
+                child.stdout.take().and_then(|pipe| {
+                    tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(pipe))
+                        .ok()
+                        .map(|p| Box::new(p) as Output)
+                }),
+                child.stderr.take().and_then(|pipe| {
+                    tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(pipe))
+                        .ok()
+                        .map(|p| Box::new(p) as Output)
+                }),
+            ),
+        };
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -200,6 +249,7 @@ impl Registry {
             }),
             version,
             stdin: tokio::sync::Mutex::new(stdin),
+            pty,
         });
         {
             let mut processes = self.processes.lock().expect("registry lock");
@@ -226,8 +276,8 @@ impl Registry {
 /// Moves a process's output into its log until it has exited and its pipes are drained, then records the exit.
 async fn pump(
     managed: Arc<Managed>,
-    mut stdout: Option<tokio::net::unix::pipe::Receiver>,
-    mut stderr: Option<tokio::net::unix::pipe::Receiver>,
+    mut stdout: Option<Output>,
+    mut stderr: Option<Output>,
     mut exit: oneshot::Receiver<WaitStatus>,
     started: std::time::Instant,
 ) {
@@ -282,7 +332,7 @@ fn append(managed: &Managed, stream: Stream, bytes: &[u8]) {
     managed.changed();
 }
 
-async fn read_some(pipe: &mut Option<tokio::net::unix::pipe::Receiver>, buf: &mut [u8]) -> Option<usize> {
+async fn read_some(pipe: &mut Option<Output>, buf: &mut [u8]) -> Option<usize> {
     match pipe {
         Some(pipe) => match pipe.read(buf).await {
             Ok(0) | Err(_) => None,

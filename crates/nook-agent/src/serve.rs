@@ -175,6 +175,15 @@ async fn handle(
             write_json(&mut writer, FrameKind::Reply, &serde_json::json!({})).await
         }
         Request::List => write_json(&mut writer, FrameKind::Reply, &registry.list()).await,
+        Request::Resize { pid, size } => {
+            let Some(process) = registry.get(pid) else {
+                return no_such_process(&mut writer, pid).await;
+            };
+            match process.resize(size.cols, size.rows) {
+                Ok(()) => write_json(&mut writer, FrameKind::Reply, &serde_json::json!({})).await,
+                Err(message) => send_error(&mut writer, "no_terminal", message).await,
+            }
+        }
         Request::ReadFile { path } => match files::clean_path(&path) {
             Ok(path) => match files::read_file(&path, &mut writer).await? {
                 Ok(()) => Ok(()),
@@ -319,7 +328,9 @@ async fn spawn_background(
         Ok(started) => started,
         Err(message) => return send_error(&mut writer, "spawn_failed", message).await,
     };
-    let process = registry.adopt(&mut child, spec.argv.clone(), exit, started);
+    let process = registry.adopt(&mut child, prepared.pty_master.take(), spec.argv.clone(), exit, started);
+    // The slave side's copies held by the command must go, or the terminal never reports end of file.
+    drop(prepared);
     write_json(&mut writer, FrameKind::Reply, &Spawned { pid: process.pid }).await
 }
 
@@ -481,6 +492,8 @@ async fn send_error(
 /// Everything needed to start a process, resolved before forking so that the child does no allocation.
 struct Prepared {
     command: std::process::Command,
+    /// The master side of the process's terminal, when it has one.
+    pty_master: Option<OwnedFd>,
 }
 
 fn prepare(spec: &ExecSpec) -> Result<Prepared, (&'static str, String)> {
@@ -520,25 +533,48 @@ fn prepare(spec: &ExecSpec) -> Result<Prepared, (&'static str, String)> {
     };
 
     let mut command = std::process::Command::new(program);
-    command
-        .args(&spec.argv[1..])
-        .env_clear()
-        .envs(env)
-        .current_dir(cwd)
-        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.args(&spec.argv[1..]).env_clear().envs(env).current_dir(cwd);
+    let pty_master = match spec.pty {
+        Some(size) => {
+            let winsize = nix::pty::Winsize {
+                ws_row: size.rows,
+                ws_col: size.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&winsize), None)
+                .map_err(|error| ("spawn_failed", format!("opening a pseudo-terminal failed: {error}")))?;
+            let slave = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|error| ("spawn_failed", format!("duplicating the terminal failed: {error}")))
+            };
+            command
+                .stdin(Stdio::from(slave(&pty.slave)?))
+                .stdout(Stdio::from(slave(&pty.slave)?))
+                .stderr(Stdio::from(pty.slave));
+            set_cloexec(std::os::fd::AsRawFd::as_raw_fd(&pty.master));
+            Some(pty.master)
+        }
+        None => {
+            command
+                .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+    };
     let (uid, gid, groups) = (account.uid, account.gid, account.groups.clone());
+    let controlling_terminal = pty_master.is_some();
     // SAFETY: the closure runs in the forked child before exec; it only makes async-signal-safe system calls on
     // data prepared before the fork (no allocation, no locks).
     unsafe {
-        command.pre_exec(move || child_setup(uid, gid, &groups));
+        command.pre_exec(move || child_setup(uid, gid, &groups, controlling_terminal));
     }
-    Ok(Prepared { command })
+    Ok(Prepared { command, pty_master })
 }
 
 /// Runs in the child between fork and exec: new session, normal OOM score, then drop to the target user.
-fn child_setup(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
+fn child_setup(uid: u32, gid: u32, groups: &[u32], controlling_terminal: bool) -> std::io::Result<()> {
     fn check(result: libc::c_int) -> std::io::Result<()> {
         if result < 0 {
             Err(std::io::Error::last_os_error())
@@ -549,6 +585,10 @@ fn child_setup(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
     // SAFETY: plain system calls with valid arguments; `groups` outlives the call and the path is a static C string.
     unsafe {
         check(libc::setsid())?;
+        if controlling_terminal {
+            // Standard input is the terminal's slave side: make it the new session's controlling terminal.
+            check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+        }
         // The agent runs with -1000 so the kernel never picks it; its children start from the neutral score.
         let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd >= 0 {
@@ -568,6 +608,10 @@ async fn exec(
     mut writer: tokio::net::unix::OwnedWriteHalf,
     table: Arc<ProcessTable>,
 ) -> Result<(), nook_agent_proto::ProtocolError> {
+    if spec.pty.is_some() {
+        let message = "a terminal needs a background process (Spawn), which can be attached to and resized";
+        return send_error(&mut writer, "bad_request", message.into()).await;
+    }
     let mut prepared = match prepare(&spec) {
         Ok(prepared) => prepared,
         Err((code, message)) => return send_error(&mut writer, code, message).await,

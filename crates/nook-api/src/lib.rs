@@ -261,6 +261,20 @@ pub struct ExecRequest {
     /// Kill the process (SIGKILL) after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Background processes only: run on a pseudo-terminal of this size (an interactive shell, a REPL); its output
+    /// arrives as stdout, input goes to the terminal, and `.../resize` changes the size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal size; also the body of `POST /v1/sandboxes/{sandbox}/processes/{pid}/resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    /// Columns (1 to 1000).
+    pub cols: u16,
+    /// Rows (1 to 1000).
+    pub rows: u16,
 }
 
 /// How a process ended.

@@ -245,3 +245,67 @@ async fn processes_outlive_the_request_and_stop_with_the_sandbox() {
     assert_eq!(refused.code(), Some("not_running"));
     client.delete_sandbox(&sandbox.id).await.unwrap();
 }
+
+#[tokio::test]
+async fn processes_can_run_on_a_resizable_terminal() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "pty").await;
+    let shell_on_terminal = ExecRequest {
+        command: vec!["bash".into(), "--noprofile".into(), "--norc".into()],
+        pty: Some(nook_api::PtySize { cols: 80, rows: 24 }),
+        ..Default::default()
+    };
+    let first = client.start_process(&sandbox.id, &shell_on_terminal).await.unwrap();
+    client
+        .process_stdin(
+            &sandbox.id,
+            first.pid,
+            b"test -t 0 && echo is-a-tty; stty size; echo $((6*7)); exit 5\n".to_vec(),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client.wait_process(&sandbox.id, first.pid).await.unwrap().exit_code,
+        Some(5)
+    );
+    let text = String::from_utf8_lossy(&collect(&client, &sandbox.id, first.pid, 0, false).await.0).into_owned();
+    for expected in ["is-a-tty", "24 80", "42"] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the terminal output: {text:?}"
+        );
+    }
+
+    let second = client.start_process(&sandbox.id, &shell_on_terminal).await.unwrap();
+    client.resize_process(&sandbox.id, second.pid, 132, 40).await.unwrap();
+    client
+        .process_stdin(&sandbox.id, second.pid, b"stty size; exit\n".to_vec(), false)
+        .await
+        .unwrap();
+    client.wait_process(&sandbox.id, second.pid).await.unwrap();
+    let text = String::from_utf8_lossy(&collect(&client, &sandbox.id, second.pid, 0, false).await.0).into_owned();
+    assert!(
+        text.contains("40 132"),
+        "the resize did not reach the terminal: {text:?}"
+    );
+
+    let plain = client.start_process(&sandbox.id, &shell("sleep 30")).await.unwrap();
+    let refused = client
+        .resize_process(&sandbox.id, plain.pid, 100, 30)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("no_terminal"));
+    let sync = client
+        .exec(
+            &sandbox.id,
+            &ExecRequest {
+                pty: Some(nook_api::PtySize { cols: 80, rows: 24 }),
+                ..shell("true")
+            },
+        )
+        .await;
+    assert_eq!(sync.unwrap_err().code(), Some("invalid_request"));
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+}

@@ -334,6 +334,15 @@ impl Client {
         Ok(())
     }
 
+    /// Resizes a background process's terminal.
+    pub async fn resize_process(&self, key: &str, pid: u32, cols: u16, rows: u16) -> Result<(), ClientError> {
+        let pid = pid.to_string();
+        let url = self.url_for(&["v1", "sandboxes", key, "processes", &pid, "resize"]);
+        self.send(self.request(Method::POST, url).json(&nook_api::PtySize { cols, rows }))
+            .await?;
+        Ok(())
+    }
+
     /// Sends a signal to a background process.
     pub async fn signal_process(&self, key: &str, pid: u32, signal: i32) -> Result<(), ClientError> {
         let pid = pid.to_string();

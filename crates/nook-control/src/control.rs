@@ -257,6 +257,11 @@ impl Control {
 
     /// Starts a process in a running sandbox. `stdin` text, if any, is written and closed at once.
     pub async fn exec(&self, key: &str, request: ExecRequest) -> Result<ExecStream, ApiFailure> {
+        if request.pty.is_some() {
+            return Err(ApiFailure::invalid(
+                "a terminal needs a background process: POST .../processes with `pty`, then attach to its output",
+            ));
+        }
         let options = check_exec(&request)?;
         let sandbox = self.resolve(key).await?;
         if sandbox.state != SandboxState::Running {
@@ -377,6 +382,17 @@ impl Control {
         }
         let sandbox = self.running(key).await?;
         Ok(self.runner.input(&sandbox.id, pid, data, close).await?)
+    }
+
+    /// Resizes a background process's terminal.
+    pub async fn resize(&self, key: &str, pid: u32, size: nook_api::PtySize) -> Result<(), ApiFailure> {
+        check_pty_size(size)?;
+        let sandbox = self.running(key).await?;
+        let size = nook_agent_proto::PtySize {
+            cols: size.cols,
+            rows: size.rows,
+        };
+        Ok(self.runner.resize(&sandbox.id, pid, size).await?)
     }
 
     /// Signals a background process.
@@ -626,6 +642,7 @@ pub fn process_failure(code: String, message: String) -> ApiFailure {
         "no_such_user" => (StatusCode::BAD_REQUEST, "no_such_user"),
         "bad_cwd" => (StatusCode::BAD_REQUEST, "bad_cwd"),
         "bad_request" => (StatusCode::BAD_REQUEST, "invalid_request"),
+        "no_terminal" => (StatusCode::CONFLICT, "no_terminal"),
         _ => (StatusCode::BAD_GATEWAY, "exec_failed"),
     };
     ApiFailure::new(status, code, message)
@@ -710,6 +727,9 @@ fn check_exec(request: &ExecRequest) -> Result<ExecOptions, ApiFailure> {
             "timeout_ms must be between 1 and {MAX_EXEC_TIMEOUT_MS}"
         )));
     }
+    if let Some(size) = request.pty {
+        check_pty_size(size)?;
+    }
     Ok(ExecOptions {
         argv,
         env: request.env.clone(),
@@ -717,7 +737,21 @@ fn check_exec(request: &ExecRequest) -> Result<ExecOptions, ApiFailure> {
         user: request.user.clone(),
         timeout_ms: request.timeout_ms,
         stdin: request.stdin.is_some(),
+        pty: request.pty.map(|size| nook_agent_proto::PtySize {
+            cols: size.cols,
+            rows: size.rows,
+        }),
     })
+}
+
+fn check_pty_size(size: nook_api::PtySize) -> Result<(), ApiFailure> {
+    if !(1..=1000).contains(&size.cols) || !(1..=1000).contains(&size.rows) {
+        return Err(ApiFailure::invalid(format!(
+            "terminal size {}x{} is out of range: use 1 to 1000 columns and rows",
+            size.cols, size.rows
+        )));
+    }
+    Ok(())
 }
 
 fn host_memory_mb() -> Option<u64> {

@@ -56,6 +56,8 @@ pub struct ExecOptions {
     pub timeout_ms: Option<u64>,
     /// Whether the caller will feed standard input.
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (background processes only).
+    pub pty: Option<nook_agent_proto::PtySize>,
 }
 
 /// Something that happened to a sandbox without a client asking.
@@ -167,6 +169,8 @@ pub trait Runner: Send + Sync + 'static {
     async fn wait(&self, id: &str, pid: u32) -> Result<nook_agent_proto::Exit, RunnerError>;
     /// Writes to a background process's standard input (and closes it with `close`).
     async fn input(&self, id: &str, pid: u32, data: Vec<u8>, close: bool) -> Result<(), RunnerError>;
+    /// Resizes a background process's terminal.
+    async fn resize(&self, id: &str, pid: u32, size: nook_agent_proto::PtySize) -> Result<(), RunnerError>;
     /// Signals a background process.
     async fn signal(&self, id: &str, pid: u32, signal: i32) -> Result<(), RunnerError>;
     /// The sandbox's background processes.

@@ -451,6 +451,7 @@ impl LocalRunner {
             user: options.user.or_else(|| config.user.clone()),
             timeout_ms: options.timeout_ms,
             stdin: options.stdin,
+            pty: options.pty,
         })
     }
 
@@ -658,6 +659,11 @@ impl Runner for LocalRunner {
             };
             let _: serde_json::Value = self.call(id, &request).await?;
         }
+        Ok(())
+    }
+
+    async fn resize(&self, id: &str, pid: u32, size: nook_agent_proto::PtySize) -> Result<(), RunnerError> {
+        let _: serde_json::Value = self.call(id, &Request::Resize { pid, size }).await?;
         Ok(())
     }
 

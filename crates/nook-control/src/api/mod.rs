@@ -22,8 +22,8 @@ use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
-    ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState, SearchMatch,
-    SearchRequest, SearchResult, SignalRequest, WatchEvent, WatchEventKind,
+    PtySize, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState,
+    SearchMatch, SearchRequest, SearchResult, SignalRequest, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/wait", post(wait_process))
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/stdin", post(process_stdin))
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/signal", post(signal_process))
+        .route("/v1/sandboxes/{sandbox}/processes/{pid}/resize", post(resize_process))
         .route("/v1/sandboxes/{sandbox}/files/stat", get(stat_file))
         .route("/v1/sandboxes/{sandbox}/files/list", get(list_files))
         .route("/v1/sandboxes/{sandbox}/files/mkdir", post(make_dir))
@@ -518,6 +519,23 @@ async fn process_stdin(
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiFailure> {
     state.control.input(&key, pid, body.to_vec(), query.close).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/processes/{pid}/resize", tag = "processes",
+    request_body = PtySize,
+    params(("sandbox" = String, Path, description = "Sandbox id or name"),
+           ("pid" = u32, Path, description = "Process id inside the sandbox")),
+    responses((status = 204, description = "Resized; the terminal's foreground process group got SIGWINCH"),
+              (status = 404, description = "No such sandbox or process", body = ApiError),
+              (status = 409, description = "The process has no terminal", body = ApiError)),
+    security(("bearer" = [])))]
+async fn resize_process(
+    State(state): State<AppState>,
+    Path((key, pid)): Path<(String, u32)>,
+    ApiJson(size): ApiJson<PtySize>,
+) -> Result<StatusCode, ApiFailure> {
+    state.control.resize(&key, pid, size).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1001,7 +1019,7 @@ impl utoipa::Modify for BearerAuth {
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
         sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
-        process_stdin, signal_process, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
+        process_stdin, signal_process, resize_process, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
     ),
     modifiers(&BearerAuth),
