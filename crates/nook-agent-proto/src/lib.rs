@@ -545,6 +545,9 @@ pub struct ExecSpec {
     /// terminal, and output arrives as stdout.
     #[serde(default)]
     pub pty: Option<PtySize>,
+    /// Background processes: bytes of output kept for replay (1 MiB when absent; 4 KiB to 64 MiB).
+    #[serde(default)]
+    pub output_buffer: Option<u64>,
 }
 
 /// A terminal size.

@@ -17,8 +17,10 @@ use nook_agent_proto::{Exit, ProcessInfo};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, watch};
 
-/// Output kept per process for replay.
+/// Output kept per process for replay, unless the request asks for another size.
 pub const OUTPUT_CAPACITY: usize = 1 << 20;
+/// Largest replay buffer a request may ask for.
+pub const MAX_OUTPUT_CAPACITY: usize = 64 << 20;
 /// Ended processes kept for their output and status; older ones are forgotten first.
 const KEEP_ENDED: usize = 256;
 /// How long output is still collected after the process exited, for descendants holding its pipes.
@@ -199,6 +201,7 @@ impl Registry {
         child: &mut std::process::Child,
         pty: Option<OwnedFd>,
         argv: Vec<String>,
+        output_capacity: usize,
         exit: oneshot::Receiver<WaitStatus>,
         started: std::time::Instant,
     ) -> Arc<Managed> {
@@ -244,7 +247,7 @@ impl Registry {
             argv,
             started_at_ms,
             state: Mutex::new(ProcessState {
-                log: OutputLog::new(OUTPUT_CAPACITY),
+                log: OutputLog::new(output_capacity.clamp(4096, MAX_OUTPUT_CAPACITY)),
                 exit: None,
             }),
             version,

@@ -328,7 +328,17 @@ async fn spawn_background(
         Ok(started) => started,
         Err(message) => return send_error(&mut writer, "spawn_failed", message).await,
     };
-    let process = registry.adopt(&mut child, prepared.pty_master.take(), spec.argv.clone(), exit, started);
+    let capacity = spec
+        .output_buffer
+        .map_or(crate::processes::OUTPUT_CAPACITY, |bytes| bytes as usize);
+    let process = registry.adopt(
+        &mut child,
+        prepared.pty_master.take(),
+        spec.argv.clone(),
+        capacity,
+        exit,
+        started,
+    );
     // The slave side's copies held by the command must go, or the terminal never reports end of file.
     drop(prepared);
     write_json(&mut writer, FrameKind::Reply, &Spawned { pid: process.pid }).await

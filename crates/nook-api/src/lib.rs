@@ -265,6 +265,10 @@ pub struct ExecRequest {
     /// arrives as stdout, input goes to the terminal, and `.../resize` changes the size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pty: Option<PtySize>,
+    /// Background processes only: bytes of output kept for replay to late or reconnecting readers (1 MiB by
+    /// default, 4 KiB to 64 MiB); older output is dropped and reported as missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_buffer_bytes: Option<u64>,
 }
 
 /// A terminal size; also the body of `POST /v1/sandboxes/{sandbox}/processes/{pid}/resize`.

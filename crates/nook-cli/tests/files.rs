@@ -30,7 +30,7 @@ async fn large_files_stream_both_ways_byte_identical() {
     let server = shared_server();
     let client = server.client();
     let sandbox = create(&client, "files-big").await;
-    let chunks = 256u64; // 256 MiB
+    let chunks = 2048u64; // 2 GiB
     let body = futures::stream::iter(0..chunks).map(|index| Ok::<_, std::io::Error>(chunk(7, index, CHUNK)));
     let started = Instant::now();
     let info = client
@@ -79,6 +79,12 @@ async fn large_files_stream_both_ways_byte_identical() {
         mib / upload_s,
         mib / download_s
     );
+    // Nothing along the way held the file: the server's and the agent's peak memory stay small.
+    let server_mib = common::peak_rss_mib(server.pid());
+    let agent_mib = common::peak_rss_mib(server.agent_pid(&sandbox.id));
+    eprintln!("peak RSS after 2 GiB each way: server {server_mib} MiB, agent {agent_mib} MiB");
+    assert!(server_mib < 256, "the server's peak RSS reached {server_mib} MiB");
+    assert!(agent_mib < 64, "the agent's peak RSS reached {agent_mib} MiB");
     client.delete_sandbox(&sandbox.id).await.unwrap();
 }
 

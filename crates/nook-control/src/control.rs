@@ -257,9 +257,9 @@ impl Control {
 
     /// Starts a process in a running sandbox. `stdin` text, if any, is written and closed at once.
     pub async fn exec(&self, key: &str, request: ExecRequest) -> Result<ExecStream, ApiFailure> {
-        if request.pty.is_some() {
+        if request.pty.is_some() || request.output_buffer_bytes.is_some() {
             return Err(ApiFailure::invalid(
-                "a terminal needs a background process: POST .../processes with `pty`, then attach to its output",
+                "`pty` and `output_buffer_bytes` apply to background processes: POST .../processes, then attach",
             ));
         }
         let options = check_exec(&request)?;
@@ -730,6 +730,13 @@ fn check_exec(request: &ExecRequest) -> Result<ExecOptions, ApiFailure> {
     if let Some(size) = request.pty {
         check_pty_size(size)?;
     }
+    if let Some(bytes) = request.output_buffer_bytes {
+        if !(4096..=64 << 20).contains(&bytes) {
+            return Err(ApiFailure::invalid(
+                "output_buffer_bytes must be between 4096 and 67108864",
+            ));
+        }
+    }
     Ok(ExecOptions {
         argv,
         env: request.env.clone(),
@@ -741,6 +748,7 @@ fn check_exec(request: &ExecRequest) -> Result<ExecOptions, ApiFailure> {
             cols: size.cols,
             rows: size.rows,
         }),
+        output_buffer: request.output_buffer_bytes,
     })
 }
 

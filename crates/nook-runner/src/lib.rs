@@ -58,6 +58,8 @@ pub struct ExecOptions {
     pub stdin: bool,
     /// Run on a pseudo-terminal of this size (background processes only).
     pub pty: Option<nook_agent_proto::PtySize>,
+    /// Bytes of output kept for replay (background processes only).
+    pub output_buffer: Option<u64>,
 }
 
 /// Something that happened to a sandbox without a client asking.

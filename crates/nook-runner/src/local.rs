@@ -452,6 +452,7 @@ impl LocalRunner {
             timeout_ms: options.timeout_ms,
             stdin: options.stdin,
             pty: options.pty,
+            output_buffer: options.output_buffer,
         })
     }
 

@@ -155,6 +155,21 @@ impl TestServer {
         }
     }
 
+    /// The server process's pid.
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map(|child| child.id() as i32)
+            .expect("the server is running")
+    }
+
+    /// Host pid of a running sandbox's init (its agent), from the runner's record.
+    pub fn agent_pid(&self, id: &str) -> i32 {
+        let record = std::fs::read_to_string(self.sandbox_dir(id).join("state.json")).unwrap();
+        let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+        record["init"]["pid"].as_i64().expect("the sandbox is running") as i32
+    }
+
     /// The directory where the runner keeps sandbox `id`.
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("runner/sandboxes").join(id)
@@ -293,6 +308,16 @@ pub fn leftovers(server: &TestServer, id: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// Peak resident memory (`VmHWM`) of a process, in MiB.
+pub fn peak_rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/<pid>/status");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
 }
 
 /// Waits (bounded) until `check` holds, re-reading every 50 ms.
