@@ -335,7 +335,9 @@ fn append(managed: &Managed, stream: Stream, bytes: &[u8]) {
     managed.changed();
 }
 
-async fn read_some(pipe: &mut Option<Output>, buf: &mut [u8]) -> Option<usize> {
+/// Reads once; `None` at end of file or error. Pends forever when the stream is already closed, so a closed stream
+/// drops out of `select!`.
+pub(crate) async fn read_some<R: tokio::io::AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
     match pipe {
         Some(pipe) => match pipe.read(buf).await {
             Ok(0) | Err(_) => None,
@@ -345,7 +347,8 @@ async fn read_some(pipe: &mut Option<Output>, buf: &mut [u8]) -> Option<usize> {
     }
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+/// Sleeps until the deadline, or forever without one.
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,

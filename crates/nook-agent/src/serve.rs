@@ -30,7 +30,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::files;
-use crate::processes::{Registry, Stream};
+use crate::processes::{read_some, sleep_until, Registry, Stream};
 use crate::search;
 use crate::users;
 use crate::watch;
@@ -787,25 +787,6 @@ async fn read_client_frames(
 
 fn pipe_receiver(fd: Option<OwnedFd>) -> Option<tokio::net::unix::pipe::Receiver> {
     fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
-}
-
-/// Reads once; `None` at end of file or error. Pends forever when the pipe is already closed, so a closed stream
-/// drops out of `select!`.
-async fn read_some(pipe: &mut Option<tokio::net::unix::pipe::Receiver>, buf: &mut [u8]) -> Option<usize> {
-    match pipe {
-        Some(pipe) => match pipe.read(buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => Some(n),
-        },
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Feeds a process's standard input from a channel so that a slow reader never blocks the connection's loop;

@@ -51,7 +51,10 @@ async fn background_processes_run_list_wait_and_replay() {
     let client = server.client();
     let sandbox = create(&client, "bg").await;
     let process = client
-        .start_process(&sandbox.id, &shell("echo a; echo oops >&2; sleep 0.5; echo b; exit 7"))
+        .start_process(
+            &sandbox.id,
+            &shell("echo a; sleep 0.1; echo oops >&2; sleep 0.5; echo b; exit 7"),
+        )
         .await
         .unwrap();
     assert!(process.running);

@@ -263,17 +263,7 @@ impl Control {
             ));
         }
         let options = check_exec(&request)?;
-        let sandbox = self.resolve(key).await?;
-        if sandbox.state != SandboxState::Running {
-            return Err(ApiFailure::new(
-                axum::http::StatusCode::CONFLICT,
-                "not_running",
-                format!(
-                    "sandbox {} is {}; start it before running commands",
-                    sandbox.name, sandbox.state
-                ),
-            ));
-        }
+        let sandbox = self.running(key).await?;
         let stream = self.runner.exec(&sandbox.id, options).await?;
         if let Some(stdin) = request.stdin {
             let _ = stream.input.send(ExecInput::Stdin(stdin.into_bytes())).await;
