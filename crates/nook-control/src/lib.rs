@@ -147,9 +147,14 @@ impl Server {
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        use axum::serve::ListenerExt as _;
+        // Small writes (stream lines, exec answers) go out at once instead of waiting for the peer's delayed ACK.
+        let listener = self.listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::warn!(%error, "could not set TCP_NODELAY on a connection");
+            }
+        });
+        axum::serve(listener, self.router).with_graceful_shutdown(shutdown).await
     }
 }
 
