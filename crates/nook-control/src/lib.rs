@@ -154,7 +154,9 @@ impl Server {
                 tracing::warn!(%error, "could not set TCP_NODELAY on a connection");
             }
         });
-        axum::serve(listener, self.router).with_graceful_shutdown(shutdown).await
+        axum::serve(listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
     }
 }
 
