@@ -179,6 +179,49 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
+        // Sandboxes outlive their server by design; a test that failed before deleting its sandboxes must not leave
+        // them running on the machine.
+        kill_leftover_sandboxes(&self.data_dir);
+    }
+}
+
+/// Kills every sandbox init recorded under a data directory (same pid and start time only) and removes the emptied
+/// cgroups. For after the server is gone.
+pub fn kill_leftover_sandboxes(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("runner/sandboxes")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let record = std::fs::read_to_string(entry.path().join("state.json")).unwrap_or_default();
+        let record: serde_json::Value = serde_json::from_str(&record).unwrap_or_default();
+        let (Some(pid), Some(start)) = (record["init"]["pid"].as_i64(), record["init"]["start_time"].as_u64()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let started = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(19))
+            .and_then(|t| t.parse().ok());
+        if started == Some(start) {
+            // SAFETY: signalling a process whose identity was just checked; no memory is shared.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        for _ in 0..100 {
+            let mut left = false;
+            for hierarchy in ["memory", "cpu", "pids", "freezer", "devices", "unified", ""] {
+                let dir = Path::new("/sys/fs/cgroup").join(hierarchy).join("nook").join(&id);
+                if dir.exists() && std::fs::remove_dir(&dir).is_err() {
+                    left = true;
+                }
+            }
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -216,6 +259,7 @@ pub fn shared_server() -> &'static TestServer {
         let server = TestServer::start("shared");
         let pid = server.child.as_ref().unwrap().id() as i32;
         SHARED_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
+        SHARED_DATA_DIR.get_or_init(|| server.data_dir.clone());
         extern "C" fn stop_shared() {
             let pid = SHARED_PID.load(std::sync::atomic::Ordering::SeqCst);
             if pid > 0 {
@@ -224,6 +268,9 @@ pub fn shared_server() -> &'static TestServer {
                     libc::kill(pid, libc::SIGTERM);
                     libc::waitpid(pid, std::ptr::null_mut(), 0);
                 }
+            }
+            if let Some(dir) = SHARED_DATA_DIR.get() {
+                kill_leftover_sandboxes(dir);
             }
         }
         // SAFETY: registering a plain extern "C" function without arguments.
@@ -235,6 +282,7 @@ pub fn shared_server() -> &'static TestServer {
 }
 
 static SHARED_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static SHARED_DATA_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 /// Creates a sandbox with a unique name (prefix + random) and small limits.
 pub async fn create(client: &Client, prefix: &str) -> Sandbox {
