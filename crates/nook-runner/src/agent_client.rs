@@ -198,7 +198,15 @@ pub async fn call<T: serde::de::DeserializeOwned>(
 ) -> Result<Answer<T>, ProtocolError> {
     let mut stream = UnixStream::connect(socket).await?;
     write_json(&mut stream, FrameKind::Request, request).await?;
-    match read_frame(&mut stream).await? {
+    read_answer(&mut stream).await
+}
+
+/// Reads the single answer frame of a request: a [`FrameKind::Reply`] or [`FrameKind::Exit`] payload as `T`, or the
+/// agent's refusal.
+async fn read_answer<T: serde::de::DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Answer<T>, ProtocolError> {
+    match read_frame(reader).await? {
         Some(frame) if matches!(frame.kind, FrameKind::Reply | FrameKind::Exit) => Ok(Answer::Done(frame.parse()?)),
         Some(frame) if frame.kind == FrameKind::Error => {
             let error: AgentError = frame.parse()?;
@@ -219,17 +227,9 @@ pub type FileChunks = mpsc::Receiver<Result<Vec<u8>, String>>;
 pub async fn read_file(socket: &Path, path: String) -> Result<Answer<(FileStat, FileChunks)>, ProtocolError> {
     let mut stream = UnixStream::connect(socket).await?;
     write_json(&mut stream, FrameKind::Request, &Request::ReadFile { path }).await?;
-    let stat: FileStat = match read_frame(&mut stream).await? {
-        Some(frame) if frame.kind == FrameKind::Reply => frame.parse()?,
-        Some(frame) if frame.kind == FrameKind::Error => {
-            let error: AgentError = frame.parse()?;
-            return Ok(Answer::Refused {
-                code: error.code,
-                message: error.message,
-            });
-        }
-        Some(frame) => return Err(ProtocolError::Unexpected(frame.kind)),
-        None => return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    let stat: FileStat = match read_answer(&mut stream).await? {
+        Answer::Done(stat) => stat,
+        Answer::Refused { code, message } => return Ok(Answer::Refused { code, message }),
     };
     let (sender, chunks) = mpsc::channel(8);
     tokio::spawn(async move {
@@ -278,20 +278,12 @@ pub async fn write_file(
             break result;
         }
     };
-    match read_frame(&mut reader).await {
-        Ok(Some(frame)) if frame.kind == FrameKind::Reply => Ok(Answer::Done(frame.parse()?)),
-        Ok(Some(frame)) if frame.kind == FrameKind::Error => {
-            let error: AgentError = frame.parse()?;
-            Ok(Answer::Refused {
-                code: error.code,
-                message: error.message,
-            })
+    match read_answer(&mut reader).await {
+        // No answer at all: if our own write had failed, that is the better explanation.
+        Err(ProtocolError::Io(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(sent.err().unwrap_or(ProtocolError::Io(error)))
         }
-        Ok(Some(frame)) => Err(ProtocolError::Unexpected(frame.kind)),
-        Ok(None) => Err(sent
-            .err()
-            .unwrap_or(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()))),
-        Err(error) => Err(error),
+        answer => answer,
     }
 }
 
@@ -300,17 +292,8 @@ pub async fn write_file(
 pub async fn watch(socket: &Path, path: String, recursive: bool) -> Result<Answer<WatchEvents>, ProtocolError> {
     let mut stream = UnixStream::connect(socket).await?;
     write_json(&mut stream, FrameKind::Request, &Request::Watch { path, recursive }).await?;
-    match read_frame(&mut stream).await? {
-        Some(frame) if frame.kind == FrameKind::Reply => {}
-        Some(frame) if frame.kind == FrameKind::Error => {
-            let error: AgentError = frame.parse()?;
-            return Ok(Answer::Refused {
-                code: error.code,
-                message: error.message,
-            });
-        }
-        Some(frame) => return Err(ProtocolError::Unexpected(frame.kind)),
-        None => return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+    if let Answer::Refused { code, message } = read_answer::<serde_json::Value, _>(&mut stream).await? {
+        return Ok(Answer::Refused { code, message });
     }
     let (sender, events) = mpsc::channel(256);
     tokio::spawn(async move {

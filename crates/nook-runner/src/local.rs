@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nook_agent_proto::{ExecSpec, Request};
+use nook_agent_proto::{ExecSpec, ProtocolError, Request};
 use nook_api::{Image, ImageConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -459,18 +459,23 @@ impl LocalRunner {
     /// A request with one answer; the agent's refusals become [`RunnerError::Process`].
     async fn call<T: serde::de::DeserializeOwned>(&self, id: &str, request: &Request) -> Result<T, RunnerError> {
         self.running(id)?;
-        match agent_client::call(&self.socket_path(id), request).await {
-            Ok(agent_client::Answer::Done(value)) => Ok(value),
-            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
-            Err(source) => Err(RunnerError::Agent {
-                sandbox_id: id.to_string(),
-                source,
-            }),
-        }
+        answered(id, agent_client::call(&self.socket_path(id), request).await)
     }
 
     fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.inner.live.lock().expect("live map").get(id).cloned()
+    }
+}
+
+/// Turns an agent's answer into the runner's result: refusals become [`RunnerError::Process`].
+fn answered<T>(id: &str, answer: Result<agent_client::Answer<T>, ProtocolError>) -> Result<T, RunnerError> {
+    match answer {
+        Ok(agent_client::Answer::Done(value)) => Ok(value),
+        Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
+        Err(source) => Err(RunnerError::Agent {
+            sandbox_id: id.to_string(),
+            source,
+        }),
     }
 }
 
@@ -683,14 +688,10 @@ impl Runner for LocalRunner {
         path: &str,
     ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError> {
         self.running(id)?;
-        match agent_client::read_file(&self.socket_path(id), path.to_string()).await {
-            Ok(agent_client::Answer::Done(found)) => Ok(found),
-            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
-            Err(source) => Err(RunnerError::Agent {
-                sandbox_id: id.to_string(),
-                source,
-            }),
-        }
+        answered(
+            id,
+            agent_client::read_file(&self.socket_path(id), path.to_string()).await,
+        )
     }
 
     async fn write_file(
@@ -707,26 +708,15 @@ impl Runner for LocalRunner {
             mode,
             parents,
         };
-        match agent_client::write_file(&self.socket_path(id), request, body).await {
-            Ok(agent_client::Answer::Done(stat)) => Ok(stat),
-            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
-            Err(source) => Err(RunnerError::Agent {
-                sandbox_id: id.to_string(),
-                source,
-            }),
-        }
+        answered(id, agent_client::write_file(&self.socket_path(id), request, body).await)
     }
 
     async fn watch(&self, id: &str, path: &str, recursive: bool) -> Result<agent_client::WatchEvents, RunnerError> {
         self.running(id)?;
-        match agent_client::watch(&self.socket_path(id), path.to_string(), recursive).await {
-            Ok(agent_client::Answer::Done(events)) => Ok(events),
-            Ok(agent_client::Answer::Refused { code, message }) => Err(RunnerError::Process { code, message }),
-            Err(source) => Err(RunnerError::Agent {
-                sandbox_id: id.to_string(),
-                source,
-            }),
-        }
+        answered(
+            id,
+            agent_client::watch(&self.socket_path(id), path.to_string(), recursive).await,
+        )
     }
 
     async fn file_call(&self, id: &str, request: Request) -> Result<serde_json::Value, RunnerError> {
