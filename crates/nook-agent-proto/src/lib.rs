@@ -479,6 +479,9 @@ pub struct ProcessInfo {
     pub started_at_ms: u64,
     /// Total bytes of output written so far.
     pub output_bytes: u64,
+    /// Whether it runs on a pseudo-terminal.
+    #[serde(default)]
+    pub terminal: bool,
     /// How it ended, once it has.
     pub exit: Option<Exit>,
 }

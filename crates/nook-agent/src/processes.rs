@@ -141,6 +141,7 @@ impl Managed {
             argv: self.argv.clone(),
             started_at_ms: self.started_at_ms,
             output_bytes: state.log.end(),
+            terminal: self.pty.is_some(),
             exit: state.exit,
         }
     }

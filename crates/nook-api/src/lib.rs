@@ -364,6 +364,14 @@ pub enum ExecEvent {
         /// Wall time from start to exit, in milliseconds.
         duration_ms: f64,
     },
+    /// A problem that does not end the stream: on a terminal socket, an input or control message that could not be
+    /// applied (for example a resize of a process without a terminal).
+    Notice {
+        /// Stable error code.
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The stream failed before the process's end was observed.
     Error {
         /// Stable error code.
@@ -371,6 +379,33 @@ pub enum ExecEvent {
         /// What went wrong.
         message: String,
     },
+}
+
+/// A text message from the client on a terminal WebSocket
+/// (`GET /v1/sandboxes/{sandbox}/processes/{pid}/terminal`).
+///
+/// The protocol: binary messages from the client are the process's standard input, unchanged; binary messages from
+/// the server are its standard output (for a terminal: everything the terminal shows). Text messages from the
+/// server are [`ExecEvent`] JSON: one `attached` first, `stderr` chunks for processes without a terminal, and a
+/// final `exit` (or `error`) before the server closes the socket. Closing the socket detaches: the process keeps
+/// running and can be attached again from any offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TerminalCommand {
+    /// Set the terminal's size; the foreground process group gets SIGWINCH.
+    Resize {
+        /// Columns (1 to 1000).
+        cols: u16,
+        /// Rows (1 to 1000).
+        rows: u16,
+    },
+    /// Send a signal to the process.
+    Signal {
+        /// Signal number (1 to 64).
+        signal: i32,
+    },
+    /// Close the process's standard input (end of file).
+    CloseStdin,
 }
 
 /// A background process in a sandbox.
@@ -386,6 +421,9 @@ pub struct ProcessInfo {
     pub output_bytes: u64,
     /// Whether it is still running.
     pub running: bool,
+    /// Whether it runs on a pseudo-terminal (attach with `nook attach`, or the terminal WebSocket).
+    #[serde(default)]
+    pub terminal: bool,
     /// How it ended, once it has.
     pub exit: Option<ExitStatus>,
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use futures::StreamExt;
-use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ResourceRequest, Sandbox, SandboxState};
+use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, ResourceRequest, Sandbox, SandboxState};
 use nook_client::Client;
 
 use crate::{client_config, pairs, table, Command, ImageCommand};
@@ -106,7 +106,34 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             println!("{}", process.pid);
             Ok(0)
         }
+        Command::Exec(args) if args.interactive || args.tty => {
+            let request = exec_request(&args)?;
+            crate::terminal::run_interactive(client, &args.sandbox, request, args.tty).await
+        }
         Command::Exec(args) => exec(client, args).await,
+        Command::Shell(args) => {
+            let request = ExecRequest {
+                // The user's login shell as the passwd database names it, else bash, else sh.
+                shell: Some(
+                    "shell=$(getent passwd \"$(id -un)\" 2>/dev/null | cut -d: -f7); \
+                     [ -x \"$shell\" ] || shell=$(command -v bash || command -v sh); exec \"$shell\" -l"
+                        .into(),
+                ),
+                env: pairs(args.env),
+                cwd: args.cwd,
+                user: args.user,
+                ..ExecRequest::default()
+            };
+            crate::terminal::run_interactive(client, &args.sandbox, request, true).await
+        }
+        Command::Attach(args) => {
+            let process = client.process(&args.sandbox, args.pid).await?;
+            if !process.running {
+                eprintln!("nook: process {} has already ended; showing its output", args.pid);
+            }
+            let offset = process.output_bytes.saturating_sub(args.replay);
+            crate::terminal::attach(client, &args.sandbox, args.pid, offset, process.terminal).await
+        }
         Command::Ps(args) => {
             let processes = client.processes(&args.sandbox).await?;
             if args.json {
@@ -269,7 +296,7 @@ async fn logs(client: &Client, args: crate::LogsArgs) -> anyhow::Result<u8> {
                 }
                 ExecEvent::End { .. } => return Ok(0),
                 ExecEvent::Error { message, .. } => bail!("{message}"),
-                ExecEvent::Started { .. } | ExecEvent::Keepalive => {}
+                ExecEvent::Started { .. } | ExecEvent::Keepalive | ExecEvent::Notice { .. } => {}
             }
         }
         retries += 1;
@@ -291,7 +318,11 @@ async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
     let mut stderr = std::io::stderr();
     while let Some(event) = events.next().await {
         match event? {
-            ExecEvent::Started { .. } | ExecEvent::Keepalive | ExecEvent::Attached { .. } | ExecEvent::End { .. } => {}
+            ExecEvent::Started { .. }
+            | ExecEvent::Keepalive
+            | ExecEvent::Attached { .. }
+            | ExecEvent::End { .. }
+            | ExecEvent::Notice { .. } => {}
             ExecEvent::Stdout { data, .. } => {
                 stdout.write_all(&decode(&data)?)?;
                 stdout.flush()?;
@@ -304,11 +335,7 @@ async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
                 if status.timed_out {
                     eprintln!("nook: the command ran past its timeout and was killed");
                 }
-                return Ok(match (status.exit_code, status.signal) {
-                    (Some(code), _) => code.clamp(0, 255) as u8,
-                    (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
-                    (None, None) => 125,
-                });
+                return Ok(exit_code(status));
             }
             ExecEvent::Error { code, message } => {
                 eprintln!("nook: {message}");
@@ -321,6 +348,16 @@ async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
         }
     }
     bail!("the server ended the stream without the command's exit status")
+}
+
+/// The exit code that reports how a process ended: its own, 128 + the signal that killed it, or 125 when neither is
+/// known.
+pub(crate) fn exit_code(status: ExitStatus) -> u8 {
+    match (status.exit_code, status.signal) {
+        (Some(code), _) => code.clamp(0, 255) as u8,
+        (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
+        (None, None) => 125,
+    }
 }
 
 /// `SANDBOX:/path` → (sandbox, path); a host path → None.

@@ -9,6 +9,7 @@ mod client_config;
 mod commands;
 mod serve;
 mod table;
+mod terminal;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -52,6 +53,10 @@ enum Command {
     Logs(LogsArgs),
     /// Send a signal to a background process.
     Kill(KillArgs),
+    /// Open an interactive login shell in a sandbox (Ctrl-P Ctrl-Q detaches; `nook attach` returns to it).
+    Shell(ShellArgs),
+    /// Attach this terminal to a background process, replaying its recent output.
+    Attach(AttachArgs),
     /// Copy a file between the host and a sandbox: `nook cp ./f box:/tmp/f` or `nook cp box:/etc/os-release .`.
     Cp(CpArgs),
     /// Work with files in a sandbox.
@@ -132,13 +137,45 @@ struct ExecArgs {
     #[arg(long)]
     timeout: Option<f64>,
     /// Run in the background: print the pid and return; the process outlives this command.
-    #[arg(long, short = 'd')]
+    #[arg(long, short = 'd', conflicts_with_all = ["interactive", "tty"])]
     detach: bool,
+    /// Keep standard input open and pass it to the command as it is typed.
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Run the command on a pseudo-terminal (raw mode here, resizes passed on; Ctrl-P Ctrl-Q detaches).
+    #[arg(long, short = 't')]
+    tty: bool,
     /// Sandbox id or name.
     sandbox: String,
     /// The command and its arguments (after `--`).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ShellArgs {
+    /// User name or uid.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Working directory.
+    #[arg(long, short = 'w')]
+    cwd: Option<String>,
+    /// Environment variable `KEY=value` (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+    env: Vec<(String, String)>,
+    /// Sandbox id or name.
+    sandbox: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct AttachArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Process id inside the sandbox.
+    pid: u32,
+    /// Bytes of recent output to replay first.
+    #[arg(long, default_value_t = terminal::DEFAULT_REPLAY_BYTES)]
+    replay: u64,
 }
 
 #[derive(Debug, clap::Args)]

@@ -4,6 +4,8 @@
 //! `code`, so callers can match on it; transport failures keep their cause. Streaming exec returns the NDJSON
 //! events one by one as the server sends them.
 
+mod terminal;
+
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
@@ -16,6 +18,7 @@ use nook_api::{
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
+pub use terminal::{Terminal, TerminalOutput, TerminalReader, TerminalWriter};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,15 @@ pub enum ClientError {
         /// The cause.
         #[source]
         source: reqwest::Error,
+    },
+    /// A WebSocket (terminal) could not be opened or broke.
+    #[error("the terminal connection to {url} failed")]
+    WebSocket {
+        /// The server URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: Box<tokio_tungstenite::tungstenite::Error>,
     },
     /// The server's answer did not parse.
     #[error("the server's answer is not what this client expects: {0}")]

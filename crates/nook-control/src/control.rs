@@ -299,6 +299,7 @@ impl Control {
         options.stdin = true;
         let sandbox = self.running(key).await?;
         let command = options.argv.clone();
+        let terminal = options.pty.is_some();
         let pid = self.runner.spawn(&sandbox.id, options).await?;
         if let Some(stdin) = request.stdin {
             self.runner.input(&sandbox.id, pid, stdin.into_bytes(), false).await?;
@@ -309,6 +310,7 @@ impl Control {
             started_at: Utc::now(),
             output_bytes: 0,
             running: true,
+            terminal,
             exit: None,
         })
     }
@@ -325,6 +327,7 @@ impl Control {
                 started_at: chrono::DateTime::from_timestamp_millis(process.started_at_ms as i64).unwrap_or_default(),
                 output_bytes: process.output_bytes,
                 running: process.exit.is_none(),
+                terminal: process.terminal,
                 exit: process.exit.map(exit_status),
             })
             .collect())

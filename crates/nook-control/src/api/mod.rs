@@ -34,11 +34,55 @@ use crate::control::{Control, SandboxFilter};
 use crate::error::ApiFailure;
 use crate::ids::hash_key;
 
+mod terminal;
+
 /// Shared state of the HTTP layer.
 #[derive(Clone)]
 pub struct AppState {
     /// The operations.
     pub control: Arc<Control>,
+}
+
+/// The wire form of one item of a runner's output stream (`None`: the stream ended without a final item).
+/// `offset` tracks the position in a background process's combined output; `offsets` says whether chunks carry it.
+fn exec_event(output: Option<ExecOutput>, offset: &mut u64, offsets: bool) -> ExecEvent {
+    match output {
+        Some(ExecOutput::Started { pid }) => ExecEvent::Started { pid },
+        Some(ExecOutput::Attached { offset: start, missed }) => {
+            *offset = start;
+            ExecEvent::Attached { offset: start, missed }
+        }
+        Some(ExecOutput::Stdout(chunk)) => {
+            let at = offsets.then_some(*offset);
+            *offset += chunk.len() as u64;
+            ExecEvent::Stdout {
+                data: base64_of(&chunk),
+                offset: at,
+            }
+        }
+        Some(ExecOutput::Stderr(chunk)) => {
+            let at = offsets.then_some(*offset);
+            *offset += chunk.len() as u64;
+            ExecEvent::Stderr {
+                data: base64_of(&chunk),
+                offset: at,
+            }
+        }
+        Some(ExecOutput::Exit(exit)) => ExecEvent::Exit {
+            status: ExitStatus {
+                exit_code: exit.code,
+                signal: exit.signal,
+                timed_out: exit.timed_out,
+            },
+            duration_ms: exit.duration_ms,
+        },
+        Some(ExecOutput::End { offset }) => ExecEvent::End { offset },
+        Some(ExecOutput::Error { code, message }) => ExecEvent::Error { code, message },
+        None => ExecEvent::Error {
+            code: "exec_failed".into(),
+            message: "the output stream ended unexpectedly".into(),
+        },
+    }
 }
 
 /// Largest JSON request body (exec stdin is the big one).
@@ -64,6 +108,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/stdin", post(process_stdin))
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/signal", post(signal_process))
         .route("/v1/sandboxes/{sandbox}/processes/{pid}/resize", post(resize_process))
+        .route(
+            "/v1/sandboxes/{sandbox}/processes/{pid}/terminal",
+            get(terminal::process_terminal),
+        )
         .route("/v1/sandboxes/{sandbox}/files/stat", get(stat_file))
         .route("/v1/sandboxes/{sandbox}/files/list", get(list_files))
         .route("/v1/sandboxes/{sandbox}/files/mkdir", post(make_dir))
@@ -351,43 +399,7 @@ fn ndjson_events(stream: nook_runner::ExecStream, offsets: bool) -> Response {
         let mut stream = state?;
         let event = match tokio::time::timeout(KEEPALIVE, stream.events.recv()).await {
             Err(_) => ExecEvent::Keepalive,
-            Ok(event) => match event {
-                Some(ExecOutput::Started { pid }) => ExecEvent::Started { pid },
-                Some(ExecOutput::Attached { offset: start, missed }) => {
-                    offset = start;
-                    ExecEvent::Attached { offset: start, missed }
-                }
-                Some(ExecOutput::Stdout(chunk)) => {
-                    let at = offsets.then_some(offset);
-                    offset += chunk.len() as u64;
-                    ExecEvent::Stdout {
-                        data: base64_of(&chunk),
-                        offset: at,
-                    }
-                }
-                Some(ExecOutput::Stderr(chunk)) => {
-                    let at = offsets.then_some(offset);
-                    offset += chunk.len() as u64;
-                    ExecEvent::Stderr {
-                        data: base64_of(&chunk),
-                        offset: at,
-                    }
-                }
-                Some(ExecOutput::Exit(exit)) => ExecEvent::Exit {
-                    status: ExitStatus {
-                        exit_code: exit.code,
-                        signal: exit.signal,
-                        timed_out: exit.timed_out,
-                    },
-                    duration_ms: exit.duration_ms,
-                },
-                Some(ExecOutput::End { offset }) => ExecEvent::End { offset },
-                Some(ExecOutput::Error { code, message }) => ExecEvent::Error { code, message },
-                None => ExecEvent::Error {
-                    code: "exec_failed".into(),
-                    message: "the output stream ended unexpectedly".into(),
-                },
-            },
+            Ok(event) => exec_event(event, &mut offset, offsets),
         };
         let last = matches!(
             event,
@@ -1019,9 +1031,10 @@ impl utoipa::Modify for BearerAuth {
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
         sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
-        process_stdin, signal_process, resize_process, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
+        process_stdin, signal_process, resize_process, terminal::process_terminal, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
     ),
+    components(schemas(nook_api::TerminalCommand, ExecEvent)),
     modifiers(&BearerAuth),
     tags(
         (name = "system", description = "Server status"),
