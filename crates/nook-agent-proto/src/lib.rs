@@ -236,6 +236,25 @@ pub enum Request {
         /// Create missing parent directories.
         parents: bool,
     },
+    /// Pack a file or directory tree as a tar stream (like `docker cp` out): answered with the path's [`FileStat`]
+    /// ([`FrameKind::Reply`]), the archive in [`FrameKind::FileData`] frames and an [`End`] with its length; a
+    /// failure part-way is an [`FrameKind::Error`] instead of the `End`. Entries are named from the path's last
+    /// component; symlinks are archived as links, never followed.
+    ReadArchive {
+        /// Absolute path inside the sandbox.
+        path: String,
+    },
+    /// Unpack the tar stream of the [`FrameKind::Stdin`] frames that follow (ended by [`FrameKind::StdinClose`])
+    /// into the directory `path`; answered with an [`ArchiveWritten`]. Entries that would land outside `path`
+    /// (`..`, absolute names, through symlinks) are refused.
+    WriteArchive {
+        /// Absolute path of the destination directory inside the sandbox.
+        path: String,
+        /// Create the destination (and its parents) when missing.
+        parents: bool,
+        /// Owner (uid, gid) for everything unpacked; root when absent. Owners recorded in the archive are ignored.
+        owner: Option<(u32, u32)>,
+    },
     /// Describe a path (symlinks are not followed); answered with a [`FileStat`].
     Stat {
         /// Absolute path inside the sandbox.
@@ -349,6 +368,15 @@ pub enum FileKind {
     Symlink,
     /// Anything else (device, socket, FIFO).
     Other,
+}
+
+/// What [`Request::WriteArchive`] unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveWritten {
+    /// Entries created (files, directories, links).
+    pub entries: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
 }
 
 /// A path's metadata.

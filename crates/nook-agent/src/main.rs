@@ -8,6 +8,7 @@
 //!
 //! `boot` runs before any thread exists (it forks and changes namespaces); `serve` starts a single-threaded runtime.
 
+mod archive;
 mod boot;
 mod files;
 mod processes;

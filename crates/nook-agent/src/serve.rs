@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::archive;
 use crate::files;
 use crate::processes::{read_some, sleep_until, Registry, Stream};
 use crate::search;
@@ -194,6 +195,20 @@ async fn handle(
         Request::WriteFile { path, mode, parents } => {
             let result = match files::clean_path(&path) {
                 Ok(path) => files::write_file(&path, mode, parents, &mut reader).await?,
+                Err(error) => Err(error),
+            };
+            reply(&mut writer, result).await
+        }
+        Request::ReadArchive { path } => match files::clean_path(&path) {
+            Ok(path) => match archive::read_archive(&path, &mut writer).await? {
+                Ok(()) => Ok(()),
+                Err(error) => send_error(&mut writer, error.code, error.message).await,
+            },
+            Err(error) => send_error(&mut writer, error.code, error.message).await,
+        },
+        Request::WriteArchive { path, parents, owner } => {
+            let result = match files::clean_path(&path) {
+                Ok(path) => archive::write_archive(&path, parents, owner, &mut reader).await?,
                 Err(error) => Err(error),
             };
             reply(&mut writer, result).await

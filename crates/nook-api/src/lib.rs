@@ -457,6 +457,15 @@ pub enum FileKind {
     Other,
 }
 
+/// Response of `PUT /v1/sandboxes/{sandbox}/files/archive`: what a tar upload unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ArchiveResult {
+    /// Entries created (files, directories, links).
+    pub entries: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
 /// A path in a sandbox and its metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FileInfo {
@@ -484,7 +493,7 @@ pub struct FileInfo {
 /// Response of `GET /v1/sandboxes/{sandbox}/files/list`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FileList {
-    /// Entries, sorted by path.
+    /// Entries: for a listing, sorted by path; for a multipart upload, in form order.
     pub entries: Vec<FileInfo>,
 }
 

@@ -197,7 +197,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             Ok(u8::from(failed))
         }
         Command::Image(image) => image_command(client, image).await,
-        Command::Cp(args) => copy(client, args).await,
+        Command::Cp(args) => crate::copy::copy(client, &args.source, &args.destination).await,
         Command::Files(files) => files_command(client, files).await,
         Command::Serve(_) | Command::Openapi => unreachable!("handled in run"),
     }
@@ -357,71 +357,6 @@ pub(crate) fn exit_code(status: ExitStatus) -> u8 {
         (Some(code), _) => code.clamp(0, 255) as u8,
         (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
         (None, None) => 125,
-    }
-}
-
-/// `SANDBOX:/path` → (sandbox, path); a host path → None.
-fn sandbox_path(text: &str) -> Option<(&str, &str)> {
-    let (sandbox, path) = text.split_once(':')?;
-    (!sandbox.is_empty() && !sandbox.contains('/') && path.starts_with('/')).then_some((sandbox, path))
-}
-
-/// Streams one file between the host and a sandbox, never holding it whole.
-async fn copy(client: &Client, args: crate::CpArgs) -> anyhow::Result<u8> {
-    match (sandbox_path(&args.source), sandbox_path(&args.destination)) {
-        (None, Some((sandbox, path))) => {
-            let source = PathBuf::from(&args.source);
-            let metadata = std::fs::metadata(&source).with_context(|| format!("reading {}", source.display()))?;
-            if metadata.is_dir() {
-                bail!("copying directories is not supported yet; copy files one by one or pack them with tar");
-            }
-            let path = if path.ends_with('/') {
-                format!(
-                    "{path}{}",
-                    source
-                        .file_name()
-                        .context("the source has no file name")?
-                        .to_string_lossy()
-                )
-            } else {
-                path.to_string()
-            };
-            let file = tokio::fs::File::open(&source).await?;
-            let mode = std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o7777;
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-            let info = client.upload_file(sandbox, &path, body, Some(mode), true).await?;
-            eprintln!("copied {} to {sandbox}:{}", table::bytes(info.size), info.path);
-            Ok(0)
-        }
-        (Some((sandbox, path)), None) => {
-            let mut destination = PathBuf::from(&args.destination);
-            if destination.is_dir() {
-                destination.push(Path::new(path).file_name().context("the source has no file name")?);
-            }
-            let mut stream = client.download_file(sandbox, path).await?;
-            let tmp = destination.with_extension("nook-partial");
-            let mut file = tokio::fs::File::create(&tmp)
-                .await
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            let mut total = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = match chunk {
-                    Ok(chunk) => chunk,
-                    Err(error) => {
-                        let _ = tokio::fs::remove_file(&tmp).await;
-                        return Err(error.into());
-                    }
-                };
-                total += chunk.len() as u64;
-                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
-            }
-            tokio::io::AsyncWriteExt::flush(&mut file).await?;
-            tokio::fs::rename(&tmp, &destination).await?;
-            eprintln!("copied {} to {}", table::bytes(total), destination.display());
-            Ok(0)
-        }
-        (Some(_), Some(_)) => bail!("copy between two sandboxes through the host: cp to a local file first"),
-        (None, None) => bail!("one side must be SANDBOX:/absolute/path"),
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod client_config;
 mod commands;
+mod copy;
 mod serve;
 mod table;
 mod terminal;
@@ -57,7 +58,8 @@ enum Command {
     Shell(ShellArgs),
     /// Attach this terminal to a background process, replaying its recent output.
     Attach(AttachArgs),
-    /// Copy a file between the host and a sandbox: `nook cp ./f box:/tmp/f` or `nook cp box:/etc/os-release .`.
+    /// Copy files or directories between the host and a sandbox: `nook cp ./src box:/work/` or
+    /// `nook cp box:/etc/os-release .` (a directory copied into an existing directory lands inside it).
     Cp(CpArgs),
     /// Work with files in a sandbox.
     #[command(subcommand)]

@@ -254,3 +254,85 @@ fn cp_files_and_background_process_verbs() {
     assert!(ps.contains(pid) && ps.contains("exited 4"), "{ps}");
     ok(server, &["rm", &name]);
 }
+
+#[test]
+fn cp_copies_directory_trees_both_ways() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = shared_server();
+    let name = format!("cli-cptree-{}", &common::rand_suffix()[..8]);
+    ok(server, &["create", "--name", &name]);
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src");
+    std::fs::create_dir_all(source.join("sub/empty")).unwrap();
+    std::fs::write(source.join("a.txt"), "alpha\n").unwrap();
+    let big: Vec<u8> = (0..(2 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(source.join("sub/big.bin"), &big).unwrap();
+    std::os::unix::fs::symlink("../a.txt", source.join("sub/link")).unwrap();
+    std::fs::write(source.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(source.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let src = source.to_str().unwrap();
+
+    // To a path that does not exist: it becomes that path; to an existing directory: the tree lands inside.
+    ok(server, &["cp", src, &format!("{name}:/work")]);
+    ok(server, &["cp", src, &format!("{name}:/work")]);
+    let inside = ok(
+        server,
+        &[
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "cat /work/a.txt; readlink /work/sub/link; /work/run.sh; test -d /work/sub/empty && echo empty-dir; \
+             cmp /work/sub/big.bin /work/src/sub/big.bin && echo same; cat /work/src/sub/link",
+        ],
+    );
+    assert_eq!(inside, "alpha\n../a.txt\nran\nempty-dir\nsame\nalpha\n");
+
+    // Back out, with the same two rules; setuid bits from the sandbox are dropped on the host.
+    ok(
+        server,
+        &[
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "cp /bin/true /work/suid && chmod 4755 /work/suid",
+        ],
+    );
+    let back = dir.path().join("back");
+    ok(server, &["cp", &format!("{name}:/work"), back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(back.join("sub/big.bin")).unwrap(), big);
+    assert_eq!(
+        std::fs::read_link(back.join("sub/link")).unwrap().to_str(),
+        Some("../a.txt")
+    );
+    assert_eq!(std::fs::read_to_string(back.join("src/a.txt")).unwrap(), "alpha\n");
+    let suid = std::fs::metadata(back.join("suid")).unwrap().permissions().mode();
+    assert_eq!(suid & 0o7000, 0, "setuid kept on the host: {suid:o}");
+    assert_eq!(
+        std::fs::metadata(back.join("run.sh")).unwrap().permissions().mode() & 0o111,
+        0o111
+    );
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    ok(
+        server,
+        &["cp", &format!("{name}:/work/sub"), existing.to_str().unwrap()],
+    );
+    assert_eq!(std::fs::read(existing.join("sub/big.bin")).unwrap(), big);
+    // No staging directories are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".nook-cp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let missing = nook(server, &["cp", &format!("{name}:/no/such/dir"), back.to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(125));
+    ok(server, &["rm", &name]);
+}

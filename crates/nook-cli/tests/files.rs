@@ -435,3 +435,205 @@ async fn next_change(
         }
     }
 }
+
+/// A tar entry with a name the `tar` crate would refuse to write (`..`, absolute): hostile archives are built by
+/// hand.
+fn raw_entry(archive: &mut Vec<u8>, name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) {
+    let mut header = tar::Header::new_gnu();
+    let bytes = name.as_bytes();
+    header.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+    header.set_entry_type(kind);
+    header.set_mode(0o644);
+    header.set_size(data.len() as u64);
+    if let Some(link) = link {
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    header.set_cksum();
+    archive.extend_from_slice(header.as_bytes());
+    archive.extend_from_slice(data);
+    archive.resize(archive.len().div_ceil(512) * 512, 0);
+}
+
+#[tokio::test]
+async fn directory_trees_move_as_tar_streams() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-tar").await;
+    let id = sandbox.id.as_str();
+    sh(
+        &client,
+        id,
+        "mkdir -p /srv/tree/sub/deep && echo one > /srv/tree/a.txt && head -c 3000000 /dev/urandom > /srv/tree/sub/big \
+         && ln -s ../a.txt /srv/tree/sub/link && chmod 750 /srv/tree/sub && mkfifo /srv/tree/fifo",
+    )
+    .await;
+    let digest = sh(&client, id, "sha256sum /srv/tree/sub/big | cut -c1-64").await.stdout;
+
+    // Out: a tar of the tree named from its last component, links kept as links.
+    let (kind, mut stream) = client.download_archive(id, "/srv/tree").await.unwrap();
+    assert_eq!(kind, FileKind::Dir);
+    let mut archive = Vec::new();
+    while let Some(piece) = stream.next().await {
+        archive.extend_from_slice(&piece.unwrap());
+    }
+    let mut names = Vec::new();
+    for entry in tar::Archive::new(archive.as_slice()).entries().unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.path().unwrap().display().to_string();
+        if name == "tree/sub/link" {
+            assert_eq!(entry.header().entry_type(), tar::EntryType::Symlink);
+            assert_eq!(entry.link_name().unwrap().unwrap().to_str(), Some("../a.txt"));
+        }
+        if name == "tree/sub" {
+            assert_eq!(entry.header().mode().unwrap() & 0o777, 0o750);
+        }
+        names.push(name);
+    }
+    for expected in [
+        "tree",
+        "tree/a.txt",
+        "tree/fifo",
+        "tree/sub",
+        "tree/sub/big",
+        "tree/sub/deep",
+        "tree/sub/link",
+    ] {
+        assert!(
+            names.iter().any(|n| n.trim_end_matches('/') == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    // In: the same archive unpacked elsewhere, owned as asked, byte-identical.
+    let result = client
+        .upload_archive(id, "/copy/here", archive.clone().into(), true, Some((1000, 1000)))
+        .await
+        .unwrap();
+    assert_eq!(result.entries, names.len() as u64);
+    assert!(result.bytes >= 3_000_004, "{result:?}");
+    let check = sh(
+        &client,
+        id,
+        "sha256sum /copy/here/tree/sub/big | cut -c1-64; readlink /copy/here/tree/sub/link; \
+         stat -c %u:%g /copy/here/tree/sub/big /copy/here/tree/sub/link; cat /copy/here/tree/sub/link",
+    )
+    .await
+    .stdout;
+    assert_eq!(check, format!("{digest}../a.txt\n1000:1000\n1000:1000\none\n"));
+
+    // A single file archives as one entry.
+    let (kind, _) = client.download_archive(id, "/srv/tree/a.txt").await.unwrap();
+    assert_eq!(kind, FileKind::File);
+    let Err(error) = client.download_archive(id, "/no/such").await else {
+        panic!("an archive of a missing path")
+    };
+    assert_eq!(error.code(), Some("not_found"), "{error}");
+
+    // Hostile archives: `..`, absolute names and a path through a planted symlink are refused; nothing lands outside.
+    let marker = format!("nook-tar-{}", &common::rand_suffix()[..8]);
+    let mut dotdot = Vec::new();
+    raw_entry(
+        &mut dotdot,
+        &format!("../../{marker}"),
+        tar::EntryType::Regular,
+        None,
+        b"x",
+    );
+    let mut through_link = Vec::new();
+    raw_entry(&mut through_link, "out", tar::EntryType::Symlink, Some("/etc"), b"");
+    raw_entry(
+        &mut through_link,
+        &format!("out/{marker}"),
+        tar::EntryType::Regular,
+        None,
+        b"x",
+    );
+    for (what, archive) in [("dotdot", dotdot), ("symlink", through_link)] {
+        let error = client
+            .upload_archive(id, "/dest", archive.into(), true, None)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Some("invalid_archive"), "{what}: {error}");
+    }
+    let mut absolute = Vec::new();
+    raw_entry(
+        &mut absolute,
+        &format!("/etc/{marker}"),
+        tar::EntryType::Regular,
+        None,
+        b"x",
+    );
+    client
+        .upload_archive(id, "/dest2", absolute.into(), true, None)
+        .await
+        .unwrap();
+    let found = sh(&client, id, &format!("find / -xdev -name '{marker}' 2>/dev/null"))
+        .await
+        .stdout;
+    assert_eq!(
+        found,
+        format!("/dest2/etc/{marker}\n"),
+        "an absolute name is kept under the destination"
+    );
+    assert!(!std::path::Path::new("/etc").join(&marker).exists());
+    let error = client
+        .upload_archive(id, "/copy/here/tree/a.txt", Vec::new().into(), false, None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some("not_a_directory"), "{error}");
+    let error = client
+        .upload_archive(id, "/dest3", b"this is not a tar archive".repeat(40).into(), true, None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some("invalid_archive"), "{error}");
+    client.delete_sandbox(id).await.unwrap();
+}
+
+#[tokio::test]
+async fn multipart_uploads_stream_each_file() {
+    use reqwest::multipart::{Form, Part};
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "files-multipart").await;
+    let id = sandbox.id.as_str();
+    let big = chunk(9, 0, 8 * CHUNK);
+
+    // Into a directory, by file name (only the name's last component counts).
+    let form = Form::new()
+        .text("comment", "plain fields are ignored")
+        .part("file", Part::bytes(b"hello".to_vec()).file_name("a.txt"))
+        .part("file", Part::bytes(big.clone()).file_name("../../etc/big.bin"));
+    let written = client.upload_multipart(id, "/up/", form, true).await.unwrap();
+    let paths: Vec<&str> = written.iter().map(|file| file.path.as_str()).collect();
+    assert_eq!(paths, ["/up/a.txt", "/up/big.bin"]);
+    assert_eq!(written[1].size, big.len() as u64);
+    let mut stream = client.download_file(id, "/up/big.bin").await.unwrap();
+    let mut back = Vec::new();
+    while let Some(piece) = stream.next().await {
+        back.extend_from_slice(&piece.unwrap());
+    }
+    assert!(back == big, "the multipart file came back different");
+
+    // One file to a path that is not a directory.
+    let form = Form::new().part("upload", Part::bytes(b"solo".to_vec()).file_name("whatever"));
+    let written = client.upload_multipart(id, "/single/x.txt", form, true).await.unwrap();
+    assert_eq!(written[0].path, "/single/x.txt");
+    assert_eq!(sh(&client, id, "cat /single/x.txt").await.stdout, "solo");
+
+    // Clear errors: two files to a file path, a name that is no name, a form without files.
+    let two = Form::new()
+        .part("a", Part::bytes(b"1".to_vec()).file_name("1"))
+        .part("b", Part::bytes(b"2".to_vec()).file_name("2"));
+    let error = client
+        .upload_multipart(id, "/single/y.txt", two, true)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("only one file"), "{error}");
+    let dots = Form::new().part("a", Part::bytes(b"1".to_vec()).file_name(".."));
+    let error = client.upload_multipart(id, "/up", dots, false).await.unwrap_err();
+    assert_eq!(error.code(), Some("invalid_request"), "{error}");
+    let empty = Form::new().text("just", "text");
+    let error = client.upload_multipart(id, "/up", empty, false).await.unwrap_err();
+    assert!(error.to_string().contains("no file"), "{error}");
+    client.delete_sandbox(id).await.unwrap();
+}

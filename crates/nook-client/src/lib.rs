@@ -11,10 +11,10 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use nook_api::{
-    ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
-    FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
-    ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList, SandboxState, SearchRequest,
-    SearchResult, SignalRequest, WatchEvent,
+    ApiError, ArchiveResult, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult,
+    ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest,
+    ProcessInfo, ProcessList, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList,
+    SandboxState, SearchRequest, SearchResult, SignalRequest, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -405,6 +405,87 @@ impl Client {
         self.json(
             self.request(Method::PUT, url)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body),
+        )
+        .await
+    }
+
+    /// Uploads a `multipart/form-data` form (POST): its file parts go into the directory `path` under their file
+    /// names, or to `path` itself when it is not a directory and the form has one file. Answers the files written.
+    pub async fn upload_multipart(
+        &self,
+        key: &str,
+        path: &str,
+        form: reqwest::multipart::Form,
+        parents: bool,
+    ) -> Result<Vec<FileInfo>, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files"]);
+        url.query_pairs_mut()
+            .append_pair("path", path)
+            .append_pair("parents", &parents.to_string());
+        let list: FileList = self.json(self.request(Method::POST, url).multipart(form)).await?;
+        Ok(list.entries)
+    }
+
+    /// Downloads a file or directory tree as a tar stream (entries named from the path's last component), with the
+    /// path's kind.
+    pub async fn download_archive(
+        &self,
+        key: &str,
+        path: &str,
+    ) -> Result<
+        (
+            FileKind,
+            Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>,
+        ),
+        ClientError,
+    > {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files", "archive"]);
+        url.query_pairs_mut().append_pair("path", path);
+        let response = self.send(self.request(Method::GET, url)).await?;
+        let kind = response
+            .headers()
+            .get("x-nook-file-kind")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|kind| serde_json::from_value(serde_json::Value::String(kind.to_string())).ok())
+            .ok_or_else(|| ClientError::Decode("the archive response has no valid X-Nook-File-Kind".into()))?;
+        let base = self.base.to_string();
+        Ok((
+            kind,
+            Box::pin(response.bytes_stream().map(move |chunk| {
+                chunk.map_err(|source| ClientError::Transport {
+                    url: base.clone(),
+                    source,
+                })
+            })),
+        ))
+    }
+
+    /// Unpacks a tar stream into the directory `path` (created with `parents`), owned by root unless `owner`
+    /// (uid, gid) is given.
+    pub async fn upload_archive(
+        &self,
+        key: &str,
+        path: &str,
+        body: reqwest::Body,
+        parents: bool,
+        owner: Option<(u32, u32)>,
+    ) -> Result<ArchiveResult, ClientError> {
+        let mut url = self.url_for(&["v1", "sandboxes", key, "files", "archive"]);
+        {
+            let mut query = url.query_pairs_mut();
+            query
+                .append_pair("path", path)
+                .append_pair("parents", &parents.to_string());
+            if let Some((uid, gid)) = owner {
+                query
+                    .append_pair("uid", &uid.to_string())
+                    .append_pair("gid", &gid.to_string());
+            }
+        }
+        self.json(
+            self.request(Method::PUT, url)
+                .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
                 .body(body),
         )
         .await

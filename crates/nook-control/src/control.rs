@@ -428,6 +428,37 @@ impl Control {
         ))
     }
 
+    /// Packs a file or directory tree as a tar stream.
+    pub async fn read_archive(
+        &self,
+        key: &str,
+        path: &str,
+    ) -> Result<(FileInfo, nook_runner::agent_client::FileChunks), ApiFailure> {
+        let sandbox = self.running(key).await?;
+        let (stat, chunks) = self.runner.read_archive(&sandbox.id, path).await?;
+        Ok((file_info(stat), chunks))
+    }
+
+    /// Unpacks a tar stream into a directory.
+    pub async fn write_archive(
+        &self,
+        key: &str,
+        path: &str,
+        parents: bool,
+        owner: Option<(u32, u32)>,
+        body: nook_runner::ByteStream,
+    ) -> Result<nook_api::ArchiveResult, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        let written = self
+            .runner
+            .write_archive(&sandbox.id, path, parents, owner, body)
+            .await?;
+        Ok(nook_api::ArchiveResult {
+            entries: written.entries,
+            bytes: written.bytes,
+        })
+    }
+
     /// Watches a directory until the receiver is dropped.
     pub async fn watch(
         &self,
@@ -625,6 +656,7 @@ pub fn process_failure(code: String, message: String) -> ApiFailure {
         "not_empty" => (StatusCode::CONFLICT, "not_empty"),
         "invalid_path" => (StatusCode::BAD_REQUEST, "invalid_path"),
         "too_many_entries" => (StatusCode::BAD_REQUEST, "too_many_entries"),
+        "invalid_archive" => (StatusCode::BAD_REQUEST, "invalid_archive"),
         "incomplete" => (StatusCode::BAD_REQUEST, "incomplete"),
         "invalid_pattern" => (StatusCode::BAD_REQUEST, "invalid_pattern"),
         "not_a_file" => (StatusCode::BAD_REQUEST, "not_a_file"),

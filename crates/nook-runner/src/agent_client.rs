@@ -12,6 +12,7 @@ use nook_agent_proto::{
     read_frame, write_frame, write_json, AgentError, ExecSpec, Exit, FileStat, FrameKind, Pong, ProtocolError, Request,
     SignalRequest, Started,
 };
+use serde::de::DeserializeOwned;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -223,10 +224,11 @@ async fn read_answer<T: serde::de::DeserializeOwned, R: tokio::io::AsyncRead + U
 /// File bytes as they arrive from the agent; an `Err` item ends the stream early.
 pub type FileChunks = mpsc::Receiver<Result<Vec<u8>, String>>;
 
-/// Reads a file through the agent: its metadata at once, its bytes as a bounded stream.
-pub async fn read_file(socket: &Path, path: String) -> Result<Answer<(FileStat, FileChunks)>, ProtocolError> {
+/// Reads a file ([`Request::ReadFile`]) or a tar archive of a tree ([`Request::ReadArchive`]) through the agent:
+/// the path's metadata at once, the bytes as a bounded stream (a failure part-way arrives as an `Err` item).
+pub async fn read_stream(socket: &Path, request: &Request) -> Result<Answer<(FileStat, FileChunks)>, ProtocolError> {
     let mut stream = UnixStream::connect(socket).await?;
-    write_json(&mut stream, FrameKind::Request, &Request::ReadFile { path }).await?;
+    write_json(&mut stream, FrameKind::Request, request).await?;
     let stat: FileStat = match read_answer(&mut stream).await? {
         Answer::Done(stat) => stat,
         Answer::Refused { code, message } => return Ok(Answer::Refused { code, message }),
@@ -237,6 +239,10 @@ pub async fn read_file(socket: &Path, path: String) -> Result<Answer<(FileStat, 
             let item = match read_frame(&mut stream).await {
                 Ok(Some(frame)) if frame.kind == FrameKind::FileData => Ok(frame.payload),
                 Ok(Some(frame)) if frame.kind == FrameKind::End => return,
+                Ok(Some(frame)) if frame.kind == FrameKind::Error => Err(frame
+                    .parse::<AgentError>()
+                    .map(|error| error.message)
+                    .unwrap_or_else(|error| format!("the agent's error did not parse: {error}"))),
                 Ok(Some(frame)) => Err(format!("unexpected {:?} frame from the agent", frame.kind)),
                 Ok(None) => Err("the agent closed the connection before the end of the file".to_string()),
                 Err(error) => Err(format!("reading from the agent failed: {error}")),
@@ -250,13 +256,13 @@ pub async fn read_file(socket: &Path, path: String) -> Result<Answer<(FileStat, 
     Ok(Answer::Done((stat, chunks)))
 }
 
-/// Writes a file through the agent from a byte stream, in bounded chunks; the file appears only if the whole
-/// stream arrived.
-pub async fn write_file(
+/// Sends a byte stream to the agent in bounded chunks, for [`Request::WriteFile`] (the file appears only if the
+/// whole stream arrived) or [`Request::WriteArchive`]; returns the agent's answer.
+pub async fn write_stream<T: DeserializeOwned>(
     socket: &Path,
     request: Request,
     mut body: crate::ByteStream,
-) -> Result<Answer<FileStat>, ProtocolError> {
+) -> Result<Answer<T>, ProtocolError> {
     use tokio::io::AsyncReadExt as _;
     let stream = UnixStream::connect(socket).await?;
     let (mut reader, mut writer) = stream.into_split();

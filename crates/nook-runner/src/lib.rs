@@ -192,6 +192,21 @@ pub trait Runner: Send + Sync + 'static {
         parents: bool,
         body: ByteStream,
     ) -> Result<nook_agent_proto::FileStat, RunnerError>;
+    /// Packs a file or directory tree as a tar stream (symlinks kept as links).
+    async fn read_archive(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError>;
+    /// Unpacks a tar stream into the directory `path`, everything owned by `owner` (root when absent).
+    async fn write_archive(
+        &self,
+        id: &str,
+        path: &str,
+        parents: bool,
+        owner: Option<(u32, u32)>,
+        body: ByteStream,
+    ) -> Result<nook_agent_proto::ArchiveWritten, RunnerError>;
     /// Watches a directory; the watch is in place when this returns and lasts until the receiver is dropped.
     async fn watch(&self, id: &str, path: &str, recursive: bool) -> Result<agent_client::WatchEvents, RunnerError>;
     /// A file operation answered with one JSON value (stat, list, mkdir, move, remove).

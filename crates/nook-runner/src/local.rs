@@ -690,7 +690,7 @@ impl Runner for LocalRunner {
         self.running(id)?;
         answered(
             id,
-            agent_client::read_file(&self.socket_path(id), path.to_string()).await,
+            agent_client::read_stream(&self.socket_path(id), &Request::ReadFile { path: path.to_string() }).await,
         )
     }
 
@@ -708,7 +708,40 @@ impl Runner for LocalRunner {
             mode,
             parents,
         };
-        answered(id, agent_client::write_file(&self.socket_path(id), request, body).await)
+        answered(
+            id,
+            agent_client::write_stream(&self.socket_path(id), request, body).await,
+        )
+    }
+
+    async fn read_archive(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError> {
+        self.running(id)?;
+        let request = Request::ReadArchive { path: path.to_string() };
+        answered(id, agent_client::read_stream(&self.socket_path(id), &request).await)
+    }
+
+    async fn write_archive(
+        &self,
+        id: &str,
+        path: &str,
+        parents: bool,
+        owner: Option<(u32, u32)>,
+        body: ByteStream,
+    ) -> Result<nook_agent_proto::ArchiveWritten, RunnerError> {
+        self.running(id)?;
+        let request = Request::WriteArchive {
+            path: path.to_string(),
+            parents,
+            owner,
+        };
+        answered(
+            id,
+            agent_client::write_stream(&self.socket_path(id), request, body).await,
+        )
     }
 
     async fn watch(&self, id: &str, path: &str, recursive: bool) -> Result<agent_client::WatchEvents, RunnerError> {

@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use futures::StreamExt;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
@@ -27,7 +26,6 @@ use nook_api::{
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
-use tokio_util::io::StreamReader;
 use utoipa::OpenApi;
 
 use crate::control::{Control, SandboxFilter};
@@ -35,6 +33,7 @@ use crate::error::ApiFailure;
 use crate::ids::hash_key;
 
 mod terminal;
+mod transfer;
 
 /// Shared state of the HTTP layer.
 #[derive(Clone)]
@@ -129,7 +128,14 @@ pub fn router(state: AppState) -> Router {
             Router::new()
                 .route(
                     "/v1/sandboxes/{sandbox}/files",
-                    get(download_file).put(upload_file).delete(remove_file),
+                    get(transfer::download_file)
+                        .put(transfer::upload_file)
+                        .post(transfer::upload_multipart)
+                        .delete(remove_file),
+                )
+                .route(
+                    "/v1/sandboxes/{sandbox}/files/archive",
+                    get(transfer::download_archive).put(transfer::upload_archive),
                 )
                 .route(
                     "/v1/images/{*name}",
@@ -571,78 +577,9 @@ async fn signal_process(
 /// Query naming one path.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct PathQuery {
+pub(super) struct PathQuery {
     /// Absolute path inside the sandbox.
     path: String,
-}
-
-#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/files", tag = "files",
-    params(("sandbox" = String, Path, description = "Sandbox id or name"), PathQuery),
-    responses((status = 200, description = "The file's bytes, streamed; `X-Nook-File-Size` and `X-Nook-File-Mode` \
-               give its size and mode when reading started", content_type = "application/octet-stream"),
-              (status = 400, description = "Invalid path, or a directory", body = ApiError),
-              (status = 404, description = "No such sandbox or file", body = ApiError)),
-    security(("bearer" = [])))]
-async fn download_file(
-    State(state): State<AppState>,
-    Path(key): Path<String>,
-    Query(query): Query<PathQuery>,
-) -> Result<Response, ApiFailure> {
-    let (info, chunks) = state.control.read_file(&key, &query.path).await?;
-    let body = futures::stream::unfold(chunks, |mut chunks| async move {
-        let item = chunks.recv().await?;
-        Some((item.map(axum::body::Bytes::from).map_err(std::io::Error::other), chunks))
-    });
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("x-nook-file-size", info.size)
-        .header("x-nook-file-mode", format!("{:o}", info.mode))
-        .body(Body::from_stream(body))
-        .expect("valid response"))
-}
-
-/// Query of an upload.
-#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-struct UploadQuery {
-    /// Absolute path inside the sandbox.
-    path: String,
-    /// Permission bits for the file, in octal (e.g. `755`); 644 by default.
-    mode: Option<String>,
-    /// Create missing parent directories.
-    #[serde(default)]
-    parents: bool,
-}
-
-#[utoipa::path(put, path = "/v1/sandboxes/{sandbox}/files", tag = "files",
-    params(("sandbox" = String, Path, description = "Sandbox id or name"), UploadQuery),
-    request_body(content = Vec<u8>, description = "The file's bytes, streamed", content_type = "application/octet-stream"),
-    responses((status = 201, description = "Written whole (it appears only once complete)", body = FileInfo),
-              (status = 400, description = "Invalid path or mode, or an incomplete upload", body = ApiError),
-              (status = 404, description = "No such sandbox, or a missing parent directory", body = ApiError)),
-    security(("bearer" = [])))]
-async fn upload_file(
-    State(state): State<AppState>,
-    Path(key): Path<String>,
-    Query(query): Query<UploadQuery>,
-    body: Body,
-) -> Result<(StatusCode, Json<FileInfo>), ApiFailure> {
-    let mode = match &query.mode {
-        Some(text) => Some(
-            u32::from_str_radix(text, 8)
-                .map_err(|_| ApiFailure::invalid(format!("mode {text:?} is not an octal number like 644")))?,
-        ),
-        None => None,
-    };
-    let stream = body
-        .into_data_stream()
-        .map(|chunk| chunk.map_err(std::io::Error::other));
-    let reader = StreamReader::new(stream);
-    let info = state
-        .control
-        .write_file(&key, &query.path, mode, query.parents, Box::pin(reader))
-        .await?;
-    Ok((StatusCode::CREATED, Json(info)))
 }
 
 /// Query of a removal.
@@ -993,11 +930,11 @@ async fn import_image(
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiFailure> {
     nook_api::names::check_image_name(&name).map_err(ApiFailure::invalid)?;
-    let stream = body
-        .into_data_stream()
-        .map(|chunk| chunk.map_err(std::io::Error::other));
-    let reader = StreamReader::new(stream);
-    let image = state.control.runner().import_image(&name, Box::pin(reader)).await?;
+    let image = state
+        .control
+        .runner()
+        .import_image(&name, transfer::body_stream(body))
+        .await?;
     Ok((StatusCode::CREATED, Json(image)))
 }
 
@@ -1031,7 +968,7 @@ impl utoipa::Modify for BearerAuth {
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
         sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
-        process_stdin, signal_process, resize_process, terminal::process_terminal, download_file, upload_file, remove_file, stat_file, list_files, make_dir,
+        process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),
