@@ -57,6 +57,9 @@ struct Args {
     /// Timed background processes (`echo ready`, timed to the first output line) in one sandbox.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     processes: u32,
+    /// Timed keystrokes echoed by a terminal over the WebSocket.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    keystrokes: u32,
     /// Size of the file uploaded and downloaded in the file throughput series, in MiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     file_mib: u32,
@@ -130,6 +133,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             create: &figures.nook.create,
             exec: &figures.nook.exec,
             processes: &figures.nook.processes,
+            keystrokes: &figures.nook.keystrokes,
             files: &figures.nook.files,
             server_memory: &figures.nook.server_memory,
             peers: &figures.peers,
@@ -152,6 +156,7 @@ struct NookFigures {
     create: CreateFigures,
     exec: Summary,
     processes: Summary,
+    keystrokes: Summary,
     files: FileFigures,
     server_memory: MemoryAroundFiles,
 }
@@ -195,6 +200,7 @@ fn measure(
             let exec = nook::exec_round_trip(&client, args.execs as usize, &mut sandboxes, interrupt).await?;
             let processes =
                 nook::background_first_output(&client, args.processes as usize, &mut sandboxes, interrupt).await?;
+            let keystrokes = nook::terminal_echo(&client, args.keystrokes as usize, &mut sandboxes, interrupt).await?;
             let before = server
                 .memory()
                 .context("reading the server's memory before the file transfers")?;
@@ -220,6 +226,7 @@ fn measure(
                 create,
                 exec,
                 processes,
+                keystrokes,
                 files,
                 server_memory: MemoryAroundFiles { before, after },
             })

@@ -255,6 +255,56 @@ async fn echo_to_first_output(client: &Client, id: &str) -> anyhow::Result<Durat
     bail!("{} ended without an exit event", what())
 }
 
+/// One sandbox with `cat` on a pseudo-terminal, attached over the terminal WebSocket: `n` timed keystrokes, each
+/// from sending one byte to seeing the terminal echo it (after one warm-up); the sandbox is deleted afterwards.
+pub async fn terminal_echo(
+    client: &Client,
+    n: usize,
+    sandboxes: &mut Sandboxes,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Summary> {
+    eprintln!("creating the sandbox for the terminal keystrokes...");
+    let id = sandboxes.create(client).await?;
+    let request = ExecRequest {
+        command: vec!["cat".into()],
+        pty: Some(nook_api::PtySize { cols: 80, rows: 24 }),
+        ..Default::default()
+    };
+    let process = client
+        .start_process(&id, &request)
+        .await
+        .with_context(|| format!("starting `cat` on a terminal in sandbox {id}"))?;
+    let (mut writer, mut reader) = client
+        .terminal(&id, process.pid, 0)
+        .await
+        .with_context(|| format!("attaching to the terminal of `cat` in sandbox {id}"))?
+        .split();
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..=n {
+        interrupt.check()?;
+        if i % 50 == 0 && i > 0 {
+            eprintln!("keystroke {i}/{n}...");
+        }
+        // Letters in turn, so that each echo is told apart from the last.
+        let key = b'a' + (i % 26) as u8;
+        let t0 = Instant::now();
+        writer.input(vec![key]).await.context("typing into the terminal")?;
+        loop {
+            match reader.next().await {
+                Some(Ok(nook_client::TerminalOutput::Stdout(bytes))) if bytes.contains(&key) => break,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error).context("reading the terminal"),
+                None => bail!("the terminal of `cat` in sandbox {id} closed"),
+            }
+        }
+        if i > 0 {
+            samples.push(t0.elapsed());
+        }
+    }
+    sandboxes.delete(client, &id).await?;
+    Summary::of(&samples).context("no samples: pass --keystrokes 1 or more")
+}
+
 /// One sandbox, `runs` timed uploads of a `mib` MiB file each followed by a timed download of it (after a 1 MiB
 /// warm-up of each); the sandbox is deleted afterwards.
 pub async fn file_throughput(

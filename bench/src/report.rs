@@ -25,6 +25,8 @@ pub struct Report<'a> {
     pub exec: &'a Summary,
     /// nook background process start→first output line.
     pub processes: &'a Summary,
+    /// nook terminal keystroke → echo over the WebSocket.
+    pub keystrokes: &'a Summary,
     /// nook file upload and download.
     pub files: &'a FileFigures,
     /// The server's memory around the file transfers.
@@ -55,6 +57,12 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         out,
         "nook background process → first output line",
         Some(r.processes),
+        None,
+    )?;
+    row(
+        out,
+        "nook terminal keystroke → echo (WebSocket)",
+        Some(r.keystrokes),
         None,
     )?;
     outcome_row(out, "runc run", &peers.runc_run)?;
@@ -333,6 +341,7 @@ mod tests {
             create: &create,
             exec: &exec,
             processes: &processes,
+            keystrokes: &summary(1.0),
             files: &files,
             server_memory: &server_memory,
             peers: &peers,
