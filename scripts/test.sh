@@ -55,6 +55,11 @@ main() {
 
     run_tests "$agent" "$tar" "$@" || status=$?
     if [[ $status -eq 0 ]]; then
+        log "E2B SDK compatibility tests (tests/e2b, official e2b Python SDK)"
+        NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
+            "$root/.venv/bin/python" -m pytest "$root/tests/e2b" -q || status=$?
+    fi
+    if [[ $status -eq 0 ]]; then
         log "all tests passed ($((SECONDS - start)) s)"
     else
         log "tests FAILED with status $status ($((SECONDS - start)) s)"

@@ -235,6 +235,9 @@ pub enum Request {
         mode: Option<u32>,
         /// Create missing parent directories.
         parents: bool,
+        /// Owner (uid, gid) of the file and of the directories this creates; root when absent.
+        #[serde(default)]
+        owner: Option<(u32, u32)>,
     },
     /// Pack a file or directory tree as a tar stream (like `docker cp` out): answered with the path's [`FileStat`]
     /// ([`FrameKind::Reply`]), the archive in [`FrameKind::FileData`] frames and an [`End`] with its length; a
@@ -271,6 +274,22 @@ pub enum Request {
     MakeDir {
         /// Absolute path inside the sandbox.
         path: String,
+        /// Owner (uid, gid) of every directory this creates; root when absent.
+        #[serde(default)]
+        owner: Option<(u32, u32)>,
+    },
+    /// Resolve a user (name or uid) in the sandbox's `/etc/passwd`; answered with an [`AccountInfo`].
+    Account {
+        /// Name or uid.
+        user: String,
+    },
+    /// Names of uids and gids from the sandbox's `/etc/passwd` and `/etc/group`; answered with [`Names`] (ids
+    /// without a name are left out).
+    Names {
+        /// User ids.
+        uids: Vec<u32>,
+        /// Group ids.
+        gids: Vec<u32>,
     },
     /// Rename or move a path; answered with the [`FileStat`] of the destination.
     Move {
@@ -368,6 +387,28 @@ pub enum FileKind {
     Symlink,
     /// Anything else (device, socket, FIFO).
     Other,
+}
+
+/// A user account, answering [`Request::Account`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountInfo {
+    /// User name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory.
+    pub home: String,
+}
+
+/// Names of ids, answering [`Request::Names`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Names {
+    /// uid → user name.
+    pub users: std::collections::BTreeMap<u32, String>,
+    /// gid → group name.
+    pub groups: std::collections::BTreeMap<u32, String>,
 }
 
 /// What [`Request::WriteArchive`] unpacked.

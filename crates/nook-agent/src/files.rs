@@ -177,9 +177,23 @@ pub fn list(path: &Path, depth: u32) -> Result<Vec<FileStat>, FileError> {
 }
 
 /// `mkdir -p`.
-pub fn make_dir(path: &Path) -> Result<FileStat, FileError> {
-    std::fs::create_dir_all(path).map_err(|e| FileError::io("creating the directory", path, e))?;
+pub fn make_dir(path: &Path, owner: Option<(u32, u32)>) -> Result<FileStat, FileError> {
+    create_dirs(path, owner)?;
     stat(path)
+}
+
+/// `mkdir -p`, giving every directory it creates (not those that existed) to `owner`.
+pub fn create_dirs(path: &Path, owner: Option<(u32, u32)>) -> Result<(), FileError> {
+    let Some((uid, gid)) = owner else {
+        return std::fs::create_dir_all(path).map_err(|e| FileError::io("creating the directory", path, e));
+    };
+    let missing: Vec<&Path> = path.ancestors().take_while(|dir| !dir.exists()).collect();
+    std::fs::create_dir_all(path).map_err(|e| FileError::io("creating the directory", path, e))?;
+    for dir in missing {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+            .map_err(|e| FileError::io("changing the owner of", dir, e))?;
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to` (both inside the sandbox).
@@ -242,14 +256,15 @@ pub async fn write_file(
     path: &Path,
     mode: Option<u32>,
     parents: bool,
+    owner: Option<(u32, u32)>,
     reader: &mut OwnedReadHalf,
 ) -> Result<Result<FileStat, FileError>, ProtocolError> {
     let Some(parent) = path.parent() else {
         return Ok(Err(FileError::invalid("cannot write to the root directory".into())));
     };
     if parents {
-        if let Err(error) = std::fs::create_dir_all(parent) {
-            return Ok(Err(FileError::io("creating the directory", parent, error)));
+        if let Err(error) = create_dirs(parent, owner) {
+            return Ok(Err(error));
         }
     }
     if std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.is_dir()) {
@@ -289,8 +304,14 @@ pub async fn write_file(
         let _ = tokio::fs::remove_file(&temporary).await;
         return Ok(Err(error));
     }
+    if let Some((uid, gid)) = owner {
+        if let Err(error) = std::os::unix::fs::lchown(&temporary, Some(uid), Some(gid)) {
+            let _ = tokio::fs::remove_file(&temporary).await;
+            return Ok(Err(FileError::io("changing the owner of", path, error)));
+        }
+    }
     if let Some(mode) = mode {
-        // The umask may have narrowed the mode at creation.
+        // The umask may have narrowed the mode at creation (and chown clears setuid bits).
         let _ = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode & 0o7777));
     }
     if let Err(error) = tokio::fs::rename(&temporary, path).await {

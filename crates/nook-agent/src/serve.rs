@@ -192,9 +192,14 @@ async fn handle(
             },
             Err(error) => send_error(&mut writer, error.code, error.message).await,
         },
-        Request::WriteFile { path, mode, parents } => {
+        Request::WriteFile {
+            path,
+            mode,
+            parents,
+            owner,
+        } => {
             let result = match files::clean_path(&path) {
-                Ok(path) => files::write_file(&path, mode, parents, &mut reader).await?,
+                Ok(path) => files::write_file(&path, mode, parents, owner, &mut reader).await?,
                 Err(error) => Err(error),
             };
             reply(&mut writer, result).await
@@ -222,9 +227,28 @@ async fn handle(
             )
             .await
         }
-        Request::MakeDir { path } => {
-            reply(&mut writer, files::clean_path(&path).and_then(|p| files::make_dir(&p))).await
+        Request::MakeDir { path, owner } => {
+            reply(
+                &mut writer,
+                files::clean_path(&path).and_then(|p| files::make_dir(&p, owner)),
+            )
+            .await
         }
+        Request::Account { user } => {
+            let result = users::resolve(Path::new("/"), &user)
+                .map(|account| nook_agent_proto::AccountInfo {
+                    name: account.name,
+                    uid: account.uid,
+                    gid: account.gid,
+                    home: account.home,
+                })
+                .map_err(|error| files::FileError {
+                    code: "no_such_user",
+                    message: error.to_string(),
+                });
+            reply(&mut writer, result).await
+        }
+        Request::Names { uids, gids } => reply::<_>(&mut writer, Ok(users::names(Path::new("/"), &uids, &gids))).await,
         Request::Move { from, to } => {
             let result = files::clean_path(&from)
                 .and_then(|from| files::clean_path(&to).and_then(|to| files::move_path(&from, &to)));
@@ -543,7 +567,19 @@ fn prepare(spec: &ExecSpec) -> Result<Prepared, (&'static str, String)> {
     add_default("USER", &account.name);
     add_default("LOGNAME", &account.name);
 
-    let cwd = match &spec.cwd {
+    // `~` and relative directories are the user's home and paths under it.
+    let cwd = spec.cwd.as_ref().map(|cwd| {
+        if cwd == "~" {
+            account.home.clone()
+        } else if let Some(rest) = cwd.strip_prefix("~/") {
+            format!("{}/{rest}", account.home.trim_end_matches('/'))
+        } else if !cwd.starts_with('/') {
+            format!("{}/{cwd}", account.home.trim_end_matches('/'))
+        } else {
+            cwd.clone()
+        }
+    });
+    let cwd = match &cwd {
         Some(cwd) => {
             if !Path::new(cwd).is_dir() {
                 return Err((

@@ -74,6 +74,27 @@ pub fn resolve(root: &Path, user: &str) -> Result<Account, UserError> {
     Ok(account)
 }
 
+/// Names of the given uids and gids (ids without an entry are left out).
+pub fn names(root: &Path, uids: &[u32], gids: &[u32]) -> nook_agent_proto::Names {
+    let mut names = nook_agent_proto::Names::default();
+    let lookup = |file: &str, wanted: &[u32], out: &mut std::collections::BTreeMap<u32, String>| {
+        if wanted.is_empty() {
+            return;
+        }
+        for line in std::fs::read_to_string(root.join(file)).unwrap_or_default().lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if let (Some(name), Some(Ok(id))) = (fields.first(), fields.get(2).map(|f| f.parse::<u32>())) {
+                if wanted.contains(&id) {
+                    out.entry(id).or_insert_with(|| name.to_string());
+                }
+            }
+        }
+    };
+    lookup("etc/passwd", uids, &mut names.users);
+    lookup("etc/group", gids, &mut names.groups);
+    names
+}
+
 fn supplementary_groups(root: &Path, name: &str, primary: u32) -> Vec<u32> {
     let group = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
     let mut groups = vec![primary];

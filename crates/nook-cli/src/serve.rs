@@ -109,6 +109,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let server = Server::start(config.clone())
         .await
         .context("nook serve could not start")?;
+    // E2B's REST API and sandbox protocol, on the same address.
+    let e2b = nook_e2b::E2b::new(server.control(), &config.data_dir).context("nook serve could not start")?;
+    let server = server.wrap_router(|router| e2b.wrap(router));
     let url = format!("http://{}", client_address(server.local_addr));
     tracing::info!(%url, data_dir = %config.data_dir.display(), "nook is serving");
 

@@ -417,6 +417,7 @@ impl Control {
         path: &str,
         mode: Option<u32>,
         parents: bool,
+        owner: Option<(u32, u32)>,
         body: nook_runner::ByteStream,
     ) -> Result<FileInfo, ApiFailure> {
         if mode.is_some_and(|mode| mode > 0o7777) {
@@ -424,7 +425,9 @@ impl Control {
         }
         let sandbox = self.running(key).await?;
         Ok(file_info(
-            self.runner.write_file(&sandbox.id, path, mode, parents, body).await?,
+            self.runner
+                .write_file(&sandbox.id, path, mode, parents, owner, body)
+                .await?,
         ))
     }
 

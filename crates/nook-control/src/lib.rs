@@ -76,6 +76,7 @@ pub enum StartError {
 pub struct Server {
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    control: Arc<Control>,
     /// The admin key generated on this start, if one was (show it once; only its hash is stored).
     pub generated_admin_key: Option<String>,
     /// Where it listens.
@@ -136,13 +137,27 @@ impl Server {
             address: config.listen,
             source,
         })?;
-        let router = api::router(api::AppState { control });
+        let router = api::router(api::AppState {
+            control: control.clone(),
+        });
         Ok(Self {
             listener,
             router,
+            control,
             generated_admin_key,
             local_addr,
         })
+    }
+
+    /// The control plane's operations, for API surfaces layered on top (E2B compatibility).
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Replaces the router with `wrap(router)`: how other API surfaces add their routes and layers.
+    pub fn wrap_router(mut self, wrap: impl FnOnce(axum::Router) -> axum::Router) -> Self {
+        self.router = wrap(self.router);
+        self
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight requests.

@@ -183,13 +183,15 @@ pub trait Runner: Send + Sync + 'static {
         id: &str,
         path: &str,
     ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError>;
-    /// Writes a file from a byte stream; it appears whole or not at all.
+    /// Writes a file from a byte stream; it appears whole or not at all. `owner` (uid, gid) owns the file and any
+    /// directories created for it (root when absent).
     async fn write_file(
         &self,
         id: &str,
         path: &str,
         mode: Option<u32>,
         parents: bool,
+        owner: Option<(u32, u32)>,
         body: ByteStream,
     ) -> Result<nook_agent_proto::FileStat, RunnerError>;
     /// Packs a file or directory tree as a tar stream (symlinks kept as links).

@@ -700,6 +700,7 @@ impl Runner for LocalRunner {
         path: &str,
         mode: Option<u32>,
         parents: bool,
+        owner: Option<(u32, u32)>,
         body: ByteStream,
     ) -> Result<nook_agent_proto::FileStat, RunnerError> {
         self.running(id)?;
@@ -707,6 +708,7 @@ impl Runner for LocalRunner {
             path: path.to_string(),
             mode,
             parents,
+            owner,
         };
         answered(
             id,

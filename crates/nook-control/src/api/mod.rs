@@ -677,7 +677,13 @@ async fn make_dir(
 ) -> Result<Json<FileInfo>, ApiFailure> {
     let stat: nook_agent_proto::FileStat = state
         .control
-        .file_call(&key, nook_agent_proto::Request::MakeDir { path: request.path })
+        .file_call(
+            &key,
+            nook_agent_proto::Request::MakeDir {
+                path: request.path,
+                owner: None,
+            },
+        )
         .await?;
     Ok(Json(crate::control::file_info(stat)))
 }

@@ -106,7 +106,7 @@ pub(super) async fn upload_file(
     let mode = parse_mode(query.mode.as_deref())?;
     let info = state
         .control
-        .write_file(&key, &query.path, mode, query.parents, body_stream(body))
+        .write_file(&key, &query.path, mode, query.parents, None, body_stream(body))
         .await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -211,7 +211,7 @@ async fn write_part(
             }
         }
     };
-    let write = control.write_file(key, path, mode, parents, Box::pin(StreamReader::new(chunks)));
+    let write = control.write_file(key, path, mode, parents, None, Box::pin(StreamReader::new(chunks)));
     let ((), result) = tokio::join!(pump, write);
     result
 }

@@ -1,0 +1,463 @@
+//! `filesystem.Filesystem`: stat, list, mkdir, move, remove and watches, through nook's agent.
+//!
+//! Paths are resolved against the acting user's home (see [`super::resolve_path`]); directories created belong to
+//! that user. Entries carry owner and group names from the sandbox's own account files. A symlink is reported as
+//! `FILE_TYPE_SYMLINK` with `isSymlink` set, so both SDK languages see it as a link. Watches stream inotify events
+//! named relative to the watched directory; the polling variant (`CreateWatcher`, used by the synchronous Python
+//! SDK) buffers them per watcher, bounded, until fetched.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::Response;
+use nook_agent_proto::{FileKind, FileStat, Names, Request, WatchEventKind};
+
+use super::connect::{self, ConnectError};
+use super::messages::{
+    CreateWatcherResponse, Empty, EntryInfo, EntryResponse, FilesystemEvent, ListDirRequest, ListDirResponse,
+    MoveRequest, PathRequest, WatchDirResponse, WatchRequest, WatcherEventsResponse, WatcherRequest,
+};
+use super::{account, resolve_path, target, user_of};
+use crate::E2b;
+
+/// Most events a polling watcher holds before the oldest are dropped.
+const MAX_BUFFERED_EVENTS: usize = 10_000;
+/// Most polling watchers at once (over all sandboxes).
+const MAX_WATCHERS: usize = 1024;
+
+/// The parts of a filesystem call: the sandbox, the acting user's account, the message.
+struct Call<T> {
+    sandbox: nook_api::Sandbox,
+    account: nook_agent_proto::AccountInfo,
+    message: T,
+}
+
+async fn call<T: serde::de::DeserializeOwned>(
+    e2b: &E2b,
+    request: axum::extract::Request,
+) -> Result<Call<T>, ConnectError> {
+    let (parts, body) = request.into_parts();
+    let sandbox = target(&parts.extensions)?;
+    let user = user_of(&parts.headers)?;
+    let bytes = axum::body::to_bytes(body, connect::MAX_MESSAGE + 5)
+        .await
+        .map_err(|error| ConnectError::invalid(format!("reading the request failed: {error}")))?;
+    let message = if parts
+        .headers
+        .get("content-type")
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/connect+"))
+    {
+        connect::parse_stream_request(&bytes)?
+    } else {
+        connect::parse_unary(&bytes)?
+    };
+    let account = account(e2b, &sandbox, &user).await?;
+    Ok(Call {
+        sandbox,
+        account,
+        message,
+    })
+}
+
+/// Names of the owners of `stats`.
+async fn names(e2b: &E2b, sandbox: &str, stats: &[FileStat]) -> Result<Names, ConnectError> {
+    let uids: BTreeSet<u32> = stats.iter().map(|stat| stat.uid).collect();
+    let gids: BTreeSet<u32> = stats.iter().map(|stat| stat.gid).collect();
+    let request = Request::Names {
+        uids: uids.into_iter().collect(),
+        gids: gids.into_iter().collect(),
+    };
+    Ok(e2b.control.file_call(sandbox, request).await?)
+}
+
+/// The `-rw-r--r--` form of a mode (Go's spelling: `L` for links, `d` for directories).
+fn permissions(kind: FileKind, mode: u32) -> String {
+    let mut text = String::with_capacity(10);
+    text.push(match kind {
+        FileKind::Dir => 'd',
+        FileKind::Symlink => 'L',
+        FileKind::Other => '?',
+        FileKind::File => '-',
+    });
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        text.push(if bits & 4 != 0 { 'r' } else { '-' });
+        text.push(if bits & 2 != 0 { 'w' } else { '-' });
+        text.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    text
+}
+
+/// envd's entry for a stat.
+fn entry(stat: FileStat, names: &Names) -> EntryInfo {
+    let kind = match stat.kind {
+        FileKind::File => "FILE_TYPE_FILE",
+        FileKind::Dir => "FILE_TYPE_DIRECTORY",
+        FileKind::Symlink => "FILE_TYPE_SYMLINK",
+        FileKind::Other => "FILE_TYPE_UNSPECIFIED",
+    };
+    EntryInfo {
+        name: stat.name,
+        kind,
+        path: stat.path,
+        size: stat.size,
+        mode: stat.mode & 0o777,
+        permissions: permissions(stat.kind, stat.mode),
+        owner: names
+            .users
+            .get(&stat.uid)
+            .cloned()
+            .unwrap_or_else(|| stat.uid.to_string()),
+        group: names
+            .groups
+            .get(&stat.gid)
+            .cloned()
+            .unwrap_or_else(|| stat.gid.to_string()),
+        modified_time: chrono::DateTime::from_timestamp_millis(stat.modified_ms)
+            .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        is_symlink: stat.kind == FileKind::Symlink,
+        symlink_target: stat.symlink_target,
+    }
+}
+
+async fn stat_entry(e2b: &E2b, sandbox: &str, path: &str) -> Result<EntryInfo, ConnectError> {
+    let stat: FileStat = e2b
+        .control
+        .file_call(sandbox, Request::Stat { path: path.to_string() })
+        .await?;
+    let names = names(e2b, sandbox, std::slice::from_ref(&stat)).await?;
+    Ok(entry(stat, &names))
+}
+
+/// `Stat`.
+pub async fn stat(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<PathRequest> = call(&e2b, request).await?;
+            let path = resolve_path(&call.message.path, &call.account.home)?;
+            Ok(EntryResponse {
+                entry: stat_entry(&e2b, &call.sandbox.id, &path).await?,
+            })
+        }
+        .await,
+    )
+}
+
+/// `ListDir` (depth 0 means 1).
+pub async fn list_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<ListDirRequest> = call(&e2b, request).await?;
+            let path = resolve_path(&call.message.path, &call.account.home)?;
+            let request = Request::ListDir {
+                path,
+                depth: call.message.depth.max(1),
+            };
+            let stats: Vec<FileStat> = e2b.control.file_call(&call.sandbox.id, request).await?;
+            let names = names(&e2b, &call.sandbox.id, &stats).await?;
+            Ok(ListDirResponse {
+                entries: stats.into_iter().map(|stat| entry(stat, &names)).collect(),
+            })
+        }
+        .await,
+    )
+}
+
+/// `MakeDir`: `already_exists` when the path exists; new directories belong to the acting user.
+pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<PathRequest> = call(&e2b, request).await?;
+            let path = resolve_path(&call.message.path, &call.account.home)?;
+            let existing: Result<FileStat, _> = e2b
+                .control
+                .file_call(&call.sandbox.id, Request::Stat { path: path.clone() })
+                .await;
+            if existing.is_ok() {
+                return Err(ConnectError::new("already_exists", format!("{path} already exists")));
+            }
+            let request = Request::MakeDir {
+                path: path.clone(),
+                owner: Some((call.account.uid, call.account.gid)),
+            };
+            let _: FileStat = e2b.control.file_call(&call.sandbox.id, request).await?;
+            Ok(EntryResponse {
+                entry: stat_entry(&e2b, &call.sandbox.id, &path).await?,
+            })
+        }
+        .await,
+    )
+}
+
+/// `Move`.
+pub async fn move_path(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<MoveRequest> = call(&e2b, request).await?;
+            let from = resolve_path(&call.message.source, &call.account.home)?;
+            let to = resolve_path(&call.message.destination, &call.account.home)?;
+            let _: FileStat = e2b
+                .control
+                .file_call(&call.sandbox.id, Request::Move { from, to: to.clone() })
+                .await?;
+            Ok(EntryResponse {
+                entry: stat_entry(&e2b, &call.sandbox.id, &to).await?,
+            })
+        }
+        .await,
+    )
+}
+
+/// `Remove`: recursive; a missing path is not an error.
+pub async fn remove(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<PathRequest> = call(&e2b, request).await?;
+            let path = resolve_path(&call.message.path, &call.account.home)?;
+            let request = Request::Remove { path, recursive: true };
+            match e2b
+                .control
+                .file_call::<serde_json::Value>(&call.sandbox.id, request)
+                .await
+            {
+                Ok(_) => Ok(Empty {}),
+                Err(failure) if failure.code == "not_found" => Ok(Empty {}),
+                Err(failure) => Err(failure.into()),
+            }
+        }
+        .await,
+    )
+}
+
+/// Starts a watch: the agent's events as envd events named relative to `path`.
+async fn start_watch(
+    e2b: &E2b,
+    call: &Call<WatchRequest>,
+) -> Result<(String, nook_runner::agent_client::WatchEvents), ConnectError> {
+    let path = resolve_path(&call.message.path, &call.account.home)?;
+    let stat: FileStat = e2b
+        .control
+        .file_call(&call.sandbox.id, Request::Stat { path: path.clone() })
+        .await?;
+    if stat.kind != FileKind::Dir {
+        return Err(ConnectError::invalid(format!("{path} is not a directory")));
+    }
+    let events = e2b
+        .control
+        .watch(&call.sandbox.id, &path, call.message.recursive)
+        .await?;
+    Ok((path, events))
+}
+
+/// An agent event as envd's, or `None` for kinds envd does not report.
+fn filesystem_event(root: &str, event: nook_agent_proto::WatchEvent) -> Option<FilesystemEvent> {
+    let kind = match event.kind {
+        WatchEventKind::Create => "EVENT_TYPE_CREATE",
+        WatchEventKind::Write => "EVENT_TYPE_WRITE",
+        WatchEventKind::Remove => "EVENT_TYPE_REMOVE",
+        WatchEventKind::RenameFrom | WatchEventKind::RenameTo => "EVENT_TYPE_RENAME",
+        WatchEventKind::Metadata => "EVENT_TYPE_CHMOD",
+        WatchEventKind::Overflow => return None,
+    };
+    let name = event
+        .path
+        .strip_prefix(root.trim_end_matches('/'))
+        .map(|rest| rest.trim_start_matches('/').to_string())
+        .unwrap_or(event.path);
+    Some(FilesystemEvent {
+        name,
+        kind,
+        entry: None,
+    })
+}
+
+/// `WatchDir` (server streaming): `start{}`, then events and keepalives until the client goes away.
+pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    let keepalive = request
+        .headers()
+        .get("keepalive-ping-interval")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|seconds| *seconds > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(90));
+    let started = async {
+        let call: Call<WatchRequest> = call(&e2b, request).await?;
+        start_watch(&e2b, &call).await
+    }
+    .await;
+    let (root, mut events) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            return connect::server_stream(futures::stream::once(async move { Err::<WatchDirResponse, _>(error) }))
+        }
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        if sender.send(Ok(WatchDirResponse::Start {})).await.is_err() {
+            return;
+        }
+        loop {
+            let message = match tokio::time::timeout(keepalive, events.recv()).await {
+                Err(_) => WatchDirResponse::Keepalive {},
+                Ok(Some(Ok(event))) => match filesystem_event(&root, event) {
+                    Some(event) => WatchDirResponse::Filesystem(Box::new(event)),
+                    None => continue,
+                },
+                Ok(Some(Err(message))) => {
+                    let _ = sender.send(Err(ConnectError::internal(message))).await;
+                    return;
+                }
+                Ok(None) => return,
+            };
+            if sender.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+    });
+    connect::server_stream(futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    }))
+}
+
+/// Polling watchers by id.
+#[derive(Debug, Default)]
+pub struct Watchers {
+    entries: Mutex<HashMap<String, Watcher>>,
+}
+
+#[derive(Debug)]
+struct Watcher {
+    sandbox: String,
+    events: Arc<Mutex<WatcherBuffer>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct WatcherBuffer {
+    events: Vec<FilesystemEvent>,
+    failure: Option<String>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `CreateWatcher`.
+pub async fn create_watcher(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<WatchRequest> = call(&e2b, request).await?;
+            if e2b.watchers.entries.lock().expect("watchers lock").len() >= MAX_WATCHERS {
+                return Err(ConnectError::new(
+                    "resource_exhausted",
+                    "too many watchers: remove some first",
+                ));
+            }
+            let (root, mut events) = start_watch(&e2b, &call).await?;
+            let buffer = Arc::new(Mutex::new(WatcherBuffer::default()));
+            let filling = buffer.clone();
+            let task = tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    let mut buffer = filling.lock().expect("watcher buffer lock");
+                    match event {
+                        Ok(event) => {
+                            if let Some(event) = filesystem_event(&root, event) {
+                                if buffer.events.len() == MAX_BUFFERED_EVENTS {
+                                    buffer.events.remove(0);
+                                }
+                                buffer.events.push(event);
+                            }
+                        }
+                        Err(message) => {
+                            buffer.failure = Some(message);
+                            return;
+                        }
+                    }
+                }
+            });
+            let id = format!("w{:016x}", rand::random::<u64>());
+            e2b.watchers.entries.lock().expect("watchers lock").insert(
+                id.clone(),
+                Watcher {
+                    sandbox: call.sandbox.id.clone(),
+                    events: buffer,
+                    task,
+                },
+            );
+            Ok(CreateWatcherResponse { watcher_id: id })
+        }
+        .await,
+    )
+}
+
+/// `GetWatcherEvents`: the events since the last call.
+pub async fn get_watcher_events(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<WatcherRequest> = call(&e2b, request).await?;
+            let entries = e2b.watchers.entries.lock().expect("watchers lock");
+            let watcher = entries
+                .get(&call.message.watcher_id)
+                .filter(|watcher| watcher.sandbox == call.sandbox.id)
+                .ok_or_else(|| ConnectError::not_found(format!("watcher {} not found", call.message.watcher_id)))?;
+            let mut buffer = watcher.events.lock().expect("watcher buffer lock");
+            if let Some(failure) = &buffer.failure {
+                return Err(ConnectError::internal(failure.clone()));
+            }
+            Ok(WatcherEventsResponse {
+                events: std::mem::take(&mut buffer.events),
+            })
+        }
+        .await,
+    )
+}
+
+/// `RemoveWatcher`.
+pub async fn remove_watcher(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let call: Call<WatcherRequest> = call(&e2b, request).await?;
+            let mut entries = e2b.watchers.entries.lock().expect("watchers lock");
+            match entries.get(&call.message.watcher_id) {
+                Some(watcher) if watcher.sandbox == call.sandbox.id => {
+                    entries.remove(&call.message.watcher_id);
+                    Ok(Empty {})
+                }
+                _ => Err(ConnectError::not_found(format!(
+                    "watcher {} not found",
+                    call.message.watcher_id
+                ))),
+            }
+        }
+        .await,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_are_spelled_like_go() {
+        assert_eq!(permissions(FileKind::File, 0o644), "-rw-r--r--");
+        assert_eq!(permissions(FileKind::Dir, 0o755), "drwxr-xr-x");
+        assert_eq!(permissions(FileKind::Symlink, 0o777), "Lrwxrwxrwx");
+    }
+
+    #[test]
+    fn watch_events_are_named_relative_to_the_root() {
+        let event = nook_agent_proto::WatchEvent {
+            kind: WatchEventKind::Create,
+            path: "/home/user/dir/sub/a.txt".into(),
+            is_dir: false,
+        };
+        let converted = filesystem_event("/home/user/dir/", event).unwrap();
+        assert_eq!(converted.name, "sub/a.txt");
+        assert_eq!(converted.kind, "EVENT_TYPE_CREATE");
+    }
+}

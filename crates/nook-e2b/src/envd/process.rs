@@ -1,0 +1,418 @@
+//! `process.Process`: commands and terminals, as nook background processes.
+//!
+//! `Start` spawns a background process (on a terminal when asked) as the acting user and follows its output: the
+//! stream is `start{pid}` first, then `data` and `keepalive` events, then exactly one `end` built from the reaper's
+//! real exit. `connect-timeout-ms` on `Start` is the process's lifetime, as in envd: it is killed when it passes.
+//! Disconnecting never kills a process; `Connect` follows it again from its current output (envd keeps no replay;
+//! nook could, but the SDKs expect only new output). Processes are selected by pid; tags exist only for template
+//! start commands, which nook does not have yet.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures::StreamExt;
+use nook_api::ExecRequest;
+use nook_runner::ExecOutput;
+use tokio::sync::mpsc;
+
+use super::connect::{self, ConnectError};
+use super::messages::{
+    DataEvent, EndEvent, ListResponse, ProcessConfig, ProcessEvent, ProcessEventMessage, ProcessInfo, ProcessSelector,
+    SelectorRequest, SendInputRequest, SendSignalRequest, StartRequest, StreamInputRequest, UpdateRequest,
+};
+use super::{target, user_of};
+use crate::E2b;
+
+/// Keepalive interval when the client names none (envd's default).
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
+
+/// The keepalive interval a client asks for in `Keepalive-Ping-Interval` (seconds).
+fn keepalive_interval(headers: &HeaderMap) -> Duration {
+    headers
+        .get("keepalive-ping-interval")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|seconds| *seconds > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_KEEPALIVE)
+}
+
+/// `connect-timeout-ms`, when given and not zero.
+fn connect_timeout(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get("connect-timeout-ms")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+}
+
+fn pid_of(selector: &ProcessSelector) -> Result<u32, ConnectError> {
+    match (selector.pid, &selector.tag) {
+        (Some(pid), _) => Ok(pid),
+        (None, Some(tag)) => Err(ConnectError::not_found(format!("no process with tag {tag:?}"))),
+        (None, None) => Err(ConnectError::invalid("name the process by pid")),
+    }
+}
+
+/// A server stream whose messages a task sends into a channel.
+fn channel_stream(
+    receiver: mpsc::Receiver<Result<ProcessEventMessage, ConnectError>>,
+) -> impl futures::Stream<Item = Result<ProcessEventMessage, ConnectError>> + Send + 'static {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+}
+
+/// The `end` event of an exit.
+fn end_event(exit: &nook_agent_proto::Exit) -> EndEvent {
+    match (exit.code, exit.signal) {
+        (Some(code), _) => {
+            let status = format!("exit status {code}");
+            EndEvent {
+                exit_code: code,
+                exited: true,
+                error: (code != 0).then(|| status.clone()),
+                status,
+            }
+        }
+        (None, Some(signal)) => {
+            let status = format!("signal: {}", signal_name(signal));
+            EndEvent {
+                exit_code: -1,
+                exited: false,
+                error: Some(status.clone()),
+                status,
+            }
+        }
+        (None, None) => EndEvent {
+            exit_code: -1,
+            exited: false,
+            status: "unknown".into(),
+            error: Some("the process's end could not be observed".into()),
+        },
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    match signal {
+        1 => "hangup".into(),
+        2 => "interrupt".into(),
+        3 => "quit".into(),
+        6 => "aborted".into(),
+        9 => "killed".into(),
+        11 => "segmentation fault".into(),
+        13 => "broken pipe".into(),
+        15 => "terminated".into(),
+        other => format!("signal {other}"),
+    }
+}
+
+/// Follows `pid`'s output from `offset`, sending `start` first and ending with its `end` (or an error).
+fn follow(e2b: E2b, sandbox: String, pid: u32, offset: u64, terminal: bool, keepalive: Duration) -> Response {
+    let (sender, receiver) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let start = ProcessEventMessage {
+            event: ProcessEvent::Start { pid },
+        };
+        if sender.send(Ok(start)).await.is_err() {
+            return;
+        }
+        let mut output = match e2b.control.attach(&sandbox, pid, offset, true).await {
+            Ok(output) => output,
+            Err(failure) => {
+                let _ = sender.send(Err(ConnectError::from(failure))).await;
+                return;
+            }
+        };
+        loop {
+            let event = match tokio::time::timeout(keepalive, output.events.recv()).await {
+                Err(_) => Some(ProcessEvent::Keepalive {}),
+                Ok(None) => {
+                    let _ = sender
+                        .send(Err(ConnectError::new(
+                            "unavailable",
+                            "the process's output stream ended early",
+                        )))
+                        .await;
+                    return;
+                }
+                Ok(Some(ExecOutput::Stdout(bytes))) if terminal => Some(ProcessEvent::Data(DataEvent::Pty(bytes))),
+                Ok(Some(ExecOutput::Stdout(bytes))) => Some(ProcessEvent::Data(DataEvent::Stdout(bytes))),
+                Ok(Some(ExecOutput::Stderr(bytes))) => Some(ProcessEvent::Data(DataEvent::Stderr(bytes))),
+                Ok(Some(ExecOutput::Exit(exit))) => {
+                    let end = ProcessEventMessage {
+                        event: ProcessEvent::End(end_event(&exit)),
+                    };
+                    let _ = sender.send(Ok(end)).await;
+                    return;
+                }
+                Ok(Some(ExecOutput::Error { code, message })) => {
+                    let _ = sender
+                        .send(Err(ConnectError::internal(format!("{message} ({code})"))))
+                        .await;
+                    return;
+                }
+                Ok(Some(ExecOutput::Started { .. } | ExecOutput::Attached { .. } | ExecOutput::End { .. })) => None,
+            };
+            if let Some(event) = event {
+                if sender.send(Ok(ProcessEventMessage { event })).await.is_err() {
+                    // The client went away: the process keeps running.
+                    return;
+                }
+            }
+        }
+    });
+    connect::server_stream(channel_stream(receiver))
+}
+
+fn stream_error(error: ConnectError) -> Response {
+    connect::server_stream(futures::stream::once(
+        async move { Err::<ProcessEventMessage, _>(error) },
+    ))
+}
+
+/// `Start` (server streaming).
+pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let prepared = async {
+        let sandbox = target(&parts.extensions)?;
+        let user = user_of(&parts.headers)?;
+        let bytes = read_body(body).await?;
+        let start: StartRequest = connect::parse_stream_request(&bytes)?;
+        if start.process.cmd.is_empty() {
+            return Err(ConnectError::invalid("the command is empty"));
+        }
+        let mut command = vec![start.process.cmd.clone()];
+        command.extend(start.process.args.iter().cloned());
+        let pty = start.pty.and_then(|pty| pty.size).map(|size| nook_api::PtySize {
+            cols: size.cols.clamp(1, 1000) as u16,
+            rows: size.rows.clamp(1, 1000) as u16,
+        });
+        let request = ExecRequest {
+            command,
+            env: start.process.envs.clone(),
+            cwd: start.process.cwd.clone().filter(|cwd| !cwd.is_empty()),
+            user: Some(user),
+            pty: pty.or(start.pty.map(|_| nook_api::PtySize { cols: 80, rows: 24 })),
+            ..Default::default()
+        };
+        let terminal = request.pty.is_some();
+        let process = e2b.control.spawn(&sandbox.id, request).await?;
+        if start.stdin == Some(false) {
+            // A quick command may have ended already, its input closed with it: nothing to do then.
+            if let Err(failure) = e2b.control.input(&sandbox.id, process.pid, Vec::new(), true).await {
+                if failure.code != "stdin_closed" {
+                    return Err(failure.into());
+                }
+            }
+        }
+        Ok::<_, ConnectError>((sandbox, process.pid, terminal))
+    }
+    .await;
+    let (sandbox, pid, terminal) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return stream_error(error),
+    };
+    if let Some(lifetime) = connect_timeout(&parts.headers) {
+        let control = e2b.control.clone();
+        let sandbox = sandbox.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(lifetime).await;
+            // A no-op once the process has ended.
+            let _ = control.signal(&sandbox, pid, 9).await;
+        });
+    }
+    follow(e2b, sandbox.id, pid, 0, terminal, keepalive_interval(&parts.headers))
+}
+
+/// `Connect` (server streaming): follows a process from its current output on.
+pub async fn connect(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let prepared = async {
+        let sandbox = target(&parts.extensions)?;
+        let bytes = read_body(body).await?;
+        let request: SelectorRequest = connect::parse_stream_request(&bytes)?;
+        let pid = pid_of(&request.process)?;
+        let processes = e2b.control.processes(&sandbox.id).await?;
+        let process = processes
+            .iter()
+            .find(|process| process.pid == pid)
+            .ok_or_else(|| ConnectError::not_found(format!("process with pid {pid} not found")))?;
+        let offset = if process.running { process.output_bytes } else { 0 };
+        Ok::<_, ConnectError>((sandbox, pid, offset, process.terminal))
+    }
+    .await;
+    match prepared {
+        Ok((sandbox, pid, offset, terminal)) => follow(
+            e2b,
+            sandbox.id,
+            pid,
+            offset,
+            terminal,
+            keepalive_interval(&parts.headers),
+        ),
+        Err(error) => stream_error(error),
+    }
+}
+
+/// Reads a request body whole; Connect request messages are small and bounded.
+async fn read_body(body: Body) -> Result<bytes::Bytes, ConnectError> {
+    axum::body::to_bytes(body, connect::MAX_MESSAGE + 5)
+        .await
+        .map_err(|error| ConnectError::invalid(format!("reading the request failed: {error}")))
+}
+
+/// A unary handler's common start: the sandbox and the parsed message.
+async fn unary_request<T: serde::de::DeserializeOwned>(
+    request: axum::extract::Request,
+) -> Result<(nook_api::Sandbox, T), ConnectError> {
+    let (parts, body) = request.into_parts();
+    let sandbox = target(&parts.extensions)?;
+    let bytes = read_body(body).await?;
+    Ok((sandbox, connect::parse_unary(&bytes)?))
+}
+
+/// `List`: running processes.
+pub async fn list(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let (sandbox, _): (_, serde_json::Value) = unary_request(request).await?;
+            let processes = e2b.control.processes(&sandbox.id).await?;
+            let processes = processes
+                .into_iter()
+                .filter(|process| process.running)
+                .map(|process| {
+                    let mut argv = process.command.into_iter();
+                    ProcessInfo {
+                        config: ProcessConfig {
+                            cmd: argv.next().unwrap_or_default(),
+                            args: argv.collect(),
+                            ..Default::default()
+                        },
+                        pid: process.pid,
+                    }
+                })
+                .collect();
+            Ok(ListResponse { processes })
+        }
+        .await,
+    )
+}
+
+/// `SendInput`.
+pub async fn send_input(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let (sandbox, request): (_, SendInputRequest) = unary_request(request).await?;
+            let pid = pid_of(&request.process)?;
+            let data = match (request.input.stdin, request.input.pty) {
+                (Some(data), None) | (None, Some(data)) => data,
+                _ => return Err(ConnectError::new("unimplemented", "send either stdin or pty input")),
+            };
+            e2b.control.input(&sandbox.id, pid, data, false).await?;
+            Ok(super::messages::Empty {})
+        }
+        .await,
+    )
+}
+
+/// `StreamInput` (client streaming): a `start` naming the process, then input chunks, applied in order.
+pub async fn stream_input(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let sandbox = target(&parts.extensions)?;
+        let mut reader = connect::EnvelopeReader::default();
+        let mut chunks = body.into_data_stream();
+        let mut pid = None;
+        loop {
+            while let Some((_, payload)) = reader.next_envelope()? {
+                let message: StreamInputRequest = connect::parse_unary(&payload)?;
+                if let Some(start) = message.start {
+                    pid = Some(pid_of(&start.process)?);
+                } else if let Some(data) = message.data {
+                    let pid = pid.ok_or_else(|| ConnectError::invalid("input before the start message"))?;
+                    if let Some(bytes) = data.input.stdin.or(data.input.pty) {
+                        e2b.control.input(&sandbox.id, pid, bytes, false).await?;
+                    }
+                }
+            }
+            match chunks.next().await {
+                Some(Ok(chunk)) => reader.push(&chunk),
+                Some(Err(error)) => return Err(ConnectError::new("canceled", format!("the input broke: {error}"))),
+                None if reader.has_partial() => return Err(ConnectError::invalid("the input ends mid-message")),
+                None => return Ok(()),
+            }
+        }
+    }
+    .await;
+    let messages = match result {
+        Ok(()) => vec![Ok(super::messages::Empty {})],
+        Err(error) => vec![Err(error)],
+    };
+    connect::server_stream(futures::stream::iter(messages))
+}
+
+/// `CloseStdin`.
+pub async fn close_stdin(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let (sandbox, request): (_, SelectorRequest) = unary_request(request).await?;
+            let pid = pid_of(&request.process)?;
+            e2b.control.input(&sandbox.id, pid, Vec::new(), true).await?;
+            Ok(super::messages::Empty {})
+        }
+        .await,
+    )
+}
+
+/// `SendSignal`: SIGTERM or SIGKILL.
+pub async fn send_signal(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let (sandbox, request): (_, SendSignalRequest) = unary_request(request).await?;
+            let pid = pid_of(&request.process)?;
+            let names = [("SIGNAL_SIGTERM", 15), ("SIGNAL_SIGKILL", 9)];
+            let signal = request
+                .signal
+                .and_then(|signal| signal.number(&names))
+                .filter(|number| *number == 9 || *number == 15)
+                .ok_or_else(|| ConnectError::new("unimplemented", "send SIGNAL_SIGTERM or SIGNAL_SIGKILL"))?;
+            // An ended process is `not_found`, as envd answers (the SDK's kill() then returns false).
+            let running = e2b
+                .control
+                .processes(&sandbox.id)
+                .await?
+                .iter()
+                .any(|process| process.pid == pid && process.running);
+            if !running {
+                return Err(ConnectError::not_found(format!("process with pid {pid} not found")));
+            }
+            e2b.control.signal(&sandbox.id, pid, signal as i32).await?;
+            Ok(super::messages::Empty {})
+        }
+        .await,
+    )
+}
+
+/// `Update`: resizes a terminal.
+pub async fn update(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+    connect::unary(
+        async {
+            let (sandbox, request): (_, UpdateRequest) = unary_request(request).await?;
+            let pid = pid_of(&request.process)?;
+            if let Some(size) = request.pty.and_then(|pty| pty.size) {
+                let size = nook_api::PtySize {
+                    cols: size.cols.clamp(1, 1000) as u16,
+                    rows: size.rows.clamp(1, 1000) as u16,
+                };
+                e2b.control.resize(&sandbox.id, pid, size).await?;
+            }
+            Ok(super::messages::Empty {})
+        }
+        .await,
+    )
+}

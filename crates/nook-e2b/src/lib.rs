@@ -1,0 +1,238 @@
+//! E2B compatibility: code written for E2B's SDKs runs against `nook serve` by setting `E2B_API_URL` and
+//! `E2B_SANDBOX_URL` to nook's address and `E2B_API_KEY` to a nook API key.
+//!
+//! Three surfaces share nook's listen address:
+//! - the E2B REST API at the root (`/sandboxes`, `/v2/sandboxes`, …; [`rest`]), authenticated by `X-API-Key`;
+//! - sandbox traffic, recognised by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers the SDKs send when
+//!   `E2B_SANDBOX_URL` is set, or by a `{port}-{sandboxId}.{domain}` Host: port 49983 is envd ([`envd`]), served by
+//!   nook on top of its own agent; other ports are answered with a clear error until sandbox networking exists;
+//! - nook's native API under `/v1/`, untouched.
+//!
+//! Everything goes through [`nook_control::control::Control`], so E2B calls see the same sandboxes, limits and
+//! checks as native ones. Sandbox traffic is authenticated by a per-sandbox access token (`X-Access-Token`), which
+//! the REST API hands out with each sandbox; it is derived from a secret kept in the data directory, so it
+//! survives restarts and is never stored.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use nook_control::control::Control;
+use sha2::{Digest, Sha256};
+use tower::ServiceExt as _;
+
+pub mod envd;
+pub mod rest;
+
+/// The envd version nook reports: every SDK feature gated at or below it is implemented (default user, stdin off,
+/// CloseStdin). Gzip uploads (0.5.7), file metadata (0.6.2) and entry info in watch events (0.6.3) are not yet, so
+/// the SDKs upload as multipart forms and refuse those options themselves.
+pub const ENVD_VERSION: &str = "0.5.2";
+/// The port of envd inside an E2B sandbox.
+pub const ENVD_PORT: u16 = 49983;
+/// The default user of E2B sandboxes, as in E2B's base template.
+pub const DEFAULT_USER: &str = "user";
+
+/// Shared state of the E2B surfaces.
+#[derive(Clone)]
+pub struct E2b {
+    /// nook's operations.
+    pub control: Arc<Control>,
+    /// Secret the per-sandbox access tokens are derived from.
+    secret: Arc<[u8; 32]>,
+    /// Deadlines (E2B timeouts) of sandboxes created or refreshed through this API.
+    pub deadlines: Arc<rest::Deadlines>,
+    /// Polling file watchers of envd's `CreateWatcher`.
+    pub watchers: Arc<envd::filesystem::Watchers>,
+}
+
+/// Why the E2B layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum E2bError {
+    /// The token secret could not be read or created.
+    #[error("cannot read or create the E2B token secret at {path}")]
+    Secret {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl E2b {
+    /// The E2B layer over `control`, keeping its token secret in `data_dir`.
+    pub fn new(control: Arc<Control>, data_dir: &Path) -> Result<Self, E2bError> {
+        let path = data_dir.join("e2b-token-secret");
+        let secret = load_or_create_secret(&path).map_err(|source| E2bError::Secret { path, source })?;
+        Ok(Self {
+            control: control.clone(),
+            secret: Arc::new(secret),
+            deadlines: Arc::new(rest::Deadlines::new(control)),
+            watchers: Arc::new(envd::filesystem::Watchers::default()),
+        })
+    }
+
+    /// The envd access token of a sandbox.
+    pub fn access_token(&self, sandbox_id: &str) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(self.secret.as_slice());
+        hasher.update(b"envd-access-token:");
+        hasher.update(sandbox_id.as_bytes());
+        hex_string(&hasher.finalize())
+    }
+
+    /// Adds the E2B surfaces to nook's router.
+    pub fn wrap(self, native: Router) -> Router {
+        let sandbox_traffic = envd::router(self.clone());
+        native
+            .merge(rest::router(self.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                (self, sandbox_traffic),
+                route_sandbox_traffic,
+            ))
+    }
+}
+
+/// Sends requests addressed to a sandbox's port to that port's service; everything else goes on.
+async fn route_sandbox_traffic(
+    State((e2b, sandbox_traffic)): State<(E2b, Router)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(target) = sandbox_target(request.headers()) else {
+        return next.run(request).await;
+    };
+    if target.port != ENVD_PORT {
+        return rest::error(
+            axum::http::StatusCode::BAD_GATEWAY,
+            format!(
+                "port {} of sandbox {} is not reachable through nook yet: only envd ({ENVD_PORT}) is served",
+                target.port, target.sandbox
+            ),
+        );
+    }
+    let sandbox = match e2b.control.resolve(&target.sandbox).await {
+        Ok(sandbox) => sandbox,
+        Err(_) => {
+            return rest::error(
+                axum::http::StatusCode::BAD_GATEWAY,
+                format!("sandbox {} was not found", target.sandbox),
+            )
+        }
+    };
+    request.extensions_mut().insert(envd::Target { sandbox });
+    match sandbox_traffic.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+/// A sandbox port a request is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SandboxTarget {
+    sandbox: String,
+    port: u16,
+}
+
+/// The sandbox and port from `E2b-Sandbox-Id` / `E2b-Sandbox-Port`, or from a `{port}-{id}.{domain}` Host.
+fn sandbox_target(headers: &HeaderMap) -> Option<SandboxTarget> {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    if let Some(sandbox) = header("e2b-sandbox-id") {
+        let port = header("e2b-sandbox-port")
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(ENVD_PORT);
+        return Some(SandboxTarget {
+            sandbox: sandbox.to_string(),
+            port,
+        });
+    }
+    let host = header("host")?;
+    let first = host.split('.').next()?;
+    if !host.contains('.') {
+        return None;
+    }
+    let (port, sandbox) = first.split_once('-')?;
+    let port = port.parse().ok()?;
+    sandbox.starts_with("sb-").then(|| SandboxTarget {
+        sandbox: sandbox.to_string(),
+        port,
+    })
+}
+
+fn load_or_create_secret(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() == 32 => return Ok(bytes.try_into().expect("32 bytes")),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the secret file does not hold 32 bytes",
+            ))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let secret: [u8; 32] = rand::random();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    Ok(secret)
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        rest::error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, self.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_traffic_is_recognised_by_headers_or_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", "127.0.0.1:7070".parse().unwrap());
+        assert_eq!(sandbox_target(&headers), None);
+        headers.insert("e2b-sandbox-id", "sb-abc".parse().unwrap());
+        headers.insert("e2b-sandbox-port", "49999".parse().unwrap());
+        assert_eq!(
+            sandbox_target(&headers),
+            Some(SandboxTarget {
+                sandbox: "sb-abc".into(),
+                port: 49999
+            })
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("host", "49983-sb-xyz.nook.test:7070".parse().unwrap());
+        assert_eq!(
+            sandbox_target(&headers),
+            Some(SandboxTarget {
+                sandbox: "sb-xyz".into(),
+                port: 49983
+            })
+        );
+        headers.insert("host", "api.nook.test".parse().unwrap());
+        assert_eq!(sandbox_target(&headers), None);
+        assert!(same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("abc", "ab"));
+    }
+}

@@ -1,0 +1,557 @@
+//! The E2B REST API, at the root of nook's address: what `Sandbox.create`, `list`, `connect`, `kill`,
+//! `set_timeout` and `get_info` of E2B's SDKs call, in all three wire generations of the 2.x SDKs
+//! (`/sandboxes`, `/v2/sandboxes`, and the old `/resume`).
+//!
+//! Mapping onto nook: an E2B template is a nook image (`base` is nook's base image); metadata are labels; env vars
+//! are the sandbox's environment. E2B knows two states: a running nook sandbox is `running`, a stopped one (files
+//! kept) is reported `paused`, and `connect` starts it again. The E2B timeout is a deadline kept by this layer:
+//! when it passes, the sandbox is deleted, as E2B kills it (deadlines live in memory, so a restart of `nook serve`
+//! forgets them: until lifecycle policies exist in the store, sandboxes then stay). Pausing with memory is not
+//! available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use nook_api::{CreateSandboxRequest, Sandbox, SandboxState};
+use nook_control::control::{Control, SandboxFilter};
+use nook_control::error::ApiFailure;
+use serde::{Deserialize, Serialize};
+
+use crate::{E2b, ENVD_VERSION};
+
+/// The E2B timeout when a client gives none.
+const DEFAULT_TIMEOUT_S: u64 = 300;
+/// The longest timeout accepted (E2B's Pro limit: 24 h).
+const MAX_TIMEOUT_S: u64 = 24 * 3600;
+/// Labels this layer keeps for itself; never shown as metadata.
+const LABEL_PREFIX: &str = "nook.e2b/";
+
+/// An E2B error answer.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "code": status.as_u16(), "message": message.into() });
+    let mut response = (status, Json(body)).into_response();
+    // The Python SDK retries 502/503/504 unless told not to; nook's answers are final.
+    response
+        .headers_mut()
+        .insert("should-retry", axum::http::HeaderValue::from_static("false"));
+    response
+}
+
+/// An E2B error from a nook failure.
+struct Failure(ApiFailure);
+
+impl From<ApiFailure> for Failure {
+    fn from(failure: ApiFailure) -> Self {
+        Self(failure)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let message = match self.0.reason {
+            Some(reason) => format!("{}: {reason}", self.0.message),
+            None => self.0.message,
+        };
+        error(self.0.status, message)
+    }
+}
+
+/// The routes.
+pub fn router(e2b: E2b) -> Router {
+    Router::new()
+        .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/v2/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/resume", post(connect))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/templates", get(list_templates))
+        .route("/templates/{id}", delete(delete_template).get(get_template))
+        .layer(axum::middleware::from_fn_with_state(e2b.clone(), authenticate))
+        .with_state(e2b)
+}
+
+/// Checks `X-API-Key` against nook's API keys.
+async fn authenticate(State(e2b): State<E2b>, request: Request, next: Next) -> Response {
+    let key = request.headers().get("x-api-key").and_then(|value| value.to_str().ok());
+    let Some(key) = key else {
+        return error(StatusCode::UNAUTHORIZED, "send a nook API key in the X-API-Key header");
+    };
+    match e2b
+        .control
+        .store()
+        .api_key_by_hash(&nook_control::ids::hash_key(key.trim()))
+        .await
+    {
+        Ok(Some(_)) => next.run(request).await,
+        Ok(None) => error(StatusCode::UNAUTHORIZED, "the API key is not valid"),
+        Err(failure) => Failure(ApiFailure::from(failure)).into_response(),
+    }
+}
+
+/// Body of a create call (both generations; unknown fields ignored).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<u64>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    env_vars: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+}
+
+/// The E2B view of a sandbox: the fields every SDK generation requires, and the detail fields.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct E2bSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    #[serde(rename = "clientID")]
+    client_id: &'static str,
+    envd_version: &'static str,
+    envd_access_token: String,
+    alias: String,
+    domain: Option<String>,
+    started_at: DateTime<Utc>,
+    end_at: DateTime<Utc>,
+    cpu_count: u64,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    state: &'static str,
+    metadata: BTreeMap<String, String>,
+}
+
+impl E2b {
+    fn describe(&self, sandbox: &Sandbox) -> E2bSandbox {
+        let deadline = self.deadlines.get(&sandbox.id);
+        E2bSandbox {
+            template_id: sandbox.image.clone(),
+            sandbox_id: sandbox.id.clone(),
+            client_id: "nook",
+            envd_version: ENVD_VERSION,
+            envd_access_token: self.access_token(&sandbox.id),
+            alias: sandbox.image.clone(),
+            domain: None,
+            started_at: sandbox.created_at,
+            end_at: deadline.unwrap_or(sandbox.created_at + chrono::Duration::seconds(MAX_TIMEOUT_S as i64)),
+            cpu_count: sandbox.resources.cpu.ceil().max(1.0) as u64,
+            memory_mb: sandbox.resources.memory_mb,
+            disk_size_mb: 0,
+            state: if sandbox.state == SandboxState::Running {
+                "running"
+            } else {
+                "paused"
+            },
+            metadata: sandbox
+                .labels
+                .iter()
+                .filter(|(key, _)| !key.starts_with(LABEL_PREFIX))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A bad request's message.
+type BadRequest = String;
+
+fn timeout_of(seconds: Option<u64>) -> Result<Duration, BadRequest> {
+    let seconds = seconds.unwrap_or(DEFAULT_TIMEOUT_S);
+    if seconds > MAX_TIMEOUT_S {
+        return Err(format!("timeout {seconds} s is over the maximum of {MAX_TIMEOUT_S} s"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Response {
+    let request: NewSandbox = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(problem) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the request body is invalid: {problem}"),
+            )
+        }
+    };
+    let timeout = match timeout_of(request.timeout) {
+        Ok(timeout) => timeout,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    if request.allow_internet_access == Some(true) {
+        tracing::debug!("allow_internet_access requested; nook sandboxes have no network egress yet");
+    }
+    let create = CreateSandboxRequest {
+        image: Some(request.template_id),
+        labels: request.metadata.unwrap_or_default(),
+        env: request.env_vars.unwrap_or_default(),
+        ..Default::default()
+    };
+    match e2b.control.create(create).await {
+        Ok(sandbox) => {
+            e2b.deadlines.set(&sandbox.id, timeout);
+            (StatusCode::CREATED, Json(e2b.describe(&sandbox))).into_response()
+        }
+        Err(failure) => Failure(failure).into_response(),
+    }
+}
+
+async fn get_sandbox(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
+    match e2b.control.resolve(&id).await {
+        Ok(sandbox) => Json(e2b.describe(&sandbox)).into_response(),
+        Err(failure) => not_found_or(failure, &id),
+    }
+}
+
+/// A 404 in E2B's words for a missing sandbox; other failures as they are.
+fn not_found_or(failure: ApiFailure, id: &str) -> Response {
+    if failure.status == StatusCode::NOT_FOUND {
+        error(StatusCode::NOT_FOUND, format!("sandbox {id} not found"))
+    } else {
+        Failure(failure).into_response()
+    }
+}
+
+async fn list_sandboxes(State(e2b): State<E2b>, Query(query): Query<Vec<(String, String)>>) -> Response {
+    let mut states: Vec<String> = Vec::new();
+    let mut wanted_metadata = BTreeMap::new();
+    let mut limit = None;
+    let mut next_token = 0usize;
+    for (key, value) in query {
+        match key.as_str() {
+            "state" => states.extend(value.split(',').map(str::to_string)),
+            "metadata" => {
+                // The SDKs URI-encode keys and values, form-encode the pairs, and the query encodes that again:
+                // after the query's own decoding, each key and value is still encoded twice.
+                for pair in value.split('&').filter(|pair| !pair.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    wanted_metadata.insert(percent_decode(&percent_decode(k)), percent_decode(&percent_decode(v)));
+                }
+            }
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => limit = Some(n),
+                _ => return error(StatusCode::BAD_REQUEST, format!("limit {value:?} must be 1 to 1000")),
+            },
+            "nextToken" => match value.parse() {
+                Ok(offset) => next_token = offset,
+                Err(_) => return error(StatusCode::BAD_REQUEST, format!("nextToken {value:?} is not valid")),
+            },
+            _ => {}
+        }
+    }
+    let filter = SandboxFilter {
+        state: None,
+        labels: wanted_metadata,
+    };
+    let sandboxes = match e2b.control.list(&filter).await {
+        Ok(sandboxes) => sandboxes,
+        Err(failure) => return Failure(failure).into_response(),
+    };
+    let mut listed: Vec<E2bSandbox> = sandboxes
+        .iter()
+        .filter(|sandbox| matches!(sandbox.state, SandboxState::Running | SandboxState::Stopped))
+        .map(|sandbox| e2b.describe(sandbox))
+        .filter(|sandbox| states.is_empty() || states.iter().any(|state| state == sandbox.state))
+        .collect();
+    listed.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
+    let page: Vec<E2bSandbox> = listed
+        .drain(..)
+        .skip(next_token)
+        .take(limit.unwrap_or(usize::MAX))
+        .collect();
+    let mut response = Json(&page).into_response();
+    if let Some(limit) = limit {
+        if sandboxes.len() > next_token + limit && page.len() == limit {
+            let token = (next_token + limit).to_string();
+            response
+                .headers_mut()
+                .insert("x-next-token", token.parse().expect("digits are a valid header"));
+        }
+    }
+    response
+}
+
+/// Decodes `%XX` escapes (and `+` as a space, as forms do).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(byte) => {
+                        out.push(byte);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn kill_sandbox(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
+    match e2b.control.delete(&id).await {
+        Ok(()) => {
+            e2b.deadlines.clear(&id);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(failure) => not_found_or(failure, &id),
+    }
+}
+
+/// Body of timeout, connect and resume calls.
+#[derive(Debug, Default, Deserialize)]
+struct TimeoutBody {
+    timeout: Option<u64>,
+}
+
+fn parse_timeout_body(body: &[u8]) -> Result<TimeoutBody, BadRequest> {
+    if body.is_empty() {
+        return Ok(TimeoutBody::default());
+    }
+    serde_json::from_slice(body).map_err(|problem| format!("the request body is invalid: {problem}"))
+}
+
+async fn set_timeout(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    let body = match parse_timeout_body(&body) {
+        Ok(body) => body,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let Some(seconds) = body.timeout else {
+        return error(StatusCode::BAD_REQUEST, "the body needs a timeout in seconds");
+    };
+    let timeout = match timeout_of(Some(seconds)) {
+        Ok(timeout) => timeout,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match e2b.control.resolve(&id).await {
+        Ok(sandbox) => {
+            e2b.deadlines.set(&sandbox.id, timeout);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(failure) => not_found_or(failure, &id),
+    }
+}
+
+/// `POST /sandboxes/{id}/refreshes`: extends the deadline by `duration` seconds (default: the E2B default).
+async fn refresh(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    #[derive(Deserialize, Default)]
+    struct RefreshBody {
+        duration: Option<u64>,
+    }
+    let body: RefreshBody = if body.is_empty() {
+        RefreshBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(problem) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body is invalid: {problem}"),
+                )
+            }
+        }
+    };
+    let timeout = match timeout_of(body.duration) {
+        Ok(timeout) => timeout,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match e2b.control.resolve(&id).await {
+        Ok(sandbox) => {
+            e2b.deadlines.set(&sandbox.id, timeout);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(failure) => not_found_or(failure, &id),
+    }
+}
+
+/// Connect (and the old resume): a running sandbox answers 200, a stopped one is started and answers 201. The
+/// deadline is renewed.
+async fn connect(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    let body = match parse_timeout_body(&body) {
+        Ok(body) => body,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let timeout = match timeout_of(body.timeout) {
+        Ok(timeout) => timeout,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let sandbox = match e2b.control.resolve(&id).await {
+        Ok(sandbox) => sandbox,
+        Err(failure) => return not_found_or(failure, &id),
+    };
+    let (status, sandbox) = if sandbox.state == SandboxState::Running {
+        (StatusCode::OK, sandbox)
+    } else {
+        match e2b.control.start(&sandbox.id).await {
+            Ok(sandbox) => (StatusCode::CREATED, sandbox),
+            Err(failure) => return Failure(failure).into_response(),
+        }
+    };
+    e2b.deadlines.set(&sandbox.id, timeout);
+    (status, Json(e2b.describe(&sandbox))).into_response()
+}
+
+async fn pause(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
+    match e2b.control.resolve(&id).await {
+        Ok(_) => error(
+            StatusCode::NOT_IMPLEMENTED,
+            "nook cannot pause a sandbox with its memory yet; stop it with nook's API (files are kept) or kill it",
+        ),
+        Err(failure) => not_found_or(failure, &id),
+    }
+}
+
+async fn metrics(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
+    match e2b.control.resolve(&id).await {
+        // No samples are recorded yet; an empty series is what the SDK expects when there are none.
+        Ok(_) => Json(Vec::<serde_json::Value>::new()).into_response(),
+        Err(failure) => not_found_or(failure, &id),
+    }
+}
+
+/// E2B's view of a nook image.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Template {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    aliases: Vec<String>,
+    public: bool,
+    created_at: DateTime<Utc>,
+    cpu_count: u64,
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+}
+
+fn template_of(image: &nook_api::Image) -> Template {
+    Template {
+        template_id: image.name.clone(),
+        aliases: vec![image.name.clone()],
+        public: false,
+        created_at: image.created_at,
+        cpu_count: 1,
+        memory_mb: 512,
+    }
+}
+
+async fn list_templates(State(e2b): State<E2b>) -> Response {
+    match e2b.control.runner().list_images().await {
+        Ok(images) => Json(images.iter().map(template_of).collect::<Vec<_>>()).into_response(),
+        Err(problem) => Failure(ApiFailure::from(problem)).into_response(),
+    }
+}
+
+async fn get_template(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
+    match e2b.control.runner().image(&id).await {
+        Ok(image) => Json(template_of(&image)).into_response(),
+        Err(_) => error(StatusCode::NOT_FOUND, format!("template {id} not found")),
+    }
+}
+
+async fn delete_template(Path(id): Path<String>) -> Response {
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("remove template {id} with `nook image rm`; E2B template management is not served yet"),
+    )
+}
+
+/// A deadline and the timer that acts on it.
+type Deadline = (DateTime<Utc>, tokio::task::JoinHandle<()>);
+
+/// E2B deadlines: when one passes, the sandbox is deleted. One timer task per sandbox, replaced when the deadline
+/// moves (no polling).
+pub struct Deadlines {
+    control: Arc<Control>,
+    entries: Mutex<HashMap<String, Deadline>>,
+}
+
+impl Deadlines {
+    /// Deadlines acting on `control`.
+    pub fn new(control: Arc<Control>) -> Self {
+        Self {
+            control,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The deadline of a sandbox, if one is set.
+    pub fn get(&self, id: &str) -> Option<DateTime<Utc>> {
+        self.entries.lock().expect("deadlines lock").get(id).map(|(at, _)| *at)
+    }
+
+    /// Sets a sandbox's deadline to `timeout` from now.
+    pub fn set(&self, id: &str, timeout: Duration) {
+        let at = Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+        let control = self.control.clone();
+        let sandbox = id.to_string();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            tracing::info!(sandbox, "the E2B timeout passed: deleting the sandbox");
+            if let Err(failure) = control.delete(&sandbox).await {
+                if failure.status != StatusCode::NOT_FOUND {
+                    tracing::warn!(sandbox, message = %failure.message, "could not delete a timed-out sandbox");
+                }
+            }
+        });
+        if let Some((_, old)) = self
+            .entries
+            .lock()
+            .expect("deadlines lock")
+            .insert(id.to_string(), (at, timer))
+        {
+            old.abort();
+        }
+    }
+
+    /// Forgets a sandbox's deadline.
+    pub fn clear(&self, id: &str) {
+        if let Some((_, timer)) = self.entries.lock().expect("deadlines lock").remove(id) {
+            timer.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Deadlines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deadlines").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filters_decode_twice_encoded_pairs() {
+        assert_eq!(percent_decode("user%20id"), "user id");
+        assert_eq!(percent_decode("a%20b%26c"), "a b&c");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}
