@@ -209,7 +209,7 @@ pub enum Request {
         /// Bytes to write (at most [`MAX_FRAME_LEN`] after encoding; send more in several requests).
         #[serde(with = "bytes_as_base64")]
         data: Vec<u8>,
-        /// Close standard input after writing.
+        /// Close standard input after writing (closing an input that is already closed, with no data, succeeds).
         close: bool,
     },
     /// Send a signal to a background process; answered with `{}`.

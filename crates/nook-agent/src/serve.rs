@@ -474,6 +474,11 @@ async fn input(
     };
     let mut stdin = process.stdin.lock().await;
     let Some(pipe) = stdin.as_mut() else {
+        // Closing what is already closed (or ended with the process) is done; only data has nowhere to go.
+        if data.is_empty() && close {
+            drop(stdin);
+            return write_json(&mut writer, FrameKind::Reply, &serde_json::json!({})).await;
+        }
         return send_error(
             &mut writer,
             "stdin_closed",

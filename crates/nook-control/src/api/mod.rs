@@ -35,6 +35,8 @@ use crate::ids::hash_key;
 mod terminal;
 mod transfer;
 
+pub use transfer::write_form_part;
+
 /// Shared state of the HTTP layer.
 #[derive(Clone)]
 pub struct AppState {
@@ -517,7 +519,7 @@ async fn wait_process(
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct StdinQuery {
-    /// Close standard input after writing the body.
+    /// Close standard input after writing the body (with an empty body, closing a closed input succeeds).
     #[serde(default)]
     close: bool,
 }

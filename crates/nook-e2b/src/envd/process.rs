@@ -58,15 +58,6 @@ fn pid_of(selector: &ProcessSelector) -> Result<u32, ConnectError> {
     }
 }
 
-/// A server stream whose messages a task sends into a channel.
-fn channel_stream(
-    receiver: mpsc::Receiver<Result<ProcessEventMessage, ConnectError>>,
-) -> impl futures::Stream<Item = Result<ProcessEventMessage, ConnectError>> + Send + 'static {
-    futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
-    })
-}
-
 /// The `end` event of an exit.
 fn end_event(exit: &nook_agent_proto::Exit) -> EndEvent {
     match (exit.code, exit.signal) {
@@ -166,7 +157,7 @@ fn follow(e2b: E2b, sandbox: String, pid: u32, offset: u64, terminal: bool, keep
             }
         }
     });
-    connect::server_stream(channel_stream(receiver))
+    connect::channel_stream(receiver)
 }
 
 fn stream_error(error: ConnectError) -> Response {
@@ -203,12 +194,7 @@ pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> R
         let terminal = request.pty.is_some();
         let process = e2b.control.spawn(&sandbox.id, request).await?;
         if start.stdin == Some(false) {
-            // A quick command may have ended already, its input closed with it: nothing to do then.
-            if let Err(failure) = e2b.control.input(&sandbox.id, process.pid, Vec::new(), true).await {
-                if failure.code != "stdin_closed" {
-                    return Err(failure.into());
-                }
-            }
+            e2b.control.input(&sandbox.id, process.pid, Vec::new(), true).await?;
         }
         Ok::<_, ConnectError>((sandbox, process.pid, terminal))
     }
