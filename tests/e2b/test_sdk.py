@@ -6,7 +6,7 @@ import time
 
 import pytest
 from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery
-from e2b.exceptions import NotFoundException, TimeoutException
+from e2b.exceptions import NotFoundException, SandboxNotFoundException, TimeoutException
 
 
 def test_lifecycle_create_info_list_timeout_connect_kill():
@@ -33,7 +33,7 @@ def test_lifecycle_create_info_list_timeout_connect_kill():
 
     assert sbx.kill() is True
     assert Sandbox.kill(sbx.sandbox_id) is False
-    with pytest.raises(Exception):
+    with pytest.raises(SandboxNotFoundException):
         Sandbox.get_info(sbx.sandbox_id)
 
 

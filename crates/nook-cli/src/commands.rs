@@ -248,11 +248,6 @@ async fn logs(client: &Client, args: crate::LogsArgs) -> anyhow::Result<u8> {
     let mut offset = 0u64;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let decode = |data: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .context("corrupt output chunk")
-    };
     let mut retries = 0;
     loop {
         let mut events = client
@@ -276,13 +271,13 @@ async fn logs(client: &Client, args: crate::LogsArgs) -> anyhow::Result<u8> {
                     offset = start;
                 }
                 ExecEvent::Stdout { data, .. } => {
-                    let bytes = decode(&data)?;
+                    let bytes = decode_chunk(&data)?;
                     offset += bytes.len() as u64;
                     stdout.write_all(&bytes)?;
                     stdout.flush()?;
                 }
                 ExecEvent::Stderr { data, .. } => {
-                    let bytes = decode(&data)?;
+                    let bytes = decode_chunk(&data)?;
                     offset += bytes.len() as u64;
                     stderr.write_all(&bytes)?;
                     stderr.flush()?;
@@ -309,11 +304,6 @@ async fn logs(client: &Client, args: crate::LogsArgs) -> anyhow::Result<u8> {
 async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
     let request = exec_request(&args)?;
     let mut events = client.exec_stream(&args.sandbox, &request).await?;
-    let decode = |data: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .context("corrupt output chunk")
-    };
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     while let Some(event) = events.next().await {
@@ -324,11 +314,11 @@ async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
             | ExecEvent::End { .. }
             | ExecEvent::Notice { .. } => {}
             ExecEvent::Stdout { data, .. } => {
-                stdout.write_all(&decode(&data)?)?;
+                stdout.write_all(&decode_chunk(&data)?)?;
                 stdout.flush()?;
             }
             ExecEvent::Stderr { data, .. } => {
-                stderr.write_all(&decode(&data)?)?;
+                stderr.write_all(&decode_chunk(&data)?)?;
                 stderr.flush()?;
             }
             ExecEvent::Exit { status, .. } => {
@@ -348,6 +338,13 @@ async fn exec(client: &Client, args: crate::ExecArgs) -> anyhow::Result<u8> {
         }
     }
     bail!("the server ended the stream without the command's exit status")
+}
+
+/// The raw bytes of an output chunk (base64 on the wire).
+pub(crate) fn decode_chunk(data: &str) -> anyhow::Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .context("corrupt output chunk")
 }
 
 /// The exit code that reports how a process ended: its own, 128 + the signal that killed it, or 125 when neither is

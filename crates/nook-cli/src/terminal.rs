@@ -10,7 +10,6 @@ use std::io::Write;
 use std::os::fd::AsFd;
 
 use anyhow::{bail, Context};
-use base64::Engine as _;
 use nix::sys::termios::{self, SetArg, Termios};
 use nook_api::{ExecEvent, ExecRequest, PtySize};
 use nook_client::{Client, TerminalOutput};
@@ -60,11 +59,6 @@ pub async fn attach(client: &Client, sandbox: &str, pid: u32, offset: u64, tty: 
     let mut detach_keys = DetachKeys::default();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let decode = |data: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .context("corrupt output chunk")
-    };
     loop {
         tokio::select! {
             output = reader.next() => {
@@ -79,7 +73,7 @@ pub async fn attach(client: &Client, sandbox: &str, pid: u32, offset: u64, tty: 
                     }
                     TerminalOutput::Event(event) => match event {
                         ExecEvent::Stderr { data, .. } => {
-                            stderr.write_all(&decode(&data)?)?;
+                            stderr.write_all(&crate::commands::decode_chunk(&data)?)?;
                             stderr.flush()?;
                         }
                         ExecEvent::Attached { missed, .. } if missed > 0 && offset == 0 => {

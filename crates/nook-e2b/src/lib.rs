@@ -19,7 +19,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use nook_control::control::Control;
 use sha2::{Digest, Sha256};
@@ -83,7 +83,7 @@ impl E2b {
         hasher.update(self.secret.as_slice());
         hasher.update(b"envd-access-token:");
         hasher.update(sandbox_id.as_bytes());
-        hex_string(&hasher.finalize())
+        hex::encode(hasher.finalize())
     }
 
     /// Adds the E2B surfaces to nook's router.
@@ -189,19 +189,9 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(secret)
 }
 
-fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
 /// Compares two secrets in time independent of where they differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl IntoResponse for E2bError {
-    fn into_response(self) -> Response {
-        rest::error(axum::http::StatusCode::INTERNAL_SERVER_ERROR, self.to_string())
-    }
 }
 
 #[cfg(test)]

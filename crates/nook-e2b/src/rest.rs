@@ -31,8 +31,6 @@ use crate::{E2b, ENVD_VERSION};
 const DEFAULT_TIMEOUT_S: u64 = 300;
 /// The longest timeout accepted (E2B's Pro limit: 24 h).
 const MAX_TIMEOUT_S: u64 = 24 * 3600;
-/// Labels this layer keeps for itself; never shown as metadata.
-const LABEL_PREFIX: &str = "nook.e2b/";
 
 /// An E2B error answer.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -162,12 +160,7 @@ impl E2b {
             } else {
                 "paused"
             },
-            metadata: sandbox
-                .labels
-                .iter()
-                .filter(|(key, _)| !key.starts_with(LABEL_PREFIX))
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect(),
+            metadata: sandbox.labels.clone(),
         }
     }
 }
@@ -331,70 +324,55 @@ struct TimeoutBody {
     timeout: Option<u64>,
 }
 
-fn parse_timeout_body(body: &[u8]) -> Result<TimeoutBody, BadRequest> {
+/// Body of `POST /sandboxes/{id}/refreshes`.
+#[derive(Debug, Default, Deserialize)]
+struct RefreshBody {
+    duration: Option<u64>,
+}
+
+/// An optional JSON body: empty means every field at its default.
+fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, BadRequest> {
     if body.is_empty() {
-        return Ok(TimeoutBody::default());
+        return Ok(T::default());
     }
     serde_json::from_slice(body).map_err(|problem| format!("the request body is invalid: {problem}"))
 }
 
-async fn set_timeout(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
-    let body = match parse_timeout_body(&body) {
-        Ok(body) => body,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let Some(seconds) = body.timeout else {
-        return error(StatusCode::BAD_REQUEST, "the body needs a timeout in seconds");
-    };
-    let timeout = match timeout_of(Some(seconds)) {
+/// Moves a sandbox's deadline to `seconds` from now (the E2B default when `None`).
+async fn renew(e2b: &E2b, id: &str, seconds: Option<u64>) -> Response {
+    let timeout = match timeout_of(seconds) {
         Ok(timeout) => timeout,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    match e2b.control.resolve(&id).await {
+    match e2b.control.resolve(id).await {
         Ok(sandbox) => {
             e2b.deadlines.set(&sandbox.id, timeout);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(failure) => not_found_or(failure, &id),
+        Err(failure) => not_found_or(failure, id),
     }
 }
 
-/// `POST /sandboxes/{id}/refreshes`: extends the deadline by `duration` seconds (default: the E2B default).
-async fn refresh(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
-    #[derive(Deserialize, Default)]
-    struct RefreshBody {
-        duration: Option<u64>,
+async fn set_timeout(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    match parse_body::<TimeoutBody>(&body) {
+        Ok(TimeoutBody { timeout: Some(seconds) }) => renew(&e2b, &id, Some(seconds)).await,
+        Ok(_) => error(StatusCode::BAD_REQUEST, "the body needs a timeout in seconds"),
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
     }
-    let body: RefreshBody = if body.is_empty() {
-        RefreshBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(body) => body,
-            Err(problem) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the request body is invalid: {problem}"),
-                )
-            }
-        }
-    };
-    let timeout = match timeout_of(body.duration) {
-        Ok(timeout) => timeout,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    match e2b.control.resolve(&id).await {
-        Ok(sandbox) => {
-            e2b.deadlines.set(&sandbox.id, timeout);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(failure) => not_found_or(failure, &id),
+}
+
+/// `POST /sandboxes/{id}/refreshes`: moves the deadline to `duration` seconds from now (default: the E2B default).
+async fn refresh(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    match parse_body::<RefreshBody>(&body) {
+        Ok(body) => renew(&e2b, &id, body.duration).await,
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
     }
 }
 
 /// Connect (and the old resume): a running sandbox answers 200, a stopped one is started and answers 201. The
 /// deadline is renewed.
 async fn connect(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
-    let body = match parse_timeout_body(&body) {
+    let body: TimeoutBody = match parse_body(&body) {
         Ok(body) => body,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };

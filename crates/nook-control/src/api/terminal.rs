@@ -96,32 +96,27 @@ async fn serve_terminal(
 
     let mut offset = 0u64;
     loop {
-        let message = tokio::select! {
-            event = output.events.recv() => {
-                let last = !matches!(
-                    event,
-                    Some(ExecOutput::Stdout(_) | ExecOutput::Stderr(_) | ExecOutput::Attached { .. } | ExecOutput::Started { .. })
-                );
-                let message = match event {
-                    Some(ExecOutput::Stdout(chunk)) => {
-                        offset += chunk.len() as u64;
-                        Message::Binary(chunk.into())
-                    }
-                    other => text(&exec_event(other, &mut offset, true)),
-                };
-                if sender.send(message).await.is_err() || last {
-                    break;
+        // Each turn sends one message; the process's end (exit or error) is the last.
+        let (message, last) = tokio::select! {
+            event = output.events.recv() => match event {
+                Some(ExecOutput::Stdout(chunk)) => {
+                    offset += chunk.len() as u64;
+                    (Message::Binary(chunk.into()), false)
                 }
-                continue;
-            }
+                other => {
+                    let event = exec_event(other, &mut offset, true);
+                    let last = matches!(event, ExecEvent::Exit { .. } | ExecEvent::End { .. } | ExecEvent::Error { .. });
+                    (text(&event), last)
+                }
+            },
             notice = notices_rx.recv() => match notice {
-                Some(notice) => text(&notice),
+                Some(notice) => (text(&notice), false),
                 // The client closed its side: detach.
                 None => break,
             },
-            _ = tokio::time::sleep(KEEPALIVE) => Message::Ping(Default::default()),
+            _ = tokio::time::sleep(KEEPALIVE) => (Message::Ping(Default::default()), false),
         };
-        if sender.send(message).await.is_err() {
+        if sender.send(message).await.is_err() || last {
             break;
         }
     }

@@ -150,7 +150,7 @@ pub(super) async fn upload_multipart(
                 "send at most {MAX_MULTIPART_FILES} files per upload"
             )));
         }
-        written.push(write_part(&state.control, &key, &target, mode, query.parents, field).await?);
+        written.push(write_form_part(&state.control, &key, &target, mode, query.parents, None, field).await?);
     }
     if written.is_empty() {
         return Err(ApiFailure::invalid(
@@ -188,13 +188,14 @@ fn bad_form(error: axum::extract::multipart::MultipartError) -> ApiFailure {
 }
 
 /// Streams one form part into a file, through a bounded channel (the part borrows the form, the runner wants an
-/// owned stream).
-async fn write_part(
+/// owned stream). `owner` (uid, gid) owns the file and the directories created for it; root when absent.
+pub async fn write_form_part(
     control: &Control,
     key: &str,
     path: &str,
     mode: Option<u32>,
     parents: bool,
+    owner: Option<(u32, u32)>,
     mut field: Field<'_>,
 ) -> Result<FileInfo, ApiFailure> {
     let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
@@ -211,7 +212,7 @@ async fn write_part(
             }
         }
     };
-    let write = control.write_file(key, path, mode, parents, None, Box::pin(StreamReader::new(chunks)));
+    let write = control.write_file(key, path, mode, parents, owner, Box::pin(StreamReader::new(chunks)));
     let ((), result) = tokio::join!(pump, write);
     result
 }

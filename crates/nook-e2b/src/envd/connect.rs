@@ -176,6 +176,15 @@ where
         .expect("valid response")
 }
 
+/// A streaming answer whose messages a task sends into a channel; it ends when the task drops the sender.
+pub fn channel_stream<T: Serialize + Send + 'static>(
+    receiver: tokio::sync::mpsc::Receiver<Result<T, ConnectError>>,
+) -> Response {
+    server_stream(futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    }))
+}
+
 /// Splits a byte stream into envelopes.
 #[derive(Debug, Default)]
 pub struct EnvelopeReader {

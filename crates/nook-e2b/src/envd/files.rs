@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio_util::io::StreamReader;
 
 use super::{account, resolve_path, target};
@@ -176,29 +175,8 @@ pub async fn upload(
             if !seen.insert(path.clone()) {
                 return failure(StatusCode::BAD_REQUEST, format!("{path} is named twice in one upload"));
             }
-            let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
-            let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
-                receiver.recv().await.map(|item| (item, receiver))
-            });
-            let mut field = field;
-            let pump = async move {
-                while let Some(chunk) = field.next().await {
-                    let chunk = chunk.map_err(std::io::Error::other);
-                    let broken = chunk.is_err();
-                    if sender.send(chunk).await.is_err() || broken {
-                        return;
-                    }
-                }
-            };
-            let write = e2b.control.write_file(
-                &sandbox.id,
-                &path,
-                None,
-                true,
-                owner,
-                Box::pin(StreamReader::new(chunks)),
-            );
-            let ((), result) = tokio::join!(pump, write);
+            let result =
+                nook_control::api::write_form_part(&e2b.control, &sandbox.id, &path, None, true, owner, field).await;
             match result {
                 Ok(info) => written.push(WrittenFile {
                     name: info.name,

@@ -122,13 +122,19 @@ fn entry(stat: FileStat, names: &Names) -> EntryInfo {
     }
 }
 
+/// The entry of a stat, with its owner's names.
+async fn named_entry(e2b: &E2b, sandbox: &str, stat: FileStat) -> Result<EntryInfo, ConnectError> {
+    let names = names(e2b, sandbox, std::slice::from_ref(&stat)).await?;
+    Ok(entry(stat, &names))
+}
+
+/// The entry of a path.
 async fn stat_entry(e2b: &E2b, sandbox: &str, path: &str) -> Result<EntryInfo, ConnectError> {
     let stat: FileStat = e2b
         .control
         .file_call(sandbox, Request::Stat { path: path.to_string() })
         .await?;
-    let names = names(e2b, sandbox, std::slice::from_ref(&stat)).await?;
-    Ok(entry(stat, &names))
+    named_entry(e2b, sandbox, stat).await
 }
 
 /// `Stat`.
@@ -182,9 +188,9 @@ pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -
                 path: path.clone(),
                 owner: Some((call.account.uid, call.account.gid)),
             };
-            let _: FileStat = e2b.control.file_call(&call.sandbox.id, request).await?;
+            let created: FileStat = e2b.control.file_call(&call.sandbox.id, request).await?;
             Ok(EntryResponse {
-                entry: stat_entry(&e2b, &call.sandbox.id, &path).await?,
+                entry: named_entry(&e2b, &call.sandbox.id, created).await?,
             })
         }
         .await,
@@ -198,12 +204,12 @@ pub async fn move_path(State(e2b): State<E2b>, request: axum::extract::Request) 
             let call: Call<MoveRequest> = call(&e2b, request).await?;
             let from = resolve_path(&call.message.source, &call.account.home)?;
             let to = resolve_path(&call.message.destination, &call.account.home)?;
-            let _: FileStat = e2b
+            let moved: FileStat = e2b
                 .control
-                .file_call(&call.sandbox.id, Request::Move { from, to: to.clone() })
+                .file_call(&call.sandbox.id, Request::Move { from, to })
                 .await?;
             Ok(EntryResponse {
-                entry: stat_entry(&e2b, &call.sandbox.id, &to).await?,
+                entry: named_entry(&e2b, &call.sandbox.id, moved).await?,
             })
         }
         .await,
@@ -317,9 +323,7 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
             }
         }
     });
-    connect::server_stream(futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
-    }))
+    connect::channel_stream(receiver)
 }
 
 /// Polling watchers by id.
