@@ -56,6 +56,11 @@ impl Control {
         &self.runner
     }
 
+    /// Whether `key` is one of the API keys (only their hashes are stored).
+    pub async fn api_key_is_valid(&self, key: &str) -> Result<bool, ApiFailure> {
+        Ok(self.store.api_key_by_hash(&crate::ids::hash_key(key)).await?.is_some())
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store

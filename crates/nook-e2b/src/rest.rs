@@ -87,15 +87,10 @@ async fn authenticate(State(e2b): State<E2b>, request: Request, next: Next) -> R
     let Some(key) = key else {
         return error(StatusCode::UNAUTHORIZED, "send a nook API key in the X-API-Key header");
     };
-    match e2b
-        .control
-        .store()
-        .api_key_by_hash(&nook_control::ids::hash_key(key.trim()))
-        .await
-    {
-        Ok(Some(_)) => next.run(request).await,
-        Ok(None) => error(StatusCode::UNAUTHORIZED, "the API key is not valid"),
-        Err(failure) => Failure(ApiFailure::from(failure)).into_response(),
+    match e2b.control.api_key_is_valid(key.trim()).await {
+        Ok(true) => next.run(request).await,
+        Ok(false) => error(StatusCode::UNAUTHORIZED, "the API key is not valid"),
+        Err(failure) => Failure(failure).into_response(),
     }
 }
 

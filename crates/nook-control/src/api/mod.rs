@@ -30,7 +30,6 @@ use utoipa::OpenApi;
 
 use crate::control::{Control, SandboxFilter};
 use crate::error::ApiFailure;
-use crate::ids::hash_key;
 
 mod terminal;
 mod transfer;
@@ -169,12 +168,12 @@ async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Re
         )
         .into_response();
     };
-    match state.control.store().api_key_by_hash(&hash_key(key)).await {
-        Ok(Some(_)) => next.run(request).await,
-        Ok(None) => {
+    match state.control.api_key_is_valid(key).await {
+        Ok(true) => next.run(request).await,
+        Ok(false) => {
             ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the API key is not valid").into_response()
         }
-        Err(error) => ApiFailure::from(error).into_response(),
+        Err(failure) => failure.into_response(),
     }
 }
 
