@@ -31,7 +31,7 @@ NOOK_PACKAGES=(
 )
 
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.
-E2B_TEST_PACKAGES=(e2b==2.63.0 pytest==8.3.5)
+E2B_TEST_PACKAGES=(e2b==2.63.0 e2b-code-interpreter==2.11.5 pytest==8.3.5)
 
 # ensure_test_venv: the Python venv at .venv with the E2B SDK and pytest (from PyPI), created once.
 ensure_test_venv() {
