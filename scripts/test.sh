@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart: set everything up and run the whole test suite: formatting, clippy, a debug build with the static
-# agent, the base image, then `cargo test --workspace`. Exits with the status of the tests.
+# agent, the base image, then `cargo test --workspace`, then the E2B SDK compatibility suites against `nook serve`
+# (tests/e2b: the Python SDK; tests/e2b-js: the JavaScript SDK; tests/e2b-agents: the OpenAI Agents SDK's E2B
+# provider). Exits with the status of the tests.
 #
 # Usage: scripts/test.sh [extra arguments for the test binaries, after --test-threads=2]
 #
@@ -58,6 +60,16 @@ main() {
         log "E2B SDK compatibility tests (tests/e2b, official e2b Python SDK)"
         NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
             "$root/.venv/bin/python" -m pytest "$root/tests/e2b" -q || status=$?
+    fi
+    if [[ $status -eq 0 ]]; then
+        log "E2B SDK compatibility tests (tests/e2b-js, official e2b npm package)"
+        NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
+            run_npm test --prefix "$root/tests/e2b-js" || status=$?
+    fi
+    if [[ $status -eq 0 ]]; then
+        log "OpenAI Agents SDK E2B provider tests (tests/e2b-agents, openai-agents[e2b] in .venv-agents)"
+        NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
+            "$root/.venv-agents/bin/python" -m pytest "$root/tests/e2b-agents" -q || status=$?
     fi
     if [[ $status -eq 0 ]]; then
         log "all tests passed ($((SECONDS - start)) s)"
