@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from agents.extensions.sandbox.e2b import E2BSandboxClient, E2BSandboxClientOptions, E2BSandboxSessionState
 from agents.sandbox.errors import WorkspaceReadNotFoundError
-from e2b import AsyncSandbox, SandboxQuery
+from e2b import AsyncSandbox, SandboxQuery, SandboxState
 
 
 def run(coroutine):
@@ -153,5 +153,35 @@ def test_a_saved_session_resumes_on_the_same_sandbox():
         finally:
             await resumed.shutdown()
         assert sandbox_id not in [info.sandbox_id for info in await AsyncSandbox.list().next_items()]
+
+    run(scenario())
+
+
+def test_a_session_paused_by_its_timeout_resumes_with_its_workspace():
+    async def scenario():
+        client = E2BSandboxClient()
+        # The provider's default lifecycle: pause (not kill) when the timeout passes.
+        session = await client.create(options=E2BSandboxClientOptions(sandbox_type="e2b", timeout=3))
+        assert session.state.on_timeout == "pause"
+        await session.start()
+        sandbox_id = session.state.sandbox_id
+        await session.write(Path("draft.md"), io.BytesIO(b"work in progress"))
+        for _ in range(300):
+            paused = AsyncSandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED]))
+            if sandbox_id in [info.sandbox_id for info in await paused.next_items()]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the sandbox was not paused at its timeout")
+
+        restored = E2BSandboxClient().deserialize_session_state(session.state.model_dump(mode="json"))
+        resumed = await E2BSandboxClient().resume(restored)
+        await resumed.start()
+        try:
+            assert resumed.state.sandbox_id == sandbox_id
+            assert (await AsyncSandbox.get_info(sandbox_id)).state == SandboxState.RUNNING
+            assert (await resumed.read(Path("draft.md"))).read() == b"work in progress"
+        finally:
+            await resumed.shutdown()
 
     run(scenario())

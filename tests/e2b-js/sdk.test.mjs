@@ -122,6 +122,30 @@ describe('sandbox lifecycle', () => {
     )
     await assert.rejects(Sandbox.getInfo(sbx.sandboxId), SandboxNotFoundError)
   })
+
+  test('a sandbox created to pause on timeout is paused with its files, and connect resumes it', async () => {
+    const sbx = await Sandbox.create({
+      timeoutMs: 3_000,
+      lifecycle: { onTimeout: { action: 'pause', keepMemory: false } },
+    })
+    try {
+      await sbx.files.write('/home/user/kept.txt', 'survives the pause')
+      await eventually(
+        async () => (await Sandbox.getInfo(sbx.sandboxId)).state === 'paused',
+        () => 'the sandbox was not paused at its timeout',
+        30_000,
+      )
+      const paused = await Sandbox.list({ query: { state: ['paused'] } }).nextItems()
+      assert.ok(paused.some((item) => item.sandboxId === sbx.sandboxId))
+
+      const resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
+      assert.equal((await resumed.getInfo()).state, 'running')
+      assert.equal(await resumed.files.read('/home/user/kept.txt'), 'survives the pause')
+      assert.equal((await resumed.commands.run('cat kept.txt')).stdout, 'survives the pause')
+    } finally {
+      await Sandbox.kill(sbx.sandboxId)
+    }
+  })
 })
 
 describe('in one sandbox', () => {

@@ -5,11 +5,12 @@
 //! Mapping onto nook: an E2B template is a nook image (`base` is nook's base image); metadata are labels; env vars
 //! are the sandbox's environment. E2B knows two states: a running nook sandbox is `running`, a stopped one (files
 //! kept) is reported `paused`, and `connect` starts it again. The E2B timeout is a deadline kept by this layer:
-//! when it passes, the sandbox is deleted, as E2B kills it (deadlines live in memory, so a restart of `nook serve`
+//! when it passes, the sandbox is deleted, as E2B kills it, or stopped (files kept, reported `paused`) when it was
+//! created with `autoPause`, E2B's pause on timeout (deadlines live in memory, so a restart of `nook serve`
 //! forgets them: until lifecycle policies exist in the store, sandboxes then stay). Pausing with memory is not
 //! available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,6 +108,9 @@ struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
     #[serde(default, rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
+    /// Pause instead of kill when the timeout passes (the OpenAI Agents SDK's provider asks for it by default).
+    #[serde(default)]
+    auto_pause: Option<bool>,
 }
 
 /// The E2B view of a sandbox: the fields every SDK generation requires, and the detail fields.
@@ -196,6 +200,9 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
     };
     match e2b.control.create(create).await {
         Ok(sandbox) => {
+            if request.auto_pause == Some(true) {
+                e2b.deadlines.pause_on_timeout(&sandbox.id);
+            }
             e2b.deadlines.set(&sandbox.id, timeout);
             (StatusCode::CREATED, Json(e2b.describe(&sandbox))).into_response()
         }
@@ -458,11 +465,13 @@ async fn delete_template(Path(id): Path<String>) -> Response {
 /// A deadline and the timer that acts on it.
 type Deadline = (DateTime<Utc>, tokio::task::JoinHandle<()>);
 
-/// E2B deadlines: when one passes, the sandbox is deleted. One timer task per sandbox, replaced when the deadline
-/// moves (no polling).
+/// E2B deadlines: when one passes, the sandbox is deleted, or stopped if it was created with `autoPause`. One timer
+/// task per sandbox, replaced when the deadline moves (no polling).
 pub struct Deadlines {
     control: Arc<Control>,
     entries: Mutex<HashMap<String, Deadline>>,
+    /// Sandboxes whose deadline stops them (files kept) instead of deleting them.
+    pausing: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Deadlines {
@@ -471,7 +480,13 @@ impl Deadlines {
         Self {
             control,
             entries: Mutex::new(HashMap::new()),
+            pausing: Arc::default(),
         }
+    }
+
+    /// Makes a sandbox's deadline stop it (E2B's pause, without the memory) instead of deleting it.
+    pub fn pause_on_timeout(&self, id: &str) {
+        self.pausing.lock().expect("deadlines lock").insert(id.to_string());
     }
 
     /// The deadline of a sandbox, if one is set.
@@ -483,13 +498,21 @@ impl Deadlines {
     pub fn set(&self, id: &str, timeout: Duration) {
         let at = Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
         let control = self.control.clone();
+        let pausing = self.pausing.clone();
         let sandbox = id.to_string();
         let timer = tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
-            tracing::info!(sandbox, "the E2B timeout passed: deleting the sandbox");
-            if let Err(failure) = control.delete(&sandbox).await {
+            let pause = pausing.lock().expect("deadlines lock").contains(&sandbox);
+            let outcome = if pause {
+                tracing::info!(sandbox, "the E2B timeout passed: stopping the sandbox (autoPause)");
+                control.stop(&sandbox).await.map(drop)
+            } else {
+                tracing::info!(sandbox, "the E2B timeout passed: deleting the sandbox");
+                control.delete(&sandbox).await
+            };
+            if let Err(failure) = outcome {
                 if failure.status != StatusCode::NOT_FOUND {
-                    tracing::warn!(sandbox, message = %failure.message, "could not delete a timed-out sandbox");
+                    tracing::warn!(sandbox, message = %failure.message, "could not end a timed-out sandbox");
                 }
             }
         });
@@ -503,11 +526,12 @@ impl Deadlines {
         }
     }
 
-    /// Forgets a sandbox's deadline.
+    /// Forgets a sandbox's deadline and its timeout action.
     pub fn clear(&self, id: &str) {
         if let Some((_, timer)) = self.entries.lock().expect("deadlines lock").remove(id) {
             timer.abort();
         }
+        self.pausing.lock().expect("deadlines lock").remove(id);
     }
 }
 
@@ -520,6 +544,17 @@ impl std::fmt::Debug for Deadlines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_bodies_ask_for_a_pause_on_timeout_with_auto_pause() {
+        // What e2b 2.31.0 sends for the OpenAI Agents SDK provider's default lifecycle.
+        let body = r#"{"templateID":"base","timeout":300,"secure":true,"allow_internet_access":true,
+            "autoPause":true,"autoPauseMemory":true,"autoResume":{"enabled":true}}"#;
+        let request: NewSandbox = serde_json::from_str(body).expect("a v1 create body");
+        assert_eq!(request.auto_pause, Some(true));
+        let request: NewSandbox = serde_json::from_str(r#"{"templateID":"base"}"#).expect("a bare create body");
+        assert_eq!(request.auto_pause, None);
+    }
 
     #[test]
     fn metadata_filters_decode_twice_encoded_pairs() {
