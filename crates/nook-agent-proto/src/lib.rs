@@ -196,6 +196,11 @@ pub enum Request {
         offset: u64,
         /// Keep streaming until the process exits.
         follow: bool,
+        /// With `follow`: lose nothing from `offset` on. While this reader is a whole buffer behind, the agent stops
+        /// reading the process's output, so the process blocks on its pipe (back-pressure) instead of the buffer
+        /// dropping bytes this reader has not been sent.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hold: bool,
     },
     /// Wait for a background process to end; answered with its [`Exit`].
     Wait {

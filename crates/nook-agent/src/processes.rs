@@ -6,6 +6,10 @@
 //! late attach is told how many it missed. A `watch` channel carries a version number that changes on every new chunk
 //! and on exit, so attached clients and waiters sleep until something happens (no polling). The exit status comes
 //! only from the reaper: an attach never reports an exit that did not happen.
+//!
+//! A reader that must see every byte (a [`Hold`], taken by a held attach) changes the bound into back-pressure: while
+//! the log cannot take more without dropping bytes that reader has not been sent, the pump stops reading, so the
+//! process blocks on its full pipe until the reader catches up (as a process under E2B's envd does).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::OwnedFd;
@@ -15,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::sys::wait::WaitStatus;
 use nook_agent_proto::{Exit, ProcessInfo};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 
 /// Output kept per process for replay, unless the request asks for another size.
 pub const OUTPUT_CAPACITY: usize = 1 << 20;
@@ -96,6 +100,11 @@ impl OutputLog {
     pub fn end(&self) -> u64 {
         self.end
     }
+
+    /// The offset of the first byte still held.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
 }
 
 /// Mutable state of one process.
@@ -103,6 +112,23 @@ impl OutputLog {
 pub struct ProcessState {
     pub log: OutputLog,
     pub exit: Option<Exit>,
+    /// Readers that must not lose output, by hold id: the offset of the next byte each still needs.
+    holds: BTreeMap<u64, u64>,
+    next_hold: u64,
+}
+
+impl ProcessState {
+    /// How many bytes the log can take without dropping any a held reader still needs (`usize::MAX` when no reader
+    /// holds the process).
+    fn room(&self) -> usize {
+        match self.holds.values().min() {
+            None => usize::MAX,
+            Some(&oldest) => {
+                let unread = self.log.end().saturating_sub(oldest);
+                (self.log.capacity as u64).saturating_sub(unread) as usize
+            }
+        }
+    }
 }
 
 /// One background process.
@@ -117,6 +143,44 @@ pub struct Managed {
     pub stdin: tokio::sync::Mutex<Option<Input>>,
     /// The pseudo-terminal's master side, for resizing.
     pub pty: Option<OwnedFd>,
+    /// Woken when a held reader advances or leaves, so a held-back pump reads again.
+    released: Notify,
+}
+
+/// A reader's claim on a process's output from some offset on: the pump never drops a byte the reader has not been
+/// sent. Released when dropped.
+pub struct Hold {
+    process: Arc<Managed>,
+    id: u64,
+}
+
+impl Hold {
+    /// The reader has been sent everything before `offset`.
+    pub fn advance(&self, offset: u64) {
+        if let Some(held) = self
+            .process
+            .state
+            .lock()
+            .expect("process state lock")
+            .holds
+            .get_mut(&self.id)
+        {
+            *held = offset.max(*held);
+        }
+        self.process.released.notify_one();
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.process
+            .state
+            .lock()
+            .expect("process state lock")
+            .holds
+            .remove(&self.id);
+        self.process.released.notify_one();
+    }
 }
 
 /// Where a process's input goes.
@@ -132,6 +196,19 @@ impl Managed {
 
     fn changed(&self) {
         self.version.send_modify(|version| *version += 1);
+    }
+
+    /// Holds the process's output for a reader starting at `offset` (or the oldest byte still held, if later).
+    pub fn hold(self: &Arc<Self>, offset: u64) -> Hold {
+        let mut state = self.state.lock().expect("process state lock");
+        let offset = offset.clamp(state.log.start(), state.log.end());
+        let id = state.next_hold;
+        state.next_hold += 1;
+        state.holds.insert(id, offset);
+        Hold {
+            process: self.clone(),
+            id,
+        }
     }
 
     pub fn info(&self) -> ProcessInfo {
@@ -250,10 +327,13 @@ impl Registry {
             state: Mutex::new(ProcessState {
                 log: OutputLog::new(output_capacity.clamp(4096, MAX_OUTPUT_CAPACITY)),
                 exit: None,
+                holds: BTreeMap::new(),
+                next_hold: 0,
             }),
             version,
             stdin: tokio::sync::Mutex::new(stdin),
             pty,
+            released: Notify::new(),
         });
         {
             let mut processes = self.processes.lock().expect("registry lock");
@@ -277,7 +357,9 @@ impl Registry {
     }
 }
 
-/// Moves a process's output into its log until it has exited and its pipes are drained, then records the exit.
+/// Moves a process's output into its log until it has exited and its pipes are drained, then records the exit. While
+/// a held reader lags a whole log behind, nothing is read (see [`Hold`]); the drain window after the exit restarts
+/// whenever that reader takes output.
 async fn pump(
     managed: Arc<Managed>,
     mut stdout: Option<Output>,
@@ -290,12 +372,16 @@ async fn pump(
     let mut status: Option<WaitStatus> = None;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     while status.is_none() || stdout.is_some() || stderr.is_some() {
+        let room = managed.state.lock().expect("process state lock").room();
+        let held = room == 0;
+        let out_limit = room.min(out_buf.len());
+        let err_limit = room.min(err_buf.len());
         tokio::select! {
-            read = read_some(&mut stdout, &mut out_buf) => match read {
+            read = read_some(&mut stdout, &mut out_buf[..out_limit]), if !held => match read {
                 Some(n) => append(&managed, Stream::Stdout, &out_buf[..n]),
                 None => stdout = None,
             },
-            read = read_some(&mut stderr, &mut err_buf) => match read {
+            read = read_some(&mut stderr, &mut err_buf[..err_limit]), if !held => match read {
                 Some(n) => append(&managed, Stream::Stderr, &err_buf[..n]),
                 None => stderr = None,
             },
@@ -303,9 +389,14 @@ async fn pump(
                 status = Some(exited.unwrap_or(WaitStatus::StillAlive));
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
             },
-            _ = sleep_until(drain_deadline) => {
+            _ = sleep_until(drain_deadline), if !held => {
                 stdout = None;
                 stderr = None;
+            },
+            _ = managed.released.notified(), if held => {
+                if drain_deadline.is_some() {
+                    drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                }
             },
         }
     }
@@ -374,6 +465,26 @@ mod tests {
         let (chunks, served, _) = log.read_from(11);
         assert!(chunks.is_empty());
         assert_eq!(served, 11);
+    }
+
+    #[test]
+    fn a_hold_leaves_room_only_for_what_its_reader_was_sent() {
+        let mut state = ProcessState {
+            log: OutputLog::new(10),
+            exit: None,
+            holds: BTreeMap::new(),
+            next_hold: 0,
+        };
+        state.log.append(Stream::Stdout, b"0123");
+        assert_eq!(state.room(), usize::MAX);
+        state.holds.insert(0, 0);
+        assert_eq!(state.room(), 6);
+        state.holds.insert(1, 4);
+        assert_eq!(state.room(), 6, "the slowest reader counts");
+        state.holds.insert(0, 4);
+        assert_eq!(state.room(), 10);
+        state.log.append(Stream::Stdout, b"456789abcd");
+        assert_eq!(state.room(), 0);
     }
 
     #[test]

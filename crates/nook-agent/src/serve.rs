@@ -160,7 +160,12 @@ async fn handle(
         }
         Request::Exec(spec) => exec(spec, reader, writer, table).await,
         Request::Spawn(spec) => spawn_background(spec, writer, table, registry).await,
-        Request::Attach { pid, offset, follow } => attach(&registry, pid, offset, follow, reader, writer).await,
+        Request::Attach {
+            pid,
+            offset,
+            follow,
+            hold,
+        } => attach(&registry, pid, offset, follow, hold, reader, writer).await,
         Request::Wait { pid } => wait(&registry, pid, reader, writer).await,
         Request::Input { pid, data, close } => input(&registry, pid, data, close, writer).await,
         Request::Signal { pid, signal } => {
@@ -389,6 +394,7 @@ async fn attach(
     pid: u32,
     offset: u64,
     follow: bool,
+    hold: bool,
     mut reader: tokio::net::unix::OwnedReadHalf,
     mut writer: tokio::net::unix::OwnedWriteHalf,
 ) -> Result<(), nook_agent_proto::ProtocolError> {
@@ -396,6 +402,8 @@ async fn attach(
         return no_such_process(&mut writer, pid).await;
     };
     let mut changes = process.subscribe();
+    // Released when this attach ends, however it ends.
+    let hold = (hold && follow).then(|| process.hold(offset));
     let mut offset = offset;
     let mut first = true;
     loop {
@@ -420,6 +428,9 @@ async fn attach(
                 write_frame(&mut writer, kind, piece).await?;
             }
             offset += bytes.len() as u64;
+        }
+        if let Some(hold) = &hold {
+            hold.advance(offset);
         }
         if let Some(exit) = exit {
             return write_json(&mut writer, FrameKind::Exit, &exit).await;

@@ -340,8 +340,26 @@ impl Control {
 
     /// Streams a background process's output from `offset`.
     pub async fn attach(&self, key: &str, pid: u32, offset: u64, follow: bool) -> Result<ExecStream, ApiFailure> {
+        self.attach_with(key, pid, offset, follow, false).await
+    }
+
+    /// Follows a background process's output from `offset` without ever missing a byte: while this reader lags a
+    /// whole replay buffer behind, the process is held back (it blocks writing its output) instead of the buffer
+    /// dropping what the reader has not been sent. For clients that expect a pipe's semantics (E2B's envd).
+    pub async fn follow_held(&self, key: &str, pid: u32, offset: u64) -> Result<ExecStream, ApiFailure> {
+        self.attach_with(key, pid, offset, true, true).await
+    }
+
+    async fn attach_with(
+        &self,
+        key: &str,
+        pid: u32,
+        offset: u64,
+        follow: bool,
+        hold: bool,
+    ) -> Result<ExecStream, ApiFailure> {
         let sandbox = self.running(key).await?;
-        let mut stream = self.runner.attach(&sandbox.id, pid, offset, follow).await?;
+        let mut stream = self.runner.attach(&sandbox.id, pid, offset, follow, hold).await?;
         // An unknown pid is answered with an error as the first item: turn it into an HTTP error.
         match stream.events.recv().await {
             Some(ExecOutput::Error { code, message }) => Err(process_failure(code, message)),

@@ -165,8 +165,16 @@ pub trait Runner: Send + Sync + 'static {
     async fn exec(&self, id: &str, options: ExecOptions) -> Result<ExecStream, RunnerError>;
     /// Starts a background process that outlives any connection; returns its pid.
     async fn spawn(&self, id: &str, options: ExecOptions) -> Result<u32, RunnerError>;
-    /// Streams a background process's output from `offset` (see `nook_agent_proto::Request::Attach`).
-    async fn attach(&self, id: &str, pid: u32, offset: u64, follow: bool) -> Result<ExecStream, RunnerError>;
+    /// Streams a background process's output from `offset`; with `hold`, a follower that lags holds the process back
+    /// instead of missing output (see `nook_agent_proto::Request::Attach`).
+    async fn attach(
+        &self,
+        id: &str,
+        pid: u32,
+        offset: u64,
+        follow: bool,
+        hold: bool,
+    ) -> Result<ExecStream, RunnerError>;
     /// Waits for a background process to end.
     async fn wait(&self, id: &str, pid: u32) -> Result<nook_agent_proto::Exit, RunnerError>;
     /// Writes to a background process's standard input (and closes it with `close`).

@@ -636,9 +636,22 @@ impl Runner for LocalRunner {
         Ok(spawned.pid)
     }
 
-    async fn attach(&self, id: &str, pid: u32, offset: u64, follow: bool) -> Result<ExecStream, RunnerError> {
+    async fn attach(
+        &self,
+        id: &str,
+        pid: u32,
+        offset: u64,
+        follow: bool,
+        hold: bool,
+    ) -> Result<ExecStream, RunnerError> {
         self.running(id)?;
-        agent_client::stream(&self.socket_path(id), &Request::Attach { pid, offset, follow })
+        let request = Request::Attach {
+            pid,
+            offset,
+            follow,
+            hold,
+        };
+        agent_client::stream(&self.socket_path(id), &request)
             .await
             .map_err(|source| RunnerError::Agent {
                 sandbox_id: id.to_string(),
