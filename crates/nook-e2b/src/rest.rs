@@ -268,6 +268,8 @@ async fn list_sandboxes(State(e2b): State<E2b>, Query(query): Query<Vec<(String,
         .filter(|sandbox| states.is_empty() || states.iter().any(|state| state == sandbox.state))
         .collect();
     listed.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.sandbox_id.cmp(&b.sandbox_id)));
+    // Pages count what matched every filter, the state included.
+    let matched = listed.len();
     let page: Vec<E2bSandbox> = listed
         .drain(..)
         .skip(next_token)
@@ -275,7 +277,7 @@ async fn list_sandboxes(State(e2b): State<E2b>, Query(query): Query<Vec<(String,
         .collect();
     let mut response = Json(&page).into_response();
     if let Some(limit) = limit {
-        if sandboxes.len() > next_token + limit && page.len() == limit {
+        if matched > next_token + limit {
             let token = (next_token + limit).to_string();
             response
                 .headers_mut()

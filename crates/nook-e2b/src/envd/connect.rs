@@ -85,6 +85,8 @@ impl From<nook_control::error::ApiFailure> for ConnectError {
     fn from(failure: nook_control::error::ApiFailure) -> Self {
         let code = match (failure.status, failure.code) {
             (_, "not_found") => "not_found",
+            // envd answers an unknown user as an authentication failure, whatever the call.
+            (_, "no_such_user") => "unauthenticated",
             (_, "already_exists") => "already_exists",
             (_, "permission_denied") => "permission_denied",
             (_, "not_running") | (StatusCode::CONFLICT, _) => "failed_precondition",
@@ -97,6 +99,24 @@ impl From<nook_control::error::ApiFailure> for ConnectError {
             None => failure.message,
         };
         Self { code, message }
+    }
+}
+
+/// The call's deadline from `connect-timeout-ms`, when given and not zero.
+pub fn timeout(headers: &axum::http::HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get("connect-timeout-ms")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
+
+/// Waits until `deadline`; forever when there is none.
+pub async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

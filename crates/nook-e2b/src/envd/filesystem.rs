@@ -171,7 +171,8 @@ pub async fn list_dir(State(e2b): State<E2b>, request: axum::extract::Request) -
     )
 }
 
-/// `MakeDir`: `already_exists` when the path exists; new directories belong to the acting user.
+/// `MakeDir`: `already_exists` when the directory exists, `invalid_argument` when something else is there; new
+/// directories belong to the acting user.
 pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
     connect::unary(
         async {
@@ -181,8 +182,12 @@ pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -
                 .control
                 .file_call(&call.sandbox.id, Request::Stat { path: path.clone() })
                 .await;
-            if existing.is_ok() {
-                return Err(ConnectError::new("already_exists", format!("{path} already exists")));
+            match existing {
+                Ok(stat) if stat.kind == FileKind::Dir => {
+                    return Err(ConnectError::new("already_exists", format!("{path} already exists")))
+                }
+                Ok(_) => return Err(ConnectError::invalid(format!("{path} exists and is not a directory"))),
+                Err(_) => {}
             }
             let request = Request::MakeDir {
                 path: path.clone(),
@@ -197,13 +202,32 @@ pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -
     )
 }
 
-/// `Move`.
+/// `Move`: missing parents of the destination are created first (belonging to the acting user), as envd does.
 pub async fn move_path(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
     connect::unary(
         async {
             let call: Call<MoveRequest> = call(&e2b, request).await?;
             let from = resolve_path(&call.message.source, &call.account.home)?;
             let to = resolve_path(&call.message.destination, &call.account.home)?;
+            if let Some(parent) = std::path::Path::new(&to).parent().and_then(|parent| parent.to_str()) {
+                let exists = e2b
+                    .control
+                    .file_call::<FileStat>(
+                        &call.sandbox.id,
+                        Request::Stat {
+                            path: parent.to_string(),
+                        },
+                    )
+                    .await
+                    .is_ok();
+                if !exists {
+                    let request = Request::MakeDir {
+                        path: parent.to_string(),
+                        owner: Some((call.account.uid, call.account.gid)),
+                    };
+                    e2b.control.file_call::<FileStat>(&call.sandbox.id, request).await?;
+                }
+            }
             let moved: FileStat = e2b
                 .control
                 .file_call(&call.sandbox.id, Request::Move { from, to })
@@ -279,7 +303,8 @@ fn filesystem_event(root: &str, event: nook_agent_proto::WatchEvent) -> Option<F
     })
 }
 
-/// `WatchDir` (server streaming): `start{}`, then events and keepalives until the client goes away.
+/// `WatchDir` (server streaming): `start{}`, then events and keepalives until the client goes away or the call's
+/// `connect-timeout-ms` passes (then `deadline_exceeded`, as envd ends it).
 pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
     let keepalive = request
         .headers()
@@ -289,6 +314,7 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
         .filter(|seconds| *seconds > 0)
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(90));
+    let deadline = connect::timeout(request.headers()).map(|timeout| tokio::time::Instant::now() + timeout);
     let started = async {
         let call: Call<WatchRequest> = call(&e2b, request).await?;
         start_watch(&e2b, &call).await
@@ -306,7 +332,16 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
             return;
         }
         loop {
-            let message = match tokio::time::timeout(keepalive, events.recv()).await {
+            let next = tokio::select! {
+                biased;
+                _ = connect::until(deadline) => {
+                    let error = ConnectError::new("deadline_exceeded", "the watch's timeout passed");
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+                next = tokio::time::timeout(keepalive, events.recv()) => next,
+            };
+            let message = match next {
                 Err(_) => WatchDirResponse::Keepalive {},
                 Ok(Some(Ok(event))) => match filesystem_event(&root, event) {
                     Some(event) => WatchDirResponse::Filesystem(Box::new(event)),

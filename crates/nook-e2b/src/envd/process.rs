@@ -2,11 +2,17 @@
 //!
 //! `Start` spawns a background process (on a terminal when asked) as the acting user and follows its output: the
 //! stream is `start{pid}` first, then `data` and `keepalive` events, then exactly one `end` built from the reaper's
-//! real exit. `connect-timeout-ms` on `Start` is the process's lifetime, as in envd: it is killed when it passes.
-//! Disconnecting never kills a process; `Connect` follows it again from its current output (envd keeps no replay;
-//! nook could, but the SDKs expect only new output). Processes are selected by pid; tags exist only for template
-//! start commands, which nook does not have yet.
+//! real exit. `connect-timeout-ms` on `Start` is the process's lifetime, as in envd: it is killed when it passes
+//! and the stream ends with `deadline_exceeded` (on `Connect` it only bounds the stream). Commands see E2B's default
+//! variables (`E2B_SANDBOX`, `E2B_SANDBOX_ID`, `E2B_TEMPLATE_ID`) under their own; a relative or `~` working
+//! directory is under the acting user's home.
+//!
+//! Output is followed without loss: a client that reads slowly holds the process back (it blocks writing), as
+//! envd's pipes do, rather than nook's bounded replay buffer dropping output. Disconnecting never kills a process;
+//! `Connect` follows it again from its current output (envd keeps no replay; nook could, but the SDKs expect only new
+//! output). Processes are selected by pid; tags exist only for template start commands, which nook does not have yet.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -17,13 +23,14 @@ use futures::StreamExt;
 use nook_api::ExecRequest;
 use nook_runner::ExecOutput;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::connect::{self, ConnectError};
 use super::messages::{
     DataEvent, EndEvent, ListResponse, ProcessConfig, ProcessEvent, ProcessEventMessage, ProcessInfo, ProcessSelector,
     SelectorRequest, SendInputRequest, SendSignalRequest, StartRequest, StreamInputRequest, UpdateRequest,
 };
-use super::{target, user_of};
+use super::{account, resolve_path, target, user_of};
 use crate::E2b;
 
 /// Keepalive interval when the client names none (envd's default).
@@ -38,16 +45,6 @@ fn keepalive_interval(headers: &HeaderMap) -> Duration {
         .filter(|seconds| *seconds > 0)
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_KEEPALIVE)
-}
-
-/// `connect-timeout-ms`, when given and not zero.
-fn connect_timeout(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get("connect-timeout-ms")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
-        .map(Duration::from_millis)
 }
 
 fn pid_of(selector: &ProcessSelector) -> Result<u32, ConnectError> {
@@ -102,8 +99,24 @@ fn signal_name(signal: i32) -> String {
     }
 }
 
-/// Follows `pid`'s output from `offset`, sending `start` first and ending with its `end` (or an error).
-fn follow(e2b: E2b, sandbox: String, pid: u32, offset: u64, terminal: bool, keepalive: Duration) -> Response {
+/// When a stream must end: the `connect-timeout-ms` deadline, and whether the process dies with it.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    kills: bool,
+}
+
+/// Follows `pid`'s output from `offset`, sending `start` first and ending with its `end`, or with
+/// `deadline_exceeded` when `deadline` passes first, or with an error.
+fn follow(
+    e2b: E2b,
+    sandbox: String,
+    pid: u32,
+    offset: u64,
+    terminal: bool,
+    keepalive: Duration,
+    deadline: Option<Deadline>,
+) -> Response {
     let (sender, receiver) = mpsc::channel(16);
     tokio::spawn(async move {
         let start = ProcessEventMessage {
@@ -112,7 +125,7 @@ fn follow(e2b: E2b, sandbox: String, pid: u32, offset: u64, terminal: bool, keep
         if sender.send(Ok(start)).await.is_err() {
             return;
         }
-        let mut output = match e2b.control.attach(&sandbox, pid, offset, true).await {
+        let mut output = match e2b.control.follow_held(&sandbox, pid, offset).await {
             Ok(output) => output,
             Err(failure) => {
                 let _ = sender.send(Err(ConnectError::from(failure))).await;
@@ -120,7 +133,20 @@ fn follow(e2b: E2b, sandbox: String, pid: u32, offset: u64, terminal: bool, keep
             }
         };
         loop {
-            let event = match tokio::time::timeout(keepalive, output.events.recv()).await {
+            let next = tokio::select! {
+                biased;
+                _ = connect::until(deadline.map(|deadline| deadline.at)) => {
+                    let message = if deadline.is_some_and(|deadline| deadline.kills) {
+                        "the command's timeout passed: it was killed"
+                    } else {
+                        "the stream's timeout passed (the process keeps running)"
+                    };
+                    let _ = sender.send(Err(ConnectError::new("deadline_exceeded", message))).await;
+                    return;
+                }
+                next = tokio::time::timeout(keepalive, output.events.recv()) => next,
+            };
+            let event = match next {
                 Err(_) => Some(ProcessEvent::Keepalive {}),
                 Ok(None) => {
                     let _ = sender
@@ -179,14 +205,23 @@ pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> R
         }
         let mut command = vec![start.process.cmd.clone()];
         command.extend(start.process.args.iter().cloned());
+        let cwd = match start.process.cwd.as_deref().filter(|cwd| !cwd.is_empty()) {
+            Some(cwd) if !cwd.starts_with('/') => {
+                let home = account(&e2b, &sandbox, &user).await?.home;
+                Some(resolve_path(cwd, &home)?)
+            }
+            cwd => cwd.map(str::to_string),
+        };
+        let mut env = e2b_environment(&sandbox);
+        env.extend(start.process.envs.clone());
         let pty = start.pty.and_then(|pty| pty.size).map(|size| nook_api::PtySize {
             cols: size.cols.clamp(1, 1000) as u16,
             rows: size.rows.clamp(1, 1000) as u16,
         });
         let request = ExecRequest {
             command,
-            env: start.process.envs.clone(),
-            cwd: start.process.cwd.clone().filter(|cwd| !cwd.is_empty()),
+            env,
+            cwd,
             user: Some(user),
             pty: pty.or(start.pty.map(|_| nook_api::PtySize { cols: 80, rows: 24 })),
             ..Default::default()
@@ -203,16 +238,36 @@ pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> R
         Ok(prepared) => prepared,
         Err(error) => return stream_error(error),
     };
-    if let Some(lifetime) = connect_timeout(&parts.headers) {
+    let deadline = connect::timeout(&parts.headers).map(|lifetime| {
         let control = e2b.control.clone();
         let sandbox = sandbox.id.clone();
+        let at = Instant::now() + lifetime;
+        // The process dies at its deadline even when no client follows it any more.
         tokio::spawn(async move {
-            tokio::time::sleep(lifetime).await;
+            tokio::time::sleep_until(at).await;
             // A no-op once the process has ended.
             let _ = control.signal(&sandbox, pid, 9).await;
         });
-    }
-    follow(e2b, sandbox.id, pid, 0, terminal, keepalive_interval(&parts.headers))
+        Deadline { at, kills: true }
+    });
+    follow(
+        e2b,
+        sandbox.id,
+        pid,
+        0,
+        terminal,
+        keepalive_interval(&parts.headers),
+        deadline,
+    )
+}
+
+/// E2B's default variables of every command, which the request's own override.
+fn e2b_environment(sandbox: &nook_api::Sandbox) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("E2B_SANDBOX".to_string(), "true".to_string()),
+        ("E2B_SANDBOX_ID".to_string(), sandbox.id.clone()),
+        ("E2B_TEMPLATE_ID".to_string(), sandbox.image.clone()),
+    ])
 }
 
 /// `Connect` (server streaming): follows a process from its current output on.
@@ -233,14 +288,21 @@ pub async fn connect(State(e2b): State<E2b>, request: axum::extract::Request) ->
     }
     .await;
     match prepared {
-        Ok((sandbox, pid, offset, terminal)) => follow(
-            e2b,
-            sandbox.id,
-            pid,
-            offset,
-            terminal,
-            keepalive_interval(&parts.headers),
-        ),
+        Ok((sandbox, pid, offset, terminal)) => {
+            let deadline = connect::timeout(&parts.headers).map(|timeout| Deadline {
+                at: Instant::now() + timeout,
+                kills: false,
+            });
+            follow(
+                e2b,
+                sandbox.id,
+                pid,
+                offset,
+                terminal,
+                keepalive_interval(&parts.headers),
+                deadline,
+            )
+        }
         Err(error) => stream_error(error),
     }
 }
