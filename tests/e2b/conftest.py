@@ -84,3 +84,42 @@ def sandbox():
     sbx = Sandbox.create(timeout=300)
     yield sbx
     sbx.kill()
+
+
+@pytest.fixture
+async def async_sandbox():
+    """An `AsyncSandbox` for tests marked `anyio` (the anyio pytest plugin runs them on asyncio)."""
+    from e2b import AsyncSandbox
+
+    sbx = await AsyncSandbox.create(timeout=300)
+    yield sbx
+    await sbx.kill()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def eventually(check, what, timeout=20.0):
+    """Polls `check` until it returns something truthy and returns that; fails naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+async def eventually_async(check, what, timeout=20.0):
+    """`eventually` for coroutines: awaits `check()` until it returns something truthy."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
