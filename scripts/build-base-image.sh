@@ -16,7 +16,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 RECIPE_VERSION=1
 SUITE=bookworm
 VARIANT=minbase
-PACKAGES="bash,coreutils,python3,python3-pip,git,curl,ca-certificates,procps,sudo"
+# E2B's base-template conventions (python3 with pip, node, sudo) plus what the code interpreter needs: Jupyter's
+# Python kernel and the data stack code-interpreter users expect (matplotlib figures come back as PNG results).
+# Recommends are left out (they would add scipy, sympy, boost headers and gdb); a compiler is in on purpose, so that
+# `pip install` can build packages with C extensions.
+PACKAGES="bash,coreutils,python3,python3-pip,python3-dev,build-essential,git,curl,ca-certificates,procps,sudo,nodejs"
+PACKAGES+=",python3-ipykernel,python3-jupyter-client,python3-matplotlib,python3-numpy,python3-pandas"
 
 # Hooks run by mmdebstrap after installing the packages; "$1" is the root filesystem being built.
 # shellcheck disable=SC2016 # mmdebstrap expands "$1", not this script
@@ -28,7 +33,12 @@ CUSTOMIZE_HOOKS=(
     'echo "user ALL=(ALL:ALL) NOPASSWD: ALL" > "$1/etc/sudoers.d/user"'
     'chmod 0440 "$1/etc/sudoers.d/user"'
     'chroot "$1" visudo -c -q -f /etc/sudoers.d/user'
+    # pip installs system-wide, as in E2B's images (Debian marks its Python as managed by apt).
+    'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED'
 )
+
+# Files copied over the image after the packages (Jupyter kernels for more languages, their helpers).
+OVERLAY_DIR="$(repo_root)/images/base/rootfs"
 
 CACHE_DIR="${NOOK_IMAGE_CACHE_DIR:-/var/cache/nook/images}"
 
@@ -47,9 +57,18 @@ host_sources() {
 # recipe_key: print the first 16 hex digits of the sha256 of the recipe.
 recipe_key() {
     {
-        printf 'version=%s\nsuite=%s\nvariant=%s\npackages=%s\n' "$RECIPE_VERSION" "$SUITE" "$VARIANT" "$PACKAGES"
+        printf 'version=%s\nsuite=%s\nvariant=%s\npackages=%s\nrecommends=no\n' "$RECIPE_VERSION" "$SUITE" "$VARIANT" "$PACKAGES"
         printf 'hook=%s\n' "${CUSTOMIZE_HOOKS[@]}"
+        overlay_digest
     } | sha256sum | cut -c1-16
+}
+
+# overlay_digest: print a line per overlay file (path, mode, content hash), so any change makes a new image.
+overlay_digest() {
+    [[ -d "$OVERLAY_DIR" ]] || return 0
+    (cd "$OVERLAY_DIR" && find . -type f -printf '%p %m\n' | LC_ALL=C sort | while read -r path mode; do
+        printf 'overlay=%s %s %s\n' "$path" "$mode" "$(sha256sum <"$path" | cut -c1-64)"
+    done)
 }
 
 # build_image OUT: run mmdebstrap into a temporary tar next to OUT, then move it into place atomically.
@@ -58,6 +77,9 @@ build_image() {
     local -a hook_args=()
     sources="$(host_sources)"
     tmp="$(dirname "$out")/.$(basename "$out" .tar).$$.tmp.tar"
+    if [[ -d "$OVERLAY_DIR" ]]; then
+        hook_args+=("--customize-hook=sync-in $OVERLAY_DIR /")
+    fi
     for hook in "${CUSTOMIZE_HOOKS[@]}"; do
         hook_args+=("--customize-hook=$hook")
     done
@@ -69,6 +91,7 @@ build_image() {
         --variant="$VARIANT" \
         --format=tar \
         --include="$PACKAGES" \
+        --aptopt='APT::Install-Recommends "false"' \
         --skip=output/dev \
         "${hook_args[@]}" \
         "$SUITE" "$tmp" "$sources" >&2 ||

@@ -5,7 +5,8 @@
 //! - the E2B REST API at the root (`/sandboxes`, `/v2/sandboxes`, …; [`rest`]), authenticated by `X-API-Key`;
 //! - sandbox traffic, recognised by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers the SDKs send when
 //!   `E2B_SANDBOX_URL` is set, or by a `{port}-{sandboxId}.{domain}` Host: port 49983 is envd ([`envd`]), served by
-//!   nook on top of its own agent; other ports are answered with a clear error until sandbox networking exists;
+//!   nook on top of its own agent; port 49999 is the code interpreter ([`interpreter`]), Jupyter kernels driven
+//!   inside the sandbox; other ports are answered with a clear error until sandbox networking exists;
 //! - nook's native API under `/v1/`, untouched.
 //!
 //! Everything goes through [`nook_control::control::Control`], so E2B calls see the same sandboxes, limits and
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tower::ServiceExt as _;
 
 pub mod envd;
+pub mod interpreter;
 pub mod rest;
 
 /// The envd version nook reports: every SDK feature gated at or below it is implemented (default user, stdin off,
@@ -48,6 +50,8 @@ pub struct E2b {
     pub deadlines: Arc<rest::Deadlines>,
     /// Polling file watchers of envd's `CreateWatcher`.
     pub watchers: Arc<envd::filesystem::Watchers>,
+    /// The code interpreter's bridges into sandboxes.
+    pub interpreters: Arc<interpreter::Bridges>,
 }
 
 /// Why the E2B layer could not start.
@@ -74,21 +78,34 @@ impl E2b {
             secret: Arc::new(secret),
             deadlines: Arc::new(rest::Deadlines::new(control)),
             watchers: Arc::new(envd::filesystem::Watchers::default()),
+            interpreters: Arc::new(interpreter::Bridges::default()),
         })
     }
 
     /// The envd access token of a sandbox.
     pub fn access_token(&self, sandbox_id: &str) -> String {
+        self.derive_token(b"envd-access-token:", sandbox_id)
+    }
+
+    /// The traffic access token of a sandbox (sent by the SDKs to every port but envd).
+    pub fn traffic_access_token(&self, sandbox_id: &str) -> String {
+        self.derive_token(b"traffic-access-token:", sandbox_id)
+    }
+
+    fn derive_token(&self, purpose: &[u8], sandbox_id: &str) -> String {
         let mut hasher = Sha256::new();
         hasher.update(self.secret.as_slice());
-        hasher.update(b"envd-access-token:");
+        hasher.update(purpose);
         hasher.update(sandbox_id.as_bytes());
         hex::encode(hasher.finalize())
     }
 
     /// Adds the E2B surfaces to nook's router.
     pub fn wrap(self, native: Router) -> Router {
-        let sandbox_traffic = envd::router(self.clone());
+        let sandbox_traffic = SandboxPorts {
+            envd: envd::router(self.clone()),
+            interpreter: interpreter::router(self.clone()),
+        };
         native
             .merge(rest::router(self.clone()))
             .layer(axum::middleware::from_fn_with_state(
@@ -98,24 +115,37 @@ impl E2b {
     }
 }
 
+/// The services nook serves on a sandbox's behalf, by port.
+#[derive(Clone)]
+struct SandboxPorts {
+    envd: Router,
+    interpreter: Router,
+}
+
 /// Sends requests addressed to a sandbox's port to that port's service; everything else goes on.
 async fn route_sandbox_traffic(
-    State((e2b, sandbox_traffic)): State<(E2b, Router)>,
+    State((e2b, ports)): State<(E2b, SandboxPorts)>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let Some(target) = sandbox_target(request.headers()) else {
         return next.run(request).await;
     };
-    if target.port != ENVD_PORT {
-        return rest::error(
-            axum::http::StatusCode::BAD_GATEWAY,
-            format!(
-                "port {} of sandbox {} is not reachable through nook yet: only envd ({ENVD_PORT}) is served",
-                target.port, target.sandbox
-            ),
-        );
-    }
+    let service = match target.port {
+        ENVD_PORT => ports.envd,
+        interpreter::INTERPRETER_PORT => ports.interpreter,
+        port => {
+            return rest::error(
+                axum::http::StatusCode::BAD_GATEWAY,
+                format!(
+                    "port {port} of sandbox {} is not reachable through nook yet: only envd ({ENVD_PORT}) and the \
+                     code interpreter ({}) are served",
+                    target.sandbox,
+                    interpreter::INTERPRETER_PORT
+                ),
+            )
+        }
+    };
     let sandbox = match e2b.control.resolve(&target.sandbox).await {
         Ok(sandbox) => sandbox,
         Err(_) => {
@@ -126,7 +156,7 @@ async fn route_sandbox_traffic(
         }
     };
     request.extensions_mut().insert(envd::Target { sandbox });
-    match sandbox_traffic.oneshot(request).await {
+    match service.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     }

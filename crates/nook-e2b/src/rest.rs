@@ -125,6 +125,7 @@ struct E2bSandbox {
     client_id: &'static str,
     envd_version: &'static str,
     envd_access_token: String,
+    traffic_access_token: String,
     alias: String,
     domain: Option<String>,
     started_at: DateTime<Utc>,
@@ -147,6 +148,7 @@ impl E2b {
             client_id: "nook",
             envd_version: ENVD_VERSION,
             envd_access_token: self.access_token(&sandbox.id),
+            traffic_access_token: self.traffic_access_token(&sandbox.id),
             alias: sandbox.image.clone(),
             domain: None,
             started_at: sandbox.created_at,
@@ -192,8 +194,15 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
     if request.allow_internet_access == Some(true) {
         tracing::debug!("allow_internet_access requested; nook sandboxes have no network egress yet");
     }
+    // The code-interpreter SDKs ask for their own template; nook's base image carries what it needs.
+    let interpreter = crate::interpreter::TEMPLATES.contains(&request.template_id.as_str());
+    let image = if interpreter {
+        "base".to_string()
+    } else {
+        request.template_id
+    };
     let create = CreateSandboxRequest {
-        image: Some(request.template_id),
+        image: Some(image),
         labels: request.metadata.unwrap_or_default(),
         env: request.env_vars.unwrap_or_default(),
         ..Default::default()
@@ -204,6 +213,9 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
                 e2b.deadlines.pause_on_timeout(&sandbox.id);
             }
             e2b.deadlines.set(&sandbox.id, timeout);
+            if interpreter {
+                e2b.interpreters.prestart(&e2b, &sandbox.id);
+            }
             (StatusCode::CREATED, Json(e2b.describe(&sandbox))).into_response()
         }
         Err(failure) => Failure(failure).into_response(),

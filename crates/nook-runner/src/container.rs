@@ -94,9 +94,11 @@ impl ContainerBackend {
                 source: std::io::Error::other("it is dynamically linked; build it statically (scripts/build.sh does)"),
             });
         }
+        // Like Docker's default, setuid programs work (sudo for the `user` account, as E2B's images expect); what
+        // they can gain is bounded by the capability set and the seccomp filter, which no_new_privs does not widen.
         Ok(Self {
             agent_binary,
-            no_new_privs: true,
+            no_new_privs: false,
         })
     }
 }
