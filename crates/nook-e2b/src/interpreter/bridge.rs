@@ -166,8 +166,9 @@ impl Bridge {
                 (process.pid, 0, false)
             }
         };
+        // Held: the bridge waits on its pipe rather than have a reply line dropped from the replay buffer.
         let stream = control
-            .attach(sandbox_id, pid, offset, true)
+            .follow_held(sandbox_id, pid, offset)
             .await
             .map_err(unavailable)?;
         let (alive, alive_rx) = mpsc::channel(1);
