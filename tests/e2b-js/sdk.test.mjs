@@ -81,7 +81,7 @@ describe('sandbox lifecycle', () => {
           [...first, ...next].map((item) => item.sandboxId).sort(),
           [sbx.sandboxId, second.sandboxId].sort(),
         )
-        if (pages.hasNext) assert.deepEqual(await pages.nextItems(), [])
+        assert.equal(pages.hasNext, false)
       } finally {
         await second.kill()
       }
