@@ -19,8 +19,8 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def options(**extra) -> E2BSandboxClientOptions:
-    return E2BSandboxClientOptions(sandbox_type="e2b", timeout=300, **extra)
+def options(sandbox_type: str = "e2b", **extra) -> E2BSandboxClientOptions:
+    return E2BSandboxClientOptions(sandbox_type=sandbox_type, timeout=300, **extra)
 
 
 async def listed_ids(**metadata) -> list[str]:
@@ -28,11 +28,15 @@ async def listed_ids(**metadata) -> list[str]:
     return [info.sandbox_id for info in await paginator.next_items()]
 
 
-def test_session_runs_commands_writes_and_reads_files_and_shuts_down():
+# "e2b_code_interpreter" makes the same session on e2b-code-interpreter's sandbox (template code-interpreter-v1).
+@pytest.mark.parametrize("sandbox_type", ["e2b", "e2b_code_interpreter"])
+def test_session_runs_commands_writes_and_reads_files_and_shuts_down(sandbox_type):
     async def scenario():
         client = E2BSandboxClient()
         session = await client.create(
-            options=options(metadata={"suite": "openai-agents"}, envs={"AGENT_GREETING": "hi from the client"})
+            options=options(
+                sandbox_type, metadata={"suite": "openai-agents"}, envs={"AGENT_GREETING": "hi from the client"}
+            )
         )
         sandbox_id = session.state.sandbox_id
         assert sandbox_id in await listed_ids(suite="openai-agents")
