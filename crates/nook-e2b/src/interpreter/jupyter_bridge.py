@@ -220,7 +220,7 @@ class Context:
 
     async def run_silently(self, code):
         """Runs setup code; returns the error text, if any."""
-        msg_id = self.client.execute(code, silent=True, store_history=False, allow_stdin=False)
+        msg_id = self.client.execute(code, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
         reply = await self.reply_to(msg_id)
         if reply["content"].get("status") == "error":
             content = reply["content"]
@@ -246,7 +246,9 @@ class Context:
 
     async def execute_cell(self, code, emit):
         client = self.client
-        msg_id = client.execute(code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True)
+        # Requests go one at a time, so there is never a queue to abort; with stop_on_error the kernel would abort
+        # whatever arrives just after an error instead (the env cleanup, the next cell).
+        msg_id = client.execute(code, silent=False, store_history=True, allow_stdin=False, stop_on_error=False)
         reply_task = asyncio.ensure_future(self.reply_to(msg_id))
         errored = False
         idle = False
