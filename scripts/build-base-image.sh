@@ -18,8 +18,8 @@ SUITE=bookworm
 VARIANT=minbase
 # E2B's base-template conventions (python3 with pip, node, sudo) plus what the code interpreter needs: Jupyter's
 # Python kernel and the data stack code-interpreter users expect (matplotlib figures come back as PNG results).
-# Recommends are left out (they would add scipy, sympy, boost headers and gdb); a compiler is in on purpose, so that
-# `pip install` can build packages with C extensions.
+# Recommends are left out; Debian's matplotlib and ipykernel still depend on scipy, sympy and gdb (1.4 GB in all). A
+# compiler is in on purpose, so that `pip install` can build packages with C extensions.
 PACKAGES="bash,coreutils,python3,python3-pip,python3-dev,build-essential,git,curl,ca-certificates,procps,sudo,nodejs"
 PACKAGES+=",python3-ipykernel,python3-jupyter-client,python3-matplotlib,python3-numpy,python3-pandas"
 

@@ -3,6 +3,7 @@ sync and async. Each test asserts what a data-analysis agent written for E2B rel
 
 import asyncio
 import base64
+from pathlib import Path
 
 import pytest
 from e2b.exceptions import NotFoundException, SandboxException, TimeoutException
@@ -121,6 +122,41 @@ def test_contexts_are_separate_kernels(interpreter):
 
     with pytest.raises(SandboxException, match="cobol"):
         interpreter.run_code("DISPLAY 'HI'", language="cobol")
+
+
+def test_javascript_and_bash_kernels(interpreter):
+    js = interpreter.run_code("const xs = [1, 2, 3]\nconsole.log('from node')\nxs.map((x) => x * 2)", language="js")
+    assert js.error is None, js.error
+    assert js.logs.stdout == ["from node\n"]
+    assert js.results[0].json == [2, 4, 6]
+    # State persists in the language's default context; top-level await works.
+    assert interpreter.run_code("xs.length", language="javascript").text == "3"
+    assert interpreter.run_code("await Promise.resolve(7)", language="js").text == "7"
+    assert interpreter.run_code("null.x", language="js").error.name == "TypeError"
+    assert interpreter.run_code("process.env.FROM_ENVS", language="js", envs={"FROM_ENVS": "yes"}).text == "yes"
+
+    shell = interpreter.run_code("cd /tmp && X=5\necho $X; pwd", language="bash")
+    assert "".join(shell.logs.stdout) == "5\n/tmp\n"
+    assert "".join(interpreter.run_code("echo $X $(pwd)", language="bash").logs.stdout) == "5 /tmp\n"
+    failed = interpreter.run_code("false", language="bash")
+    assert failed.error.name == "CommandExitError"
+    assert "".join(interpreter.run_code("echo $V", language="bash", envs={"V": "a b"}).logs.stdout) == "a b\n"
+    assert "".join(interpreter.run_code("echo ${V:-unset}", language="bash").logs.stdout) == "unset\n"
+
+    context = interpreter.create_code_context(language="bash", cwd="/etc")
+    assert context.language == "bash"
+    assert "".join(interpreter.run_code("pwd", context=context).logs.stdout) == "/etc\n"
+    interpreter.remove_code_context(context)
+
+
+def test_the_kernels_own_suite_passes_inside_a_sandbox(interpreter):
+    """images/base/test_kernels.py drives the bash and JavaScript kernels over jupyter_client message by message
+    (interrupts, silent cells, restarts); it runs where the kernels are installed: in a sandbox of the base image."""
+    suite = Path(__file__).resolve().parents[2] / "images/base/test_kernels.py"
+    interpreter.files.write("/tmp/test_kernels.py", suite.read_text())
+    result = interpreter.commands.run("python3 /tmp/test_kernels.py", user="root", timeout=600)
+    assert result.exit_code == 0
+    assert result.stdout.rstrip().endswith(" passed, 0 failed"), result.stdout
 
 
 def test_an_execution_that_times_out_is_interrupted(interpreter):
