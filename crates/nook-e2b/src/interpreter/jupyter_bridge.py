@@ -125,9 +125,21 @@ def normalise_language(language):
     return {"js": "javascript", "ts": "typescript"}.get(language, language)
 
 
+# Kernel names to try for a language, in order; a language not listed is its own kernel name.
+KERNEL_CANDIDATES = {
+    "python": ["python3"],
+    "typescript": ["javascript"],
+    "r": ["r", "ir"],  # E2B's images name IRkernel "r"; Debian's r-cran-irkernel installs it as "ir"
+}
+
+
 def kernel_name(language):
-    """The Jupyter kernel that runs a language: python is ipykernel's python3; typescript shares javascript's."""
-    return {"python": "python3", "typescript": "javascript"}.get(language, language)
+    """The installed Jupyter kernel that runs a language (the first candidate if none is installed)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    candidates = KERNEL_CANDIDATES.get(language, [language])
+    installed = KernelSpecManager().find_kernel_specs()
+    return next((name for name in candidates if name in installed), candidates[0])
 
 
 def result_line(content, main):
