@@ -10,6 +10,7 @@
 //! stderr. The exit status is non-zero only when setup or a nook call failed; peers that cannot run are reported as
 //! unavailable.
 
+mod interpreter;
 mod interrupt;
 mod machine;
 mod nook;
@@ -28,6 +29,7 @@ use nix::mount::{umount2, MntFlags};
 use nook_client::Client;
 use rand::Rng as _;
 
+use crate::interpreter::InterpreterFigures;
 use crate::interrupt::Interrupt;
 use crate::machine::MachineFacts;
 use crate::nook::{CreateFigures, FileFigures, Sandboxes};
@@ -60,6 +62,12 @@ struct Args {
     /// Timed keystrokes echoed by a terminal over the WebSocket.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     keystrokes: u32,
+    /// Timed code-interpreter sandboxes (E2B API, create → first `1+1` result).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    interpreter_sandboxes: u32,
+    /// Timed code-interpreter executions (`1+1`) in one warm kernel.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    interpreter_runs: u32,
     /// Size of the file uploaded and downloaded in the file throughput series, in MiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     file_mib: u32,
@@ -134,6 +142,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             exec: &figures.nook.exec,
             processes: &figures.nook.processes,
             keystrokes: &figures.nook.keystrokes,
+            interpreter: &figures.nook.interpreter,
             files: &figures.nook.files,
             server_memory: &figures.nook.server_memory,
             peers: &figures.peers,
@@ -157,6 +166,7 @@ struct NookFigures {
     exec: Summary,
     processes: Summary,
     keystrokes: Summary,
+    interpreter: InterpreterFigures,
     files: FileFigures,
     server_memory: MemoryAroundFiles,
 }
@@ -201,6 +211,16 @@ fn measure(
             let processes =
                 nook::background_first_output(&client, args.processes as usize, &mut sandboxes, interrupt).await?;
             let keystrokes = nook::terminal_echo(&client, args.keystrokes as usize, &mut sandboxes, interrupt).await?;
+            let interpreter = interpreter::code_interpreter(
+                &client,
+                &server.url,
+                &server.key,
+                args.interpreter_sandboxes as usize,
+                args.interpreter_runs as usize,
+                &mut sandboxes,
+                interrupt,
+            )
+            .await?;
             let before = server
                 .memory()
                 .context("reading the server's memory before the file transfers")?;
@@ -227,6 +247,7 @@ fn measure(
                 exec,
                 processes,
                 keystrokes,
+                interpreter,
                 files,
                 server_memory: MemoryAroundFiles { before, after },
             })

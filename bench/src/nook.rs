@@ -71,7 +71,13 @@ impl Sandboxes {
         Ok(sandbox.id)
     }
 
-    async fn delete(&mut self, client: &Client, id: &str) -> anyhow::Result<()> {
+    /// Records a sandbox made another way (through the E2B API), so that it is deleted at the end too.
+    pub fn record(&mut self, id: &str) {
+        self.live.push(id.to_string());
+    }
+
+    /// Deletes one of this bench's sandboxes.
+    pub async fn delete(&mut self, client: &Client, id: &str) -> anyhow::Result<()> {
         client
             .delete_sandbox(id)
             .await

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use crate::interpreter::InterpreterFigures;
 use crate::machine::MachineFacts;
 use crate::nook::{mebibytes_per_s, megabytes_per_s, CreateFigures, FileFigures};
 use crate::peers::{Outcome, PeerFigures};
@@ -27,6 +28,8 @@ pub struct Report<'a> {
     pub processes: &'a Summary,
     /// nook terminal keystroke → echo over the WebSocket.
     pub keystrokes: &'a Summary,
+    /// The E2B code interpreter.
+    pub interpreter: &'a InterpreterFigures,
     /// nook file upload and download.
     pub files: &'a FileFigures,
     /// The server's memory around the file transfers.
@@ -63,6 +66,18 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         out,
         "nook terminal keystroke → echo (WebSocket)",
         Some(r.keystrokes),
+        None,
+    )?;
+    row(
+        out,
+        "E2B code interpreter: create → first `1+1` result",
+        Some(&r.interpreter.cold),
+        None,
+    )?;
+    row(
+        out,
+        "E2B code interpreter: `1+1` round trip (warm kernel)",
+        Some(&r.interpreter.round_trip),
         None,
     )?;
     outcome_row(out, "runc run", &peers.runc_run)?;
@@ -160,6 +175,13 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         "- nook background process → first output line: one sandbox; start `echo ready` as a background process, then \
          follow its output from offset 0; timed from before the start call to the first `stdout` event. The rest of \
          the stream, up to the process's exit, is read untimed before the next start."
+    )?;
+    writeln!(
+        out,
+        "- E2B code interpreter: through nook's E2B API as the SDKs use it (`POST /sandboxes` with the \
+         `code-interpreter-v1` template, then `POST /execute` addressed by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port: \
+         49999` headers, read to `end_of_execution`). Create → first result includes starting the Jupyter kernel in \
+         the sandbox; the round trip runs `1+1` in that warm kernel."
     )?;
     writeln!(
         out,
@@ -342,11 +364,19 @@ mod tests {
             exec: &exec,
             processes: &processes,
             keystrokes: &summary(1.0),
+            interpreter: &InterpreterFigures {
+                cold: summary(900.0),
+                round_trip: summary(9.0),
+            },
             files: &files,
             server_memory: &server_memory,
             peers: &peers,
         });
         assert!(text.contains("| nook create→first exec | 3 | 50.00 |"), "{text}");
+        assert!(
+            text.contains("| E2B code interpreter: `1+1` round trip (warm kernel) | 3 | 9.00 |"),
+            "{text}"
+        );
         assert!(
             text.contains("| nook background process → first output line | 3 | 4.00 |"),
             "{text}"
