@@ -65,6 +65,16 @@ def test_matplotlib_figures_come_back_as_png(interpreter):
     pngs = [result.png for result in execution.results if result.png]
     assert len(pngs) == 1
     assert base64.b64decode(pngs[0]).startswith(b"\x89PNG\r\n\x1a\n")
+    # The same result carries the chart as data.
+    chart = execution.results[0].chart
+    assert chart.type.value == "line" and chart.title == "chart"
+    assert [(element.label, element.points) for element in chart.elements] == [("", [(1, 3), (2, 1), (3, 2)])]
+
+    bars = interpreter.run_code("plt.bar(['a', 'b'], [4, 5], label='sales')\nplt.show()").results[0].chart
+    assert bars.type.value == "bar"
+    assert [(bar.label, bar.group, bar.value) for bar in bars.elements] == [("a", "sales", 4), ("b", "sales", 5)]
+    pie = interpreter.run_code("plt.pie([1, 3], labels=['one', 'three'])\nplt.show()").results[0].chart
+    assert [(wedge.label, wedge.angle) for wedge in pie.elements] == [("one", 90), ("three", 270)]
 
 
 def test_pandas_frames_come_back_as_data_and_html(interpreter):

@@ -97,8 +97,132 @@ def __nook_setup():
     data.for_type_by_name("pandas.core.frame", "DataFrame", frame_columns)
     formatters["e2b/data"] = data
 
+    # Matches figures by class name rather than through the type registry: matplotlib's inline backend removes
+    # every formatter's Figure entry when it activates. (Bound here: in a class body the name would be mangled.)
+    figure_chart = __nook_figure_chart
+
+    class ChartFormatter(BaseFormatter):
+        format_type = Unicode("e2b/chart")
+        _return_type = (dict,)
+
+        def __call__(self, obj):
+            is_figure = any(
+                cls.__module__ == "matplotlib.figure" and cls.__name__ == "Figure" for cls in type(obj).__mro__
+            )
+            return figure_chart(obj) if self.enabled and is_figure else None
+
+    formatters["e2b/chart"] = ChartFormatter(parent=ip.display_formatter)
+
 __nook_setup()
-del __nook_setup
+del __nook_setup, __nook_figure_chart
+"""
+
+# E2B's `chart` result: what a matplotlib figure shows, as data (the shapes of the SDKs' Chart classes). Line,
+# scatter, bar and pie axes are read back from the artists matplotlib drew; a figure with several axes is a
+# "superchart"; anything else is left out (the figure still comes back as PNG).
+CHART_SETUP = r"""
+def __nook_figure_chart(figure):
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    def tick_labels(labels):
+        return [label.get_text() for label in labels]
+
+    def text_or_none(text):
+        return text or None
+
+    def label_of(artist):
+        label = artist.get_label()
+        return "" if label.startswith("_") else label  # matplotlib names unlabelled artists "_child0" and so on
+
+    def axes_2d(ax, kind):
+        return {
+            "type": kind,
+            "title": text_or_none(ax.get_title()),
+            "x_label": text_or_none(ax.get_xlabel()),
+            "y_label": text_or_none(ax.get_ylabel()),
+            "x_unit": None,
+            "y_unit": None,
+        }
+
+    def point_chart(ax, kind, elements):
+        chart = axes_2d(ax, kind)
+        chart.update(
+            x_ticks=[number(t) for t in ax.get_xticks()],
+            x_tick_labels=tick_labels(ax.get_xticklabels()),
+            x_scale=ax.get_xscale(),
+            y_ticks=[number(t) for t in ax.get_yticks()],
+            y_tick_labels=tick_labels(ax.get_yticklabels()),
+            y_scale=ax.get_yscale(),
+            elements=elements,
+        )
+        return chart
+
+    def axes_chart(ax):
+        from matplotlib.collections import PathCollection
+        from matplotlib.container import BarContainer
+        from matplotlib.patches import Wedge
+
+        wedges = [patch for patch in ax.patches if isinstance(patch, Wedge)]
+        if wedges and len(wedges) == len(ax.patches):
+            return {
+                "type": "pie",
+                "title": text_or_none(ax.get_title()),
+                "elements": [
+                    {"label": w.get_label(), "angle": abs(w.theta2 - w.theta1), "radius": float(w.r)} for w in wedges
+                ],
+            }
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        if bars:
+            positions = {round(float(t), 6): label for t, label in zip(ax.get_xticks(), tick_labels(ax.get_xticklabels()))}
+            elements = []
+            for index, container in enumerate(bars):
+                group = container.get_label()
+                if not group or group.startswith("_"):
+                    group = f"Group {index}"
+                for rect in container.patches:
+                    center = round(rect.get_x() + rect.get_width() / 2, 6)
+                    elements.append(
+                        {"label": positions.get(center, str(center)), "group": group, "value": float(rect.get_height())}
+                    )
+            chart = axes_2d(ax, "bar")
+            chart["elements"] = elements
+            return chart
+        scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 0]
+        if scatters and not lines:
+            return point_chart(
+                ax,
+                "scatter",
+                [
+                    {"label": label_of(c), "points": [[number(x), number(y)] for x, y in c.get_offsets()]}
+                    for c in scatters
+                ],
+            )
+        if lines:
+            return point_chart(
+                ax,
+                "line",
+                [
+                    {"label": label_of(line), "points": [[number(x), number(y)] for x, y in zip(*line.get_data())]}
+                    for line in lines
+                ],
+            )
+        return None
+
+    try:
+        charts = [chart for chart in (axes_chart(ax) for ax in figure.axes) if chart is not None]
+        if len(figure.axes) == 1:
+            return charts[0] if charts else None
+        if not charts:
+            return None
+        title = figure._suptitle.get_text() if getattr(figure, "_suptitle", None) else None
+        return {"type": "superchart", "title": title, "elements": charts}
+    except Exception:
+        return None
 """
 
 # Jupyter MIME types and the E2B result fields they become.
@@ -210,7 +334,9 @@ class Context:
     async def prepare(self):
         """Runs the language's setup and enters the context's directory; returns the error text, if any."""
         if self.language == "python":
-            await self.run_silently(PYTHON_SETUP)
+            error = await self.run_silently(CHART_SETUP + PYTHON_SETUP)
+            if error:
+                print(f"nook's Python kernel setup failed: {error}", file=sys.stderr, flush=True)
         chdir = CHDIR_STATEMENTS.get(self.language)
         if chdir and self.cwd:
             return await self.run_silently(chdir(self.cwd))
