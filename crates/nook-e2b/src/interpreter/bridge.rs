@@ -79,6 +79,19 @@ impl Bridges {
         Box::pin(self.get(e2b, sandbox_id)).await
     }
 
+    /// Drops the table's entry for a bridge that ended (its sandbox was deleted or stopped, or it died), unless a
+    /// newer bridge has taken its place.
+    fn forget_ended(&self, sandbox_id: &str, bridge: &Arc<Bridge>) {
+        let mut slots = self.slots.lock().expect("bridge table lock");
+        if slots
+            .get(sandbox_id)
+            .and_then(|slot| slot.get())
+            .is_some_and(|current| Arc::ptr_eq(current, bridge))
+        {
+            slots.remove(sandbox_id);
+        }
+    }
+
     fn forget(&self, sandbox_id: &str, slot: &Arc<OnceCell<Arc<Bridge>>>) {
         let mut slots = self.slots.lock().expect("bridge table lock");
         if slots.get(sandbox_id).is_some_and(|current| Arc::ptr_eq(current, slot)) {
@@ -184,6 +197,7 @@ impl Bridge {
         let (ready_tx, ready_rx) = oneshot::channel();
         let ready_tx = if adopted { None } else { Some(ready_tx) };
         tokio::spawn(read_replies(
+            Arc::downgrade(&e2b.interpreters),
             Arc::downgrade(&bridge),
             stream.events,
             ready_tx,
@@ -283,6 +297,7 @@ impl Bridge {
 
 /// Reads the bridge's output until it ends: reply lines go to their requests, the start line to the starter.
 async fn read_replies(
+    bridges: std::sync::Weak<Bridges>,
     bridge: std::sync::Weak<Bridge>,
     mut events: mpsc::Receiver<ExecOutput>,
     mut ready: Option<oneshot::Sender<Result<(), String>>>,
@@ -345,6 +360,9 @@ async fn read_replies(
     }
     if let Some(bridge) = bridge.upgrade() {
         bridge.fail_all(&message);
+        if let Some(bridges) = bridges.upgrade() {
+            bridges.forget_ended(&sandbox_id, &bridge);
+        }
         // Stop the process if it still runs: its output can no longer be read in order.
         bridge.kill().await;
     }
