@@ -234,6 +234,37 @@ pub struct SandboxEventList {
     pub events: Vec<SandboxEvent>,
 }
 
+/// Response of `GET /v1/sandboxes/{sandbox}/stats`: what a running sandbox uses now, read from its cgroup and its
+/// writable layer when asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxStats {
+    /// When the figures were read.
+    pub at: DateTime<Utc>,
+    /// When the sandbox's current run began (its last create or start).
+    pub started_at: DateTime<Utc>,
+    /// CPU time used by all the sandbox's processes during this run, in nanoseconds (v1 `cpuacct.usage`, v2
+    /// `usage_usec` of `cpu.stat`). Rates come from the difference of two readings.
+    pub cpu_used_ns: u64,
+    /// CPU allowance in cores (the CFS quota).
+    pub cpu_limit: f64,
+    /// Memory in use, without the page cache the kernel can drop: the cgroup's usage less its inactive file pages
+    /// (what `docker stats` and `kubectl top` report).
+    pub memory_used_bytes: u64,
+    /// Page cache charged to the sandbox (file-backed pages, active and inactive).
+    pub memory_cache_bytes: u64,
+    /// Memory limit; processes beyond it are OOM-killed.
+    pub memory_limit_bytes: u64,
+    /// Processes and threads now.
+    pub pids: u64,
+    /// Bytes allocated on disk by the sandbox's writable layer (its changes to the image), hard links counted once.
+    pub disk_used_bytes: u64,
+    /// False when the writable layer holds more entries than one reading walks (`disk_used_bytes` then counts the
+    /// first of them only).
+    pub disk_used_complete: bool,
+    /// Size of the host filesystem that holds the writable layer (sandboxes have no disk quota of their own yet).
+    pub disk_total_bytes: u64,
+}
+
 /// Body of `POST /v1/sandboxes/{sandbox}/exec` and `.../exec/stream`.
 ///
 /// Exactly one of `command` (an argv, run without a shell) and `shell` (a string run by `/bin/sh -c`) is given.

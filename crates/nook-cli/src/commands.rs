@@ -100,6 +100,15 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             }
             Ok(0)
         }
+        Command::Stats(args) => {
+            let stats = client.sandbox_stats(&args.sandbox).await?;
+            if args.json {
+                print_json(&stats)?;
+            } else {
+                print!("{}", describe_stats(&stats));
+            }
+            Ok(0)
+        }
         Command::Exec(args) if args.detach => {
             let request = exec_request(&args)?;
             let process = client.start_process(&args.sandbox, &request).await?;
@@ -576,6 +585,40 @@ fn describe(sandbox: &Sandbox) -> String {
         ("updated", sandbox.updated_at.to_rfc3339()),
     ];
     rows.iter().map(|(key, value)| format!("{key:<10} {value}\n")).collect()
+}
+
+fn describe_stats(stats: &nook_api::SandboxStats) -> String {
+    let disk = if stats.disk_used_complete {
+        table::bytes(stats.disk_used_bytes)
+    } else {
+        format!("at least {}", table::bytes(stats.disk_used_bytes))
+    };
+    let rows = [
+        ("running since", stats.started_at.to_rfc3339()),
+        (
+            "cpu time",
+            format!(
+                "{:.2} s (limit {} cores)",
+                stats.cpu_used_ns as f64 / 1e9,
+                stats.cpu_limit
+            ),
+        ),
+        (
+            "memory",
+            format!(
+                "{} of {} (page cache {})",
+                table::bytes(stats.memory_used_bytes),
+                table::bytes(stats.memory_limit_bytes),
+                table::bytes(stats.memory_cache_bytes)
+            ),
+        ),
+        ("processes", stats.pids.to_string()),
+        (
+            "disk",
+            format!("{disk} (filesystem {})", table::bytes(stats.disk_total_bytes)),
+        ),
+    ];
+    rows.iter().map(|(key, value)| format!("{key:<14} {value}\n")).collect()
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

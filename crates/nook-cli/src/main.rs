@@ -48,6 +48,8 @@ enum Command {
     Rm(TargetsArgs),
     /// Show a sandbox's state changes and events.
     Events(InspectArgs),
+    /// Show what a running sandbox uses now: CPU time, memory, processes, disk.
+    Stats(InspectArgs),
     /// List a sandbox's background processes (started with `nook exec -d`).
     Ps(InspectArgs),
     /// Show a background process's output (replayed from its buffer); `-f` follows it until it exits.

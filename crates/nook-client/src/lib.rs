@@ -14,7 +14,7 @@ use nook_api::{
     ApiError, ArchiveResult, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult,
     ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest,
     ProcessInfo, ProcessList, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList,
-    SandboxState, SearchRequest, SearchResult, SignalRequest, WatchEvent,
+    SandboxState, SandboxStats, SearchRequest, SearchResult, SignalRequest, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -221,6 +221,12 @@ impl Client {
             .json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "events"])))
             .await?;
         Ok(list.events)
+    }
+
+    /// What a running sandbox uses now.
+    pub async fn sandbox_stats(&self, key: &str) -> Result<SandboxStats, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "stats"])))
+            .await
     }
 
     /// Runs a process to its end and returns its output.

@@ -293,6 +293,12 @@ impl Control {
         Ok(sandbox)
     }
 
+    /// What a running sandbox uses now (CPU time, memory, processes, disk of its writable layer).
+    pub async fn stats(&self, key: &str) -> Result<nook_api::SandboxStats, ApiFailure> {
+        let sandbox = self.running(key).await?;
+        Ok(self.runner.stats(&sandbox.id).await?)
+    }
+
     /// Starts a background process; `stdin` text, if any, is written and the pipe stays open for more.
     pub async fn spawn(&self, key: &str, request: ExecRequest) -> Result<ProcessInfo, ApiFailure> {
         let mut options = check_exec(&request)?;

@@ -28,6 +28,8 @@ use tower::ServiceExt as _;
 
 pub mod envd;
 pub mod interpreter;
+pub mod logs;
+pub mod metrics;
 pub mod rest;
 
 /// The envd version nook reports: every SDK feature gated at or below it is implemented (default user, stdin off,
@@ -52,6 +54,8 @@ pub struct E2b {
     pub watchers: Arc<envd::filesystem::Watchers>,
     /// The code interpreter's bridges into sandboxes.
     pub interpreters: Arc<interpreter::Bridges>,
+    /// Usage samples of the sandboxes E2B clients know.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Why the E2B layer could not start.
@@ -76,6 +80,7 @@ impl E2b {
         Ok(Self {
             control: control.clone(),
             secret: Arc::new(secret),
+            metrics: Arc::new(metrics::Metrics::new(control.runner().clone())),
             deadlines: Arc::new(rest::Deadlines::new(control)),
             watchers: Arc::new(envd::filesystem::Watchers::default()),
             interpreters: Arc::new(interpreter::Bridges::default()),

@@ -8,7 +8,8 @@
 //! when it passes, the sandbox is deleted, as E2B kills it, or stopped (files kept, reported `paused`) when it was
 //! created with `autoPause`, E2B's pause on timeout (deadlines live in memory, so a restart of `nook serve`
 //! forgets them: until lifecycle policies exist in the store, sandboxes then stay). Pausing with memory is not
-//! available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`.
+//! available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`. Metrics
+//! ([`crate::metrics`]) and logs ([`crate::logs`]) are routed here and served by their own modules.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -75,7 +76,9 @@ pub fn router(e2b: E2b) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(connect))
         .route("/sandboxes/{id}/pause", post(pause))
-        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/metrics", get(crate::metrics::metrics))
+        .route("/sandboxes/{id}/logs", get(crate::logs::logs_v1))
+        .route("/v2/sandboxes/{id}/logs", get(crate::logs::logs_v2))
         .route("/templates", get(list_templates))
         .route("/templates/{id}", delete(delete_template).get(get_template))
         .layer(axum::middleware::from_fn_with_state(e2b.clone(), authenticate))
@@ -213,6 +216,7 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
                 e2b.deadlines.pause_on_timeout(&sandbox.id);
             }
             e2b.deadlines.set(&sandbox.id, timeout);
+            e2b.metrics.track(&sandbox.id);
             if interpreter {
                 e2b.interpreters.prestart(&e2b, &sandbox.id);
             }
@@ -230,7 +234,7 @@ async fn get_sandbox(State(e2b): State<E2b>, Path(id): Path<String>) -> Response
 }
 
 /// A 404 in E2B's words for a missing sandbox; other failures as they are.
-fn not_found_or(failure: ApiFailure, id: &str) -> Response {
+pub(crate) fn not_found_or(failure: ApiFailure, id: &str) -> Response {
     if failure.status == StatusCode::NOT_FOUND {
         error(StatusCode::NOT_FOUND, format!("sandbox {id} not found"))
     } else {
@@ -328,6 +332,7 @@ async fn kill_sandbox(State(e2b): State<E2b>, Path(id): Path<String>) -> Respons
     match e2b.control.delete(&id).await {
         Ok(()) => {
             e2b.deadlines.clear(&id);
+            e2b.metrics.forget(&id);
             StatusCode::NO_CONTENT.into_response()
         }
         Err(failure) => not_found_or(failure, &id),
@@ -409,6 +414,7 @@ async fn connect(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::bod
         }
     };
     e2b.deadlines.set(&sandbox.id, timeout);
+    e2b.metrics.track(&sandbox.id);
     (status, Json(e2b.describe(&sandbox))).into_response()
 }
 
@@ -418,14 +424,6 @@ async fn pause(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
             StatusCode::NOT_IMPLEMENTED,
             "nook cannot pause a sandbox with its memory yet; stop it with nook's API (files are kept) or kill it",
         ),
-        Err(failure) => not_found_or(failure, &id),
-    }
-}
-
-async fn metrics(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
-    match e2b.control.resolve(&id).await {
-        // No samples are recorded yet; an empty series is what the SDK expects when there are none.
-        Ok(_) => Json(Vec::<serde_json::Value>::new()).into_response(),
         Err(failure) => not_found_or(failure, &id),
     }
 }

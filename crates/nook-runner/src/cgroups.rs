@@ -7,6 +7,10 @@
 //! joins. The boot process joins by writing its pid into each `cgroup.procs`, so every process of the sandbox is
 //! accounted from its first instruction.
 //!
+//! What a sandbox uses now ([`SandboxCgroup::usage`]) is read from the same directories when asked: CPU time from
+//! `cpuacct.usage` (v1) or `cpu.stat` (v2), memory from `memory.usage_in_bytes`/`memory.current` less the inactive
+//! file pages of `memory.stat` (the working set, as `docker stats` reports it).
+//!
 //! OOM kills are observed without polling: an eventfd registered through `cgroup.event_control` on v1, inotify on
 //! `memory.events` on v2; each wake-up re-reads the kernel's `oom_kill` counter.
 
@@ -77,7 +81,8 @@ pub enum CgroupHost {
     },
     /// One v1 hierarchy per controller (a path may serve several controllers, e.g. `cpu,cpuacct`).
     V1 {
-        /// Mount point per controller name: `memory`, `cpu`, `pids`, and `freezer` and `devices` when present.
+        /// Mount point per controller name: `memory`, `cpu`, `pids`, and `cpuacct` (CPU time used), `freezer` and
+        /// `devices` when present.
         mounts: BTreeMap<&'static str, PathBuf>,
     },
 }
@@ -108,7 +113,7 @@ impl CgroupHost {
                 "cgroup2" => v2_root = Some(mount_point),
                 "cgroup" => {
                     for option in right[2].split(',') {
-                        for controller in ["memory", "cpu", "pids", "freezer", "devices"] {
+                        for controller in ["memory", "cpu", "cpuacct", "pids", "freezer", "devices"] {
                             if option == controller {
                                 v1.entry(controller).or_insert_with(|| mount_point.clone());
                             }
@@ -320,6 +325,60 @@ impl SandboxCgroup {
             .unwrap_or(0)
     }
 
+    /// What the sandbox uses now. CPU time reads as zero where it is not accounted (a v1 host without the cpuacct
+    /// controller, or a sandbox started before nook used it); the memory figures must be readable.
+    pub fn usage(&self) -> Result<CgroupUsage, CgroupError> {
+        let read = |dir: &Path, file: &str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path).map_err(|source| CgroupError::Io {
+                action: "reading",
+                path,
+                source,
+            })
+        };
+        let number = |text: &str| text.trim().parse::<u64>().ok();
+        let memory_dir = self.memory_dir();
+        let stat = read(memory_dir, "memory.stat")?;
+        let (usage_file, limit_file, inactive_key, cache_key) = match self.host {
+            CgroupHost::V2 { .. } => ("memory.current", "memory.max", "inactive_file", "file"),
+            CgroupHost::V1 { .. } => (
+                "memory.usage_in_bytes",
+                "memory.limit_in_bytes",
+                "total_inactive_file",
+                "total_cache",
+            ),
+        };
+        let usage = number(&read(memory_dir, usage_file)?).unwrap_or(0);
+        let inactive = stat_value(&stat, inactive_key).unwrap_or(0);
+        // "max" on v2, and a page-rounded i64::MAX on v1, mean no limit.
+        let memory_limit = read(memory_dir, limit_file)
+            .ok()
+            .and_then(|text| number(&text))
+            .filter(|limit| *limit < 1 << 62);
+        let cpu_ns = match &self.host {
+            CgroupHost::V2 { .. } => read(memory_dir, "cpu.stat")
+                .ok()
+                .and_then(|text| stat_value(&text, "usage_usec"))
+                .map(|usec| usec.saturating_mul(1000)),
+            CgroupHost::V1 { mounts } => mounts
+                .contains_key("cpuacct")
+                .then(|| read(self.controller_dir("cpuacct"), "cpuacct.usage").ok())
+                .flatten()
+                .and_then(|text| number(&text)),
+        };
+        let pids = read(self.controller_dir("pids"), "pids.current")
+            .ok()
+            .and_then(|text| number(&text))
+            .unwrap_or(0);
+        Ok(CgroupUsage {
+            cpu_ns: cpu_ns.unwrap_or(0),
+            memory_used: usage.saturating_sub(inactive),
+            memory_cache: stat_value(&stat, cache_key).unwrap_or(0),
+            memory_limit,
+            pids,
+        })
+    }
+
     /// Removes the cgroup's directories. The kernel refuses while processes remain, so this waits briefly for
     /// killed processes to finish exiting before giving up with [`CgroupError::Busy`].
     pub fn remove(&self) -> Result<(), CgroupError> {
@@ -362,6 +421,29 @@ impl SandboxCgroup {
             CgroupHost::V2 { .. } => OomWatcher::v2(self.memory_dir()),
         }
     }
+}
+
+/// What a sandbox's cgroup accounts now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// CPU time used by its processes, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Memory charged, less the inactive file pages the kernel would reclaim first.
+    pub memory_used: u64,
+    /// Page cache charged (file-backed pages).
+    pub memory_cache: u64,
+    /// The memory limit, when one is set.
+    pub memory_limit: Option<u64>,
+    /// Processes and threads.
+    pub pids: u64,
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`memory.stat`, `cpu.stat`).
+fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(' ')?;
+        (name == key).then(|| value.trim().parse().ok()).flatten()
+    })
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
@@ -509,6 +591,54 @@ mod tests {
 ";
         let host = CgroupHost::from_mountinfo(mountinfo, |_| None).unwrap();
         assert_eq!(host.dirs_for("a").len(), 3);
+    }
+
+    #[test]
+    fn usage_reads_v1_and_v2_files() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str| root.path().join(name).join(PARENT).join("sb-x");
+        let mounts: BTreeMap<&'static str, PathBuf> = ["memory", "cpu", "cpuacct", "pids"]
+            .into_iter()
+            .map(|name| (name, root.path().join(name)))
+            .collect();
+        let v1 = CgroupHost::V1 { mounts }.existing("sb-x");
+        for name in ["memory", "cpu", "cpuacct", "pids"] {
+            std::fs::create_dir_all(dir(name)).unwrap();
+        }
+        std::fs::write(dir("memory").join("memory.usage_in_bytes"), "10485760\n").unwrap();
+        std::fs::write(dir("memory").join("memory.limit_in_bytes"), "268435456\n").unwrap();
+        std::fs::write(
+            dir("memory").join("memory.stat"),
+            "cache 99\ninactive_file 99\ntotal_cache 3145728\ntotal_inactive_file 2097152\n",
+        )
+        .unwrap();
+        std::fs::write(dir("cpuacct").join("cpuacct.usage"), "1500000000\n").unwrap();
+        std::fs::write(dir("pids").join("pids.current"), "3\n").unwrap();
+        assert_eq!(
+            v1.usage().unwrap(),
+            CgroupUsage {
+                cpu_ns: 1_500_000_000,
+                memory_used: 8 << 20,
+                memory_cache: 3 << 20,
+                memory_limit: Some(256 << 20),
+                pids: 3,
+            }
+        );
+        let v2 = CgroupHost::V2 {
+            root: root.path().join("unified"),
+        }
+        .existing("sb-x");
+        let dir = root.path().join("unified").join(PARENT).join("sb-x");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(dir.join("memory.max"), "max\n").unwrap();
+        std::fs::write(dir.join("memory.stat"), "anon 4096\nfile 0\ninactive_file 0\n").unwrap();
+        std::fs::write(dir.join("cpu.stat"), "usage_usec 250\nuser_usec 200\n").unwrap();
+        let usage = v2.usage().unwrap();
+        assert_eq!(
+            (usage.cpu_ns, usage.memory_used, usage.memory_limit),
+            (250_000, 4096, None)
+        );
     }
 
     #[test]

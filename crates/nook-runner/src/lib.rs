@@ -5,7 +5,8 @@
 //! trait. A runner keeps its own on-disk state for every sandbox (`sandboxes/<id>/state.json`), so that a restarted
 //! server re-adopts the sandboxes that kept running without touching them.
 //!
-//! Modules: [`images`] (content-addressed layer store), [`cgroups`] (v1/hybrid/v2 limits and OOM watching),
+//! Modules: [`images`] (content-addressed layer store), [`cgroups`] (v1/hybrid/v2 limits, usage and OOM watching),
+//! [`disk`] (bounded measuring of a writable layer),
 //! [`container`] (the container isolation backend: boots `nook-agent boot`), [`agent_client`] (the agent protocol
 //! seen from the runner), [`local`] (the in-process runner tying them together).
 
@@ -20,6 +21,7 @@ use tokio::sync::{broadcast, mpsc};
 pub mod agent_client;
 pub mod cgroups;
 pub mod container;
+pub mod disk;
 pub mod images;
 pub mod local;
 
@@ -221,6 +223,8 @@ pub trait Runner: Send + Sync + 'static {
     async fn watch(&self, id: &str, path: &str, recursive: bool) -> Result<agent_client::WatchEvents, RunnerError>;
     /// A file operation answered with one JSON value (stat, list, mkdir, move, remove).
     async fn file_call(&self, id: &str, request: nook_agent_proto::Request) -> Result<serde_json::Value, RunnerError>;
+    /// What a running sandbox uses now: CPU time, memory, processes, and the disk its writable layer takes.
+    async fn stats(&self, id: &str) -> Result<nook_api::SandboxStats, RunnerError>;
     /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).
     async fn running_sandboxes(&self) -> Vec<String>;
     /// Events about sandboxes that happen without a request (OOM kills, init exits).

@@ -479,6 +479,19 @@ fn answered<T>(id: &str, answer: Result<agent_client::Answer<T>, ProtocolError>)
     }
 }
 
+/// The wall-clock time a process started, from its start in clock ticks since boot (`/proc/<pid>/stat`) and the
+/// boot time (`btime` of `/proc/stat`).
+fn started_at(start_ticks: u64) -> Option<chrono::DateTime<chrono::Utc>> {
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot_s: i64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime ")?.trim().parse().ok())?;
+    let since_boot_ms = start_ticks.checked_mul(1000)? / u64::try_from(ticks_per_s).ok().filter(|t| *t > 0)?;
+    chrono::DateTime::from_timestamp(boot_s, 0)?
+        .checked_add_signed(chrono::Duration::milliseconds(since_boot_ms as i64))
+}
+
 async fn next_oom(watcher: &mut Option<crate::cgroups::OomWatcher>) -> std::io::Result<()> {
     match watcher {
         Some(watcher) => watcher.next().await,
@@ -771,6 +784,44 @@ impl Runner for LocalRunner {
         self.call(id, &request).await
     }
 
+    async fn stats(&self, id: &str) -> Result<nook_api::SandboxStats, RunnerError> {
+        let live = self.running(id)?;
+        let cgroup = self.inner.cgroups.existing(id);
+        let upper = self.sandbox_dir(id).join("upper");
+        let (usage, disk) = tokio::task::spawn_blocking(move || (cgroup.usage(), crate::disk::usage(&upper)))
+            .await
+            .expect("reading usage does not panic");
+        // The cgroup goes away with the sandbox: a failed read of a sandbox that stopped meanwhile says so.
+        let usage = usage.map_err(|error| match self.live(id) {
+            Some(_) => RunnerError::from(error),
+            None => RunnerError::NotRunning(id.to_string()),
+        })?;
+        let disk = disk.map_err(|source| RunnerError::Io {
+            action: "measuring",
+            path: self.sandbox_dir(id).join("upper"),
+            source,
+        })?;
+        let resources = &live.record.spec.resources;
+        let now = chrono::Utc::now();
+        Ok(nook_api::SandboxStats {
+            at: now,
+            started_at: live
+                .record
+                .init
+                .and_then(|init| started_at(init.start_time))
+                .unwrap_or(now),
+            cpu_used_ns: usage.cpu_ns,
+            cpu_limit: resources.cpu,
+            memory_used_bytes: usage.memory_used,
+            memory_cache_bytes: usage.memory_cache,
+            memory_limit_bytes: usage.memory_limit.unwrap_or(resources.memory_mb * 1024 * 1024),
+            pids: usage.pids,
+            disk_used_bytes: disk.used_bytes,
+            disk_used_complete: disk.complete,
+            disk_total_bytes: disk.total_bytes,
+        })
+    }
+
     async fn running_sandboxes(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.inner.live.lock().expect("live map").keys().cloned().collect();
         ids.sort();
@@ -779,5 +830,21 @@ impl Runner for LocalRunner {
 
     fn subscribe(&self) -> broadcast::Receiver<RunnerEvent> {
         self.inner.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_become_wall_clock_time() {
+        let ticks = process_start_time(std::process::id() as i32).unwrap();
+        let started = started_at(ticks).unwrap();
+        let age = chrono::Utc::now() - started;
+        assert!(
+            age >= chrono::Duration::seconds(-2) && age < chrono::Duration::hours(1),
+            "{started}"
+        );
     }
 }

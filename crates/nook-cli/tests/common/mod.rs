@@ -211,7 +211,7 @@ pub fn kill_leftover_sandboxes(data_dir: &Path) {
         }
         for _ in 0..100 {
             let mut left = false;
-            for hierarchy in ["memory", "cpu", "pids", "freezer", "devices", "unified", ""] {
+            for hierarchy in ["memory", "cpu", "cpuacct", "pids", "freezer", "devices", "unified", ""] {
                 let dir = Path::new("/sys/fs/cgroup").join(hierarchy).join("nook").join(&id);
                 if dir.exists() && std::fs::remove_dir(&dir).is_err() {
                     left = true;
@@ -327,7 +327,7 @@ pub fn leftovers(server: &TestServer, id: &str) -> Vec<String> {
     if server.sandbox_dir(id).exists() {
         found.push(format!("directory {}", server.sandbox_dir(id).display()));
     }
-    for hierarchy in ["memory", "cpu", "pids", "freezer", "unified", ""] {
+    for hierarchy in ["memory", "cpu", "cpuacct", "pids", "freezer", "unified", ""] {
         let dir = Path::new("/sys/fs/cgroup").join(hierarchy).join("nook").join(id);
         if dir.exists() {
             found.push(format!("cgroup {}", dir.display()));

@@ -22,7 +22,7 @@ use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
     PtySize, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState,
-    SearchMatch, SearchRequest, SearchResult, SignalRequest, WatchEvent, WatchEventKind,
+    SandboxStats, SearchMatch, SearchRequest, SearchResult, SignalRequest, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -96,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
+        .route("/v1/sandboxes/{sandbox}/stats", get(sandbox_stats))
         .route("/v1/sandboxes/{sandbox}/exec", post(exec))
         .route("/v1/sandboxes/{sandbox}/exec/stream", post(exec_stream))
         .route(
@@ -315,6 +316,19 @@ async fn sandbox_events(
     Ok(Json(SandboxEventList {
         events: state.control.store().events(&sandbox.id).await?,
     }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/stats", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "What the sandbox uses now, read when asked", body = SandboxStats),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "The sandbox is not running", body = ApiError)),
+    security(("bearer" = [])))]
+async fn sandbox_stats(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Json<SandboxStats>, ApiFailure> {
+    Ok(Json(state.control.stats(&key).await?))
 }
 
 /// Maps an agent-reported failure to an HTTP error.
@@ -974,7 +988,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
-        sandbox_events, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
+        sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
     ),
