@@ -347,6 +347,63 @@ describe('in one sandbox', () => {
     await assert.rejects(sandbox.files.read('/home/user/missing.txt'), FileNotFoundError)
   })
 
+  test('files: gzip and streamed uploads, metadata, and signed URLs for plain fetch', async () => {
+    // Streams and gzip go up as raw octet-stream bodies (gzip through the runtime's CompressionStream).
+    const parts = () =>
+      new ReadableStream({
+        start(controller) {
+          for (let i = 0; i < 64; i++) controller.enqueue(new Uint8Array(16 * 1024).fill(i))
+          controller.close()
+        },
+      })
+    const zipped = await sandbox.files.write('/tmp/parts.gz.bin', parts(), { gzip: true, metadata: { Kind: 'parts' } })
+    assert.deepEqual(zipped.metadata, { kind: 'parts' })
+    await sandbox.files.write('/tmp/parts.bin', parts())
+    const sums = (await sandbox.commands.run('sha256sum < /tmp/parts.bin; sha256sum < /tmp/parts.gz.bin')).stdout
+    const [plain, inflated] = sums.split('\n')
+    assert.equal(plain, inflated)
+    const read = await sandbox.files.read('/tmp/parts.gz.bin', { format: 'bytes', gzip: true })
+    assert.equal(read.length, 64 * 16 * 1024)
+    assert.equal(read[read.length - 1], 63)
+
+    // Metadata round trip: on the answer, getInfo and list; the next upload replaces it.
+    const info = await sandbox.files.write('/home/user/meta.txt', 'm', { metadata: { author: 'ada', n: '1' } })
+    assert.deepEqual(info.metadata, { author: 'ada', n: '1' })
+    assert.deepEqual((await sandbox.files.getInfo('/home/user/meta.txt')).metadata, { author: 'ada', n: '1' })
+    const listed = (await sandbox.files.list('/home/user')).find((entry) => entry.name === 'meta.txt')
+    assert.deepEqual(listed.metadata, { author: 'ada', n: '1' })
+    await sandbox.files.write('/home/user/meta.txt', 'again')
+    assert.equal((await sandbox.files.getInfo('/home/user/meta.txt')).metadata, undefined)
+
+    // Signed URLs: fetch with nothing but the URL; expired or reused for another operation, refused.
+    const download = await sandbox.downloadUrl('/home/user/meta.txt')
+    assert.equal(await (await fetch(download)).text(), 'again')
+    const upload = await sandbox.uploadUrl('/home/user/up.txt', { useSignatureExpiration: 60 })
+    const form = new FormData()
+    form.append('file', new Blob(['uploaded by fetch']), 'up.txt')
+    assert.equal((await fetch(upload, { method: 'POST', body: form })).status, 200)
+    assert.equal(await sandbox.files.read('/home/user/up.txt'), 'uploaded by fetch')
+    const expired = await sandbox.downloadUrl('/home/user/meta.txt', { useSignatureExpiration: -5 })
+    assert.equal((await fetch(expired)).status, 401)
+    // Refused before its body is read: the body is still taken in, so the client sees the answer.
+    assert.equal((await fetch(download, { method: 'POST', body: form })).status, 401)
+
+    // Watch events carry the entry when asked.
+    await sandbox.files.makeDir('/home/user/entries')
+    const events = []
+    const watcher = await sandbox.files.watchDir('/home/user/entries', (event) => events.push(event), {
+      includeEntry: true,
+      allowNetworkMounts: true,
+    })
+    await sandbox.commands.run('mkdir /home/user/entries/d && chmod 700 /home/user/entries/d')
+    const chmod = () => events.find((event) => event.name === 'd' && event.type === FilesystemEventType.CHMOD)
+    await eventually(chmod, () => JSON.stringify(events))
+    await watcher.stop()
+    assert.equal(chmod().entry.path, '/home/user/entries/d')
+    assert.equal(chmod().entry.type, 'dir')
+    assert.equal(chmod().entry.mode, 0o700)
+  })
+
   test('files: list, makeDir, rename, remove, exists and getInfo', async () => {
     await sandbox.files.write([
       { path: '/home/user/tree/a.txt', data: 'a' },

@@ -3,8 +3,11 @@
 which uses other wire calls in places (a streaming watch instead of polling, an input handle for stdin)."""
 
 import asyncio
+import hashlib
 import io
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from conftest import eventually_async
@@ -17,7 +20,6 @@ from e2b.exceptions import (
     SandboxException,
     SandboxNotFoundException,
     SandboxNotRunningException,
-    TemplateException,
     TimeoutException,
 )
 from e2b.sandbox.commands.command_handle import PtySize
@@ -35,7 +37,7 @@ async def test_lifecycle_create_info_list_timeout_connect_kill(async_sandbox):
     sbx = await AsyncSandbox.create(timeout=120, metadata={"suite": "async", "team": "a b&c"}, envs={"GREETING": "hey"})
     info = await sbx.get_info()
     assert info.sandbox_id == sbx.sandbox_id
-    assert (info.template_id, info.state, info.envd_version) == ("base", SandboxState.RUNNING, "0.5.2")
+    assert (info.template_id, info.state, info.envd_version) == ("base", SandboxState.RUNNING, "0.6.4")
     assert info.metadata == {"suite": "async", "team": "a b&c"}
     assert 115 <= (info.end_at - info.started_at).total_seconds() <= 125
     assert await sbx.is_running()
@@ -292,16 +294,36 @@ async def test_files_read_and_write_text_bytes_streams_and_many(async_sandbox):
     assert bytes(await sbx.files.read("/tmp/from-io.bin", format="bytes")) == payload[:70_000]
     await sbx.files.write("/tmp/from-io.txt", io.StringIO("text stream ✓"))
     assert await sbx.files.read("/tmp/from-io.txt") == "text stream ✓"
+    # gzip both ways: the upload is inflated as it streams, the download compressed because the SDK asks for it.
     await sbx.files.write("/tmp/zipped.txt", "zipped " * 100, gzip=True)
+    assert (await sbx.commands.run("wc -c < /tmp/zipped.txt")).stdout.strip() == "700"
     assert await sbx.files.read("/tmp/zipped.txt", gzip=True) == "zipped " * 100
 
+    # Async iterables of chunks go up as raw octet-stream bodies, gzip-compressed or not, with metadata if given.
     async def chunks():
-        yield b"a"
+        for _ in range(8):
+            yield payload
+            await asyncio.sleep(0)
 
-    with pytest.raises(TemplateException):
-        await sbx.files.write("/tmp/chunks.txt", chunks())
-    with pytest.raises(TemplateException):
-        await sbx.files.write("/tmp/meta.txt", "m", metadata={"k": "v"})
+    await sbx.files.write("/tmp/chunks.bin", chunks())
+    await sbx.files.write("/tmp/chunks.gz.bin", chunks(), gzip=True, metadata={"Source": "async chunks"})
+    sums = (await sbx.commands.run("sha256sum < /tmp/chunks.bin; sha256sum < /tmp/chunks.gz.bin")).stdout.split()
+    assert sums[0] == sums[2] == hashlib.sha256(payload * 8).hexdigest()
+    info = await sbx.files.get_info("/tmp/chunks.gz.bin")
+    assert (info.size, info.metadata) == (8 * len(payload), {"source": "async chunks"})
+    assert (await sbx.files.get_info("/tmp/chunks.bin")).metadata is None
+    written = await sbx.files.write("/tmp/meta.txt", "m", metadata={"k": "v"})
+    assert written.metadata == {"k": "v"}
+    assert [entry.metadata for entry in await sbx.files.list("/tmp") if entry.name == "meta.txt"] == [{"k": "v"}]
+    with pytest.raises(InvalidArgumentException):
+        await sbx.files.write("/tmp/bad-meta", "x", metadata={"k" * 247: "v"})
+
+    # A signed URL serves a plain HTTP client, until it expires.
+    url = sbx.download_url("/tmp/meta.txt", use_signature_expiration=30)
+    assert await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read()) == b"m"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        await asyncio.to_thread(urllib.request.urlopen, sbx.download_url("/tmp/meta.txt", use_signature_expiration=-1))
+    assert refused.value.code == 401
 
     written = await sbx.files.write_files(
         [
@@ -427,5 +449,25 @@ async def test_watch_dir_streams_changes_recursively_or_not(async_sandbox):
     await sbx.files.write("/home/user/plain.txt", "x")
     with pytest.raises(InvalidArgumentException):
         await sbx.files.watch_dir("/home/user/plain.txt", on_event=lambda event: None)
-    with pytest.raises(TemplateException):
-        await sbx.files.watch_dir("/home/user/watched", on_event=lambda event: None, include_entry=True)
+
+    # Entry info in streamed events: for creations, writes and changes of what still exists, with its metadata.
+    events = []
+    entries = await sbx.files.watch_dir(
+        "/home/user/watched", on_event=events.append, include_entry=True, allow_network_mounts=True
+    )
+    await sbx.files.write("/home/user/watched/with-entry.txt", "12345", metadata={"k": "v"})
+    await sbx.commands.run("cd /home/user/watched && chmod 640 with-entry.txt && mkdir kept && rm with-entry.txt")
+
+    async def with_entries():
+        kinds = {(event.name, event.type.value) for event in events}
+        return {("with-entry.txt", "chmod"), ("kept", "create"), ("with-entry.txt", "remove")} <= kinds
+
+    await eventually_async(with_entries, "the events with entries")
+    await entries.stop()
+    by_kind = {(event.name, event.type.value): event for event in events}
+    changed = by_kind[("with-entry.txt", "chmod")].entry
+    # The file may already be gone when its event is looked at: then there is no entry, as envd sends it.
+    assert changed is None or (changed.mode, changed.size, changed.metadata) == (0o640, 5, {"k": "v"})
+    kept = by_kind[("kept", "create")].entry
+    assert (kept.type, kept.path, kept.owner) == (FileType.DIR, "/home/user/watched/kept", "user")
+    assert by_kind[("with-entry.txt", "remove")].entry is None

@@ -2,8 +2,14 @@
 commands, terminals, files and watches, and the errors an app relies on. `test_async.py` covers the same with
 `AsyncSandbox`."""
 
+import gzip
+import hashlib
 import io
+import json
+import os
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from conftest import eventually
@@ -16,7 +22,6 @@ from e2b.exceptions import (
     SandboxException,
     SandboxNotFoundException,
     SandboxNotRunningException,
-    TemplateException,
     TimeoutException,
 )
 from e2b.sandbox.commands.command_handle import PtySize
@@ -31,7 +36,7 @@ def test_lifecycle_create_info_list_timeout_connect_kill(sandbox):
     assert info.template_id == "base"
     assert info.metadata == {"suite": "sync", "owner": "alice smith"}
     assert info.state == SandboxState.RUNNING
-    assert info.envd_version == "0.5.2"
+    assert info.envd_version == "0.6.4"
     assert 115 <= (info.end_at - info.started_at).total_seconds() <= 125
     assert sbx.is_running()
     # Sandbox-wide env vars reach commands.
@@ -302,14 +307,23 @@ def test_files_read_and_write_text_bytes_streams_and_many(sandbox):
     assert bytes(sandbox.files.read("/tmp/from-io.bin", format="bytes")) == payload[:100_000]
     sandbox.files.write("/tmp/from-io.txt", io.StringIO("text stream ✓"))
     assert sandbox.files.read("/tmp/from-io.txt") == "text stream ✓"
-    # gzip falls back to a plain upload at nook's envd version; a gzip download is answered uncompressed.
-    sandbox.files.write("/tmp/zipped.txt", "zipped " * 100, gzip=True)
+    # gzip both ways: the upload is inflated as it streams, the download compressed because the SDK asks for it.
+    zipped = sandbox.files.write("/tmp/zipped.txt", "zipped " * 100, gzip=True)
+    assert (zipped.path, zipped.name) == ("/tmp/zipped.txt", "zipped.txt")
+    assert sandbox.commands.run("wc -c < /tmp/zipped.txt").stdout.strip() == "700"
     assert sandbox.files.read("/tmp/zipped.txt", gzip=True) == "zipped " * 100
-    # Iterables and metadata need a newer envd than nook reports: the SDK refuses them itself.
-    with pytest.raises(TemplateException):
-        sandbox.files.write("/tmp/chunks.txt", iter([b"a", b"b"]))
-    with pytest.raises(TemplateException):
-        sandbox.files.write("/tmp/meta.txt", "m", metadata={"k": "v"})
+    with sandbox.files.read("/tmp/blob.bin", format="stream", gzip=True) as stream:
+        assert b"".join(stream) == payload
+    # Iterables of chunks, file objects and, when asked, plain bytes go up as raw octet-stream bodies.
+    sandbox.files.write("/tmp/chunks.txt", iter([b"a", b"b" * 100_000, b"c"]))
+    assert sandbox.files.read("/tmp/chunks.txt") == "a" + "b" * 100_000 + "c"
+    sandbox.files.write("/tmp/chunks.bin", (payload for _ in range(8)), gzip=True)
+    digest = sandbox.commands.run("sha256sum < /tmp/chunks.bin").stdout.split()[0]
+    assert digest == hashlib.sha256(payload * 8).hexdigest()
+    sandbox.files.write("/tmp/raw.bin", payload[:1000], use_octet_stream=True)
+    assert bytes(sandbox.files.read("/tmp/raw.bin", format="bytes")) == payload[:1000]
+    sandbox.files.write("/tmp/from-io.gz", io.BytesIO(payload), gzip=True)
+    assert bytes(sandbox.files.read("/tmp/from-io.gz", format="bytes")) == payload
 
     written = sandbox.files.write_files(
         [
@@ -336,6 +350,116 @@ def test_files_read_and_write_text_bytes_streams_and_many(sandbox):
     assert sandbox.files.read("/tmp/as-root/r.txt", user="root") == "r"
     with pytest.raises(AuthenticationException):
         sandbox.files.read("/tmp/as-root/r.txt", user="nosuchuser")
+
+
+def test_file_metadata_round_trips_and_is_replaced_by_the_next_upload(sandbox):
+    info = sandbox.files.write("/home/user/meta.txt", "m", metadata={"Author": "ada", "purpose": "a test ~"})
+    expected = {"author": "ada", "purpose": "a test ~"}
+    assert info.metadata == expected
+    assert sandbox.files.get_info("meta.txt").metadata == expected
+    listed = {entry.name: entry.metadata for entry in sandbox.files.list("/home/user")}
+    assert listed["meta.txt"] == expected
+    # Kept as user.e2b.* extended attributes of the file in the sandbox's own file system.
+    read_back = sandbox.commands.run(
+        "python3 -c 'import os; print(sorted((n, os.getxattr(\"meta.txt\", n).decode())"
+        " for n in os.listxattr(\"meta.txt\") if n.startswith(\"user.\")))'"
+    )
+    assert read_back.stdout.strip() == "[('user.e2b.author', 'ada'), ('user.e2b.purpose', 'a test ~')]"
+    # Attributes set by other means show too.
+    sandbox.commands.run("python3 -c 'import os; os.setxattr(\"meta.txt\", \"user.e2b.extra\", b\"1\")'")
+    assert sandbox.files.get_info("meta.txt").metadata == {**expected, "extra": "1"}
+    moved = sandbox.files.rename("meta.txt", "kept/meta.txt")
+    assert moved.metadata == {**expected, "extra": "1"}
+
+    # An upload replaces the whole set: with other metadata, or with none.
+    assert sandbox.files.write("kept/meta.txt", "n", metadata={"v": "2"}).metadata == {"v": "2"}
+    assert sandbox.files.get_info("kept/meta.txt").metadata == {"v": "2"}
+    assert sandbox.files.write("kept/meta.txt", "o").metadata is None
+    assert sandbox.files.get_info("kept/meta.txt").metadata is None
+
+    # Every file of a multipart upload, and streamed (gzip) uploads, carry it too.
+    written = sandbox.files.write_files(
+        [{"path": "batch/a.txt", "data": "a"}, {"path": "batch/b.bin", "data": b"b"}], metadata={"batch": "7"}
+    )
+    assert [item.metadata for item in written] == [{"batch": "7"}, {"batch": "7"}]
+    assert sandbox.files.get_info("batch/b.bin").metadata == {"batch": "7"}
+    sandbox.files.write("batch/c.txt", iter([b"c"]), metadata={"streamed": "yes"}, gzip=True)
+    assert sandbox.files.get_info("batch/c.txt").metadata == {"streamed": "yes"}
+
+    # What the SDK lets through but envd's limits refuse: a key over 246 bytes, more than 4096 bytes in all.
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.write("/tmp/bad-meta", "x", metadata={"k" * 247: "v"})
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.write("/tmp/bad-meta", "x", metadata={"a": "v" * 3000, "b": "v" * 1100})
+    assert not sandbox.files.exists("/tmp/bad-meta")
+
+
+def _multipart(path: str, data: bytes):
+    boundary = "nook-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _status(request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_signed_urls_work_without_the_sdk_and_are_checked(sandbox):
+    sandbox.files.write("/home/user/shared.txt", "shared bytes")
+    # Handed to plain HTTP clients: nothing but the URL, against nook's own address.
+    url = sandbox.download_url("/home/user/shared.txt")
+    assert "signature=v1_" in url and url.startswith(os.environ["E2B_SANDBOX_URL"])
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.read() == b"shared bytes"
+    # Compressed when asked for gzip by name (as files.read(gzip=True) asks); as they are for a generic list.
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept-Encoding": "gzip"}), timeout=30) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert gzip.decompress(response.read()) == b"shared bytes"
+    generic = urllib.request.Request(url, headers={"Accept-Encoding": "gzip, deflate"})
+    with urllib.request.urlopen(generic, timeout=30) as response:
+        assert response.headers["Content-Encoding"] is None and response.read() == b"shared bytes"
+    upload = sandbox.upload_url("uploads/raw.bin")
+    raw = urllib.request.Request(
+        upload, data=b"\x00raw", method="POST", headers={"Content-Type": "application/octet-stream"}
+    )
+    with urllib.request.urlopen(raw, timeout=30) as response:
+        assert json.loads(response.read()) == [
+            {"path": "/home/user/uploads/raw.bin", "name": "raw.bin", "type": "file"}
+        ]
+    assert bytes(sandbox.files.read("uploads/raw.bin", format="bytes")) == b"\x00raw"
+    body, content_type = _multipart("ignored-name", b"form bytes")
+    form = sandbox.upload_url("/home/user/uploads/form.txt", use_signature_expiration=60)
+    request = urllib.request.Request(form, data=body, method="POST", headers={"Content-Type": content_type})
+    assert _status(request) == 200
+    assert sandbox.files.read("uploads/form.txt") == "form bytes"
+    # As another user, who owns what they upload.
+    as_root = sandbox.upload_url("/tmp/by-root.txt", user="root")
+    octets = {"Content-Type": "application/octet-stream"}
+    assert _status(urllib.request.Request(as_root, data=b"r", method="POST", headers=octets)) == 200
+    assert sandbox.commands.run("stat -c %U /tmp/by-root.txt").stdout == "root\n"
+
+    # Within its lifetime it works; past it, or altered in any part, it is refused.
+    assert _status(sandbox.download_url("shared.txt", use_signature_expiration=60)) == 200
+    assert _status(sandbox.download_url("shared.txt", use_signature_expiration=-5)) == 401
+    assert _status(url.replace("shared.txt", "raw.txt")) == 401
+    later = sandbox.download_url("shared.txt", use_signature_expiration=60)
+    stamp = later.rsplit("signature_expiration=", 1)[1]
+    assert _status(later.replace(stamp, str(int(stamp) + 3600))) == 401
+    assert _status(urllib.request.Request(url, data=b"x", method="POST", headers=octets)) == 401  # reads only
+    # Addressed to the sandbox by its header, a file request needs the token or a signature.
+    routed = {"E2b-Sandbox-Id": sandbox.sandbox_id}
+    assert _status(urllib.request.Request(url.split("&signature=")[0], headers=routed)) == 401
+    assert _status(urllib.request.Request(url, headers=routed)) == 200
+    # A signature is an alternative to the token, not a way around a wrong one.
+    assert _status(urllib.request.Request(url, headers={**routed, "X-Access-Token": "wrong"})) == 401
+    assert _status(urllib.request.Request(url, headers={"X-Access-Token": "wrong"})) == 401
 
 
 def test_files_list_make_dir_rename_remove_exists_and_info(sandbox):
@@ -452,6 +576,24 @@ def test_watch_dir_reports_changes_recursively_or_not(sandbox):
     sandbox.files.write("/home/user/plain.txt", "x")
     with pytest.raises(InvalidArgumentException):
         sandbox.files.watch_dir("/home/user/plain.txt")
-    # Entry info in events needs envd 0.6.3: the SDK refuses it.
-    with pytest.raises(TemplateException):
-        sandbox.files.watch_dir("/home/user/watched", include_entry=True)
+
+    # Entry info in events: for creations, writes and changes of what still exists, with its metadata.
+    entries = sandbox.files.watch_dir("/home/user/watched", include_entry=True, allow_network_mounts=True)
+    sandbox.files.write("/home/user/watched/with-entry.txt", "12345", metadata={"k": "v"})
+    sandbox.commands.run("cd /home/user/watched && chmod 600 with-entry.txt && mkdir kept && mkdir gone && rmdir gone")
+    events = []
+
+    def collected():
+        events.extend(entries.get_new_events())
+        kinds = {(event.name, event.type.value) for event in events}
+        return {("with-entry.txt", "rename"), ("with-entry.txt", "chmod"), ("kept", "create"), ("gone", "remove")} <= kinds
+
+    eventually(collected, "the events with entries")
+    entries.stop()
+    changed = [event for event in events if (event.name, event.type.value) == ("with-entry.txt", "chmod")][0]
+    assert changed.entry is not None
+    assert (changed.entry.path, changed.entry.size, changed.entry.mode) == ("/home/user/watched/with-entry.txt", 5, 0o600)
+    assert (changed.entry.owner, changed.entry.metadata) == ("user", {"k": "v"})
+    kept = [event for event in events if (event.name, event.type.value) == ("kept", "create")][0]
+    assert (kept.entry.type, kept.entry.path) == (FileType.DIR, "/home/user/watched/kept")
+    assert all(event.entry is None for event in events if event.type.value in ("remove", "rename"))

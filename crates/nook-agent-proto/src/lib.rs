@@ -9,6 +9,8 @@
 //! [`MAX_FRAME_LEN`] so that neither side can be made to allocate without limit by the other (the sandbox side is
 //! hostile). The module [`boot`] holds the spec a runner hands to `nook-agent boot` to build a container sandbox.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -233,17 +235,7 @@ pub enum Request {
     /// Write a file from the [`FrameKind::Stdin`] frames that follow, ended by [`FrameKind::StdinClose`]; the file
     /// appears whole (written beside it, then renamed) and only once the input is complete. Answered with its
     /// [`FileStat`].
-    WriteFile {
-        /// Absolute path inside the sandbox.
-        path: String,
-        /// Permission bits for a new file (0644 when absent).
-        mode: Option<u32>,
-        /// Create missing parent directories.
-        parents: bool,
-        /// Owner (uid, gid) of the file and of the directories this creates; root when absent.
-        #[serde(default)]
-        owner: Option<(u32, u32)>,
-    },
+    WriteFile(FileWrite),
     /// Pack a file or directory tree as a tar stream (like `docker cp` out): answered with the path's [`FileStat`]
     /// ([`FrameKind::Reply`]), the archive in [`FrameKind::FileData`] frames and an [`End`] with its length; a
     /// failure part-way is an [`FrameKind::Error`] instead of the `End`. Entries are named from the path's last
@@ -380,6 +372,56 @@ pub enum Request {
     List,
 }
 
+/// How [`Request::WriteFile`] writes a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileWrite {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// Permission bits for a new file (0644 when absent).
+    pub mode: Option<u32>,
+    /// Create missing parent directories.
+    pub parents: bool,
+    /// Owner (uid, gid) of the file and of the directories this creates; root when absent.
+    #[serde(default)]
+    pub owner: Option<(u32, u32)>,
+    /// User metadata for the file, stored as extended attributes [`METADATA_XATTR_PREFIX`]`<key>` (see
+    /// [`check_metadata`]). A written file is always a new file, so it carries exactly these, or none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// The extended attribute namespace of user metadata (E2B's: `user.e2b.<key>`).
+pub const METADATA_XATTR_PREFIX: &str = "user.e2b.";
+/// Longest metadata key: an extended attribute name has at most 255 bytes, the prefix included.
+pub const MAX_METADATA_KEY: usize = 255 - METADATA_XATTR_PREFIX.len();
+/// Most bytes of metadata (keys and values together) one file carries.
+pub const MAX_METADATA_TOTAL: usize = 4096;
+
+/// Checks user metadata: keys not empty and at most [`MAX_METADATA_KEY`] bytes, keys and values printable ASCII
+/// (space to `~`), keys and values at most [`MAX_METADATA_TOTAL`] bytes together. The error says which rule broke.
+pub fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), String> {
+    let printable = |text: &str| text.bytes().all(|byte| (0x20..=0x7e).contains(&byte));
+    let mut total = 0;
+    for (key, value) in metadata {
+        if key.is_empty() || !printable(key) {
+            return Err(format!("metadata key {key:?} must be non-empty printable ASCII"));
+        }
+        if key.len() > MAX_METADATA_KEY {
+            return Err(format!("metadata key {key:?} is longer than {MAX_METADATA_KEY} bytes"));
+        }
+        if !printable(value) {
+            return Err(format!("the value of metadata key {key:?} must be printable ASCII"));
+        }
+        total += key.len() + value.len();
+    }
+    if total > MAX_METADATA_TOTAL {
+        return Err(format!(
+            "metadata takes {total} bytes, more than the {MAX_METADATA_TOTAL} a file may carry"
+        ));
+    }
+    Ok(())
+}
+
 /// What kind of file system object a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -446,6 +488,9 @@ pub struct FileStat {
     pub modified_ms: i64,
     /// Where a symlink points.
     pub symlink_target: Option<String>,
+    /// User metadata: the path's [`METADATA_XATTR_PREFIX`] extended attributes, prefix stripped.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// What changed under a watched directory.
@@ -721,6 +766,36 @@ mod tests {
         })
         .unwrap();
         assert!(json.contains("\"aGkh\""), "{json}");
+    }
+
+    #[test]
+    fn file_writes_keep_their_wire_form_and_metadata_is_checked() {
+        let request = Request::WriteFile(FileWrite {
+            path: "/a".into(),
+            mode: None,
+            parents: true,
+            owner: Some((1, 2)),
+            metadata: None,
+        });
+        let json = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"write_file","path":"/a","mode":null,"parents":true,"owner":[1,2]}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
+
+        let ok = BTreeMap::from([("author".to_string(), "a b ~".to_string())]);
+        assert!(check_metadata(&ok).is_ok());
+        for (key, value) in [("", "v"), ("k\n", "v"), ("k", "caf\u{e9}"), ("k", "tab\t")] {
+            let bad = BTreeMap::from([(key.to_string(), value.to_string())]);
+            assert!(check_metadata(&bad).is_err(), "{key:?}={value:?}");
+        }
+        let long_key = BTreeMap::from([("k".repeat(MAX_METADATA_KEY + 1), String::new())]);
+        assert!(check_metadata(&long_key).unwrap_err().contains("longer than 246"));
+        let longest_key = BTreeMap::from([("k".repeat(MAX_METADATA_KEY), String::new())]);
+        assert!(check_metadata(&longest_key).is_ok());
+        let big = BTreeMap::from([("a".to_string(), "x".repeat(3000)), ("b".to_string(), "x".repeat(1100))]);
+        assert!(check_metadata(&big).unwrap_err().contains("4096"));
     }
 
     #[tokio::test]

@@ -4,13 +4,14 @@
 //! symlinks it holds, resolves inside the sandbox, because nothing of the host is mounted there. Paths must still be
 //! absolute and reasonable (no NUL, bounded length), and are normalised lexically so messages name what was meant.
 //! Data moves in bounded chunks in both directions; a written file appears whole or not at all (it is written to a
-//! hidden sibling and renamed over the target once the client's input ended cleanly).
+//! hidden sibling and renamed over the target once the client's input ended cleanly, carrying its user metadata
+//! from the start: [`crate::metadata`]).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nook_agent_proto::{
-    read_frame, write_frame, write_json, End, FileKind, FileStat, FrameKind, ProtocolError, MAX_FRAME_LEN,
+    read_frame, write_frame, write_json, End, FileKind, FileStat, FileWrite, FrameKind, ProtocolError, MAX_FRAME_LEN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -133,6 +134,7 @@ pub fn stat(path: &Path) -> Result<FileStat, FileError> {
         gid: metadata.gid(),
         modified_ms: metadata.mtime() * 1000 + metadata.mtime_nsec() / 1_000_000,
         symlink_target,
+        metadata: crate::metadata::read(path),
     })
 }
 
@@ -250,15 +252,20 @@ pub async fn read_file(path: &Path, writer: &mut OwnedWriteHalf) -> Result<Resul
     Ok(Ok(()))
 }
 
-/// Receives a file from the client's input frames into a hidden sibling, then renames it over `path`. If the
-/// client disconnects before closing its input, nothing is left behind.
+/// Receives a file from the client's input frames into a hidden sibling, gives it its owner, mode and metadata,
+/// then renames it over `path`. If the client disconnects before closing its input, nothing is left behind.
 pub async fn write_file(
     path: &Path,
-    mode: Option<u32>,
-    parents: bool,
-    owner: Option<(u32, u32)>,
+    write: &FileWrite,
     reader: &mut OwnedReadHalf,
 ) -> Result<Result<FileStat, FileError>, ProtocolError> {
+    let (mode, parents, owner) = (write.mode, write.parents, write.owner);
+    if let Some(Err(message)) = write.metadata.as_ref().map(nook_agent_proto::check_metadata) {
+        return Ok(Err(FileError {
+            code: "invalid_metadata",
+            message,
+        }));
+    }
     let Some(parent) = path.parent() else {
         return Ok(Err(FileError::invalid("cannot write to the root directory".into())));
     };
@@ -289,7 +296,18 @@ pub async fn write_file(
     };
     let received = receive_into(&mut file, reader).await;
     let finished = match received {
-        Ok(true) => file.flush().await.map_err(|e| FileError::io("writing", path, e)),
+        Ok(true) => match file.flush().await {
+            // A file system without user extended attributes keeps the file without its metadata, as envd does;
+            // the answer's stat, read back from the file, shows what was kept.
+            Ok(()) => match &write.metadata {
+                Some(metadata) => match crate::metadata::write(std::os::fd::AsFd::as_fd(&file), metadata) {
+                    Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                    result => result.map_err(|e| FileError::io("setting the metadata of", path, e)),
+                },
+                None => Ok(()),
+            },
+            Err(error) => Err(FileError::io("writing", path, error)),
+        },
         Ok(false) => Err(FileError {
             code: "incomplete",
             message: format!("the upload of {} ended before its input was complete", path.display()),

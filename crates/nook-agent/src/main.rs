@@ -11,6 +11,7 @@
 mod archive;
 mod boot;
 mod files;
+mod metadata;
 mod processes;
 mod search;
 mod serve;

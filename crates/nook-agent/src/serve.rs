@@ -197,14 +197,9 @@ async fn handle(
             },
             Err(error) => send_error(&mut writer, error.code, error.message).await,
         },
-        Request::WriteFile {
-            path,
-            mode,
-            parents,
-            owner,
-        } => {
-            let result = match files::clean_path(&path) {
-                Ok(path) => files::write_file(&path, mode, parents, owner, &mut reader).await?,
+        Request::WriteFile(write) => {
+            let result = match files::clean_path(&write.path) {
+                Ok(path) => files::write_file(&path, &write, &mut reader).await?,
                 Err(error) => Err(error),
             };
             reply(&mut writer, result).await

@@ -449,15 +449,32 @@ impl Control {
         owner: Option<(u32, u32)>,
         body: nook_runner::ByteStream,
     ) -> Result<FileInfo, ApiFailure> {
-        if mode.is_some_and(|mode| mode > 0o7777) {
+        let write = nook_agent_proto::FileWrite {
+            path: path.to_string(),
+            mode,
+            parents,
+            owner,
+            metadata: None,
+        };
+        Ok(file_info(self.write_file_with(key, write, body).await?))
+    }
+
+    /// Writes a file from a stream as `write` says, user metadata included; answers with the agent's stat of the
+    /// written file (which carries the metadata read back from it).
+    pub async fn write_file_with(
+        &self,
+        key: &str,
+        write: nook_agent_proto::FileWrite,
+        body: nook_runner::ByteStream,
+    ) -> Result<nook_agent_proto::FileStat, ApiFailure> {
+        if write.mode.is_some_and(|mode| mode > 0o7777) {
             return Err(ApiFailure::invalid("mode must be permission bits (at most 0o7777)"));
         }
+        if let Some(Err(message)) = write.metadata.as_ref().map(nook_agent_proto::check_metadata) {
+            return Err(ApiFailure::invalid(message));
+        }
         let sandbox = self.running(key).await?;
-        Ok(file_info(
-            self.runner
-                .write_file(&sandbox.id, path, mode, parents, owner, body)
-                .await?,
-        ))
+        Ok(self.runner.write_file(&sandbox.id, write, body).await?)
     }
 
     /// Packs a file or directory tree as a tar stream.

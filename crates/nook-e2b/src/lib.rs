@@ -7,6 +7,8 @@
 //!   `E2B_SANDBOX_URL` is set, or by a `{port}-{sandboxId}.{domain}` Host: port 49983 is envd ([`envd`]), served by
 //!   nook on top of its own agent; port 49999 is the code interpreter ([`interpreter`]), Jupyter kernels driven
 //!   inside the sandbox; other ports are answered with a clear error until sandbox networking exists;
+//!   a signed `/files` URL (the SDKs' `download_url` / `upload_url`) that carries neither is addressed to the
+//!   sandbox whose access token made its signature;
 //! - nook's native API under `/v1/`, untouched.
 //!
 //! Everything goes through [`nook_control::control::Control`], so E2B calls see the same sandboxes, limits and
@@ -32,10 +34,10 @@ pub mod logs;
 pub mod metrics;
 pub mod rest;
 
-/// The envd version nook reports: every SDK feature gated at or below it is implemented (default user, stdin off,
-/// CloseStdin). Gzip uploads (0.5.7), file metadata (0.6.2) and entry info in watch events (0.6.3) are not yet, so
-/// the SDKs upload as multipart forms and refuse those options themselves.
-pub const ENVD_VERSION: &str = "0.5.2";
+/// The envd version nook reports, which the SDKs gate features on: every feature gated at or below it is
+/// implemented (default user 0.4.0, stdin off 0.3.0, CloseStdin 0.5.2, raw and gzip uploads 0.5.7, file metadata
+/// 0.6.2, entry info in watch events 0.6.3, `allowNetworkMounts` on watches 0.6.4).
+pub const ENVD_VERSION: &str = "0.6.4";
 /// The port of envd inside an E2B sandbox.
 pub const ENVD_PORT: u16 = 49983;
 /// The default user of E2B sandboxes, as in E2B's base template.
@@ -133,8 +135,22 @@ async fn route_sandbox_traffic(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(target) = sandbox_target(request.headers()) else {
-        return next.run(request).await;
+    let target = match sandbox_target(request.headers()) {
+        Some(target) => target,
+        None if request.uri().path() == "/files" && request.uri().query().is_some_and(|q| q.contains("signature=")) => {
+            match signed_target(&e2b, request.method().clone(), request.uri().clone()).await {
+                Some(target) => target,
+                None => {
+                    let refused = rest::error(
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        "invalid signature: it was made for no running sandbox (or for another path, user or \
+                         operation)",
+                    );
+                    return envd::refuse_unread(request, refused).await;
+                }
+            }
+        }
+        None => return next.run(request).await,
     };
     let service = match target.port {
         ENVD_PORT => ports.envd,
@@ -165,6 +181,24 @@ async fn route_sandbox_traffic(
         Ok(response) => response,
         Err(never) => match never {},
     }
+}
+
+/// The sandbox a signed `/files` URL without sandbox routing was made for: the running sandbox whose access token
+/// made its signature. The SDKs build these URLs on `E2B_SANDBOX_URL`, which names only nook's address, so the
+/// signature is what names the sandbox (two SHA-256 hashes per running sandbox to find it).
+async fn signed_target(e2b: &E2b, method: axum::http::Method, uri: axum::http::Uri) -> Option<SandboxTarget> {
+    let filter = nook_control::control::SandboxFilter {
+        state: Some(nook_api::SandboxState::Running),
+        labels: Default::default(),
+    };
+    let sandboxes = e2b.control.list(&filter).await.ok()?;
+    sandboxes
+        .into_iter()
+        .find(|sandbox| envd::signed_with(&method, &uri, &e2b.access_token(&sandbox.id)))
+        .map(|sandbox| SandboxTarget {
+            sandbox: sandbox.id,
+            port: ENVD_PORT,
+        })
 }
 
 /// A sandbox port a request is addressed to.

@@ -193,15 +193,12 @@ pub trait Runner: Send + Sync + 'static {
         id: &str,
         path: &str,
     ) -> Result<(nook_agent_proto::FileStat, agent_client::FileChunks), RunnerError>;
-    /// Writes a file from a byte stream; it appears whole or not at all. `owner` (uid, gid) owns the file and any
-    /// directories created for it (root when absent).
+    /// Writes a file from a byte stream as `write` says (path, mode, owner of the file and of any directories
+    /// created for it, user metadata); it appears whole or not at all.
     async fn write_file(
         &self,
         id: &str,
-        path: &str,
-        mode: Option<u32>,
-        parents: bool,
-        owner: Option<(u32, u32)>,
+        write: nook_agent_proto::FileWrite,
         body: ByteStream,
     ) -> Result<nook_agent_proto::FileStat, RunnerError>;
     /// Packs a file or directory tree as a tar stream (symlinks kept as links).

@@ -723,22 +723,13 @@ impl Runner for LocalRunner {
     async fn write_file(
         &self,
         id: &str,
-        path: &str,
-        mode: Option<u32>,
-        parents: bool,
-        owner: Option<(u32, u32)>,
+        write: nook_agent_proto::FileWrite,
         body: ByteStream,
     ) -> Result<nook_agent_proto::FileStat, RunnerError> {
         self.running(id)?;
-        let request = Request::WriteFile {
-            path: path.to_string(),
-            mode,
-            parents,
-            owner,
-        };
         answered(
             id,
-            agent_client::write_stream(&self.socket_path(id), request, body).await,
+            agent_client::write_stream(&self.socket_path(id), Request::WriteFile(write), body).await,
         )
     }
 

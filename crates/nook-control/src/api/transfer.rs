@@ -150,7 +150,15 @@ pub(super) async fn upload_multipart(
                 "send at most {MAX_MULTIPART_FILES} files per upload"
             )));
         }
-        written.push(write_form_part(&state.control, &key, &target, mode, query.parents, None, field).await?);
+        let write = nook_agent_proto::FileWrite {
+            path: target,
+            mode,
+            parents: query.parents,
+            owner: None,
+            metadata: None,
+        };
+        let stat = write_form_part(&state.control, &key, write, field).await?;
+        written.push(crate::control::file_info(stat));
     }
     if written.is_empty() {
         return Err(ApiFailure::invalid(
@@ -187,17 +195,14 @@ fn bad_form(error: axum::extract::multipart::MultipartError) -> ApiFailure {
     )
 }
 
-/// Streams one form part into a file, through a bounded channel (the part borrows the form, the runner wants an
-/// owned stream). `owner` (uid, gid) owns the file and the directories created for it; root when absent.
+/// Streams one form part into a file as `write` says, through a bounded channel (the part borrows the form, the
+/// runner wants an owned stream); answers with the agent's stat of the written file.
 pub async fn write_form_part(
     control: &Control,
     key: &str,
-    path: &str,
-    mode: Option<u32>,
-    parents: bool,
-    owner: Option<(u32, u32)>,
+    write: nook_agent_proto::FileWrite,
     mut field: Field<'_>,
-) -> Result<FileInfo, ApiFailure> {
+) -> Result<nook_agent_proto::FileStat, ApiFailure> {
     let (sender, receiver) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
@@ -212,7 +217,7 @@ pub async fn write_form_part(
             }
         }
     };
-    let write = control.write_file(key, path, mode, parents, owner, Box::pin(StreamReader::new(chunks)));
+    let write = control.write_file_with(key, write, Box::pin(StreamReader::new(chunks)));
     let ((), result) = tokio::join!(pump, write);
     result
 }

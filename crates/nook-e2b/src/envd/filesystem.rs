@@ -3,8 +3,10 @@
 //! Paths are resolved against the acting user's home (see [`super::resolve_path`]); directories created belong to
 //! that user. Entries carry owner and group names from the sandbox's own account files. A symlink is reported as
 //! `FILE_TYPE_SYMLINK` with `isSymlink` set, so both SDK languages see it as a link. Watches stream inotify events
-//! named relative to the watched directory; the polling variant (`CreateWatcher`, used by the synchronous Python
-//! SDK) buffers them per watcher, bounded, until fetched.
+//! named relative to the watched directory, with the entry of the path when asked (`includeEntry`); the polling
+//! variant (`CreateWatcher`, used by the synchronous Python SDK) buffers them per watcher, bounded, until fetched.
+//! Entries carry the path's user metadata (its `user.e2b.*` extended attributes). `allowNetworkMounts` is accepted
+//! and changes nothing: a sandbox has no network file systems to refuse.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -119,6 +121,7 @@ fn entry(stat: FileStat, names: &Names) -> EntryInfo {
             .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         is_symlink: stat.kind == FileKind::Symlink,
         symlink_target: stat.symlink_target,
+        metadata: stat.metadata,
     }
 }
 
@@ -281,6 +284,62 @@ async fn start_watch(
     Ok((path, events))
 }
 
+/// Turns a watch's agent events into envd's, with the entry of each created, written or changed path when the
+/// watch asked for entries (`includeEntry`): envd leaves it out for removals and renames, and for a path that is
+/// gone by the time it is looked at. Owner names are looked up once per id and watch.
+struct EventConverter {
+    e2b: E2b,
+    sandbox: String,
+    root: String,
+    include_entry: bool,
+    names: Names,
+    looked_up: (BTreeSet<u32>, BTreeSet<u32>),
+}
+
+impl EventConverter {
+    fn new(e2b: &E2b, call: &Call<WatchRequest>, root: String) -> Self {
+        Self {
+            e2b: e2b.clone(),
+            sandbox: call.sandbox.id.clone(),
+            root,
+            include_entry: call.message.include_entry,
+            names: Names::default(),
+            looked_up: Default::default(),
+        }
+    }
+
+    async fn convert(&mut self, event: nook_agent_proto::WatchEvent) -> Option<FilesystemEvent> {
+        let with_entry = self.include_entry
+            && matches!(
+                event.kind,
+                WatchEventKind::Create | WatchEventKind::Write | WatchEventKind::Metadata
+            );
+        let path = event.path.clone();
+        let mut converted = filesystem_event(&self.root, event)?;
+        if with_entry {
+            converted.entry = self.entry(path).await;
+        }
+        Some(converted)
+    }
+
+    async fn entry(&mut self, path: String) -> Option<EntryInfo> {
+        let stat: FileStat = self
+            .e2b
+            .control
+            .file_call(&self.sandbox, Request::Stat { path })
+            .await
+            .ok()?;
+        let (uids, gids) = &mut self.looked_up;
+        if uids.insert(stat.uid) | gids.insert(stat.gid) {
+            if let Ok(more) = names(&self.e2b, &self.sandbox, std::slice::from_ref(&stat)).await {
+                self.names.users.extend(more.users);
+                self.names.groups.extend(more.groups);
+            }
+        }
+        Some(entry(stat, &self.names))
+    }
+}
+
 /// An agent event as envd's, or `None` for kinds envd does not report.
 fn filesystem_event(root: &str, event: nook_agent_proto::WatchEvent) -> Option<FilesystemEvent> {
     let kind = match event.kind {
@@ -317,10 +376,11 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
     let deadline = connect::timeout(request.headers()).map(|timeout| tokio::time::Instant::now() + timeout);
     let started = async {
         let call: Call<WatchRequest> = call(&e2b, request).await?;
-        start_watch(&e2b, &call).await
+        let (root, events) = start_watch(&e2b, &call).await?;
+        Ok((EventConverter::new(&e2b, &call, root), events))
     }
     .await;
-    let (root, mut events) = match started {
+    let (mut converter, mut events) = match started {
         Ok(started) => started,
         Err(error) => {
             return connect::server_stream(futures::stream::once(async move { Err::<WatchDirResponse, _>(error) }))
@@ -343,7 +403,7 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
             };
             let message = match next {
                 Err(_) => WatchDirResponse::Keepalive {},
-                Ok(Some(Ok(event))) => match filesystem_event(&root, event) {
+                Ok(Some(Ok(event))) => match converter.convert(event).await {
                     Some(event) => WatchDirResponse::Filesystem(Box::new(event)),
                     None => continue,
                 },
@@ -398,14 +458,15 @@ pub async fn create_watcher(State(e2b): State<E2b>, request: axum::extract::Requ
                 ));
             }
             let (root, mut events) = start_watch(&e2b, &call).await?;
+            let mut converter = EventConverter::new(&e2b, &call, root);
             let buffer = Arc::new(Mutex::new(WatcherBuffer::default()));
             let filling = buffer.clone();
             let task = tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
-                    let mut buffer = filling.lock().expect("watcher buffer lock");
                     match event {
                         Ok(event) => {
-                            if let Some(event) = filesystem_event(&root, event) {
+                            if let Some(event) = converter.convert(event).await {
+                                let mut buffer = filling.lock().expect("watcher buffer lock");
                                 if buffer.events.len() == MAX_BUFFERED_EVENTS {
                                     buffer.events.remove(0);
                                 }
@@ -413,7 +474,7 @@ pub async fn create_watcher(State(e2b): State<E2b>, request: axum::extract::Requ
                             }
                         }
                         Err(message) => {
-                            buffer.failure = Some(message);
+                            filling.lock().expect("watcher buffer lock").failure = Some(message);
                             return;
                         }
                     }

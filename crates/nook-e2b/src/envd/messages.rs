@@ -301,7 +301,7 @@ pub struct WatchRequest {
     /// Attach entry info to create/write/chmod events.
     #[serde(default, alias = "include_entry")]
     pub include_entry: bool,
-    /// Allow watching network filesystems.
+    /// Allow watching network filesystems (a sandbox has none: accepted and without effect).
     #[serde(default, alias = "allow_network_mounts")]
     pub allow_network_mounts: bool,
 }
@@ -343,6 +343,9 @@ pub struct EntryInfo {
     /// Where a symlink points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symlink_target: Option<String>,
+    /// User metadata (the `user.e2b.*` extended attributes, prefix stripped).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
     /// Whether the path is a symlink.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub is_symlink: bool,

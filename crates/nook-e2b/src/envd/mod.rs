@@ -3,9 +3,11 @@
 //! and `GET /health`.
 //!
 //! Every request here was addressed to one sandbox (the dispatcher in the crate root put a [`Target`] in its
-//! extensions) and must carry that sandbox's `X-Access-Token`, except `/health`. The acting user is the
-//! `Authorization: Basic base64("name:")` of the request (for `/files`, the `username` parameter), else `user`, as
-//! in E2B's base template; relative paths and `~` are that user's home, and what is created belongs to them.
+//! extensions) and must carry that sandbox's `X-Access-Token`, except `/health`, and `/files` with a valid
+//! signature instead (the signed URLs of the SDKs' `download_url` / `upload_url`, handed to third parties). The
+//! acting user is the `Authorization: Basic base64("name:")` of the request (for `/files`, the `username`
+//! parameter), else `user`, as in E2B's base template; relative paths and `~` are that user's home, and what is
+//! created belongs to them.
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};
@@ -16,6 +18,7 @@ use axum::Router;
 use base64::Engine as _;
 use nook_agent_proto::AccountInfo;
 use nook_api::Sandbox;
+use sha2::Digest as _;
 
 use crate::{same_secret, E2b, DEFAULT_USER};
 use connect::ConnectError;
@@ -83,7 +86,8 @@ async fn health(request: Request) -> Response {
     }
 }
 
-/// Requires the sandbox's `X-Access-Token`.
+/// Requires the sandbox's `X-Access-Token`; `/files` may instead carry a signed URL's `signature` (checked only
+/// when the header is absent: a header that does not match is refused, as envd does).
 async fn check_access_token(
     axum::extract::State(e2b): axum::extract::State<E2b>,
     request: Request,
@@ -96,18 +100,148 @@ async fn check_access_token(
     let given = request
         .headers()
         .get("x-access-token")
-        .and_then(|value| value.to_str().ok());
-    match given {
-        Some(token) if same_secret(token, &expected) => next.run(request).await,
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({
-                "code": 401,
-                "message": "unauthorized access: send the sandbox's envdAccessToken in X-Access-Token",
-            })),
-        )
-            .into_response(),
+        // A header that is not text cannot match; an empty one counts as absent, as in envd.
+        .map(|value| value.to_str().unwrap_or("\0"))
+        .filter(|token| !token.is_empty());
+    let verdict = match given {
+        Some(token) if same_secret(token, &expected) => Ok(()),
+        Some(_) => Err("unauthorized access: the X-Access-Token does not match the sandbox's envdAccessToken".into()),
+        None if request.uri().path() == "/files" => {
+            check_signature(&request, &expected, chrono::Utc::now().timestamp())
+        }
+        None => Err("unauthorized access: send the sandbox's envdAccessToken in X-Access-Token".into()),
+    };
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(message) => {
+            let response = (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({ "code": 401, "message": message })),
+            );
+            refuse_unread(request, response.into_response()).await
+        }
     }
+}
+
+/// Most bytes of a refused request's body read before answering.
+const MAX_DRAINED: usize = 256 * 1024;
+
+/// Answers `response` to a request refused before its body was read, after reading (and dropping) up to 256 KiB of
+/// that body for at most a second, as Go's HTTP server (envd's) does: a client still sending a small upload then
+/// gets the answer, where closing at once would leave it a broken pipe instead.
+pub(crate) async fn refuse_unread(request: Request, response: Response) -> Response {
+    use futures::StreamExt as _;
+    let mut body = request.into_body().into_data_stream();
+    let drain = async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len();
+            if read > MAX_DRAINED {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    response
+}
+
+/// The query parameters of a signed `/files` URL.
+#[derive(Debug, serde::Deserialize)]
+struct SignedQuery {
+    path: Option<String>,
+    username: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<String>,
+}
+
+/// A `/files` URL's signature, as the SDKs' `download_url` / `upload_url` make it.
+struct Signed {
+    signature: Option<String>,
+    path: String,
+    operation: &'static str,
+    username: String,
+    expiration: Option<i64>,
+}
+
+impl Signed {
+    /// The signature parameters of `request`; a query that does not parse, or an expiration that is no number, is
+    /// refused with the reason.
+    fn of(method: &axum::http::Method, uri: &axum::http::Uri) -> Result<Self, String> {
+        let query = axum::extract::Query::<SignedQuery>::try_from_uri(uri)
+            .map_err(|rejection| {
+                format!(
+                    "unauthorized access: the query does not parse: {}",
+                    rejection.body_text()
+                )
+            })?
+            .0;
+        let expiration = query
+            .signature_expiration
+            .map(|text| {
+                text.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("signature_expiration {text:?} is not a unix time in seconds"))
+            })
+            .transpose()?;
+        Ok(Self {
+            signature: query.signature,
+            path: query.path.unwrap_or_default(),
+            operation: if method == axum::http::Method::GET {
+                "read"
+            } else {
+                "write"
+            },
+            username: query.username.unwrap_or_default(),
+            expiration,
+        })
+    }
+
+    /// Whether the signature was made with `token` (compared in constant time), whatever its expiration.
+    fn made_with(&self, token: &str) -> bool {
+        let expected = file_signature(&self.path, self.operation, &self.username, token, self.expiration);
+        self.signature
+            .as_deref()
+            .is_some_and(|signature| same_secret(signature, &expected))
+    }
+}
+
+/// Whether a `/files` request carries a signature made with `token` (its expiration is checked later, by the
+/// access check): how a signed URL without sandbox routing names its sandbox.
+pub(crate) fn signed_with(method: &axum::http::Method, uri: &axum::http::Uri, token: &str) -> bool {
+    uri.path() == "/files" && Signed::of(method, uri).is_ok_and(|signed| signed.made_with(token))
+}
+
+/// Checks the `signature` of a `/files` URL made by the SDKs' `download_url` / `upload_url`: `v1_` and the unpadded
+/// base64 of SHA-256 over `path:operation:username:token[:expiration]`, the operation being `read` for `GET` and
+/// `write` otherwise, the username empty for the default user. Compared in constant time; an expiration (unix
+/// seconds) in the past is refused even with a valid signature.
+fn check_signature(request: &Request, token: &str, now: i64) -> Result<(), String> {
+    let signed = Signed::of(request.method(), request.uri())?;
+    if signed.signature.is_none() {
+        return Err(
+            "unauthorized access: send the sandbox's envdAccessToken in X-Access-Token, or use a signed URL".into(),
+        );
+    }
+    if !signed.made_with(token) {
+        return Err(format!(
+            "unauthorized access: invalid signature (for a {} of this path as this user)",
+            signed.operation
+        ));
+    }
+    if signed.expiration.is_some_and(|expiration| expiration < now) {
+        return Err("unauthorized access: the signature has expired".into());
+    }
+    Ok(())
+}
+
+/// The `v1` signature of a file operation, as the SDKs compute it.
+fn file_signature(path: &str, operation: &str, username: &str, token: &str, expiration: Option<i64>) -> String {
+    let mut signed = format!("{path}:{operation}:{username}:{token}");
+    if let Some(expiration) = expiration {
+        signed.push_str(&format!(":{expiration}"));
+    }
+    let digest = sha2::Sha256::digest(signed.as_bytes());
+    format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
 }
 
 /// The acting user named by `Authorization: Basic base64("name:")`, else the default.
@@ -189,6 +323,45 @@ mod tests {
             resolve_path("~root/x", "/home/user").unwrap_err().code,
             "invalid_argument"
         );
+    }
+
+    #[test]
+    fn signed_urls_are_checked_like_the_sdks_sign_them() {
+        let token = "secret-token";
+        let request = |method: &str, query: &str| {
+            Request::builder()
+                .method(method)
+                .uri(format!("/files?{query}"))
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        // What the Python SDK's get_signature gives for ("/home/user/a b.txt", "read", None, token, None).
+        let signature = file_signature("/home/user/a b.txt", "read", "", token, None);
+        assert_eq!(signature, "v1_lozv6j01VnldBDPitO1nazDREEF8qbXaLTrymdfZbWQ");
+        let query = format!("path=%2Fhome%2Fuser%2Fa%20b.txt&signature={signature}");
+        assert_eq!(check_signature(&request("GET", &query), token, 0), Ok(()));
+        // Another operation, path, user or token does not match.
+        assert!(check_signature(&request("POST", &query), token, 0).is_err());
+        assert!(check_signature(&request("GET", &query.replace("a%20b", "c")), token, 0).is_err());
+        assert!(check_signature(&request("GET", &format!("{query}&username=root")), token, 0).is_err());
+        assert!(check_signature(&request("GET", &query), "other", 0).is_err());
+        assert!(check_signature(&request("GET", "path=%2Fx"), token, 0).is_err());
+
+        let signature = file_signature("x", "write", "root", token, Some(1000));
+        // Standard base64 has `+` and `/`: the SDKs percent-encode them.
+        let encoded = signature.replace('+', "%2B").replace('/', "%2F");
+        let query = format!("path=x&username=root&signature={encoded}&signature_expiration=1000");
+        assert_eq!(check_signature(&request("POST", &query), token, 999), Ok(()));
+        assert!(check_signature(&request("POST", &query), token, 1001)
+            .unwrap_err()
+            .contains("expired"));
+        // The expiration is signed: moving it breaks the signature.
+        let moved = query.replace("expiration=1000", "expiration=5000");
+        assert!(check_signature(&request("POST", &moved), token, 999)
+            .unwrap_err()
+            .contains("invalid signature"));
+        assert!(file_signature("p", "read", "", token, None).starts_with("v1_"));
+        assert!(!file_signature("p", "read", "", token, None).ends_with('='));
     }
 
     #[test]
