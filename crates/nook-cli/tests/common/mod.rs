@@ -182,7 +182,19 @@ impl Drop for TestServer {
         // Sandboxes outlive their server by design; a test that failed before deleting its sandboxes must not leave
         // them running on the machine.
         kill_leftover_sandboxes(&self.data_dir);
+        // The data directory holds a copy of the base image (over a GiB): kept only to explain a failing test.
+        if !std::thread::panicking() {
+            remove_data_dir(&self.data_dir);
+        }
     }
+}
+
+/// Removes a stopped server's data directory, without crossing into other filesystems.
+fn remove_data_dir(dir: &Path) {
+    let _ = std::process::Command::new("rm")
+        .args(["-rf", "--one-file-system"])
+        .arg(dir)
+        .status();
 }
 
 /// Kills every sandbox init recorded under a data directory (same pid and start time only) and removes the emptied
@@ -271,6 +283,7 @@ pub fn shared_server() -> &'static TestServer {
             }
             if let Some(dir) = SHARED_DATA_DIR.get() {
                 kill_leftover_sandboxes(dir);
+                remove_data_dir(dir);
             }
         }
         // SAFETY: registering a plain extern "C" function without arguments.
