@@ -73,6 +73,12 @@ def test_metrics_move_with_cpu_and_memory(sandbox):
         return [m for m in sandbox.get_metrics() if m.timestamp > busy_to + timedelta(seconds=1) and m.cpu_used_pct < 20]
 
     eventually(idle_samples, "an idle sample after the busy loop", timeout=15)
+    # The window below ends at busy_to + 5 s; a later sample must exist for it to leave something out.
+    eventually(
+        lambda: [m for m in sandbox.get_metrics() if m.timestamp > busy_to + timedelta(seconds=7)],
+        "a sample after the window",
+        timeout=15,
+    )
     series = sandbox.get_metrics()
     assert [m.timestamp for m in series] == sorted(m.timestamp for m in series)
     assert max(m.cpu_used_pct for m in series) - min(m.cpu_used_pct for m in series) >= saturated / 2
