@@ -152,6 +152,8 @@ main() {
             # Leftovers of interrupted builds (safe to remove: we hold the lock).
             rm -f "$CACHE_DIR"/.base-*.tmp.tar
             build_image "$image"
+            # Images of earlier recipes are 1.5 GB each and nothing refers to them: drop them.
+            find "$CACHE_DIR" -maxdepth 1 -name 'base-*.tar' ! -path "$image" -print -delete | sed 's/^/nook: removed superseded image /' >&2
         fi
         flock -u 9
         exec 9>&-
