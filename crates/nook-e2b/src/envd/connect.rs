@@ -1,17 +1,25 @@
-//! The Connect protocol, as E2B's SDKs speak it to envd: JSON codec only, unary calls as plain JSON bodies, and
-//! streams as enveloped messages (one flags byte, a 4-byte big-endian length, the payload) that end with an
-//! end-of-stream envelope (flag `0x02`) carrying `{}` or `{"error": …}`.
+//! The Connect protocol, as envd speaks it: unary calls as plain bodies, and streams as enveloped messages (one
+//! flags byte, a 4-byte big-endian length, the payload) that end with an end-of-stream envelope (flag `0x02`)
+//! carrying `{}` or `{"error": …}`. Both of Connect's codecs: JSON (`application/json`,
+//! `application/connect+json`; what E2B's SDKs send) and binary protobuf (`application/proto`,
+//! `application/connect+proto`; [`super::proto`]), chosen by the request's content type and answered in kind; a
+//! call of another content type is refused with 415 before its handler runs. Error bodies and the end-of-stream
+//! message are JSON under both codecs, as the protocol has it.
 //!
 //! Stream errors, even those before the first message, are sent in the end envelope with HTTP 200 (as connect-go
 //! does), because the JavaScript SDK loses the error code of a non-200 streaming answer. Unary errors are the
 //! Connect status with a `{"code", "message"}` body.
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, StatusCode};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use super::proto;
 
 /// Envelope flag: the last envelope of a stream, carrying the end message.
 const END_STREAM: u8 = 0x02;
@@ -120,27 +128,168 @@ pub async fn until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// A unary answer: the message as JSON, or the error.
-pub fn unary<T: Serialize>(result: Result<T, ConnectError>) -> Response {
-    match result {
-        Ok(message) => axum::Json(message).into_response(),
-        Err(error) => error.into_response(),
+/// A request message, in either codec.
+pub trait RequestMessage: DeserializeOwned + proto::Decode {}
+impl<T: DeserializeOwned + proto::Decode> RequestMessage for T {}
+
+/// An answer message, in either codec.
+pub trait AnswerMessage: Serialize + proto::Encode + Send + 'static {}
+impl<T: Serialize + proto::Encode + Send + 'static> AnswerMessage for T {}
+
+/// How a call's messages are encoded, from its `Content-Type`; an extractor that refuses other content types with
+/// 415 Unsupported Media Type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    /// Binary protobuf rather than JSON.
+    pub proto: bool,
+    /// Enveloped messages (`application/connect+…`: a streaming call) rather than a plain body.
+    pub enveloped: bool,
+}
+
+impl Codec {
+    /// JSON without envelopes: what a call without a content type gets.
+    pub const JSON: Self = Self {
+        proto: false,
+        enveloped: false,
+    };
+
+    /// The codec of `content_type` (parameters ignored), if Connect has it.
+    pub fn of(content_type: Option<&HeaderValue>) -> Option<Self> {
+        let Some(value) = content_type else {
+            return Some(Self::JSON);
+        };
+        let media_type = value.to_str().ok()?.split(';').next()?.trim().to_ascii_lowercase();
+        let (enveloped, codec) = match media_type.strip_prefix("application/connect+") {
+            Some(codec) => (true, codec.to_string()),
+            None => (false, media_type.strip_prefix("application/")?.to_string()),
+        };
+        let proto = match codec.as_str() {
+            "json" => false,
+            "proto" => true,
+            _ => return None,
+        };
+        Some(Self { proto, enveloped })
+    }
+
+    /// The content type of answers: unary or streaming, in this codec.
+    fn content_type(self, streaming: bool) -> &'static str {
+        match (streaming, self.proto) {
+            (false, false) => "application/json",
+            (false, true) => "application/proto",
+            (true, false) => "application/connect+json",
+            (true, true) => "application/connect+proto",
+        }
+    }
+
+    /// Parses one message (unknown fields ignored; an empty body is the empty message).
+    pub fn decode<T: RequestMessage>(self, payload: &[u8]) -> Result<T, ConnectError> {
+        let parsed = if self.proto {
+            proto::decode(payload).map_err(|error| error.to_string())
+        } else {
+            let payload = if payload.is_empty() { b"{}".as_slice() } else { payload };
+            serde_json::from_slice(payload).map_err(|error| error.to_string())
+        };
+        parsed.map_err(|error| ConnectError::invalid(format!("the request does not parse: {error}")))
+    }
+
+    /// Encodes one message.
+    pub fn encode<T: AnswerMessage>(self, message: &T) -> Vec<u8> {
+        if self.proto {
+            message.to_proto()
+        } else {
+            serde_json::to_vec(message).expect("messages serialize")
+        }
+    }
+
+    /// Parses a request body: the whole body, or its single message envelope for a streaming call.
+    pub fn parse<T: RequestMessage>(self, body: &[u8]) -> Result<T, ConnectError> {
+        if !self.enveloped {
+            return self.decode(body);
+        }
+        let mut reader = EnvelopeReader::default();
+        reader.push(body);
+        match reader.next_envelope()? {
+            Some((flags, payload)) if flags & END_STREAM == 0 => self.decode(&payload),
+            _ => Err(ConnectError::invalid("the request carries no message envelope")),
+        }
+    }
+
+    /// A unary answer: the message in this codec, or the error (always JSON).
+    pub fn unary<T: AnswerMessage>(self, result: Result<T, ConnectError>) -> Response {
+        match result {
+            Ok(message) => Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, self.content_type(false))
+                .body(Body::from(self.encode(&message)))
+                .expect("valid response"),
+            Err(error) => error.into_response(),
+        }
+    }
+
+    /// A streaming answer: every message as it comes, then the end envelope (with the error, if the stream ended
+    /// with one). Always HTTP 200 with the exact content type the SDKs check.
+    pub fn server_stream<S, T>(self, messages: S) -> Response
+    where
+        S: Stream<Item = Result<T, ConnectError>> + Send + 'static,
+        T: AnswerMessage,
+    {
+        let body = messages
+            .map(Some)
+            .chain(futures::stream::once(async { None }))
+            .scan(false, move |ended, item| {
+                if *ended {
+                    return futures::future::ready(None);
+                }
+                let frame = match item {
+                    Some(Ok(message)) => envelope(0, &self.encode(&message)),
+                    Some(Err(error)) => {
+                        *ended = true;
+                        end_envelope(Some(&error))
+                    }
+                    None => {
+                        *ended = true;
+                        end_envelope(None)
+                    }
+                };
+                futures::future::ready(Some(Ok::<_, std::convert::Infallible>(frame)))
+            });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, self.content_type(true))
+            .body(Body::from_stream(body))
+            .expect("valid response")
+    }
+
+    /// A streaming answer of one error.
+    pub fn stream_error<T: AnswerMessage>(self, error: ConnectError) -> Response {
+        self.server_stream(futures::stream::once(async move { Err::<T, _>(error) }))
+    }
+
+    /// A streaming answer whose messages a task sends into a channel; it ends when the task drops the sender.
+    pub fn channel_stream<T: AnswerMessage>(
+        self,
+        receiver: tokio::sync::mpsc::Receiver<Result<T, ConnectError>>,
+    ) -> Response {
+        self.server_stream(futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|item| (item, receiver))
+        }))
     }
 }
 
-/// Parses a unary request body (JSON; unknown fields ignored).
-pub fn parse_unary<T: DeserializeOwned>(body: &[u8]) -> Result<T, ConnectError> {
-    let body = if body.is_empty() { b"{}".as_slice() } else { body };
-    serde_json::from_slice(body).map_err(|error| ConnectError::invalid(format!("the request does not parse: {error}")))
-}
+impl<S: Send + Sync> FromRequestParts<S> for Codec {
+    type Rejection = Response;
 
-/// Parses the single enveloped message of a server-streaming request.
-pub fn parse_stream_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, ConnectError> {
-    let mut reader = EnvelopeReader::default();
-    reader.push(body);
-    match reader.next_envelope()? {
-        Some((flags, payload)) if flags & END_STREAM == 0 => parse_unary(&payload),
-        _ => Err(ConnectError::invalid("the request carries no message envelope")),
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Self::of(parts.headers.get(header::CONTENT_TYPE)).ok_or_else(|| {
+            let message = "send application/json or application/proto (application/connect+json or \
+                           application/connect+proto for streaming calls)";
+            (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                [("accept-post", "application/json, application/proto")],
+                axum::Json(serde_json::json!({ "code": "invalid_argument", "message": message })),
+            )
+                .into_response()
+        })
     }
 }
 
@@ -153,56 +302,13 @@ pub fn envelope(flags: u8, payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// The end-of-stream envelope for a result.
+/// The end-of-stream envelope for a result (JSON under both codecs).
 pub fn end_envelope(error: Option<&ConnectError>) -> Bytes {
     let end = match error {
         None => serde_json::json!({}),
         Some(error) => serde_json::json!({ "error": error.body() }),
     };
     envelope(END_STREAM, &serde_json::to_vec(&end).expect("json"))
-}
-
-/// A streaming answer: every message as it comes, then the end envelope (with the error, if the stream ended with
-/// one). Always HTTP 200 with the exact content type the SDKs check.
-pub fn server_stream<S, T>(messages: S) -> Response
-where
-    S: Stream<Item = Result<T, ConnectError>> + Send + 'static,
-    T: Serialize + Send + 'static,
-{
-    let body = messages
-        .map(Some)
-        .chain(futures::stream::once(async { None }))
-        .scan(false, |ended, item| {
-            if *ended {
-                return futures::future::ready(None);
-            }
-            let frame = match item {
-                Some(Ok(message)) => envelope(0, &serde_json::to_vec(&message).expect("messages serialize")),
-                Some(Err(error)) => {
-                    *ended = true;
-                    end_envelope(Some(&error))
-                }
-                None => {
-                    *ended = true;
-                    end_envelope(None)
-                }
-            };
-            futures::future::ready(Some(Ok::<_, std::convert::Infallible>(frame)))
-        });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/connect+json")
-        .body(Body::from_stream(body))
-        .expect("valid response")
-}
-
-/// A streaming answer whose messages a task sends into a channel; it ends when the task drops the sender.
-pub fn channel_stream<T: Serialize + Send + 'static>(
-    receiver: tokio::sync::mpsc::Receiver<Result<T, ConnectError>>,
-) -> Response {
-    server_stream(futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
-    }))
 }
 
 /// Splits a byte stream into envelopes.
@@ -269,6 +375,46 @@ mod tests {
         assert_eq!(reader.next_envelope().unwrap(), Some((0, br#"{"a":1}"#.to_vec())));
         assert_eq!(reader.next_envelope().unwrap(), Some((END_STREAM, b"{}".to_vec())));
         assert!(!reader.has_partial());
+    }
+
+    #[test]
+    fn codecs_come_from_the_content_type() {
+        let of = |value: &'static str| Codec::of(Some(&HeaderValue::from_static(value)));
+        assert_eq!(Codec::of(None), Some(Codec::JSON));
+        assert_eq!(of("application/json; charset=utf-8"), Some(Codec::JSON));
+        assert_eq!(
+            of("Application/Connect+Proto"),
+            Some(Codec {
+                proto: true,
+                enveloped: true
+            })
+        );
+        assert_eq!(
+            of("application/proto"),
+            Some(Codec {
+                proto: true,
+                enveloped: false
+            })
+        );
+        assert_eq!(of("application/connect+json").map(|codec| codec.proto), Some(false));
+        assert_eq!(of("application/xml"), None);
+        assert_eq!(of("text/plain"), None);
+        // The same message decodes from either codec, and a streaming call's single envelope is unwrapped.
+        let streamed = Codec {
+            proto: true,
+            enveloped: true,
+        };
+        let from_proto: super::super::messages::PathRequest =
+            streamed.parse(&envelope(0, &[0x0a, 0x02, b'/', b'x'])).unwrap();
+        let from_json: super::super::messages::PathRequest = Codec::JSON.parse(br#"{"path":"/x"}"#).unwrap();
+        assert_eq!((from_proto.path.as_str(), from_json.path.as_str()), ("/x", "/x"));
+        assert_eq!(
+            streamed
+                .parse::<super::super::messages::PathRequest>(&envelope(END_STREAM, b"{}"))
+                .unwrap_err()
+                .code,
+            "invalid_argument"
+        );
     }
 
     #[test]

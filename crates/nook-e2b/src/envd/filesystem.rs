@@ -16,10 +16,10 @@ use axum::extract::State;
 use axum::response::Response;
 use nook_agent_proto::{FileKind, FileStat, Names, Request, WatchEventKind};
 
-use super::connect::{self, ConnectError};
+use super::connect::{self, Codec, ConnectError, RequestMessage};
 use super::messages::{
-    CreateWatcherResponse, Empty, EntryInfo, EntryResponse, FilesystemEvent, ListDirRequest, ListDirResponse,
-    MoveRequest, PathRequest, WatchDirResponse, WatchRequest, WatcherEventsResponse, WatcherRequest,
+    CreateWatcherResponse, Empty, EntryInfo, EntryResponse, EventType, FileType, FilesystemEvent, ListDirRequest,
+    ListDirResponse, MoveRequest, PathRequest, WatchDirResponse, WatchRequest, WatcherEventsResponse, WatcherRequest,
 };
 use super::{account, resolve_path, target, user_of};
 use crate::E2b;
@@ -36,8 +36,9 @@ struct Call<T> {
     message: T,
 }
 
-async fn call<T: serde::de::DeserializeOwned>(
+async fn call<T: RequestMessage>(
     e2b: &E2b,
+    codec: Codec,
     request: axum::extract::Request,
 ) -> Result<Call<T>, ConnectError> {
     let (parts, body) = request.into_parts();
@@ -46,15 +47,7 @@ async fn call<T: serde::de::DeserializeOwned>(
     let bytes = axum::body::to_bytes(body, connect::MAX_MESSAGE + 5)
         .await
         .map_err(|error| ConnectError::invalid(format!("reading the request failed: {error}")))?;
-    let message = if parts
-        .headers
-        .get("content-type")
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/connect+"))
-    {
-        connect::parse_stream_request(&bytes)?
-    } else {
-        connect::parse_unary(&bytes)?
-    };
+    let message = codec.parse(&bytes)?;
     let account = account(e2b, &sandbox, &user).await?;
     Ok(Call {
         sandbox,
@@ -95,10 +88,10 @@ fn permissions(kind: FileKind, mode: u32) -> String {
 /// envd's entry for a stat.
 fn entry(stat: FileStat, names: &Names) -> EntryInfo {
     let kind = match stat.kind {
-        FileKind::File => "FILE_TYPE_FILE",
-        FileKind::Dir => "FILE_TYPE_DIRECTORY",
-        FileKind::Symlink => "FILE_TYPE_SYMLINK",
-        FileKind::Other => "FILE_TYPE_UNSPECIFIED",
+        FileKind::File => FileType::File,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Other => FileType::Unspecified,
     };
     EntryInfo {
         name: stat.name,
@@ -117,8 +110,7 @@ fn entry(stat: FileStat, names: &Names) -> EntryInfo {
             .get(&stat.gid)
             .cloned()
             .unwrap_or_else(|| stat.gid.to_string()),
-        modified_time: chrono::DateTime::from_timestamp_millis(stat.modified_ms)
-            .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        modified_time: chrono::DateTime::from_timestamp_millis(stat.modified_ms),
         is_symlink: stat.kind == FileKind::Symlink,
         symlink_target: stat.symlink_target,
         metadata: stat.metadata,
@@ -141,10 +133,10 @@ async fn stat_entry(e2b: &E2b, sandbox: &str, path: &str) -> Result<EntryInfo, C
 }
 
 /// `Stat`.
-pub async fn stat(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn stat(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<PathRequest> = call(&e2b, request).await?;
+            let call: Call<PathRequest> = call(&e2b, codec, request).await?;
             let path = resolve_path(&call.message.path, &call.account.home)?;
             Ok(EntryResponse {
                 entry: stat_entry(&e2b, &call.sandbox.id, &path).await?,
@@ -155,10 +147,10 @@ pub async fn stat(State(e2b): State<E2b>, request: axum::extract::Request) -> Re
 }
 
 /// `ListDir` (depth 0 means 1).
-pub async fn list_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn list_dir(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<ListDirRequest> = call(&e2b, request).await?;
+            let call: Call<ListDirRequest> = call(&e2b, codec, request).await?;
             let path = resolve_path(&call.message.path, &call.account.home)?;
             let request = Request::ListDir {
                 path,
@@ -176,10 +168,10 @@ pub async fn list_dir(State(e2b): State<E2b>, request: axum::extract::Request) -
 
 /// `MakeDir`: `already_exists` when the directory exists, `invalid_argument` when something else is there; new
 /// directories belong to the acting user.
-pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn make_dir(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<PathRequest> = call(&e2b, request).await?;
+            let call: Call<PathRequest> = call(&e2b, codec, request).await?;
             let path = resolve_path(&call.message.path, &call.account.home)?;
             let existing: Result<FileStat, _> = e2b
                 .control
@@ -206,10 +198,10 @@ pub async fn make_dir(State(e2b): State<E2b>, request: axum::extract::Request) -
 }
 
 /// `Move`: missing parents of the destination are created first (belonging to the acting user), as envd does.
-pub async fn move_path(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn move_path(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<MoveRequest> = call(&e2b, request).await?;
+            let call: Call<MoveRequest> = call(&e2b, codec, request).await?;
             let from = resolve_path(&call.message.source, &call.account.home)?;
             let to = resolve_path(&call.message.destination, &call.account.home)?;
             if let Some(parent) = std::path::Path::new(&to).parent().and_then(|parent| parent.to_str()) {
@@ -244,10 +236,10 @@ pub async fn move_path(State(e2b): State<E2b>, request: axum::extract::Request) 
 }
 
 /// `Remove`: recursive; a missing path is not an error.
-pub async fn remove(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn remove(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<PathRequest> = call(&e2b, request).await?;
+            let call: Call<PathRequest> = call(&e2b, codec, request).await?;
             let path = resolve_path(&call.message.path, &call.account.home)?;
             let request = Request::Remove { path, recursive: true };
             match e2b
@@ -343,11 +335,11 @@ impl EventConverter {
 /// An agent event as envd's, or `None` for kinds envd does not report.
 fn filesystem_event(root: &str, event: nook_agent_proto::WatchEvent) -> Option<FilesystemEvent> {
     let kind = match event.kind {
-        WatchEventKind::Create => "EVENT_TYPE_CREATE",
-        WatchEventKind::Write => "EVENT_TYPE_WRITE",
-        WatchEventKind::Remove => "EVENT_TYPE_REMOVE",
-        WatchEventKind::RenameFrom | WatchEventKind::RenameTo => "EVENT_TYPE_RENAME",
-        WatchEventKind::Metadata => "EVENT_TYPE_CHMOD",
+        WatchEventKind::Create => EventType::Create,
+        WatchEventKind::Write => EventType::Write,
+        WatchEventKind::Remove => EventType::Remove,
+        WatchEventKind::RenameFrom | WatchEventKind::RenameTo => EventType::Rename,
+        WatchEventKind::Metadata => EventType::Chmod,
         WatchEventKind::Overflow => return None,
     };
     let name = event
@@ -364,7 +356,7 @@ fn filesystem_event(root: &str, event: nook_agent_proto::WatchEvent) -> Option<F
 
 /// `WatchDir` (server streaming): `start{}`, then events and keepalives until the client goes away or the call's
 /// `connect-timeout-ms` passes (then `deadline_exceeded`, as envd ends it).
-pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+pub async fn watch_dir(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
     let keepalive = request
         .headers()
         .get("keepalive-ping-interval")
@@ -375,16 +367,14 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
         .unwrap_or(Duration::from_secs(90));
     let deadline = connect::timeout(request.headers()).map(|timeout| tokio::time::Instant::now() + timeout);
     let started = async {
-        let call: Call<WatchRequest> = call(&e2b, request).await?;
+        let call: Call<WatchRequest> = call(&e2b, codec, request).await?;
         let (root, events) = start_watch(&e2b, &call).await?;
         Ok((EventConverter::new(&e2b, &call, root), events))
     }
     .await;
     let (mut converter, mut events) = match started {
         Ok(started) => started,
-        Err(error) => {
-            return connect::server_stream(futures::stream::once(async move { Err::<WatchDirResponse, _>(error) }))
-        }
+        Err(error) => return codec.stream_error::<WatchDirResponse>(error),
     };
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -418,7 +408,7 @@ pub async fn watch_dir(State(e2b): State<E2b>, request: axum::extract::Request) 
             }
         }
     });
-    connect::channel_stream(receiver)
+    codec.channel_stream(receiver)
 }
 
 /// Polling watchers by id.
@@ -447,10 +437,10 @@ impl Drop for Watcher {
 }
 
 /// `CreateWatcher`.
-pub async fn create_watcher(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn create_watcher(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<WatchRequest> = call(&e2b, request).await?;
+            let call: Call<WatchRequest> = call(&e2b, codec, request).await?;
             if e2b.watchers.entries.lock().expect("watchers lock").len() >= MAX_WATCHERS {
                 return Err(ConnectError::new(
                     "resource_exhausted",
@@ -496,10 +486,10 @@ pub async fn create_watcher(State(e2b): State<E2b>, request: axum::extract::Requ
 }
 
 /// `GetWatcherEvents`: the events since the last call.
-pub async fn get_watcher_events(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn get_watcher_events(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<WatcherRequest> = call(&e2b, request).await?;
+            let call: Call<WatcherRequest> = call(&e2b, codec, request).await?;
             let entries = e2b.watchers.entries.lock().expect("watchers lock");
             let watcher = entries
                 .get(&call.message.watcher_id)
@@ -518,10 +508,10 @@ pub async fn get_watcher_events(State(e2b): State<E2b>, request: axum::extract::
 }
 
 /// `RemoveWatcher`.
-pub async fn remove_watcher(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn remove_watcher(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let call: Call<WatcherRequest> = call(&e2b, request).await?;
+            let call: Call<WatcherRequest> = call(&e2b, codec, request).await?;
             let mut entries = e2b.watchers.entries.lock().expect("watchers lock");
             match entries.get(&call.message.watcher_id) {
                 Some(watcher) if watcher.sandbox == call.sandbox.id => {
@@ -558,6 +548,6 @@ mod tests {
         };
         let converted = filesystem_event("/home/user/dir/", event).unwrap();
         assert_eq!(converted.name, "sub/a.txt");
-        assert_eq!(converted.kind, "EVENT_TYPE_CREATE");
+        assert_eq!(converted.kind, EventType::Create);
     }
 }

@@ -1,4 +1,5 @@
-//! envd's protobuf messages in their JSON form (the only codec E2B's SDKs use).
+//! envd's protobuf messages, as Rust types with their JSON form (the codec E2B's SDKs use); their binary protobuf
+//! form is in [`super::proto`].
 //!
 //! Output follows protobuf-JSON: lowerCamelCase names, fields at their default value left out, int64 as strings,
 //! bytes as padded base64, enums by name. Input is read leniently, as protobuf-JSON parsers do: the original
@@ -7,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Bytes as standard padded base64 in both directions.
@@ -159,7 +161,7 @@ pub struct SendInputRequest {
 }
 
 /// `process.Process/SendSignal`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct SendSignalRequest {
     /// The process.
     #[serde(default)]
@@ -321,9 +323,9 @@ pub struct WatcherRequest {
 pub struct EntryInfo {
     /// Last component.
     pub name: String,
-    /// `FILE_TYPE_*`.
+    /// What the path is.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: FileType,
     /// Absolute path.
     pub path: String,
     /// Size in bytes (int64: a string).
@@ -337,9 +339,9 @@ pub struct EntryInfo {
     pub owner: String,
     /// Group name (or gid).
     pub group: String,
-    /// Modification time, RFC 3339.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub modified_time: Option<String>,
+    /// Modification time (RFC 3339 in JSON).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "rfc3339_millis")]
+    pub modified_time: Option<DateTime<Utc>>,
     /// Where a symlink points.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symlink_target: Option<String>,
@@ -353,6 +355,50 @@ pub struct EntryInfo {
 
 fn int64_string<S: Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&value.to_string())
+}
+
+fn rfc3339_millis<S: Serializer>(value: &Option<DateTime<Utc>>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(at) => serializer.serialize_str(&at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// `filesystem.FileType`: what a path is (protobuf enum numbers as discriminants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FileType {
+    /// Anything but the three below (a device, a socket, a FIFO).
+    #[serde(rename = "FILE_TYPE_UNSPECIFIED")]
+    Unspecified = 0,
+    /// A regular file.
+    #[serde(rename = "FILE_TYPE_FILE")]
+    File = 1,
+    /// A directory.
+    #[serde(rename = "FILE_TYPE_DIRECTORY")]
+    Directory = 2,
+    /// A symbolic link.
+    #[serde(rename = "FILE_TYPE_SYMLINK")]
+    Symlink = 3,
+}
+
+/// `filesystem.EventType`: what happened to a watched path (protobuf enum numbers as discriminants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum EventType {
+    /// Created.
+    #[serde(rename = "EVENT_TYPE_CREATE")]
+    Create = 1,
+    /// Written.
+    #[serde(rename = "EVENT_TYPE_WRITE")]
+    Write = 2,
+    /// Removed.
+    #[serde(rename = "EVENT_TYPE_REMOVE")]
+    Remove = 3,
+    /// Renamed (from or to).
+    #[serde(rename = "EVENT_TYPE_RENAME")]
+    Rename = 4,
+    /// Its permissions or other metadata changed.
+    #[serde(rename = "EVENT_TYPE_CHMOD")]
+    Chmod = 5,
 }
 
 /// An answer carrying one entry.
@@ -374,9 +420,9 @@ pub struct ListDirResponse {
 pub struct FilesystemEvent {
     /// Path relative to the watched directory.
     pub name: String,
-    /// `EVENT_TYPE_*`.
+    /// What happened.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: EventType,
     /// The entry, when asked for (create, write, chmod).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry: Option<EntryInfo>,
@@ -409,8 +455,8 @@ pub struct WatcherEventsResponse {
     pub events: Vec<FilesystemEvent>,
 }
 
-/// An empty message.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// An empty message (any fields of a request are ignored).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Empty {}
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! envd, E2B's in-sandbox daemon protocol (port 49983), served by nook from outside the sandbox on top of its own
-//! agent: Connect-RPC `process.Process` and `filesystem.Filesystem` (JSON codec, [`connect`]), `GET`/`POST /files`
-//! and `GET /health`.
+//! agent: Connect-RPC `process.Process` and `filesystem.Filesystem` (JSON and binary protobuf codecs, [`connect`]),
+//! `GET`/`POST /files` and `GET /health`.
 //!
 //! Every request here was addressed to one sandbox (the dispatcher in the crate root put a [`Target`] in its
 //! extensions) and must carry that sandbox's `X-Access-Token`, except `/health`, and `/files` with a valid
@@ -28,6 +28,7 @@ pub mod files;
 pub mod filesystem;
 pub mod messages;
 pub mod process;
+pub mod proto;
 
 /// The sandbox a request is addressed to.
 #[derive(Debug, Clone)]

@@ -25,10 +25,11 @@ use nook_runner::ExecOutput;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::connect::{self, ConnectError};
+use super::connect::{self, Codec, ConnectError, RequestMessage};
 use super::messages::{
-    DataEvent, EndEvent, ListResponse, ProcessConfig, ProcessEvent, ProcessEventMessage, ProcessInfo, ProcessSelector,
-    SelectorRequest, SendInputRequest, SendSignalRequest, StartRequest, StreamInputRequest, UpdateRequest,
+    DataEvent, Empty, EndEvent, ListResponse, ProcessConfig, ProcessEvent, ProcessEventMessage, ProcessInfo,
+    ProcessSelector, SelectorRequest, SendInputRequest, SendSignalRequest, StartRequest, StreamInputRequest,
+    UpdateRequest,
 };
 use super::{account, resolve_path, target, user_of};
 use crate::E2b;
@@ -106,17 +107,22 @@ struct Deadline {
     kills: bool,
 }
 
-/// Follows `pid`'s output from `offset`, sending `start` first and ending with its `end`, or with
-/// `deadline_exceeded` when `deadline` passes first, or with an error.
-fn follow(
-    e2b: E2b,
-    sandbox: String,
-    pid: u32,
-    offset: u64,
-    terminal: bool,
+/// How a process stream is sent: its codec, how often a quiet stream gets a keepalive, when it ends.
+#[derive(Debug, Clone, Copy)]
+struct StreamShape {
+    codec: Codec,
     keepalive: Duration,
     deadline: Option<Deadline>,
-) -> Response {
+}
+
+/// Follows `pid`'s output from `offset`, sending `start` first and ending with its `end`, or with
+/// `deadline_exceeded` when the stream's deadline passes first, or with an error.
+fn follow(e2b: E2b, sandbox: String, pid: u32, offset: u64, terminal: bool, shape: StreamShape) -> Response {
+    let StreamShape {
+        codec,
+        keepalive,
+        deadline,
+    } = shape;
     let (sender, receiver) = mpsc::channel(16);
     tokio::spawn(async move {
         let start = ProcessEventMessage {
@@ -183,23 +189,17 @@ fn follow(
             }
         }
     });
-    connect::channel_stream(receiver)
-}
-
-fn stream_error(error: ConnectError) -> Response {
-    connect::server_stream(futures::stream::once(
-        async move { Err::<ProcessEventMessage, _>(error) },
-    ))
+    codec.channel_stream(receiver)
 }
 
 /// `Start` (server streaming).
-pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+pub async fn start(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
     let (parts, body) = request.into_parts();
     let prepared = async {
         let sandbox = target(&parts.extensions)?;
         let user = user_of(&parts.headers)?;
         let bytes = read_body(body).await?;
-        let start: StartRequest = connect::parse_stream_request(&bytes)?;
+        let start: StartRequest = codec.parse(&bytes)?;
         if start.process.cmd.is_empty() {
             return Err(ConnectError::invalid("the command is empty"));
         }
@@ -236,7 +236,7 @@ pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> R
     .await;
     let (sandbox, pid, terminal) = match prepared {
         Ok(prepared) => prepared,
-        Err(error) => return stream_error(error),
+        Err(error) => return codec.stream_error::<ProcessEventMessage>(error),
     };
     let deadline = connect::timeout(&parts.headers).map(|lifetime| {
         let control = e2b.control.clone();
@@ -250,15 +250,12 @@ pub async fn start(State(e2b): State<E2b>, request: axum::extract::Request) -> R
         });
         Deadline { at, kills: true }
     });
-    follow(
-        e2b,
-        sandbox.id,
-        pid,
-        0,
-        terminal,
-        keepalive_interval(&parts.headers),
+    let shape = StreamShape {
+        codec,
+        keepalive: keepalive_interval(&parts.headers),
         deadline,
-    )
+    };
+    follow(e2b, sandbox.id, pid, 0, terminal, shape)
 }
 
 /// E2B's default variables of every command, which the request's own override.
@@ -271,12 +268,12 @@ fn e2b_environment(sandbox: &nook_api::Sandbox) -> BTreeMap<String, String> {
 }
 
 /// `Connect` (server streaming): follows a process from its current output on.
-pub async fn connect(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+pub async fn connect(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
     let (parts, body) = request.into_parts();
     let prepared = async {
         let sandbox = target(&parts.extensions)?;
         let bytes = read_body(body).await?;
-        let request: SelectorRequest = connect::parse_stream_request(&bytes)?;
+        let request: SelectorRequest = codec.parse(&bytes)?;
         let pid = pid_of(&request.process)?;
         let processes = e2b.control.processes(&sandbox.id).await?;
         let process = processes
@@ -293,17 +290,14 @@ pub async fn connect(State(e2b): State<E2b>, request: axum::extract::Request) ->
                 at: Instant::now() + timeout,
                 kills: false,
             });
-            follow(
-                e2b,
-                sandbox.id,
-                pid,
-                offset,
-                terminal,
-                keepalive_interval(&parts.headers),
+            let shape = StreamShape {
+                codec,
+                keepalive: keepalive_interval(&parts.headers),
                 deadline,
-            )
+            };
+            follow(e2b, sandbox.id, pid, offset, terminal, shape)
         }
-        Err(error) => stream_error(error),
+        Err(error) => codec.stream_error::<ProcessEventMessage>(error),
     }
 }
 
@@ -315,20 +309,21 @@ async fn read_body(body: Body) -> Result<bytes::Bytes, ConnectError> {
 }
 
 /// A unary handler's common start: the sandbox and the parsed message.
-async fn unary_request<T: serde::de::DeserializeOwned>(
+async fn unary_request<T: RequestMessage>(
+    codec: Codec,
     request: axum::extract::Request,
 ) -> Result<(nook_api::Sandbox, T), ConnectError> {
     let (parts, body) = request.into_parts();
     let sandbox = target(&parts.extensions)?;
     let bytes = read_body(body).await?;
-    Ok((sandbox, connect::parse_unary(&bytes)?))
+    Ok((sandbox, codec.parse(&bytes)?))
 }
 
 /// `List`: running processes.
-pub async fn list(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn list(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let (sandbox, _): (_, serde_json::Value) = unary_request(request).await?;
+            let (sandbox, _): (_, Empty) = unary_request(codec, request).await?;
             let processes = e2b.control.processes(&sandbox.id).await?;
             let processes = processes
                 .into_iter()
@@ -352,24 +347,24 @@ pub async fn list(State(e2b): State<E2b>, request: axum::extract::Request) -> Re
 }
 
 /// `SendInput`.
-pub async fn send_input(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn send_input(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let (sandbox, request): (_, SendInputRequest) = unary_request(request).await?;
+            let (sandbox, request): (_, SendInputRequest) = unary_request(codec, request).await?;
             let pid = pid_of(&request.process)?;
             let data = match (request.input.stdin, request.input.pty) {
                 (Some(data), None) | (None, Some(data)) => data,
                 _ => return Err(ConnectError::new("unimplemented", "send either stdin or pty input")),
             };
             e2b.control.input(&sandbox.id, pid, data, false).await?;
-            Ok(super::messages::Empty {})
+            Ok(Empty {})
         }
         .await,
     )
 }
 
 /// `StreamInput` (client streaming): a `start` naming the process, then input chunks, applied in order.
-pub async fn stream_input(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
+pub async fn stream_input(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let sandbox = target(&parts.extensions)?;
@@ -378,7 +373,7 @@ pub async fn stream_input(State(e2b): State<E2b>, request: axum::extract::Reques
         let mut pid = None;
         loop {
             while let Some((_, payload)) = reader.next_envelope()? {
-                let message: StreamInputRequest = connect::parse_unary(&payload)?;
+                let message: StreamInputRequest = codec.decode(&payload)?;
                 if let Some(start) = message.start {
                     pid = Some(pid_of(&start.process)?);
                 } else if let Some(data) = message.data {
@@ -398,30 +393,30 @@ pub async fn stream_input(State(e2b): State<E2b>, request: axum::extract::Reques
     }
     .await;
     let messages = match result {
-        Ok(()) => vec![Ok(super::messages::Empty {})],
+        Ok(()) => vec![Ok(Empty {})],
         Err(error) => vec![Err(error)],
     };
-    connect::server_stream(futures::stream::iter(messages))
+    codec.server_stream(futures::stream::iter(messages))
 }
 
 /// `CloseStdin`.
-pub async fn close_stdin(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn close_stdin(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let (sandbox, request): (_, SelectorRequest) = unary_request(request).await?;
+            let (sandbox, request): (_, SelectorRequest) = unary_request(codec, request).await?;
             let pid = pid_of(&request.process)?;
             e2b.control.input(&sandbox.id, pid, Vec::new(), true).await?;
-            Ok(super::messages::Empty {})
+            Ok(Empty {})
         }
         .await,
     )
 }
 
 /// `SendSignal`: SIGTERM or SIGKILL.
-pub async fn send_signal(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn send_signal(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let (sandbox, request): (_, SendSignalRequest) = unary_request(request).await?;
+            let (sandbox, request): (_, SendSignalRequest) = unary_request(codec, request).await?;
             let pid = pid_of(&request.process)?;
             let names = [("SIGNAL_SIGTERM", 15), ("SIGNAL_SIGKILL", 9)];
             let signal = request
@@ -440,17 +435,17 @@ pub async fn send_signal(State(e2b): State<E2b>, request: axum::extract::Request
                 return Err(ConnectError::not_found(format!("process with pid {pid} not found")));
             }
             e2b.control.signal(&sandbox.id, pid, signal as i32).await?;
-            Ok(super::messages::Empty {})
+            Ok(Empty {})
         }
         .await,
     )
 }
 
 /// `Update`: resizes a terminal.
-pub async fn update(State(e2b): State<E2b>, request: axum::extract::Request) -> Response {
-    connect::unary(
+pub async fn update(State(e2b): State<E2b>, codec: Codec, request: axum::extract::Request) -> Response {
+    codec.unary(
         async {
-            let (sandbox, request): (_, UpdateRequest) = unary_request(request).await?;
+            let (sandbox, request): (_, UpdateRequest) = unary_request(codec, request).await?;
             let pid = pid_of(&request.process)?;
             if let Some(size) = request.pty.and_then(|pty| pty.size) {
                 let size = nook_api::PtySize {
@@ -459,7 +454,7 @@ pub async fn update(State(e2b): State<E2b>, request: axum::extract::Request) -> 
                 };
                 e2b.control.resize(&sandbox.id, pid, size).await?;
             }
-            Ok(super::messages::Empty {})
+            Ok(Empty {})
         }
         .await,
     )
