@@ -19,7 +19,12 @@ from jupyter_client.manager import KernelManager
 
 KERNELS_DIR = "/usr/local/share/jupyter/kernels"
 # Seconds process_kernel.py gives an interrupted cell before it kills the interpreter.
-INTERRUPT_GRACE = 5
+sys.path.insert(0, "/usr/local/lib/nook/kernels")
+from process_kernel import INTERRUPT_GRACE  # noqa: E402
+
+# An interrupt is "prompt" within this many seconds: generous for a loaded 2-core machine, yet far below what the
+# interrupted cells would take (they sleep 30 s or more, or never end).
+PROMPTLY = 10
 
 
 class Outcome:
@@ -207,15 +212,16 @@ def test_bash_interrupt(bash):
     bash.run("kept=yes").ok()
     out, took = bash.interrupted("echo started; sleep 100; echo after", "started")
     out.error("KeyboardInterrupt", "130")
-    assert took < 3 and "after" not in out.stdout and out.stderr == "", (took, out.describe())
+    assert took < PROMPTLY and "after" not in out.stdout and out.stderr == "", (took, out.describe())
     assert bash.run("pgrep -f 'sleep 100' || echo gone").ok().stdout == "gone\n"
     loop, took = bash.interrupted("echo looping; while true; do :; done", "looping")
     loop.error("KeyboardInterrupt")
-    assert took < 3, took
+    assert took < PROMPTLY, took
     assert bash.run("echo $kept").ok().stdout == "yes\n"
 
 
 def test_bash_interrupt_between_cells_is_harmless(bash):
+    bash.run("kept=yes").ok()
     bash.manager.interrupt_kernel()
     time.sleep(0.5)
     assert bash.run("echo next").ok().stdout == "next\n"
@@ -227,7 +233,7 @@ def test_bash_command_ignoring_interrupt_is_killed(bash):
     bash.run("lost=no").ok()
     out, took = bash.interrupted("(trap '' INT; echo stubborn; sleep 30)", "stubborn")
     out.error("KeyboardInterrupt", "killed")
-    assert INTERRUPT_GRACE - 1 < took < INTERRUPT_GRACE + 3, took
+    assert INTERRUPT_GRACE - 1 < took < INTERRUPT_GRACE + PROMPTLY, took
     assert bash.run('echo "${lost:-reset}"').ok().stdout == "reset\n"
 
 
@@ -330,10 +336,10 @@ def test_js_interrupt(js):
     js.run("let survivor = 'kept'").ok()
     busy, took = js.interrupted("console.log('spinning'); while (true) {}", "spinning")
     busy.error("KeyboardInterrupt")
-    assert took < 3 and busy.stderr == "", (took, busy.describe())
+    assert took < PROMPTLY and busy.stderr == "", (took, busy.describe())
     waiting, took = js.interrupted("console.log('waiting'); await new Promise(() => {})", "waiting")
     waiting.error("KeyboardInterrupt")
-    assert took < 3 and waiting.stderr == "", (took, waiting.describe())
+    assert took < PROMPTLY and waiting.stderr == "", (took, waiting.describe())
     assert js.run("survivor").ok().text == "'kept'"
     js.manager.interrupt_kernel()  # between cells: nothing to stop
     time.sleep(0.5)
@@ -345,7 +351,7 @@ def test_js_interrupt_while_printing(js):
     for _ in range(5):
         out, took = js.interrupted("let n = 0; while (true) { console.log(n++); }", "\n")
         out.error("KeyboardInterrupt")
-        assert took < 3, took
+        assert took < PROMPTLY, took
         assert js.run("console.log('after'); 'result'").ok().stdout == "after\n"
 
 
@@ -362,7 +368,7 @@ def test_js_busy_after_await_is_killed(js):
     js.run("let doomed = 1").ok()
     out, took = js.interrupted("await null; console.log('stuck'); while (true) {}", "stuck")
     out.error("KeyboardInterrupt", "killed")
-    assert INTERRUPT_GRACE - 1 < took < INTERRUPT_GRACE + 3, took
+    assert INTERRUPT_GRACE - 1 < took < INTERRUPT_GRACE + PROMPTLY, took
     assert js.run("typeof doomed").ok().text == "'undefined'"
 
 
@@ -413,7 +419,9 @@ def main():
         for kernel in kernels.values():
             kernel.close()
     print(f"{len(tests) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    if not tests:
+        print(f"no test matches -k {args.k!r}")
+    return 1 if failed or not tests else 0
 
 
 if __name__ == "__main__":

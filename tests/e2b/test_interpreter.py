@@ -6,6 +6,7 @@ import base64
 from pathlib import Path
 
 import pytest
+from e2b import CommandExitException
 from e2b.exceptions import NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
 
@@ -164,8 +165,10 @@ def test_the_kernels_own_suite_passes_inside_a_sandbox(interpreter):
     (interrupts, silent cells, restarts); it runs where the kernels are installed: in a sandbox of the base image."""
     suite = Path(__file__).resolve().parents[2] / "images/base/test_kernels.py"
     interpreter.files.write("/tmp/test_kernels.py", suite.read_text())
-    result = interpreter.commands.run("python3 /tmp/test_kernels.py", user="root", timeout=600)
-    assert result.exit_code == 0
+    try:
+        result = interpreter.commands.run("python3 /tmp/test_kernels.py", user="root", timeout=600)
+    except CommandExitException as failed:
+        raise AssertionError(f"the kernels' suite failed:\n{failed.stdout}") from None
     assert result.stdout.rstrip().endswith(" passed, 0 failed"), result.stdout
 
 
