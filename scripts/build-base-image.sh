@@ -129,6 +129,17 @@ copy_out() {
     log "copied the image to $dest"
 }
 
+# Images of other recipes are 1.5 GB each: keep the newest one besides IMAGE (another checkout of the project may
+# still use it; switching between two branches then builds nothing) and remove the older ones.
+prune_superseded() {
+    local keep old
+    keep="$(basename "$1")"
+    ls -t "$CACHE_DIR"/base-*.tar 2>/dev/null | grep -v "/$keep\$" | tail -n +2 | while read -r old; do
+        rm -f "$old"
+        log "removed the superseded image $old"
+    done
+}
+
 main() {
     local out_tar="${1:-}" key image
     if [[ $# -gt 1 ]]; then
@@ -152,8 +163,7 @@ main() {
             # Leftovers of interrupted builds (safe to remove: we hold the lock).
             rm -f "$CACHE_DIR"/.base-*.tmp.tar
             build_image "$image"
-            # Images of earlier recipes are 1.5 GB each and nothing refers to them: drop them.
-            find "$CACHE_DIR" -maxdepth 1 -name 'base-*.tar' ! -path "$image" -print -delete | sed 's/^/nook: removed superseded image /' >&2
+            prune_superseded "$image"
         fi
         flock -u 9
         exec 9>&-
