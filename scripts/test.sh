@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart: set everything up and run the whole test suite: formatting, clippy, a debug build with the static
-# agent, the base image, then `cargo test --workspace`, then the E2B SDK compatibility suites against `nook serve`
-# (tests/e2b: the Python SDK; tests/e2b-js: the JavaScript SDK; tests/e2b-agents: the OpenAI Agents SDK's E2B
-# provider). Exits with the status of the tests.
+# agent, the base image, then `cargo test --workspace`, then the E2B SDK compatibility suites against one shared
+# `nook serve` (tests/e2b: the Python SDK; tests/e2b-js: the JavaScript SDK; tests/e2b-agents: the OpenAI Agents
+# SDK's E2B provider). Exits with the status of the tests.
 #
 # Usage: scripts/test.sh [extra arguments for the test binaries, after --test-threads=2]
 #
@@ -42,6 +42,41 @@ run_tests() {
         cargo test --workspace -- --test-threads="$TEST_THREADS" "$@"
 }
 
+# run_sdk_suites ROOT: the three SDK suites against one `nook serve` (tests/nook_test_server.py, stopped by SIGTERM
+# at the end, or when its stdin, a coprocess pipe, closes because this script died); returns the first failing
+# status. Needs NOOK_BIN,
+# NOOK_AGENT_BINARY and NOOK_BASE_IMAGE_TAR exported.
+run_sdk_suites() {
+    local root="$1" line status=0
+    log "starting one nook serve for the SDK suites"
+    coproc SDK_SERVER { exec "$root/.venv/bin/python" "$root/tests/nook_test_server.py"; }
+    if ! read -r line <&"${SDK_SERVER[0]}"; then
+        log "the SDK suites' nook serve did not start"
+        return 1
+    fi
+    # shellcheck disable=SC2163 # exports the three NAME=VALUE words the server printed
+    export $line
+    log "E2B SDK compatibility tests (tests/e2b, official e2b Python SDK)"
+    "$root/.venv/bin/python" -m pytest "$root/tests/e2b" -q || status=$?
+    if [[ $status -eq 0 ]]; then
+        log "E2B SDK compatibility tests (tests/e2b-js, official e2b npm package)"
+        run_npm test --prefix "$root/tests/e2b-js" || status=$?
+    fi
+    if [[ $status -eq 0 ]]; then
+        log "OpenAI Agents SDK E2B provider tests (tests/e2b-agents, openai-agents[e2b] in .venv-agents)"
+        "$root/.venv-agents/bin/python" -m pytest "$root/tests/e2b-agents" -q || status=$?
+    fi
+    if [[ $status -ne 0 ]]; then
+        log "the end of the SDK suites' server log ($NOOK_TEST_LOG):"
+        tail -n 40 "$NOOK_TEST_LOG" >&2 || true
+    fi
+    local server_pid="$SDK_SERVER_PID"
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" || true
+    unset NOOK_TEST_URL NOOK_TEST_KEY NOOK_TEST_LOG
+    return "$status"
+}
+
 main() {
     local root agent tar status=0 start=$SECONDS
     root="$(repo_root)"
@@ -57,19 +92,8 @@ main() {
 
     run_tests "$agent" "$tar" "$@" || status=$?
     if [[ $status -eq 0 ]]; then
-        log "E2B SDK compatibility tests (tests/e2b, official e2b Python SDK)"
-        NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
-            "$root/.venv/bin/python" -m pytest "$root/tests/e2b" -q || status=$?
-    fi
-    if [[ $status -eq 0 ]]; then
-        log "E2B SDK compatibility tests (tests/e2b-js, official e2b npm package)"
-        NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
-            run_npm test --prefix "$root/tests/e2b-js" || status=$?
-    fi
-    if [[ $status -eq 0 ]]; then
-        log "OpenAI Agents SDK E2B provider tests (tests/e2b-agents, openai-agents[e2b] in .venv-agents)"
-        NOOK_BIN="$root/target/debug/nook" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
-            "$root/.venv-agents/bin/python" -m pytest "$root/tests/e2b-agents" -q || status=$?
+        NOOK_BIN="$(nook_binary_path debug)" NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" \
+            run_sdk_suites "$root" || status=$?
     fi
     if [[ $status -eq 0 ]]; then
         log "all tests passed ($((SECONDS - start)) s)"

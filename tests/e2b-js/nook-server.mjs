@@ -1,9 +1,9 @@
-// Starts one `nook serve` for a test file and points the official, unmodified e2b SDK at it.
-//
-// The server runs on a free loopback port with its own data directory; the SDK gets nothing but the three
-// environment variables a user would set (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY). `stop` kills every sandbox
-// still alive through the API before the server stops. The nook binary, the agent and the base image come from
-// NOOK_BIN, NOOK_AGENT_BINARY and NOOK_BASE_IMAGE_TAR, as scripts/test.sh sets them.
+// Points the official, unmodified e2b SDK at a `nook serve`: the one scripts/test.sh started for all SDK suites
+// (NOOK_TEST_URL and NOOK_TEST_KEY; see tests/nook_test_server.py), or else one started here for a test file, on a
+// free loopback port with its own data directory. The SDK gets nothing but the three environment variables a user
+// would set (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KEY). `stop` kills every sandbox still alive through the API, then
+// stops a server started here. The nook binary, the agent and the base image come from NOOK_BIN, NOOK_AGENT_BINARY
+// and NOOK_BASE_IMAGE_TAR, as scripts/test.sh sets them.
 
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
@@ -52,8 +52,24 @@ async function waitForHealth(url, child, logPath) {
   }
 }
 
-/** Starts `nook serve` and sets the E2B_* variables; returns `{ url, key, stop }`. */
+function pointSdkAt(url, key) {
+  Object.assign(process.env, { E2B_API_URL: url, E2B_SANDBOX_URL: url, E2B_API_KEY: key })
+  delete process.env.E2B_DEBUG
+}
+
+async function killSandboxes() {
+  for (const info of await Sandbox.list().nextItems()) {
+    await Sandbox.kill(info.sandboxId)
+  }
+}
+
+/** Uses the shared server or starts `nook serve`, and sets the E2B_* variables; returns `{ url, key, stop }`. */
 export async function startNook() {
+  const { NOOK_TEST_URL: sharedUrl, NOOK_TEST_KEY: sharedKey } = process.env
+  if (sharedUrl && sharedKey) {
+    pointSdkAt(sharedUrl, sharedKey)
+    return { url: sharedUrl, key: sharedKey, stop: killSandboxes }
+  }
   const nook = process.env.NOOK_BIN || join(ROOT, 'target/debug/nook')
   const agent = requiredEnv('NOOK_AGENT_BINARY')
   const base = requiredEnv('NOOK_BASE_IMAGE_TAR')
@@ -77,16 +93,19 @@ export async function startNook() {
   } catch (error) {
     child.kill('SIGKILL')
     closeSync(log)
+    await exited
+    try {
+      rmSync(data, { recursive: true, force: true })
+    } catch {
+      // left for the system's temp cleaning
+    }
     throw error
   }
-  Object.assign(process.env, { E2B_API_URL: url, E2B_SANDBOX_URL: url, E2B_API_KEY: key })
-  delete process.env.E2B_DEBUG
+  pointSdkAt(url, key)
 
   async function stop() {
     try {
-      for (const info of await Sandbox.list().nextItems()) {
-        await Sandbox.kill(info.sandboxId)
-      }
+      await killSandboxes()
     } finally {
       child.kill('SIGTERM')
       const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
