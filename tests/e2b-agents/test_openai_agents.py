@@ -165,11 +165,13 @@ def test_a_session_paused_by_its_timeout_resumes_with_its_workspace():
     async def scenario():
         client = E2BSandboxClient()
         # The provider's default lifecycle: pause (not kill) when the timeout passes.
-        session = await client.create(options=E2BSandboxClientOptions(sandbox_type="e2b", timeout=3))
+        session = await client.create(options=E2BSandboxClientOptions(sandbox_type="e2b", timeout=300))
         assert session.state.on_timeout == "pause"
         await session.start()
         sandbox_id = session.state.sandbox_id
         await session.write(Path("draft.md"), io.BytesIO(b"work in progress"))
+        # The timeout is cut short only now, so a slow start cannot pause the sandbox before the write.
+        await AsyncSandbox.set_timeout(sandbox_id, 1)
         for _ in range(300):
             paused = AsyncSandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED]))
             if sandbox_id in [info.sandbox_id for info in await paused.next_items()]:

@@ -125,11 +125,13 @@ describe('sandbox lifecycle', () => {
 
   test('a sandbox created to pause on timeout is paused with its files, and connect resumes it', async () => {
     const sbx = await Sandbox.create({
-      timeoutMs: 3_000,
+      timeoutMs: 300_000,
       lifecycle: { onTimeout: { action: 'pause', keepMemory: false } },
     })
     try {
       await sbx.files.write('/home/user/kept.txt', 'survives the pause')
+      // The timeout is cut short only now, so a slow create cannot pause the sandbox before the write.
+      await Sandbox.setTimeout(sbx.sandboxId, 1_000)
       await eventually(
         async () => (await Sandbox.getInfo(sbx.sandboxId)).state === 'paused',
         () => 'the sandbox was not paused at its timeout',

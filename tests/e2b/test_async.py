@@ -456,18 +456,23 @@ async def test_watch_dir_streams_changes_recursively_or_not(async_sandbox):
         "/home/user/watched", on_event=events.append, include_entry=True, allow_network_mounts=True
     )
     await sbx.files.write("/home/user/watched/with-entry.txt", "12345", metadata={"k": "v"})
-    await sbx.commands.run("cd /home/user/watched && chmod 640 with-entry.txt && mkdir kept && rm with-entry.txt")
+    await sbx.commands.run("cd /home/user/watched && chmod 640 with-entry.txt && mkdir kept")
 
-    async def with_entries():
-        kinds = {(event.name, event.type.value) for event in events}
-        return {("with-entry.txt", "chmod"), ("kept", "create"), ("with-entry.txt", "remove")} <= kinds
+    def seen(*wanted):
+        async def check():
+            return set(wanted) <= {(event.name, event.type.value) for event in events}
 
-    await eventually_async(with_entries, "the events with entries")
+        return check
+
+    # The file is removed only once its chmod event arrived: the entry is looked up while the file still exists.
+    await eventually_async(seen(("with-entry.txt", "chmod"), ("kept", "create")), "the events with entries")
+    await sbx.commands.run("rm /home/user/watched/with-entry.txt")
+    await eventually_async(seen(("with-entry.txt", "remove")), "the removal")
     await entries.stop()
     by_kind = {(event.name, event.type.value): event for event in events}
     changed = by_kind[("with-entry.txt", "chmod")].entry
-    # The file may already be gone when its event is looked at: then there is no entry, as envd sends it.
-    assert changed is None or (changed.mode, changed.size, changed.metadata) == (0o640, 5, {"k": "v"})
+    assert changed is not None
+    assert (changed.mode, changed.size, changed.metadata) == (0o640, 5, {"k": "v"})
     kept = by_kind[("kept", "create")].entry
     assert (kept.type, kept.path, kept.owner) == (FileType.DIR, "/home/user/watched/kept", "user")
     assert by_kind[("with-entry.txt", "remove")].entry is None

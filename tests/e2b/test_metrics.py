@@ -11,7 +11,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import eventually
+from conftest import eventually, eventually_async
 from e2b import AsyncSandbox, CommandExitException, Sandbox
 from e2b.exceptions import SandboxNotFoundException
 
@@ -106,8 +106,17 @@ def test_metrics_of_an_unknown_sandbox_raise_not_found():
 async def test_async_metrics(async_sandbox):
     samples = await async_sandbox.get_metrics()
     assert samples and samples[-1].mem_total > 0 and samples[-1].cpu_count >= 1
+    busy_from = datetime.now(timezone.utc)
     await async_sandbox.commands.run("timeout 6 sh -c 'while :; do :; done'; true", timeout=30)
-    assert len(await AsyncSandbox.get_metrics(async_sandbox.sandbox_id)) >= len(samples)
+
+    async def busy_sample():
+        return [
+            m
+            for m in await AsyncSandbox.get_metrics(async_sandbox.sandbox_id)
+            if m.timestamp > busy_from and m.cpu_used_pct >= 80 / m.cpu_count
+        ]
+
+    await eventually_async(busy_sample, "a sample of the busy loop through the class method", timeout=15)
 
 
 def test_logs_tell_the_sandbox_story(sandbox):
