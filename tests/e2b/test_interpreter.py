@@ -108,6 +108,13 @@ def test_env_vars_apply_to_one_execution(interpreter):
     execution = interpreter.run_code("import os\nprint(os.environ['SECRET_X'])", envs={"SECRET_X": "it's \"quoted\""})
     assert execution.logs.stdout == ["it's \"quoted\"\n"]
     assert interpreter.run_code("import os\nos.environ.get('SECRET_X', 'unset')").text == "unset"
+    bash = interpreter.run_code("echo \"$GREETING\"", language="bash", envs={"GREETING": "hi; there"})
+    assert bash.logs.stdout == ["hi; there\n"]
+    # A name that is not an identifier is refused (400), never run as shell code.
+    for name in ("X=1; touch /tmp/ran; Y", "X; touch /tmp/ran", "$(touch /tmp/ran)"):
+        with pytest.raises(SandboxException, match="400.*not an environment variable name"):
+            interpreter.run_code("true", language="bash", envs={name: "1"})
+    assert not interpreter.files.exists("/tmp/ran")
 
 
 def test_contexts_are_separate_kernels(interpreter):

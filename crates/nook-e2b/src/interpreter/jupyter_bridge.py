@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import sys
+import typing
 import uuid
 
 DEFAULT_CWD = "/home/user"
@@ -34,34 +35,46 @@ DEFAULT_CWD = "/home/user"
 MAX_LINE = 64 << 20
 KERNEL_START_TIMEOUT = 60
 
-# Statements that set and unset an environment variable, per kernel language, for per-execution env vars.
-ENV_STATEMENTS = {
-    "python": (
+
+class Statements(typing.NamedTuple):
+    """Code in one kernel language that sets and unsets an environment variable (per-execution env vars) and enters
+    a directory (a context's cwd)."""
+
+    set_env: typing.Callable[[str, str], str]
+    unset_env: typing.Callable[[str], str]
+    chdir: typing.Callable[[str], str]
+
+
+LANGUAGES = {
+    "python": Statements(
         lambda k, v: f"__import__('os').environ[{json.dumps(k)}] = {json.dumps(v)}",
         lambda k: f"__import__('os').environ.pop({json.dumps(k)}, None)",
+        lambda cwd: f"__import__('os').chdir({json.dumps(cwd)})",
     ),
-    "javascript": (
+    "javascript": Statements(
         lambda k, v: f"process.env[{json.dumps(k)}] = {json.dumps(v)};",
         lambda k: f"delete process.env[{json.dumps(k)}];",
+        lambda cwd: f"process.chdir({json.dumps(cwd)});",
     ),
-    "bash": (
+    # Names are identifiers: nook's /execute handler refuses others before they get here.
+    "bash": Statements(
         lambda k, v: f"export {k}={shlex.quote(v)}",
         lambda k: f"unset {k}",
+        lambda cwd: f"cd {shlex.quote(cwd)}",
     ),
-    "r": (
+    "r": Statements(
         lambda k, v: f"Sys.setenv({json.dumps(k)} = {json.dumps(v)})",
         lambda k: f"Sys.unsetenv({json.dumps(k)})",
+        lambda cwd: f"setwd({json.dumps(cwd)})",
     ),
 }
-ENV_STATEMENTS["typescript"] = ENV_STATEMENTS["javascript"]
+LANGUAGES["typescript"] = LANGUAGES["javascript"]
 
-CHDIR_STATEMENTS = {
-    "python": lambda cwd: f"__import__('os').chdir({json.dumps(cwd)})",
-    "javascript": lambda cwd: f"process.chdir({json.dumps(cwd)});",
-    "typescript": lambda cwd: f"process.chdir({json.dumps(cwd)});",
-    "bash": lambda cwd: f"cd {shlex.quote(cwd)}",
-    "r": lambda cwd: f"setwd({json.dumps(cwd)})",
-}
+
+def default_cwd():
+    """The user's home, as in E2B's template; `/` in an image without it."""
+    return DEFAULT_CWD if os.path.isdir(DEFAULT_CWD) else "/"
+
 
 # Run once in every Python kernel: plain colours in tracebacks, no truncated reprs, JSON results for lists and
 # dicts, and E2B's `e2b/data` form of pandas DataFrames.
@@ -316,7 +329,7 @@ class Context:
 
         self.manager = AsyncKernelManager(kernel_name=kernel_name(self.language))
         try:
-            await self.manager.start_kernel(cwd=DEFAULT_CWD if os.path.isdir(DEFAULT_CWD) else "/")
+            await self.manager.start_kernel(cwd=default_cwd())
         except NoSuchKernel:
             raise Failure(500, f"Failed to create context: no Jupyter kernel for {self.language!r} is installed")
         self.client = self.manager.client()
@@ -337,9 +350,9 @@ class Context:
             error = await self.run_silently(CHART_SETUP + PYTHON_SETUP)
             if error:
                 print(f"nook's Python kernel setup failed: {error}", file=sys.stderr, flush=True)
-        chdir = CHDIR_STATEMENTS.get(self.language)
-        if chdir and self.cwd:
-            return await self.run_silently(chdir(self.cwd))
+        statements = LANGUAGES.get(self.language)
+        if statements and self.cwd:
+            return await self.run_silently(statements.chdir(self.cwd))
         return None
 
     async def restart(self):
@@ -373,14 +386,14 @@ class Context:
 
     async def execute(self, code, env_vars, emit):
         """Runs user code, calling emit(line) for each E2B output line."""
-        statements = ENV_STATEMENTS.get(self.language)
+        statements = LANGUAGES.get(self.language)
         if env_vars and statements:
-            await self.run_silently("\n".join(statements[0](k, v) for k, v in env_vars.items()))
+            await self.run_silently("\n".join(statements.set_env(k, v) for k, v in env_vars.items()))
         try:
             await self.execute_cell(code, emit)
         finally:
             if env_vars and statements:
-                await self.run_silently("\n".join(statements[1](k) for k in env_vars))
+                await self.run_silently("\n".join(statements.unset_env(k) for k in env_vars))
 
     async def execute_cell(self, code, emit):
         client = self.client
@@ -449,7 +462,7 @@ class Bridge:
         self.channel.flush()
 
     async def create(self, language, cwd):
-        context = Context(normalise_language(language), cwd or DEFAULT_CWD)
+        context = Context(normalise_language(language), cwd or default_cwd())
         await context.start()
         self.contexts[context.id] = context
         return context
@@ -460,7 +473,7 @@ class Bridge:
         async with lock:
             context = self.defaults.get(language)
             if context is None or context.id not in self.contexts:
-                context = await self.create(language, DEFAULT_CWD if os.path.isdir(DEFAULT_CWD) else "/")
+                context = await self.create(language, default_cwd())
                 self.defaults[language] = context
             return context
 
@@ -506,6 +519,7 @@ class Bridge:
             context = self.context(context_id)
         else:
             context = await self.default_context(request.get("language"))
+        env_vars = request.get("env_vars") or {}
         self.send({"id": request_id, "accepted": True})
         task = asyncio.current_task()
         self.executions[request_id] = (context, task)
@@ -514,7 +528,7 @@ class Bridge:
             async with context.lock:
                 running = True
                 self.executions[request_id] = (context, None)
-                await context.execute(request.get("code", ""), request.get("env_vars") or {},
+                await context.execute(request.get("code", ""), env_vars,
                                       lambda line: self.send({"id": request_id, "line": line}))
         except asyncio.CancelledError:
             if running:
