@@ -13,7 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #   ca-certificates              TLS roots for the toolchain's downloads
 #   pkg-config gcc libc6-dev     linking (libc.a for the static agent; gcc pulls in binutils for readelf)
 #   runc                         the comparison benchmark
-#   python3 python3-venv          the venv of the E2B SDK compatibility tests (tests/e2b)
+#   python3 python3-venv          the venvs of the SDK suites (tests/e2b, tests/e2b-agents; node from PyPI)
 NOOK_PACKAGES=(
     mmdebstrap
     iproute2
