@@ -84,6 +84,8 @@ pub enum StateReason {
     StartFailed,
     /// After a restart the runner no longer found the sandbox's processes (for example after a host reboot).
     LostOnRestart,
+    /// The sandbox's deadline passed and its `on_deadline` action stopped it.
+    DeadlinePassed,
 }
 
 impl StateReason {
@@ -96,6 +98,7 @@ impl StateReason {
             Self::CreateFailed => "create_failed",
             Self::StartFailed => "start_failed",
             Self::LostOnRestart => "lost_on_restart",
+            Self::DeadlinePassed => "deadline_passed",
         }
     }
 
@@ -108,6 +111,7 @@ impl StateReason {
             "create_failed" => Self::CreateFailed,
             "start_failed" => Self::StartFailed,
             "lost_on_restart" => Self::LostOnRestart,
+            "deadline_passed" => Self::DeadlinePassed,
             _ => return None,
         })
     }
@@ -148,6 +152,52 @@ pub struct Resources {
     pub pids: u32,
 }
 
+/// Longest timeout a sandbox's deadline can be set to, in seconds (ten years: a deadline is optional, and no
+/// sandbox has one unless asked; this bound only keeps the arithmetic finite).
+pub const MAX_TIMEOUT_S: u64 = 10 * 365 * 24 * 3600;
+
+/// What a sandbox's deadline does when it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadlineAction {
+    /// Delete the sandbox and its files.
+    #[default]
+    Delete,
+    /// Stop it: processes end, files are kept, and it can be started again.
+    Stop,
+}
+
+impl DeadlineAction {
+    /// The name used on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delete => "delete",
+            Self::Stop => "stop",
+        }
+    }
+
+    /// Parses the wire name of an action.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "delete" => Some(Self::Delete),
+            "stop" => Some(Self::Stop),
+            _ => None,
+        }
+    }
+}
+
+/// Body of `PUT /v1/sandboxes/{sandbox}/deadline`: sets, moves or removes a sandbox's deadline.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetDeadlineRequest {
+    /// Seconds from now until the deadline (at most ten years); absent or null removes the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// What the deadline does (unchanged when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deadline: Option<DeadlineAction>,
+}
+
 /// Body of `POST /v1/sandboxes`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -170,6 +220,13 @@ pub struct CreateSandboxRequest {
     /// Isolation class (`container` when omitted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
+    /// Seconds from creation until the sandbox's deadline (at most ten years); none when omitted: a sandbox lives
+    /// until it is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// What the deadline does (`delete` when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deadline: Option<DeadlineAction>,
 }
 
 /// A sandbox as the API reports it.
@@ -199,6 +256,13 @@ pub struct Sandbox {
     pub resources: Resources,
     /// How many processes the kernel has OOM-killed in this sandbox since it was created.
     pub oom_kills: u64,
+    /// When the sandbox ends on its own, by `on_deadline`; absent: it lives until it is deleted. Cleared once it
+    /// has acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// What the deadline does.
+    #[serde(default)]
+    pub on_deadline: DeadlineAction,
     /// When the sandbox was created.
     pub created_at: DateTime<Utc>,
     /// When the sandbox last changed state.

@@ -43,6 +43,8 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                     pids: args.pids,
                 }),
                 isolation: None,
+                timeout_s: args.timeout,
+                on_deadline: args.on_deadline,
             };
             let sandbox = client.create_sandbox(&request).await?;
             if args.json {
@@ -178,6 +180,37 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
         Command::Logs(args) => logs(client, args).await,
         Command::Kill(args) => {
             client.signal_process(&args.sandbox, args.pid, args.signal).await?;
+            Ok(0)
+        }
+        Command::Deadline(args) => {
+            let current = match (args.timeout, args.clear) {
+                (Some(seconds), _) => Some(seconds),
+                (None, true) => None,
+                // Only the action changes: keep the deadline where it is.
+                (None, false) => client
+                    .sandbox(&args.sandbox)
+                    .await?
+                    .deadline
+                    .map(|at| (at - chrono::Utc::now()).num_seconds().max(0) as u64),
+            };
+            let request = nook_api::SetDeadlineRequest {
+                timeout_s: current,
+                on_deadline: args.on_deadline,
+            };
+            let sandbox = client.set_deadline(&args.sandbox, &request).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                match sandbox.deadline {
+                    Some(at) => println!(
+                        "{}: {} at {}",
+                        sandbox.name,
+                        sandbox.on_deadline.as_str(),
+                        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                    None => println!("{}: no deadline", sandbox.name),
+                }
+            }
             Ok(0)
         }
         Command::Stop(args) => {

@@ -39,6 +39,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Run a command in a sandbox; exits with the command's exit code.
     Exec(ExecArgs),
+    /// Set, move or remove a sandbox's deadline (when it is deleted or stopped on its own).
+    Deadline(DeadlineArgs),
     /// Stop sandboxes (files are kept).
     Stop(TargetsArgs),
     /// Start stopped sandboxes.
@@ -96,9 +98,37 @@ struct CreateArgs {
     /// Process limit.
     #[arg(long)]
     pids: Option<u32>,
+    /// Seconds until the sandbox's deadline (none by default: it lives until deleted).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// What the deadline does: `delete` (the default) or `stop` (files kept).
+    #[arg(long, value_parser = parse_deadline_action)]
+    on_deadline: Option<nook_api::DeadlineAction>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeadlineArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Seconds from now until the deadline.
+    #[arg(long, conflicts_with = "clear", required_unless_present_any = ["clear", "on_deadline"])]
+    timeout: Option<u64>,
+    /// Remove the deadline: the sandbox lives until deleted.
+    #[arg(long)]
+    clear: bool,
+    /// What the deadline does: `delete` or `stop` (files kept).
+    #[arg(long, value_parser = parse_deadline_action)]
+    on_deadline: Option<nook_api::DeadlineAction>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_deadline_action(text: &str) -> Result<nook_api::DeadlineAction, String> {
+    nook_api::DeadlineAction::parse(text).ok_or_else(|| format!("{text:?} is not `delete` or `stop`"))
 }
 
 #[derive(Debug, clap::Args)]

@@ -202,6 +202,19 @@ impl Client {
             .await
     }
 
+    /// Sets, moves or removes a sandbox's deadline.
+    pub async fn set_deadline(
+        &self,
+        key: &str,
+        request: &nook_api::SetDeadlineRequest,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::PUT, self.url_for(&["v1", "sandboxes", key, "deadline"]))
+                .json(request),
+        )
+        .await
+    }
+
     /// Starts a stopped sandbox.
     pub async fn start_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "start"])))

@@ -5,19 +5,22 @@
 //! `creating`), the runner undoes its own partial work on failure, and the record then carries `error` with the
 //! step that failed. On start, [`Control::reconcile`] brings the store in line with what the runner actually runs,
 //! and [`Control::watch_runner`] turns runner events (OOM kills, inits exiting) into recorded transitions.
+//! [`Control::keep_deadlines`] acts on sandboxes' deadlines (delete, or stop with the files kept) as they pass; they
+//! are stored, so a restart keeps them, and one that passed while the server was down acts at start.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{SubsecRound as _, Utc};
 use nook_api::limits::*;
 use nook_api::names::{check_env_name, check_image_name, check_label_key, check_sandbox_name, is_sandbox_id};
 use nook_api::{
-    CreateSandboxRequest, ExecRequest, ExitStatus, FileInfo, FileKind, Isolation, ProcessInfo, Resources, Sandbox,
-    SandboxState, StateReason,
+    CreateSandboxRequest, DeadlineAction, ExecRequest, ExitStatus, FileInfo, FileKind, Isolation, ProcessInfo,
+    Resources, Sandbox, SandboxState, StateReason, MAX_TIMEOUT_S,
 };
 use nook_runner::{ExecInput, ExecOptions, ExecOutput, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
+use crate::deadlines::DeadlineTimer;
 use crate::error::ApiFailure;
 use crate::ids;
 use crate::store::{Store, StoreError, Transition};
@@ -37,6 +40,22 @@ pub struct Control {
     runner: Arc<dyn Runner>,
     host_cpus: f64,
     host_memory_mb: u64,
+    deadlines: DeadlineTimer,
+}
+
+/// How long a deadline that could not act yet (a sandbox still being created, a runner error) waits to try again.
+const DEADLINE_RETRY: chrono::Duration = chrono::Duration::seconds(5);
+
+/// The moment `timeout_s` seconds from now, checked against [`MAX_TIMEOUT_S`].
+fn deadline_in(timeout_s: u64) -> Result<chrono::DateTime<Utc>, ApiFailure> {
+    if timeout_s > MAX_TIMEOUT_S {
+        return Err(ApiFailure::invalid(format!(
+            "timeout_s {timeout_s} is over the most a deadline can be set to, {MAX_TIMEOUT_S} s (ten years); \
+             leave it out for a sandbox without a deadline"
+        )));
+    }
+    // Microseconds, as the store keeps it: the answer then equals what a later read returns.
+    Ok((Utc::now() + chrono::Duration::seconds(timeout_s as i64)).trunc_subsecs(6))
 }
 
 impl Control {
@@ -48,6 +67,7 @@ impl Control {
             runner,
             host_cpus,
             host_memory_mb: host_memory_mb().unwrap_or(MAX_MEMORY_MB),
+            deadlines: DeadlineTimer::default(),
         }
     }
 
@@ -114,6 +134,7 @@ impl Control {
     /// Creates and starts a sandbox.
     pub async fn create(&self, request: CreateSandboxRequest) -> Result<Sandbox, ApiFailure> {
         let resources = self.check_create(&request)?;
+        let deadline = request.timeout_s.map(deadline_in).transpose()?;
         let image_name = request.image.clone().unwrap_or_else(|| "base".to_string());
         let image = self.runner.image(&image_name).await?;
         let id = ids::sandbox_id();
@@ -132,10 +153,13 @@ impl Control {
             env: request.env.clone(),
             resources,
             oom_kills: 0,
+            deadline,
+            on_deadline: request.on_deadline.unwrap_or_default(),
             created_at: now,
             updated_at: now,
         };
         self.store.insert_sandbox(&sandbox).await?;
+        self.deadlines.schedule(&id, deadline);
         let spec = SandboxSpec {
             id: id.clone(),
             hostname: name,
@@ -257,6 +281,99 @@ impl Control {
         }
         self.runner.delete_sandbox(&sandbox.id).await?;
         self.store.delete_sandbox(&sandbox.id).await?;
+        self.deadlines.schedule(&sandbox.id, None);
+        Ok(())
+    }
+
+    /// Sets a sandbox's deadline to `timeout_s` seconds from now, or removes it (`None`); `on_deadline` changes what
+    /// it does (kept when `None`).
+    pub async fn set_deadline(
+        &self,
+        key: &str,
+        timeout_s: Option<u64>,
+        on_deadline: Option<DeadlineAction>,
+    ) -> Result<Sandbox, ApiFailure> {
+        let deadline = timeout_s.map(deadline_in).transpose()?;
+        let sandbox = self.resolve(key).await?;
+        let action = on_deadline.unwrap_or(sandbox.on_deadline);
+        let updated = self.store.set_deadline(&sandbox.id, deadline, action).await?;
+        self.deadlines.schedule(&sandbox.id, deadline);
+        Ok(updated)
+    }
+
+    /// Schedules the stored deadlines and acts on them as they pass, from now on (those already passed at once).
+    pub async fn keep_deadlines(self: &Arc<Self>) -> Result<(), ApiFailure> {
+        for sandbox in self.store.sandboxes().await? {
+            self.deadlines.schedule(&sandbox.id, sandbox.deadline);
+        }
+        let control = self.clone();
+        tokio::spawn(async move {
+            let acting = control.clone();
+            control
+                .deadlines
+                .run(move |id| {
+                    // Each on its own task: a slow delete does not hold back the next deadline.
+                    let control = acting.clone();
+                    tokio::spawn(async move { control.deadline_passed(&id).await });
+                    std::future::ready(())
+                })
+                .await
+        });
+        Ok(())
+    }
+
+    /// Acts on a sandbox whose deadline the timer says has passed: deletes it, or stops it with its files kept
+    /// (recorded with the reason `deadline_passed`), and clears the deadline. A deadline moved meanwhile is
+    /// rescheduled instead; one that cannot act yet is tried again shortly.
+    pub async fn deadline_passed(&self, id: &str) {
+        let sandbox = match self.store.sandbox(id).await {
+            Ok(Some(sandbox)) => sandbox,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(sandbox = %id, error = %crate::error::chain(&error), "reading a sandbox whose deadline passed failed");
+                self.deadlines.schedule(id, Some(Utc::now() + DEADLINE_RETRY));
+                return;
+            }
+        };
+        let Some(deadline) = sandbox.deadline else { return };
+        if deadline > Utc::now() {
+            self.deadlines.schedule(id, Some(deadline));
+            return;
+        }
+        let acted = match sandbox.on_deadline {
+            DeadlineAction::Delete => self.delete(id).await,
+            DeadlineAction::Stop => self.stop_at_deadline(&sandbox).await,
+        };
+        match acted {
+            Ok(()) => {
+                tracing::info!(sandbox = %id, action = sandbox.on_deadline.as_str(), "the sandbox's deadline passed")
+            }
+            Err(failure) => {
+                tracing::warn!(sandbox = %id, message = %failure.message, "a passed deadline could not act yet");
+                self.deadlines.schedule(id, Some(Utc::now() + DEADLINE_RETRY));
+            }
+        }
+    }
+
+    async fn stop_at_deadline(&self, sandbox: &Sandbox) -> Result<(), ApiFailure> {
+        match sandbox.state {
+            SandboxState::Running => {
+                self.runner.stop_sandbox(&sandbox.id).await?;
+                let stopped = transition(
+                    RUNNING,
+                    SandboxState::Stopped,
+                    StateReason::DeadlinePassed,
+                    "its deadline passed: stopped, with its files kept; start it to go on",
+                );
+                self.store.transition(&sandbox.id, stopped).await?;
+            }
+            SandboxState::Creating => {
+                return Err(ApiFailure::conflict("the sandbox is still being created"));
+            }
+            // Not running: nothing to stop.
+            _ => {}
+        }
+        self.store.set_deadline(&sandbox.id, None, sandbox.on_deadline).await?;
         Ok(())
     }
 

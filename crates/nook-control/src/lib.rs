@@ -14,6 +14,7 @@ use nook_runner::{LocalRunner, LocalRunnerConfig, Runner};
 
 pub mod api;
 pub mod control;
+pub mod deadlines;
 pub mod error;
 pub mod ids;
 pub mod store;
@@ -126,6 +127,10 @@ impl Server {
             .await
             .map_err(|failure| StartError::Reconcile(failure.message))?;
         control.watch_runner();
+        control
+            .keep_deadlines()
+            .await
+            .map_err(|failure| StartError::Reconcile(failure.message))?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

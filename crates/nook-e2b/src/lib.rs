@@ -50,8 +50,6 @@ pub struct E2b {
     pub control: Arc<Control>,
     /// Secret the per-sandbox access tokens are derived from.
     secret: Arc<[u8; 32]>,
-    /// Deadlines (E2B timeouts) of sandboxes created or refreshed through this API.
-    pub deadlines: Arc<rest::Deadlines>,
     /// Polling file watchers of envd's `CreateWatcher`.
     pub watchers: Arc<envd::filesystem::Watchers>,
     /// The code interpreter's bridges into sandboxes.
@@ -83,7 +81,6 @@ impl E2b {
             control: control.clone(),
             secret: Arc::new(secret),
             metrics: Arc::new(metrics::Metrics::new(control.runner().clone())),
-            deadlines: Arc::new(rest::Deadlines::new(control)),
             watchers: Arc::new(envd::filesystem::Watchers::default()),
             interpreters: Arc::new(interpreter::Bridges::default()),
         })

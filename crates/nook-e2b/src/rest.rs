@@ -4,16 +4,13 @@
 //!
 //! Mapping onto nook: an E2B template is a nook image (`base` is nook's base image); metadata are labels; env vars
 //! are the sandbox's environment. E2B knows two states: a running nook sandbox is `running`, a stopped one (files
-//! kept) is reported `paused`, and `connect` starts it again. The E2B timeout is a deadline kept by this layer:
-//! when it passes, the sandbox is deleted, as E2B kills it, or stopped (files kept, reported `paused`) when it was
-//! created with `autoPause`, E2B's pause on timeout (deadlines live in memory, so a restart of `nook serve`
-//! forgets them: until lifecycle policies exist in the store, sandboxes then stay). Pausing with memory is not
-//! available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`. Metrics
+//! kept) is reported `paused`, and `connect` starts it again. The E2B timeout is the sandbox's deadline in nook's
+//! control plane (stored, so it outlives restarts): when it passes, the sandbox is deleted, as E2B kills it, or
+//! stopped (files kept, reported `paused`) when it was created with `autoPause`, E2B's pause on timeout. Pausing with
+//! memory is not available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`. Metrics
 //! ([`crate::metrics`]) and logs ([`crate::logs`]) are routed here and served by their own modules.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -22,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use nook_api::{CreateSandboxRequest, Sandbox, SandboxState};
-use nook_control::control::{Control, SandboxFilter};
+use nook_api::{CreateSandboxRequest, DeadlineAction, Sandbox, SandboxState};
+use nook_control::control::SandboxFilter;
 use nook_control::error::ApiFailure;
 use serde::{Deserialize, Serialize};
 
@@ -144,7 +141,6 @@ struct E2bSandbox {
 
 impl E2b {
     fn describe(&self, sandbox: &Sandbox) -> E2bSandbox {
-        let deadline = self.deadlines.get(&sandbox.id);
         E2bSandbox {
             template_id: sandbox.image.clone(),
             sandbox_id: sandbox.id.clone(),
@@ -155,7 +151,9 @@ impl E2b {
             alias: sandbox.image.clone(),
             domain: None,
             started_at: sandbox.created_at,
-            end_at: deadline.unwrap_or(sandbox.created_at + chrono::Duration::seconds(MAX_TIMEOUT_S as i64)),
+            end_at: sandbox
+                .deadline
+                .unwrap_or(sandbox.created_at + chrono::Duration::seconds(MAX_TIMEOUT_S as i64)),
             cpu_count: sandbox.resources.cpu.ceil().max(1.0) as u64,
             memory_mb: sandbox.resources.memory_mb,
             disk_size_mb: 0,
@@ -172,12 +170,13 @@ impl E2b {
 /// A bad request's message.
 type BadRequest = String;
 
-fn timeout_of(seconds: Option<u64>) -> Result<Duration, BadRequest> {
+/// The timeout in seconds (E2B's default when absent), within E2B's maximum.
+fn timeout_of(seconds: Option<u64>) -> Result<u64, BadRequest> {
     let seconds = seconds.unwrap_or(DEFAULT_TIMEOUT_S);
     if seconds > MAX_TIMEOUT_S {
         return Err(format!("timeout {seconds} s is over the maximum of {MAX_TIMEOUT_S} s"));
     }
-    Ok(Duration::from_secs(seconds))
+    Ok(seconds)
 }
 
 async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Response {
@@ -208,14 +207,16 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
         image: Some(image),
         labels: request.metadata.unwrap_or_default(),
         env: request.env_vars.unwrap_or_default(),
+        timeout_s: Some(timeout),
+        on_deadline: Some(if request.auto_pause == Some(true) {
+            DeadlineAction::Stop
+        } else {
+            DeadlineAction::Delete
+        }),
         ..Default::default()
     };
     match e2b.control.create(create).await {
         Ok(sandbox) => {
-            if request.auto_pause == Some(true) {
-                e2b.deadlines.pause_on_timeout(&sandbox.id);
-            }
-            e2b.deadlines.set(&sandbox.id, timeout);
             e2b.metrics.track(&sandbox.id);
             if interpreter {
                 e2b.interpreters.prestart(&e2b, &sandbox.id);
@@ -331,7 +332,6 @@ fn percent_decode(text: &str) -> String {
 async fn kill_sandbox(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
     match e2b.control.delete(&id).await {
         Ok(()) => {
-            e2b.deadlines.clear(&id);
             e2b.metrics.forget(&id);
             StatusCode::NO_CONTENT.into_response()
         }
@@ -365,11 +365,8 @@ async fn renew(e2b: &E2b, id: &str, seconds: Option<u64>) -> Response {
         Ok(timeout) => timeout,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    match e2b.control.resolve(id).await {
-        Ok(sandbox) => {
-            e2b.deadlines.set(&sandbox.id, timeout);
-            StatusCode::NO_CONTENT.into_response()
-        }
+    match e2b.control.set_deadline(id, Some(timeout), None).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(failure) => not_found_or(failure, id),
     }
 }
@@ -413,7 +410,10 @@ async fn connect(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::bod
             Err(failure) => return Failure(failure).into_response(),
         }
     };
-    e2b.deadlines.set(&sandbox.id, timeout);
+    let sandbox = match e2b.control.set_deadline(&sandbox.id, Some(timeout), None).await {
+        Ok(sandbox) => sandbox,
+        Err(failure) => return not_found_or(failure, &id),
+    };
     e2b.metrics.track(&sandbox.id);
     (status, Json(e2b.describe(&sandbox))).into_response()
 }
@@ -472,85 +472,6 @@ async fn delete_template(Path(id): Path<String>) -> Response {
         StatusCode::NOT_IMPLEMENTED,
         format!("remove template {id} with `nook image rm`; E2B template management is not served yet"),
     )
-}
-
-/// A deadline and the timer that acts on it.
-type Deadline = (DateTime<Utc>, tokio::task::JoinHandle<()>);
-
-/// E2B deadlines: when one passes, the sandbox is deleted, or stopped if it was created with `autoPause`. One timer
-/// task per sandbox, replaced when the deadline moves (no polling).
-pub struct Deadlines {
-    control: Arc<Control>,
-    entries: Mutex<HashMap<String, Deadline>>,
-    /// Sandboxes whose deadline stops them (files kept) instead of deleting them.
-    pausing: Arc<Mutex<HashSet<String>>>,
-}
-
-impl Deadlines {
-    /// Deadlines acting on `control`.
-    pub fn new(control: Arc<Control>) -> Self {
-        Self {
-            control,
-            entries: Mutex::new(HashMap::new()),
-            pausing: Arc::default(),
-        }
-    }
-
-    /// Makes a sandbox's deadline stop it (E2B's pause, without the memory) instead of deleting it.
-    pub fn pause_on_timeout(&self, id: &str) {
-        self.pausing.lock().expect("deadlines lock").insert(id.to_string());
-    }
-
-    /// The deadline of a sandbox, if one is set.
-    pub fn get(&self, id: &str) -> Option<DateTime<Utc>> {
-        self.entries.lock().expect("deadlines lock").get(id).map(|(at, _)| *at)
-    }
-
-    /// Sets a sandbox's deadline to `timeout` from now.
-    pub fn set(&self, id: &str, timeout: Duration) {
-        let at = Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
-        let control = self.control.clone();
-        let pausing = self.pausing.clone();
-        let sandbox = id.to_string();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let pause = pausing.lock().expect("deadlines lock").contains(&sandbox);
-            let outcome = if pause {
-                tracing::info!(sandbox, "the E2B timeout passed: stopping the sandbox (autoPause)");
-                control.stop(&sandbox).await.map(drop)
-            } else {
-                tracing::info!(sandbox, "the E2B timeout passed: deleting the sandbox");
-                control.delete(&sandbox).await
-            };
-            if let Err(failure) = outcome {
-                if failure.status != StatusCode::NOT_FOUND {
-                    tracing::warn!(sandbox, message = %failure.message, "could not end a timed-out sandbox");
-                }
-            }
-        });
-        if let Some((_, old)) = self
-            .entries
-            .lock()
-            .expect("deadlines lock")
-            .insert(id.to_string(), (at, timer))
-        {
-            old.abort();
-        }
-    }
-
-    /// Forgets a sandbox's deadline and its timeout action.
-    pub fn clear(&self, id: &str) {
-        if let Some((_, timer)) = self.entries.lock().expect("deadlines lock").remove(id) {
-            timer.abort();
-        }
-        self.pausing.lock().expect("deadlines lock").remove(id);
-    }
-}
-
-impl std::fmt::Debug for Deadlines {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deadlines").finish_non_exhaustive()
-    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
     PtySize, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState,
-    SandboxStats, SearchMatch, SearchRequest, SearchResult, SignalRequest, WatchEvent, WatchEventKind,
+    SandboxStats, SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest, SignalRequest, WatchEvent,
+    WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/v1/sandboxes/{sandbox}", get(get_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{sandbox}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{sandbox}/deadline", axum::routing::put(set_deadline))
         .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
         .route("/v1/sandboxes/{sandbox}/stats", get(sandbox_stats))
@@ -291,6 +293,26 @@ async fn delete_sandbox(State(state): State<AppState>, Path(key): Path<String>) 
     security(("bearer" = [])))]
 async fn stop_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
     Ok(Json(state.control.stop(&key).await?))
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{sandbox}/deadline", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    request_body = SetDeadlineRequest,
+    responses((status = 200, description = "The deadline is set (or removed); the sandbox as it is now", body = Sandbox),
+              (status = 400, description = "A timeout over ten years", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError)),
+    security(("bearer" = [])))]
+async fn set_deadline(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<SetDeadlineRequest>,
+) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(
+        state
+            .control
+            .set_deadline(&key, request.timeout_s, request.on_deadline)
+            .await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/start", tag = "sandboxes",
@@ -987,7 +1009,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
-        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox,
+        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image

@@ -70,6 +70,13 @@ pub trait Store: Send + Sync + 'static {
     async fn transition(&self, id: &str, transition: Transition) -> Result<Sandbox, StoreError>;
     /// Records OOM kills (the state stays, the reason becomes `oom`) and the event.
     async fn record_oom(&self, id: &str, oom_kills: u64, message: &str) -> Result<Sandbox, StoreError>;
+    /// Sets (or, with `None`, removes) a sandbox's deadline and what it does; returns the updated sandbox.
+    async fn set_deadline(
+        &self,
+        id: &str,
+        deadline: Option<chrono::DateTime<chrono::Utc>>,
+        on_deadline: nook_api::DeadlineAction,
+    ) -> Result<Sandbox, StoreError>;
     /// Removes a sandbox and its events.
     async fn delete_sandbox(&self, id: &str) -> Result<(), StoreError>;
     /// A sandbox's events, oldest first.

@@ -8,13 +8,14 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use nook_api::{Isolation, Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
+use nook_api::{DeadlineAction, Isolation, Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{ApiKeyRecord, Store, StoreError, Transition};
 
 /// Schema migrations, applied in order; never edit one that has shipped, append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sandboxes (
     id            TEXT PRIMARY KEY,
     name          TEXT NOT NULL UNIQUE,
@@ -49,7 +50,12 @@ CREATE TABLE api_keys (
     key_hash   TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN deadline TEXT;
+ALTER TABLE sandboxes ADD COLUMN on_deadline TEXT NOT NULL DEFAULT 'delete';
+"#,
+];
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -92,7 +98,12 @@ impl SqliteStore {
 }
 
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
-                               labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at";
+                               labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
+                               on_deadline";
+
+fn time_text(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(text)
@@ -108,6 +119,8 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
     let created: String = row.get(14)?;
     let updated: String = row.get(15)?;
     let isolation: String = row.get(4)?;
+    let deadline: Option<String> = row.get(16)?;
+    let on_deadline: String = row.get(17)?;
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -130,6 +143,9 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
                 pids: row.get(12)?,
             },
             oom_kills: row.get(13)?,
+            deadline: deadline.as_deref().map(parse_time).transpose()?,
+            on_deadline: DeadlineAction::parse(&on_deadline)
+                .ok_or_else(|| StoreError::Corrupt(format!("on_deadline {on_deadline:?}")))?,
             created_at: parse_time(&created)?,
             updated_at: parse_time(&updated)?,
         })
@@ -170,7 +186,7 @@ fn insert_event(
 }
 
 fn now_text() -> String {
-    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    time_text(Utc::now())
 }
 
 #[async_trait::async_trait]
@@ -178,11 +194,11 @@ impl Store for SqliteStore {
     async fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<(), StoreError> {
         self.with(|connection| {
             let transaction = connection.transaction()?;
-            let created = sandbox.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let created = time_text(sandbox.created_at);
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
                 ),
                 params![
                     sandbox.id,
@@ -201,6 +217,8 @@ impl Store for SqliteStore {
                     sandbox.oom_kills,
                     created,
                     created,
+                    sandbox.deadline.map(time_text),
+                    sandbox.on_deadline.as_str(),
                 ],
             );
             match inserted {
@@ -304,6 +322,24 @@ impl Store for SqliteStore {
             let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
             transaction.commit()?;
             Ok(updated)
+        })
+    }
+
+    async fn set_deadline(
+        &self,
+        id: &str,
+        deadline: Option<DateTime<Utc>>,
+        on_deadline: DeadlineAction,
+    ) -> Result<Sandbox, StoreError> {
+        self.with(|connection| {
+            let changed = connection.execute(
+                "UPDATE sandboxes SET deadline = ?2, on_deadline = ?3 WHERE id = ?1",
+                params![id, deadline.map(time_text), on_deadline.as_str()],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            select_one(connection, "id", id)?.ok_or(StoreError::NotFound)
         })
     }
 
@@ -420,6 +456,8 @@ mod tests {
                 pids: 100,
             },
             oom_kills: 0,
+            deadline: None,
+            on_deadline: DeadlineAction::Delete,
             created_at: now,
             updated_at: now,
         }
@@ -502,5 +540,53 @@ mod tests {
         let path = dir.path().join("nook.db");
         drop(SqliteStore::open(&path).unwrap());
         drop(SqliteStore::open(&path).unwrap());
+    }
+
+    #[tokio::test]
+    async fn deadlines_are_kept_and_a_first_version_database_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nook.db");
+        {
+            // A database of the first schema, with a sandbox in it.
+            let connection = Connection::open(&path).unwrap();
+            connection.execute_batch(MIGRATIONS[0]).unwrap();
+            connection.pragma_update(None, "user_version", 1).unwrap();
+            connection
+                .execute(
+                    "INSERT INTO sandboxes VALUES ('sb-old', 'old', 'base', 'sha256:00', 'container', 'running', \
+                     'requested', '', '{}', '{}', 1.0, 256, 100, 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+                    [],
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let old = store.sandbox("sb-old").await.unwrap().unwrap();
+        assert_eq!((old.deadline, old.on_deadline), (None, DeadlineAction::Delete));
+
+        let at = DateTime::parse_from_rfc3339("2030-05-06T07:08:09.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut new = sandbox("sb-new", "new");
+        new.deadline = Some(at);
+        store.insert_sandbox(&new).await.unwrap();
+        assert_eq!(store.sandbox("sb-new").await.unwrap().unwrap().deadline, Some(at));
+        let moved = store
+            .set_deadline("sb-old", Some(at), DeadlineAction::Stop)
+            .await
+            .unwrap();
+        assert_eq!((moved.deadline, moved.on_deadline), (Some(at), DeadlineAction::Stop));
+        drop(store);
+        let reopened = SqliteStore::open(&path).unwrap();
+        let kept = reopened.sandbox("sb-old").await.unwrap().unwrap();
+        assert_eq!((kept.deadline, kept.on_deadline), (Some(at), DeadlineAction::Stop));
+        let cleared = reopened
+            .set_deadline("sb-old", None, DeadlineAction::Stop)
+            .await
+            .unwrap();
+        assert_eq!(cleared.deadline, None);
+        assert!(matches!(
+            reopened.set_deadline("sb-gone", None, DeadlineAction::Delete).await,
+            Err(StoreError::NotFound)
+        ));
     }
 }
