@@ -17,11 +17,13 @@ RECIPE_VERSION=1
 SUITE=bookworm
 VARIANT=minbase
 # E2B's base-template conventions (python3 with pip, node, sudo) plus what the code interpreter needs: Jupyter's
-# Python kernel and the data stack code-interpreter users expect (matplotlib figures come back as PNG results).
+# Python and R kernels and the data stack code-interpreter users expect (matplotlib figures come back as PNG results).
 # Recommends are left out; Debian's matplotlib and ipykernel still depend on scipy, sympy and gdb (1.4 GB in all). A
 # compiler is in on purpose, so that `pip install` can build packages with C extensions.
 PACKAGES="bash,coreutils,python3,python3-pip,python3-dev,build-essential,git,curl,ca-certificates,procps,sudo,nodejs"
 PACKAGES+=",python3-ipykernel,python3-jupyter-client,python3-matplotlib,python3-numpy,python3-pandas"
+# R with its Jupyter kernel (IRkernel), as E2B's code-interpreter template has it.
+PACKAGES+=",r-base-core,r-cran-irkernel"
 
 # Hooks run by mmdebstrap after installing the packages; "$1" is the root filesystem being built.
 # shellcheck disable=SC2016 # mmdebstrap expands "$1", not this script

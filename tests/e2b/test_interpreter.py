@@ -167,6 +167,29 @@ def test_javascript_and_bash_kernels(interpreter):
     interpreter.remove_code_context(context)
 
 
+def test_r_kernel(interpreter):
+    """Debian's IRkernel (installed as `ir`) answers E2B's `r`."""
+    first = interpreter.run_code("xs <- c(1, 2, 3)\ncat('from R\\n')\nsum(xs)", language="r")
+    assert first.error is None, first.error
+    assert first.logs.stdout == ["from R\n"]
+    # IRkernel shows values as display data, not as the cell's execute result: E2B's `text` (the main result's) is
+    # empty, as it is on E2B.
+    assert [result.text for result in first.results] == ["[1] 6"]
+
+    def value(code, **options):
+        return interpreter.run_code(code, language="r", **options).results[-1].text
+
+    assert value("length(xs)") == "[1] 3"
+    assert value("Sys.getenv('FROM_ENVS')", envs={"FROM_ENVS": "yes"}) == '[1] "yes"'
+    assert value("Sys.getenv('FROM_ENVS')") == '[1] ""'
+    failed = interpreter.run_code("stop('no good')", language="r")
+    assert failed.error is not None and "no good" in failed.error.value, failed.error
+    # The module's sandbox has 512 MiB for all its kernels: the R one goes once tested.
+    for context in interpreter.list_code_contexts():
+        if context.language == "r":
+            interpreter.remove_code_context(context)
+
+
 def test_the_kernels_own_suite_passes_inside_a_sandbox(interpreter):
     """images/base/test_kernels.py drives the bash and JavaScript kernels over jupyter_client message by message
     (interrupts, silent cells, restarts); it runs where the kernels are installed: in a sandbox of the base image."""
