@@ -228,14 +228,15 @@ impl Control {
                 )))
             }
         }
-        self.runner.stop_sandbox(&sandbox.id).await?;
-        let stopped = transition(
-            RUNNING,
-            SandboxState::Stopped,
-            StateReason::Requested,
-            "stopped by a client",
-        );
-        Ok(self.store.transition(&sandbox.id, stopped).await?)
+        self.stop_running(&sandbox.id, StateReason::Requested, "stopped by a client")
+            .await
+    }
+
+    /// Stops a running sandbox's processes and records the stop with `reason`.
+    async fn stop_running(&self, id: &str, reason: StateReason, message: &str) -> Result<Sandbox, ApiFailure> {
+        self.runner.stop_sandbox(id).await?;
+        let stopped = transition(RUNNING, SandboxState::Stopped, reason, message);
+        Ok(self.store.transition(id, stopped).await?)
     }
 
     /// Starts a stopped sandbox.
@@ -358,14 +359,9 @@ impl Control {
     async fn stop_at_deadline(&self, sandbox: &Sandbox) -> Result<(), ApiFailure> {
         match sandbox.state {
             SandboxState::Running => {
-                self.runner.stop_sandbox(&sandbox.id).await?;
-                let stopped = transition(
-                    RUNNING,
-                    SandboxState::Stopped,
-                    StateReason::DeadlinePassed,
-                    "its deadline passed: stopped, with its files kept; start it to go on",
-                );
-                self.store.transition(&sandbox.id, stopped).await?;
+                let message = "its deadline passed: stopped, with its files kept; start it to go on";
+                self.stop_running(&sandbox.id, StateReason::DeadlinePassed, message)
+                    .await?;
             }
             SandboxState::Creating => {
                 return Err(ApiFailure::conflict("the sandbox is still being created"));
