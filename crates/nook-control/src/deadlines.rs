@@ -27,10 +27,16 @@ struct Index {
 }
 
 impl DeadlineTimer {
-    /// Sets (or with `None` forgets) when a sandbox's deadline passes.
+    /// Sets (or with `None` forgets) when a sandbox's deadline passes. The timer task is woken only when this
+    /// changes something: creating and deleting sandboxes without deadlines costs it nothing.
     pub fn schedule(&self, id: &str, at: Option<DateTime<Utc>>) {
         let mut index = self.index.lock().expect("deadline index lock");
-        if let Some(old) = index.by_id.remove(id) {
+        let old = index.by_id.get(id).copied();
+        if old == at {
+            return;
+        }
+        if let Some(old) = old {
+            index.by_id.remove(id);
             index.by_time.remove(&(old, id.to_string()));
         }
         if let Some(at) = at {
