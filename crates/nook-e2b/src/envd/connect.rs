@@ -201,6 +201,15 @@ impl Codec {
         }
     }
 
+    /// Reads a request body (bounded: a Connect request is one message of at most [`MAX_MESSAGE`] bytes) and
+    /// parses it with [`Codec::parse`].
+    pub async fn read<T: RequestMessage>(self, body: Body) -> Result<T, ConnectError> {
+        let bytes = axum::body::to_bytes(body, MAX_MESSAGE + 5)
+            .await
+            .map_err(|error| ConnectError::invalid(format!("reading the request failed: {error}")))?;
+        self.parse(&bytes)
+    }
+
     /// Parses a request body: the whole body, or its single message envelope for a streaming call.
     pub fn parse<T: RequestMessage>(self, body: &[u8]) -> Result<T, ConnectError> {
         if !self.enveloped {

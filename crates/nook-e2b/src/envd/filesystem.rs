@@ -44,10 +44,7 @@ async fn call<T: RequestMessage>(
     let (parts, body) = request.into_parts();
     let sandbox = target(&parts.extensions)?;
     let user = user_of(&parts.headers)?;
-    let bytes = axum::body::to_bytes(body, connect::MAX_MESSAGE + 5)
-        .await
-        .map_err(|error| ConnectError::invalid(format!("reading the request failed: {error}")))?;
-    let message = codec.parse(&bytes)?;
+    let message = codec.read(body).await?;
     let account = account(e2b, &sandbox, &user).await?;
     Ok(Call {
         sandbox,

@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -198,8 +197,7 @@ pub async fn start(State(e2b): State<E2b>, codec: Codec, request: axum::extract:
     let prepared = async {
         let sandbox = target(&parts.extensions)?;
         let user = user_of(&parts.headers)?;
-        let bytes = read_body(body).await?;
-        let start: StartRequest = codec.parse(&bytes)?;
+        let start: StartRequest = codec.read(body).await?;
         if start.process.cmd.is_empty() {
             return Err(ConnectError::invalid("the command is empty"));
         }
@@ -272,8 +270,7 @@ pub async fn connect(State(e2b): State<E2b>, codec: Codec, request: axum::extrac
     let (parts, body) = request.into_parts();
     let prepared = async {
         let sandbox = target(&parts.extensions)?;
-        let bytes = read_body(body).await?;
-        let request: SelectorRequest = codec.parse(&bytes)?;
+        let request: SelectorRequest = codec.read(body).await?;
         let pid = pid_of(&request.process)?;
         let processes = e2b.control.processes(&sandbox.id).await?;
         let process = processes
@@ -301,13 +298,6 @@ pub async fn connect(State(e2b): State<E2b>, codec: Codec, request: axum::extrac
     }
 }
 
-/// Reads a request body whole; Connect request messages are small and bounded.
-async fn read_body(body: Body) -> Result<bytes::Bytes, ConnectError> {
-    axum::body::to_bytes(body, connect::MAX_MESSAGE + 5)
-        .await
-        .map_err(|error| ConnectError::invalid(format!("reading the request failed: {error}")))
-}
-
 /// A unary handler's common start: the sandbox and the parsed message.
 async fn unary_request<T: RequestMessage>(
     codec: Codec,
@@ -315,8 +305,7 @@ async fn unary_request<T: RequestMessage>(
 ) -> Result<(nook_api::Sandbox, T), ConnectError> {
     let (parts, body) = request.into_parts();
     let sandbox = target(&parts.extensions)?;
-    let bytes = read_body(body).await?;
-    Ok((sandbox, codec.parse(&bytes)?))
+    Ok((sandbox, codec.read(body).await?))
 }
 
 /// `List`: running processes.
