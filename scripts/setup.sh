@@ -14,6 +14,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #   pkg-config gcc libc6-dev     linking (libc.a for the static agent; gcc pulls in binutils for readelf)
 #   runc                         the comparison benchmark
 #   python3 python3-venv          the venvs of the SDK suites (tests/e2b, tests/e2b-agents; node from PyPI)
+#   busybox-static               a static shell and tools for the tiny fixture images the image tests build
 NOOK_PACKAGES=(
     mmdebstrap
     iproute2
@@ -28,6 +29,7 @@ NOOK_PACKAGES=(
     runc
     python3
     python3-venv
+    busybox-static
 )
 
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.

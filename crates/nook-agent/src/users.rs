@@ -1,8 +1,9 @@
 //! Resolves the user a command runs as from the sandbox's own `/etc/passwd` and `/etc/group`.
 //!
 //! The agent is a static binary, so it cannot use glibc's NSS; like other container runtimes it reads the two files
-//! directly. A user is given by name or numeric uid; a uid missing from `/etc/passwd` is allowed (with gid = uid and
-//! home `/`), as Docker allows it.
+//! directly. A user is given by name or numeric uid, optionally followed by `:group` (a group name or gid, as OCI
+//! images' `User` may say); a uid missing from `/etc/passwd` is allowed (with gid = uid and home `/`), as Docker
+//! allows it.
 
 use std::path::Path;
 
@@ -22,10 +23,37 @@ pub struct Account {
 pub enum UserError {
     #[error("user {0:?} does not exist in the sandbox's /etc/passwd")]
     Unknown(String),
+    #[error("group {0:?} does not exist in the sandbox's /etc/group")]
+    UnknownGroup(String),
 }
 
-/// Resolves `user` (a name or a uid) against the files under `root` (`/` inside the sandbox).
+/// Resolves `user` (a name or a uid, optionally `:group`) against the files under `root` (`/` inside the sandbox).
 pub fn resolve(root: &Path, user: &str) -> Result<Account, UserError> {
+    let Some((user, group)) = user.split_once(':') else {
+        return resolve_user(root, user);
+    };
+    let mut account = resolve_user(root, user)?;
+    account.gid = resolve_group(root, group)?;
+    account.groups = supplementary_groups(root, &account.name, account.gid);
+    Ok(account)
+}
+
+/// A group name or gid, as a gid; a numeric gid need not exist in `/etc/group`.
+fn resolve_group(root: &Path, group: &str) -> Result<u32, UserError> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
+    groups
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() >= 3 && fields[0] == group).then(|| fields[2].parse().ok())?
+        })
+        .ok_or_else(|| UserError::UnknownGroup(group.to_string()))
+}
+
+fn resolve_user(root: &Path, user: &str) -> Result<Account, UserError> {
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
     let numeric: Option<u32> = user.parse().ok();
     let entry = passwd.lines().find_map(|line| {
@@ -160,5 +188,19 @@ mod tests {
         assert!(resolve(&dir.0, "nobody-here").is_err());
         let empty = root_with("", "");
         assert_eq!(resolve(&empty.0, "root").unwrap().uid, 0);
+    }
+
+    #[test]
+    fn user_colon_group_sets_the_primary_group() {
+        let dir = root_with(PASSWD, GROUP);
+        let named = resolve(&dir.0, "user:sudo").unwrap();
+        assert_eq!((named.uid, named.gid), (1000, 27));
+        let numeric = resolve(&dir.0, "1000:4000").unwrap();
+        assert_eq!((numeric.uid, numeric.gid, numeric.groups[0]), (1000, 4000, 4000));
+        let error = resolve(&dir.0, "user:nogroup").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "group \"nogroup\" does not exist in the sandbox's /etc/group"
+        );
     }
 }

@@ -501,6 +501,10 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             }
             Ok(0)
         }
+        ImageCommand::Inspect { name } => {
+            print_json(&client.image(&name).await?)?;
+            Ok(0)
+        }
         ImageCommand::Rm { name } => {
             client.remove_image(&name).await?;
             println!("{name}");

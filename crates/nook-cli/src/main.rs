@@ -318,15 +318,21 @@ enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Import a root filesystem (a directory, a .tar or .tar.gz, or `-` for a tar on stdin) as an image.
+    /// Import an image: an OCI image layout or `docker save` archive, or a root filesystem (a directory, a tar,
+    /// .tar.gz or .tar.zst, or `-` for either on stdin).
     Import {
         /// Image name.
         name: String,
-        /// Directory, tarball or `-`.
+        /// Archive, directory or `-`.
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Show an image's layers and config as JSON.
+    Inspect {
+        /// Image name.
+        name: String,
     },
     /// Remove an image name.
     Rm {

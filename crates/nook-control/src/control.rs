@@ -893,14 +893,21 @@ fn check_exec(request: &ExecRequest) -> Result<ExecOptions, ApiFailure> {
         }
     }
     if let Some(user) = &request.user {
-        let valid = !user.is_empty()
-            && user.len() <= 64
-            && user
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        // A name or uid, optionally `:group` (a group name or gid).
+        let valid_part = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 64
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        let valid = match user.split_once(':') {
+            Some((name, group)) => valid_part(name) && valid_part(group),
+            None => valid_part(user),
+        };
         if !valid {
             return Err(ApiFailure::invalid(format!(
-                "user {user:?} is not a valid user name or uid"
+                "user {user:?} is not a valid user name or uid (optionally with :group)"
             )));
         }
     }

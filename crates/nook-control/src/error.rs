@@ -7,6 +7,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nook_api::ApiError;
+use nook_runner::images::unpack::UnpackError;
+use nook_runner::images::ImageError;
 use nook_runner::RunnerError;
 
 use crate::store::StoreError;
@@ -114,18 +116,24 @@ impl From<RunnerError> for ApiFailure {
             RunnerError::NoSuchSandbox(_) => Self::not_found(error.to_string()),
             RunnerError::NotRunning(_) => Self::new(StatusCode::CONFLICT, "not_running", error.to_string()),
             RunnerError::AlreadyRunning(_) => Self::new(StatusCode::CONFLICT, "already_running", error.to_string()),
-            RunnerError::Image(nook_runner::images::ImageError::NotFound(name)) => Self::not_found(format!(
+            RunnerError::Image(ImageError::NotFound(name)) => Self::not_found(format!(
                 "image {name:?} does not exist; `nook image ls` lists the images"
             )),
-            RunnerError::Image(nook_runner::images::ImageError::InvalidName(message)) => Self::invalid(message.clone()),
+            RunnerError::Image(ImageError::InvalidName(message)) => Self::invalid(message.clone()),
             RunnerError::Process { code, message } => crate::control::process_failure(code.clone(), message.clone()),
             RunnerError::Boot { .. } | RunnerError::Agent { .. } => {
                 let failure = Self::new(StatusCode::INTERNAL_SERVER_ERROR, "boot_failed", chain(&error));
                 tracing::error!(message = %failure.message, "a sandbox failed to boot");
                 failure
             }
-            RunnerError::Image(nook_runner::images::ImageError::Unpack(_)) => {
+            RunnerError::Image(ImageError::Unpack(UnpackError::Write { .. })) => {
+                Self::internal("the runner could not write the image's layers", &error)
+            }
+            RunnerError::Image(ImageError::Unpack(_)) => {
                 Self::invalid("the image archive could not be unpacked").with_reason(&error)
+            }
+            RunnerError::Image(ImageError::Format(_)) => {
+                Self::invalid("the image archive is not a valid image").with_reason(&error)
             }
             _ => Self::internal("the runner failed", &error),
         }

@@ -5,7 +5,7 @@
 //! trait. A runner keeps its own on-disk state for every sandbox (`sandboxes/<id>/state.json`), so that a restarted
 //! server re-adopts the sandboxes that kept running without touching them.
 //!
-//! Modules: [`images`] (content-addressed layer store), [`cgroups`] (v1/hybrid/v2 limits, usage and OOM watching),
+//! Modules: [`images`] (content-addressed layer store, safe layer unpacking, OCI archives), [`cgroups`] (v1/hybrid/v2 limits, usage and OOM watching),
 //! [`disk`] (bounded measuring of a writable layer),
 //! [`container`] (the container isolation backend: boots `nook-agent boot`), [`agent_client`] (the agent protocol
 //! seen from the runner), [`local`] (the in-process runner tying them together).
@@ -150,7 +150,8 @@ pub trait Runner: Send + Sync + 'static {
     async fn list_images(&self) -> Result<Vec<Image>, RunnerError>;
     /// One image by name.
     async fn image(&self, name: &str) -> Result<Image, RunnerError>;
-    /// Imports a rootfs tar (optionally gzip-compressed) as image `name`.
+    /// Imports an image archive (OCI image layout or `docker save`) or a root filesystem tar, plain, gzip or zstd,
+    /// as image `name`.
     async fn import_image(&self, name: &str, archive: ByteStream) -> Result<Image, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;

@@ -139,7 +139,7 @@ impl LocalRunner {
         })?;
         let inner = self.inner.clone();
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || inner.images.import_tar(&name, file, config))
+        tokio::task::spawn_blocking(move || inner.images.import(&name, file, config))
             .await
             .expect("import task does not panic")
             .map_err(RunnerError::from)
@@ -529,7 +529,7 @@ impl Runner for LocalRunner {
             )],
             ..ImageConfig::default()
         };
-        tokio::task::spawn_blocking(move || inner.images.import_tar(&name, reader, config))
+        tokio::task::spawn_blocking(move || inner.images.import(&name, reader, config))
             .await
             .expect("import task does not panic")
             .map_err(RunnerError::from)

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod fixture_image;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

@@ -962,7 +962,7 @@ async fn get_image(State(state): State<AppState>, Path(name): Path<String>) -> R
 
 #[utoipa::path(put, path = "/v1/images/{name}", tag = "images",
     params(("name" = String, Path, description = "Image name (may contain `/`)")),
-    request_body(content = Vec<u8>, description = "A root filesystem as a tar stream, plain or gzip-compressed",
+    request_body(content = Vec<u8>, description = "An OCI image layout or `docker save` archive, or a root filesystem, as a tar stream (plain, gzip or zstd)",
                  content_type = "application/x-tar"),
     responses((status = 201, description = "Imported", body = Image),
               (status = 400, description = "Invalid name or archive", body = ApiError)),

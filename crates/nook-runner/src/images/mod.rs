@@ -7,6 +7,11 @@
 //! so nothing is buffered in memory and nothing is unpacked twice: a layer whose digest is already present is
 //! discarded and the existing one is used.
 
+pub mod archive;
+pub mod oci;
+pub mod tar_stream;
+pub mod unpack;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,7 +20,9 @@ use std::sync::Mutex;
 use chrono::Utc;
 use nook_api::{Image, ImageConfig};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use tar_stream::{TarError, TarStream};
+use unpack::HashingReader;
 
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +33,9 @@ pub enum ImageError {
     /// The image name is malformed.
     #[error("{0}")]
     InvalidName(String),
-    /// The archive could not be read or unpacked.
-    #[error("unpacking the image archive failed")]
-    Unpack(#[source] std::io::Error),
+    /// A layer could not be read or unpacked.
+    #[error("unpacking a layer of the image failed")]
+    Unpack(#[from] unpack::UnpackError),
     /// The store's files could not be read or written.
     #[error("{action} {path} failed")]
     Io {
@@ -49,6 +56,9 @@ pub enum ImageError {
         #[source]
         source: serde_json::Error,
     },
+    /// An image archive or registry document is malformed or does not verify.
+    #[error("the image is malformed")]
+    Format(#[from] oci::FormatError),
     /// The image is used by sandboxes and cannot be removed.
     #[error("image {name:?} is used by {count} sandbox(es)")]
     InUse {
@@ -170,51 +180,92 @@ impl ImageStore {
         self.write_names(&names)
     }
 
-    /// Imports a single-layer image from a tar stream (plain or gzip-compressed, detected from its first bytes),
-    /// and names it `name`, replacing what the name pointed to. Blocking: call from a blocking thread.
-    pub fn import_tar(&self, name: &str, reader: impl Read, config: ImageConfig) -> Result<Image, ImageError> {
+    /// Imports an image from a tar stream (plain, gzip or zstd) and names it `name`, replacing what the name pointed
+    /// to. The stream is an image archive (an OCI image layout or a `docker save` tarball, recognised by its first
+    /// member) or else a root file system, imported as a one-layer image configured with `rootfs_config`.
+    /// Blocking: call from a blocking thread.
+    pub fn import(&self, name: &str, reader: impl Read, rootfs_config: ImageConfig) -> Result<Image, ImageError> {
         nook_api::names::check_image_name(name).map_err(ImageError::InvalidName)?;
-        let (layer, size_bytes) = self.import_layer(reader)?;
-        let created_at = Utc::now();
-        let manifest = serde_json::json!({ "layers": [&layer], "config": &config });
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(manifest.to_string().as_bytes()))
-        );
+        let decompressed =
+            unpack::decompressed(reader).map_err(|error| ImageError::Unpack(TarError::Io(error).into()))?;
+        let mut hashing = HashingReader::new(decompressed);
+        let mut tar = TarStream::new(&mut hashing);
+        let first = tar.next_entry().map_err(|error| ImageError::Unpack(error.into()))?;
+        if let Some(first) = first
+            .as_ref()
+            .filter(|entry| archive::looks_like_image_archive(&entry.path))
+        {
+            return archive::import(self, name, &mut tar, first.clone());
+        }
+        let mut layer = self.temp_layer()?;
+        let size_bytes = unpack::unpack_entries(&mut tar, first, layer.dir())?;
+        layer.diff_id = unpack::finish_digest(hashing)?;
+        layer.size_bytes = size_bytes;
+        let diff_id = layer.diff_id.clone();
+        self.adopt(layer)?;
+        let manifest = serde_json::json!({ "layers": [&diff_id], "config": &rootfs_config });
+        let digest = oci::sha256_digest(manifest.to_string().as_bytes());
+        self.commit(name, &digest, vec![diff_id], size_bytes, rootfs_config)
+    }
+
+    /// Records an image whose layers are in the store and points `name` at it.
+    fn commit(
+        &self,
+        name: &str,
+        digest: &str,
+        layers: Vec<String>,
+        size_bytes: u64,
+        config: ImageConfig,
+    ) -> Result<Image, ImageError> {
         let record = ImageRecord {
-            digest: digest.clone(),
-            layers: vec![layer],
+            digest: digest.to_string(),
+            layers,
             size_bytes,
             config,
-            created_at,
+            created_at: Utc::now(),
         };
         write_atomically(
-            &self.record_path(&digest),
+            &self.record_path(digest),
             &serde_json::to_vec_pretty(&record).expect("serializable"),
         )?;
         let _guard = self.names_lock.lock().expect("names lock");
         let mut names = self.read_names()?;
-        names.insert(name.to_string(), digest);
+        names.insert(name.to_string(), digest.to_string());
         self.write_names(&names)?;
         Ok(to_image(name, record))
     }
 
-    /// Unpacks one layer, returning its digest and unpacked size.
-    fn import_layer(&self, reader: impl Read) -> Result<(String, u64), ImageError> {
-        let tmp = self.root.join("layers/tmp").join(random_suffix());
-        std::fs::create_dir_all(&tmp).map_err(io_error("creating", &tmp))?;
-        let result = unpack_hashed(reader, &tmp);
-        let (digest, size) = match result {
-            Ok(done) => done,
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(error);
-            }
-        };
-        let final_dir = self.layer_dir(&digest);
+    /// A fresh, empty directory for unpacking a layer, removed unless adopted.
+    fn temp_layer(&self) -> Result<TempLayer, ImageError> {
+        let dir = self.root.join("layers/tmp").join(random_suffix());
+        std::fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
+        Ok(TempLayer {
+            dir: Some(dir),
+            diff_id: String::new(),
+            size_bytes: 0,
+        })
+    }
+
+    /// Unpacks one layer blob (plain, gzip or zstd) into a temporary directory.
+    pub(crate) fn unpack_temp_layer(&self, reader: impl Read) -> Result<TempLayer, ImageError> {
+        let mut layer = self.temp_layer()?;
+        let unpacked = unpack::unpack_layer(reader, layer.dir())?;
+        layer.diff_id = unpacked.diff_id;
+        layer.size_bytes = unpacked.size_bytes;
+        Ok(layer)
+    }
+
+    /// Moves an unpacked layer into the store under its diff id; when the store has it already, the copy is dropped.
+    pub(crate) fn adopt(&self, mut layer: TempLayer) -> Result<(), ImageError> {
+        let final_dir = self.layer_dir(&layer.diff_id);
         if final_dir.exists() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        } else if let Err(error) = std::fs::rename(&tmp, &final_dir) {
+            return Ok(());
+        }
+        let tmp = layer
+            .dir
+            .take()
+            .expect("a temporary layer has its directory until adopted");
+        if let Err(error) = std::fs::rename(&tmp, &final_dir) {
             let _ = std::fs::remove_dir_all(&tmp);
             // A concurrent import of the same layer won the race: its copy is identical.
             let lost_race = matches!(error.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST));
@@ -226,7 +277,32 @@ impl ImageStore {
                 });
             }
         }
-        Ok((digest, size))
+        Ok(())
+    }
+}
+
+/// A layer unpacked into the store's temporary directory and not yet part of the store; dropping it removes it.
+pub(crate) struct TempLayer {
+    dir: Option<PathBuf>,
+    /// sha256 of the uncompressed tar stream.
+    pub diff_id: String,
+    /// Size of the regular files' data.
+    pub size_bytes: u64,
+}
+
+impl TempLayer {
+    fn dir(&self) -> &Path {
+        self.dir
+            .as_deref()
+            .expect("a temporary layer has its directory until adopted")
+    }
+}
+
+impl Drop for TempLayer {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -249,60 +325,6 @@ fn random_suffix() -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     (0..12).map(|_| char::from(b'a' + rng.gen_range(0..26u8))).collect()
-}
-
-/// A reader that hashes and counts everything read through it.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-/// Unpacks a (possibly gzip-compressed) tar into `dest`, returning the digest of the uncompressed stream and the
-/// total size of the regular files.
-fn unpack_hashed(reader: impl Read, dest: &Path) -> Result<(String, u64), ImageError> {
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, reader);
-    let is_gzip = {
-        use std::io::BufRead;
-        let head = reader.fill_buf().map_err(ImageError::Unpack)?;
-        head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b
-    };
-    let source: Box<dyn Read> = if is_gzip {
-        Box::new(flate2::read::GzDecoder::new(reader))
-    } else {
-        Box::new(reader)
-    };
-    let mut hashing = HashingReader {
-        inner: source,
-        hasher: Sha256::new(),
-    };
-    let mut size = 0u64;
-    {
-        let mut archive = tar::Archive::new(&mut hashing);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(true);
-        archive.set_preserve_mtime(true);
-        archive.set_unpack_xattrs(true);
-        archive.set_overwrite(true);
-        for entry in archive.entries().map_err(ImageError::Unpack)? {
-            let mut entry = entry.map_err(ImageError::Unpack)?;
-            if entry.header().entry_type().is_file() {
-                size += entry.size();
-            }
-            // `unpack_in` refuses entries whose path would leave `dest`.
-            entry.unpack_in(dest).map_err(ImageError::Unpack)?;
-        }
-    }
-    // The tar reader stops at the end-of-archive marker; hash the rest so the digest covers the whole stream.
-    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(ImageError::Unpack)?;
-    Ok((format!("sha256:{}", hex::encode(hashing.hasher.finalize())), size))
 }
 
 /// Writes a file by writing a sibling and renaming it over, so readers never see half a file.
@@ -348,8 +370,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
         let tar = tar_with(&[("etc/hello", b"hi\n")]);
-        let first = store.import_tar("one", tar.as_slice(), ImageConfig::default()).unwrap();
-        let second = store.import_tar("two", tar.as_slice(), ImageConfig::default()).unwrap();
+        let first = store.import("one", tar.as_slice(), ImageConfig::default()).unwrap();
+        let second = store.import("two", tar.as_slice(), ImageConfig::default()).unwrap();
         assert_eq!(first.layers, second.layers);
         assert_eq!(first.size_bytes, 3);
         let layer = store.layer_dir(&first.layers[0]);
@@ -370,12 +392,8 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
-        let plain = store
-            .import_tar("plain", tar.as_slice(), ImageConfig::default())
-            .unwrap();
-        let zipped = store
-            .import_tar("zipped", gz.as_slice(), ImageConfig::default())
-            .unwrap();
+        let plain = store.import("plain", tar.as_slice(), ImageConfig::default()).unwrap();
+        let zipped = store.import("zipped", gz.as_slice(), ImageConfig::default()).unwrap();
         assert_eq!(plain.layers, zipped.layers);
     }
 
@@ -384,9 +402,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
         let garbage = vec![7u8; 1500];
-        assert!(store
-            .import_tar("bad", garbage.as_slice(), ImageConfig::default())
-            .is_err());
+        assert!(store.import("bad", garbage.as_slice(), ImageConfig::default()).is_err());
         assert!(matches!(store.get("bad"), Err(ImageError::NotFound(_))));
         assert!(std::fs::read_dir(dir.path().join("layers/tmp"))
             .unwrap()
@@ -404,7 +420,7 @@ mod tests {
         let store = ImageStore::open(dir.path()).unwrap();
         let tar = tar_with(&[("a", b"x")]);
         assert!(matches!(
-            store.import_tar("../x", tar.as_slice(), ImageConfig::default()),
+            store.import("../x", tar.as_slice(), ImageConfig::default()),
             Err(ImageError::InvalidName(_))
         ));
     }

@@ -1,0 +1,149 @@
+//! Images end to end: an OCI image layout with two layers (a whiteout, an opaque directory) imported through the
+//! API becomes sandboxes that see exactly the merged files and run with the image's env, working directory and user;
+//! the image's layers are shared and never written. Hostile and corrupt archives are refused with their reason and
+//! leave nothing in the store.
+
+mod common;
+
+use common::fixture_image::{busybox_layer, digest, layer, layered_image, FixtureImage, Member};
+use common::{sh, TestServer};
+use nook_api::{CreateSandboxRequest, ResourceRequest, Sandbox};
+use nook_client::{Client, ClientError};
+
+async fn create_from(client: &Client, image: &str, name: &str) -> Sandbox {
+    let request = CreateSandboxRequest {
+        image: Some(image.into()),
+        name: Some(name.into()),
+        resources: Some(ResourceRequest {
+            cpu: Some(1.0),
+            memory_mb: Some(128),
+            pids: Some(64),
+        }),
+        ..Default::default()
+    };
+    client
+        .create_sandbox(&request)
+        .await
+        .expect("create a sandbox from the fixture image")
+}
+
+fn store_leftovers(server: &TestServer) -> Vec<String> {
+    let tmp = server.data_dir.join("runner/layers/tmp");
+    std::fs::read_dir(tmp)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn layered_images_import_run_with_their_config_and_refuse_hostile_archives() {
+    let server = TestServer::start("images");
+    let client = server.client();
+
+    let image = layered_image();
+    let (archive, manifest_digest) = image.oci_archive();
+    let imported = client
+        .import_image("fixture/layered:1", reqwest::Body::from(archive))
+        .await
+        .expect("import the OCI layout");
+    assert_eq!(imported.digest, manifest_digest);
+    let diff_ids: Vec<String> = image.layers.iter().map(|layer| digest(layer)).collect();
+    assert_eq!(imported.layers, diff_ids);
+    assert_eq!(imported.config.cmd, ["sh"]);
+    assert_eq!(imported.config.exposed_ports, ["8080/tcp"]);
+    assert_eq!(imported.config.labels["org.example.team"], "agents");
+
+    let first = create_from(&client, "fixture/layered:1", "layered-one").await;
+    let seen = sh(
+        &client,
+        &first.id,
+        "echo $GREETING; pwd; id -u; id -g; test -e /etc/deleted-later || echo deleted; ls /var/cache/app; \
+         cat /etc/motd /srv/index.html",
+    )
+    .await;
+    assert_eq!(seen.exit_code, Some(0), "{seen:?}");
+    assert_eq!(
+        seen.stdout,
+        "from-the-image\n/srv\n1000\n1000\ndeleted\nfresh\nwelcome\n<h1>hi</h1>\n"
+    );
+
+    // Writes land in the sandbox's own layer (`app` owns /srv, so it may replace the file root left there): the
+    // image's layers and a second sandbox see the original.
+    let root = sh(
+        &client,
+        &first.id,
+        "rm /srv/index.html && echo changed > /srv/index.html && cat /srv/index.html",
+    )
+    .await;
+    assert_eq!(root.stdout, "changed\n", "{root:?}");
+    let second = create_from(&client, "fixture/layered:1", "layered-two").await;
+    assert_eq!(
+        sh(&client, &second.id, "cat /srv/index.html").await.stdout,
+        "<h1>hi</h1>\n"
+    );
+    let layer_dir = server.data_dir.join("runner/layers/sha256").join(&diff_ids[1][7..]);
+    assert_eq!(
+        std::fs::read(layer_dir.join("srv/index.html")).unwrap(),
+        b"<h1>hi</h1>\n"
+    );
+
+    // Hostile archives: a layer escaping with `..`, and a symlink planted to write through. Each is refused with the
+    // member and the reason, no image is named, and nothing is left in the store's scratch space or outside it.
+    let outside = std::env::temp_dir().join(format!("nook-images-escape-{}", std::process::id()));
+    let _ = std::fs::remove_file(&outside);
+    let escape_path = format!("../../../../../../../..{}", outside.display());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("dotdot", layer(&[Member::RawFile(&escape_path, b"pwned")]), "'..'"),
+        (
+            "symlink",
+            layer(&[
+                Member::Symlink("planted", "/tmp"),
+                Member::File("planted/pwned", b"pwned", 0o644),
+            ]),
+            "passes through the symlink",
+        ),
+    ];
+    for (name, hostile, reason) in cases {
+        let evil = FixtureImage {
+            layers: vec![busybox_layer(), hostile],
+            run_config: serde_json::json!({}),
+        };
+        let error = client
+            .import_image(&format!("hostile/{name}"), reqwest::Body::from(evil.oci_archive().0))
+            .await
+            .expect_err("a hostile archive must be refused");
+        let ClientError::Api { status, error: body } = &error else {
+            panic!("expected an API error, got {error}");
+        };
+        assert_eq!(status.as_u16(), 400, "{error}");
+        let explained = body.reason.clone().unwrap_or_default();
+        assert!(explained.contains(reason), "{name}: {explained}");
+        assert!(client.image(&format!("hostile/{name}")).await.is_err());
+    }
+    assert!(!outside.exists(), "a hostile layer wrote outside the store");
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+    assert_eq!(store_leftovers(&server), Vec::<String>::new());
+
+    // A corrupt archive: the manifest names a layer the archive does not carry.
+    let mut blobs_only = layered_image();
+    blobs_only.layers.truncate(1);
+    let (archive, _) = blobs_only.oci_archive();
+    let truncated = &archive[..archive.len() / 2];
+    let error = client
+        .import_image("hostile/truncated", reqwest::Body::from(truncated.to_vec()))
+        .await
+        .expect_err("a truncated archive must be refused");
+    assert!(
+        matches!(&error, ClientError::Api { status, .. } if status.as_u16() == 400),
+        "{error}"
+    );
+    assert_eq!(store_leftovers(&server), Vec::<String>::new());
+
+    for sandbox in [first, second] {
+        client.delete_sandbox(&sandbox.id).await.unwrap();
+    }
+}
