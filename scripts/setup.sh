@@ -15,6 +15,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #   runc                         the comparison benchmark
 #   python3 python3-venv          the venvs of the SDK suites (tests/e2b, tests/e2b-agents; node from PyPI)
 #   busybox-static               a static shell and tools for the tiny fixture images the image tests build
+#   docker-registry              the registry the pull tests start on loopback (CNCF distribution)
 NOOK_PACKAGES=(
     mmdebstrap
     iproute2
@@ -30,6 +31,7 @@ NOOK_PACKAGES=(
     python3
     python3-venv
     busybox-static
+    docker-registry
 )
 
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.
@@ -117,10 +119,20 @@ check_toolchain() {
     fi
 }
 
+# keep_registry_service_off: Debian's docker-registry package enables a system-wide registry on port 5000 where
+# systemd runs. The tests start their own on loopback; an open registry nobody asked for must not stay behind.
+keep_registry_service_off() {
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+        log "disabling the docker-registry system service (the tests start their own)"
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
+}
+
 main() {
     check_platform
     log "checking Debian packages"
     apt_install_missing "${NOOK_PACKAGES[@]}"
+    keep_registry_service_off
     check_toolchain
     ensure_pinned_venv .venv "the E2B SDK compatibility tests" "${E2B_TEST_PACKAGES[@]}"
     ensure_pinned_venv .venv-agents "the OpenAI Agents SDK provider tests" "${AGENTS_TEST_PACKAGES[@]}"

@@ -796,6 +796,68 @@ pub struct ImageList {
     pub images: Vec<Image>,
 }
 
+/// Body of `POST /v1/images/pull`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    /// `registry[:port]/repository[:tag][@sha256:…]`; a reference without a registry host uses the server's
+    /// configured default registry.
+    pub reference: String,
+    /// Name to store the image under; defaults to the reference itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One layer of an image being pulled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PullLayer {
+    /// Digest of the (compressed) layer blob.
+    pub digest: String,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// Whether the store already holds it (it is not downloaded again).
+    pub cached: bool,
+}
+
+/// What a pull reports, one JSON object per line, as it goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PullEvent {
+    /// The manifest was found: these layers make the image.
+    Resolved {
+        /// The reference as understood.
+        reference: String,
+        /// Digest of the manifest.
+        digest: String,
+        /// The layers, lowest first.
+        layers: Vec<PullLayer>,
+    },
+    /// Bytes of a layer downloaded so far (sent at most a few times a second per layer).
+    Progress {
+        /// The layer's blob digest.
+        layer: String,
+        /// Bytes received.
+        downloaded: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// A layer is verified and in the store.
+    LayerDone {
+        /// The layer's blob digest.
+        layer: String,
+    },
+    /// The image is stored under its name.
+    Done {
+        /// The image.
+        image: Image,
+    },
+    /// The pull failed; nothing of it was named.
+    Error {
+        /// What failed.
+        error: ApiError,
+    },
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, ResourceRequest, Sandbox, SandboxState};
 use nook_client::Client;
 
-use crate::{client_config, pairs, table, Command, ImageCommand};
+use crate::{client_config, pairs, progress, table, Command, ImageCommand};
 
 /// Runs one command; returns the process exit code.
 pub async fn run(command: Command) -> anyhow::Result<u8> {
@@ -498,6 +498,18 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             } else {
                 println!("{}", image.digest);
                 eprintln!("imported {} ({})", image.name, table::bytes(image.size_bytes));
+            }
+            Ok(0)
+        }
+        ImageCommand::Pull { reference, name, json } => {
+            let mut progress = progress::PullProgress::new();
+            let request = nook_api::PullRequest { reference, name };
+            let image = client.pull_image(&request, |event| progress.show(event)).await?;
+            if json {
+                print_json(&image)?;
+            } else {
+                println!("{}", image.digest);
+                eprintln!("pulled {} ({})", image.name, table::bytes(image.size_bytes));
             }
             Ok(0)
         }

@@ -8,6 +8,7 @@
 mod client_config;
 mod commands;
 mod copy;
+mod progress;
 mod serve;
 mod table;
 mod terminal;
@@ -326,6 +327,17 @@ enum ImageCommand {
         /// Archive, directory or `-`.
         path: PathBuf,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image from a registry (`host[:port]/repository[:tag][@sha256:…]`), with progress.
+    Pull {
+        /// Image reference.
+        reference: String,
+        /// Store it under this name instead of the reference.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the image as JSON.
         #[arg(long)]
         json: bool,
     },

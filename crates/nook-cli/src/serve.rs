@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use nook_control::{RegistryConfig, RegistryCredentials};
 use nook_control::{Server, ServerConfig};
 use serde::Deserialize;
 
@@ -32,7 +33,8 @@ pub struct ServeArgs {
     /// Rootfs tarball imported as image `base` when it is missing.
     #[arg(long, env = "NOOK_BASE_IMAGE_TAR")]
     base_image_tar: Option<PathBuf>,
-    /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar).
+    /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar), and the
+    /// registry settings: default_registry, insecure_registries, [[registry_credentials]] host/username/password.
     #[arg(long, env = "NOOK_CONFIG")]
     config: Option<PathBuf>,
     /// Do not write the client config file for the local user.
@@ -48,6 +50,14 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     agent_binary: Option<PathBuf>,
     base_image_tar: Option<PathBuf>,
+    /// Registry of image references that name none.
+    default_registry: Option<String>,
+    /// Registry hosts spoken to over plain HTTP (loopback hosts always are).
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+    /// Credentials per registry host (only ever read from this file, never from flags that `ps` would show).
+    #[serde(default)]
+    registry_credentials: Vec<RegistryCredentials>,
 }
 
 fn read_file_config(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
@@ -105,6 +115,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         agent_binary,
         base_image_tar: args.base_image_tar.or(file.base_image_tar),
         admin_key: admin_key.clone(),
+        registries: RegistryConfig {
+            credentials: file.registry_credentials,
+            insecure: file.insecure_registries,
+            default_registry: file.default_registry,
+        },
     };
     let server = Server::start(config.clone())
         .await

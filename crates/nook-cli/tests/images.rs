@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::fixture_image::{busybox_layer, digest, layer, layered_image, FixtureImage, Member};
+use common::fixture_image::{busybox_layer, digest, layer, layered_image, FixtureImage, Member, LAYERED_CHECK};
 use common::{sh, TestServer};
 use nook_api::{CreateSandboxRequest, ResourceRequest, Sandbox};
 use nook_client::{Client, ClientError};
@@ -58,18 +58,10 @@ async fn layered_images_import_run_with_their_config_and_refuse_hostile_archives
     assert_eq!(imported.config.labels["org.example.team"], "agents");
 
     let first = create_from(&client, "fixture/layered:1", "layered-one").await;
-    let seen = sh(
-        &client,
-        &first.id,
-        "echo $GREETING; pwd; id -u; id -g; test -e /etc/deleted-later || echo deleted; ls /var/cache/app; \
-         cat /etc/motd /srv/index.html",
-    )
-    .await;
+    let (check, expected) = LAYERED_CHECK;
+    let seen = sh(&client, &first.id, check).await;
     assert_eq!(seen.exit_code, Some(0), "{seen:?}");
-    assert_eq!(
-        seen.stdout,
-        "from-the-image\n/srv\n1000\n1000\ndeleted\nfresh\nwelcome\n<h1>hi</h1>\n"
-    );
+    assert_eq!(seen.stdout, expected);
 
     // Writes land in the sandbox's own layer (`app` owns /srv, so it may replace the file root left there): the
     // image's layers and a second sandbox see the original.

@@ -13,8 +13,8 @@ use futures::{Stream, StreamExt};
 use nook_api::{
     ApiError, ArchiveResult, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult,
     ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest,
-    ProcessInfo, ProcessList, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList,
-    SandboxState, SandboxStats, SearchRequest, SearchResult, SignalRequest, WatchEvent,
+    ProcessInfo, ProcessList, PullEvent, PullRequest, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent,
+    SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult, SignalRequest, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -263,7 +263,10 @@ impl Client {
     }
 
     /// Parses an NDJSON body into events as lines arrive.
-    fn ndjson(&self, response: reqwest::Response) -> ExecEvents {
+    fn ndjson<T: DeserializeOwned + Send + 'static>(
+        &self,
+        response: reqwest::Response,
+    ) -> Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send>> {
         let url = self.base.to_string();
         let bytes = response.bytes_stream();
         let lines = futures::stream::unfold(
@@ -277,7 +280,7 @@ impl Client {
                     loop {
                         if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
                             let line: Vec<u8> = buffer.drain(..=end).collect();
-                            let parsed = serde_json::from_slice::<ExecEvent>(&line[..line.len() - 1])
+                            let parsed = serde_json::from_slice::<T>(&line[..line.len() - 1])
                                 .map_err(|error| ClientError::Decode(error.to_string()));
                             return Some((parsed, (bytes, buffer, false)));
                         }
@@ -662,6 +665,37 @@ impl Client {
                 .body(body),
         )
         .await
+    }
+
+    /// Pulls an image from a registry, handing each progress event to `on_event`; returns the stored image.
+    pub async fn pull_image(
+        &self,
+        request: &PullRequest,
+        mut on_event: impl FnMut(&PullEvent),
+    ) -> Result<Image, ClientError> {
+        let response = self
+            .send(
+                self.request(Method::POST, self.url_for(&["v1", "images", "pull"]))
+                    .json(request),
+            )
+            .await?;
+        let mut events = self.ndjson::<PullEvent>(response);
+        while let Some(event) = events.next().await {
+            let event = event?;
+            on_event(&event);
+            match event {
+                PullEvent::Done { image } => return Ok(image),
+                // Failures after the pull started arrive in the stream; they are the registry's or the image's.
+                PullEvent::Error { error } => {
+                    return Err(ClientError::Api {
+                        status: StatusCode::BAD_GATEWAY,
+                        error,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Err(ClientError::Decode("the pull's stream ended without a result".into()))
     }
 
     /// Removes an image name.

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nook_api::ApiError;
+use nook_runner::images::registry::RegistryError;
 use nook_runner::images::unpack::UnpackError;
 use nook_runner::images::ImageError;
 use nook_runner::RunnerError;
@@ -84,13 +85,20 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+impl ApiFailure {
+    /// The JSON body this failure answers with.
+    pub fn body(&self) -> ApiError {
+        ApiError {
+            code: self.code.to_string(),
+            message: self.message.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        let body = ApiError {
-            code: self.code.to_string(),
-            message: self.message,
-            reason: self.reason,
-        };
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
 }
@@ -130,11 +138,20 @@ impl From<RunnerError> for ApiFailure {
                 Self::internal("the runner could not write the image's layers", &error)
             }
             RunnerError::Image(ImageError::Unpack(_)) => {
-                Self::invalid("the image archive could not be unpacked").with_reason(&error)
+                Self::invalid("the image's layers could not be unpacked").with_reason(&error)
             }
             RunnerError::Image(ImageError::Format(_)) => {
                 Self::invalid("the image archive is not a valid image").with_reason(&error)
             }
+            RunnerError::Image(ImageError::Registry(registry)) => match registry {
+                RegistryError::InvalidReference(message) => Self::invalid(message.clone()),
+                RegistryError::NotFound { .. } => Self::not_found(registry.to_string()),
+                RegistryError::Unauthorized { .. } => {
+                    Self::new(StatusCode::FORBIDDEN, "registry_denied", registry.to_string())
+                }
+                _ => Self::new(StatusCode::BAD_GATEWAY, "registry_failed", "the image registry failed")
+                    .with_reason(&error),
+            },
             _ => Self::internal("the runner failed", &error),
         }
     }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use nook_runner::images::registry::{RegistryConfig, RegistryCredentials};
 use nook_runner::{LocalRunner, LocalRunnerConfig, Runner};
 
 pub mod api;
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub base_image_tar: Option<PathBuf>,
     /// An admin key to accept (stored hashed); when unset and no key exists, one is generated.
     pub admin_key: Option<String>,
+    /// How the runner reaches image registries (credentials, plain-HTTP hosts, the default registry).
+    pub registries: RegistryConfig,
 }
 
 /// Why the server could not start.
@@ -105,6 +108,7 @@ impl Server {
         let runner = LocalRunner::open(LocalRunnerConfig {
             dir: config.data_dir.join("runner"),
             agent_binary: config.agent_binary.clone(),
+            registries: config.registries.clone(),
         })
         .await?;
         tracing::info!("{}", runner.describe());

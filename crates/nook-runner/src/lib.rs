@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use nook_api::{Image, Resources};
+use nook_api::{Image, PullEvent, Resources};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 use tokio::sync::{broadcast, mpsc};
@@ -153,6 +153,13 @@ pub trait Runner: Send + Sync + 'static {
     /// Imports an image archive (OCI image layout or `docker save`) or a root filesystem tar, plain, gzip or zstd,
     /// as image `name`.
     async fn import_image(&self, name: &str, archive: ByteStream) -> Result<Image, RunnerError>;
+    /// Pulls an image from a registry, naming it `name` (default: the reference), reporting progress on `events`.
+    async fn pull_image(
+        &self,
+        reference: &str,
+        name: Option<&str>,
+        events: mpsc::Sender<PullEvent>,
+    ) -> Result<Image, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;
 

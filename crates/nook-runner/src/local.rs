@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nook_agent_proto::{ExecSpec, ProtocolError, Request};
-use nook_api::{Image, ImageConfig};
+use nook_api::{Image, ImageConfig, PullEvent};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::io::SyncIoBridge;
 
 use crate::agent_client;
@@ -33,7 +33,8 @@ use crate::cgroups::{CgroupHost, SandboxCgroup};
 use crate::container::{
     kill_and_reap, process_start_time, BootRequest, ContainerBackend, InitProcess, IsolationBackend, PidFd,
 };
-use crate::images::{write_atomically, ImageStore};
+use crate::images::registry::{Registries, RegistryConfig};
+use crate::images::{write_atomically, ImageError, ImageStore};
 use crate::{ByteStream, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
 /// How long the freshly booted agent has to answer its first ping.
@@ -50,6 +51,8 @@ pub struct LocalRunnerConfig {
     pub dir: PathBuf,
     /// The static `nook-agent` binary.
     pub agent_binary: PathBuf,
+    /// How to reach image registries.
+    pub registries: RegistryConfig,
 }
 
 /// A sandbox's record on disk.
@@ -72,7 +75,8 @@ struct Live {
 
 struct Inner {
     dir: PathBuf,
-    images: ImageStore,
+    images: Arc<ImageStore>,
+    registries: Arc<Registries>,
     cgroups: CgroupHost,
     backend: Box<dyn IsolationBackend>,
     live: Mutex<HashMap<String, Arc<Live>>>,
@@ -106,7 +110,8 @@ impl LocalRunner {
                 path: sandboxes.clone(),
                 source,
             })?;
-        let images = ImageStore::open(&config.dir)?;
+        let images = Arc::new(ImageStore::open(&config.dir)?);
+        let registries = Arc::new(Registries::new(config.registries));
         let cgroups = CgroupHost::detect()?;
         let backend = Box::new(ContainerBackend::new(&config.agent_binary)?);
         let (events, _) = broadcast::channel(1024);
@@ -114,6 +119,7 @@ impl LocalRunner {
             inner: Arc::new(Inner {
                 dir: config.dir,
                 images,
+                registries,
                 cgroups,
                 backend,
                 live: Mutex::new(HashMap::new()),
@@ -533,6 +539,26 @@ impl Runner for LocalRunner {
             .await
             .expect("import task does not panic")
             .map_err(RunnerError::from)
+    }
+
+    async fn pull_image(
+        &self,
+        reference: &str,
+        name: Option<&str>,
+        events: mpsc::Sender<PullEvent>,
+    ) -> Result<Image, RunnerError> {
+        let reference = self
+            .inner
+            .registries
+            .parse_reference(reference)
+            .map_err(ImageError::from)?;
+        let name = name.map_or_else(|| reference.to_string(), str::to_string);
+        nook_api::names::check_image_name(&name).map_err(ImageError::InvalidName)?;
+        Ok(self
+            .inner
+            .registries
+            .pull(&self.inner.images, &reference, &name, &events)
+            .await?)
     }
 
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError> {

@@ -111,7 +111,21 @@ pub struct Blobs {
 impl FixtureImage {
     /// Compresses the layers and writes the config and manifest.
     pub fn blobs(&self) -> Blobs {
-        let layers: Vec<Vec<u8>> = self.layers.iter().map(|layer| gzip(layer)).collect();
+        self.blobs_compressed(true)
+    }
+
+    /// The blobs, with gzip-compressed or plain tar layers.
+    pub fn blobs_compressed(&self, compress: bool) -> Blobs {
+        let layers: Vec<Vec<u8>> = self
+            .layers
+            .iter()
+            .map(|layer| if compress { gzip(layer) } else { layer.clone() })
+            .collect();
+        let layer_type = if compress {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        } else {
+            "application/vnd.oci.image.layer.v1.tar"
+        };
         let diff_ids: Vec<String> = self.layers.iter().map(|layer| digest(layer)).collect();
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64", "os": "linux", "config": self.run_config,
@@ -124,7 +138,7 @@ impl FixtureImage {
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                        "digest": digest(&config), "size": config.len()},
             "layers": layers.iter().map(|blob| serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "mediaType": layer_type,
                 "digest": digest(blob), "size": blob.len()})).collect::<Vec<_>>(),
         }))
         .unwrap();
@@ -196,3 +210,10 @@ pub fn layered_image() -> FixtureImage {
         }),
     }
 }
+
+/// A shell script that shows what a sandbox of [`layered_image`] sees, and what it must print.
+pub const LAYERED_CHECK: (&str, &str) = (
+    "echo $GREETING; pwd; id -u; id -g; test -e /etc/deleted-later || echo deleted; ls /var/cache/app; \
+     cat /etc/motd /srv/index.html",
+    "from-the-image\n/srv\n1000\n1000\ndeleted\nfresh\nwelcome\n<h1>hi</h1>\n",
+);

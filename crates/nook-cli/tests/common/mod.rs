@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fixture_image;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -78,7 +79,16 @@ impl TestServer {
         Self::start_in(data_dir, key)
     }
 
-    /// Starts a server on an existing data directory (to test restarts).
+    /// Starts a server with a fresh data directory and this TOML config file.
+    pub fn start_with_config(name: &str, config: &str) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("nook-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        std::fs::write(data_dir.join("config.toml"), config).unwrap();
+        Self::start_in(data_dir, format!("nook_test_{}", rand_suffix()))
+    }
+
+    /// Starts a server on an existing data directory (to test restarts); a `config.toml` there is its config.
     pub fn start_in(data_dir: PathBuf, key: String) -> Self {
         let url = format!("http://127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
@@ -86,8 +96,13 @@ impl TestServer {
             .append(true)
             .open(data_dir.join("server.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nook"))
-            .arg("serve")
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nook"));
+        command.arg("serve");
+        let config = data_dir.join("config.toml");
+        if config.exists() {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--listen")
             .arg(url.trim_start_matches("http://"))
             .arg("--data-dir")

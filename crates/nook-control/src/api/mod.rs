@@ -21,9 +21,9 @@ use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
-    PtySize, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState,
-    SandboxStats, SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest, SignalRequest, WatchEvent,
-    WatchEventKind,
+    PtySize, PullEvent, PullRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList,
+    SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest,
+    SignalRequest, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -126,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/chmod", post(chmod_file))
         .route("/v1/sandboxes/{sandbox}/files/chown", post(chown_file))
         .route("/v1/images", get(list_images))
+        .route("/v1/images/pull", post(pull_image))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
             // Streamed bodies of any size: file uploads and image imports.
@@ -981,6 +982,80 @@ async fn import_image(
     Ok((StatusCode::CREATED, Json(image)))
 }
 
+#[utoipa::path(post, path = "/v1/images/pull", tag = "images", request_body = PullRequest,
+    responses((status = 200, description = "The pull's progress, one JSON event per line, ending with `done` or \
+               `error`", body = PullEvent, content_type = "application/x-ndjson"),
+              (status = 400, description = "Invalid reference or name", body = ApiError),
+              (status = 403, description = "The registry refused access", body = ApiError),
+              (status = 404, description = "No such image in the registry", body = ApiError),
+              (status = 502, description = "The registry failed", body = ApiError)),
+    security(("bearer" = [])))]
+async fn pull_image(State(state): State<AppState>, Json(request): Json<PullRequest>) -> Result<Response, ApiFailure> {
+    if let Some(name) = &request.name {
+        nook_api::names::check_image_name(name).map_err(ApiFailure::invalid)?;
+    }
+    let (events, mut received) = tokio::sync::mpsc::channel::<PullEvent>(64);
+    let runner = state.control.runner().clone();
+    // The pull runs to its end even when the client goes away, so that its layers are not fetched twice.
+    let pull = tokio::spawn(async move {
+        runner
+            .pull_image(&request.reference, request.name.as_deref(), events)
+            .await
+    });
+    // A pull that fails before it found the image answers with a plain HTTP error.
+    let Some(first) = received.recv().await else {
+        let image = pull.await.expect("a pull does not panic").map_err(pull_failure)?;
+        return Ok(ndjson_lines(futures::stream::iter([PullEvent::Done { image }])));
+    };
+    let rest = futures::stream::unfold((received, Some(pull)), |(mut received, pull)| async move {
+        let pull = pull?;
+        if let Some(event) = received.recv().await {
+            return Some((event, (received, Some(pull))));
+        }
+        let last = match pull.await.expect("a pull does not panic") {
+            Ok(image) => PullEvent::Done { image },
+            Err(error) => PullEvent::Error {
+                error: pull_failure(error).body(),
+            },
+        };
+        Some((last, (received, None)))
+    });
+    Ok(ndjson_lines(futures::StreamExt::chain(
+        futures::stream::iter([first]),
+        rest,
+    )))
+}
+
+/// A failed pull: an image the registry served that does not verify or unpack is the registry's fault (502).
+fn pull_failure(error: nook_runner::RunnerError) -> ApiFailure {
+    use nook_runner::images::ImageError;
+    match &error {
+        nook_runner::RunnerError::Image(ImageError::Format(_) | ImageError::Unpack(_)) => ApiFailure::new(
+            StatusCode::BAD_GATEWAY,
+            "bad_image",
+            "the image from the registry is malformed or corrupt; nothing was stored",
+        )
+        .with_reason(&error),
+        _ => ApiFailure::from(error),
+    }
+}
+
+/// Answers with one JSON line per item of `items`.
+fn ndjson_lines<T: serde::Serialize + Send + 'static>(
+    items: impl futures::Stream<Item = T> + Send + 'static,
+) -> Response {
+    let body = futures::StreamExt::map(items, |item| {
+        let mut line = serde_json::to_vec(&item).expect("events serialize");
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(body))
+        .expect("valid response")
+}
+
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
     params(("name" = String, Path, description = "Image name (may contain `/`)")),
     responses((status = 204, description = "Removed"),
@@ -1012,7 +1087,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
-        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, remove_image
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, remove_image
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),
     modifiers(&BearerAuth),

@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod oci;
+pub mod registry;
 pub mod tar_stream;
 pub mod unpack;
 
@@ -59,6 +60,9 @@ pub enum ImageError {
     /// An image archive or registry document is malformed or does not verify.
     #[error("the image is malformed")]
     Format(#[from] oci::FormatError),
+    /// A registry could not be reached, refused, or answered something unusable.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
     /// The image is used by sandboxes and cannot be removed.
     #[error("image {name:?} is used by {count} sandbox(es)")]
     InUse {
@@ -97,7 +101,7 @@ pub struct ImageStore {
 impl ImageStore {
     /// Opens (and creates) the store under `root`.
     pub fn open(root: &Path) -> Result<Self, ImageError> {
-        for dir in ["layers/sha256", "layers/tmp", "images"] {
+        for dir in ["layers/sha256", "layers/sizes", "layers/tmp", "images"] {
             let path = root.join(dir);
             std::fs::create_dir_all(&path).map_err(io_error("creating", &path))?;
         }
@@ -255,12 +259,29 @@ impl ImageStore {
         Ok(layer)
     }
 
+    /// Size of the regular files' data of a stored layer (0 when the store does not know it).
+    pub fn layer_size(&self, diff_id: &str) -> u64 {
+        std::fs::read_to_string(self.layer_size_path(diff_id))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn layer_size_path(&self, diff_id: &str) -> PathBuf {
+        self.root.join("layers/sizes").join(hex_of(diff_id))
+    }
+
     /// Moves an unpacked layer into the store under its diff id; when the store has it already, the copy is dropped.
     pub(crate) fn adopt(&self, mut layer: TempLayer) -> Result<(), ImageError> {
         let final_dir = self.layer_dir(&layer.diff_id);
         if final_dir.exists() {
             return Ok(());
         }
+        // The size is recorded first: a layer directory in place always has its size beside it.
+        write_atomically(
+            &self.layer_size_path(&layer.diff_id),
+            layer.size_bytes.to_string().as_bytes(),
+        )?;
         let tmp = layer
             .dir
             .take()
