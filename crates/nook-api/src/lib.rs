@@ -808,50 +808,61 @@ pub struct PullRequest {
     pub name: Option<String>,
 }
 
-/// One layer of an image being pulled.
+/// Body of `POST /v1/images/push`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct PullLayer {
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// The stored image to push.
+    pub name: String,
+    /// Where to: `registry[:port]/repository:tag`.
+    pub reference: String,
+}
+
+/// One layer of an image being pulled or pushed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TransferLayer {
     /// Digest of the (compressed) layer blob.
     pub digest: String,
     /// Size of the blob in bytes.
     pub size: u64,
-    /// Whether the store already holds it (it is not downloaded again).
-    pub cached: bool,
+    /// Whether the destination already holds it (the store, for a pull; the registry, for a push), so it is not
+    /// transferred.
+    pub present: bool,
 }
 
-/// What a pull reports, one JSON object per line, as it goes.
+/// What an image pull or push reports, one JSON object per line, as it goes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum PullEvent {
-    /// The manifest was found: these layers make the image.
+pub enum TransferEvent {
+    /// The image is known: these layers make it.
     Resolved {
-        /// The reference as understood.
+        /// The registry reference, as understood.
         reference: String,
-        /// Digest of the manifest.
+        /// Digest of the manifest (for a push: of the manifest being pushed).
         digest: String,
         /// The layers, lowest first.
-        layers: Vec<PullLayer>,
+        layers: Vec<TransferLayer>,
     },
-    /// Bytes of a layer downloaded so far (sent at most a few times a second per layer).
+    /// Bytes of a layer transferred so far (sent at most a few times a second per layer).
     Progress {
         /// The layer's blob digest.
         layer: String,
-        /// Bytes received.
-        downloaded: u64,
+        /// Bytes received or sent.
+        transferred: u64,
         /// The blob's size.
         size: u64,
     },
-    /// A layer is verified and in the store.
+    /// A layer is verified and in the store (pull), or in the registry (push).
     LayerDone {
         /// The layer's blob digest.
         layer: String,
     },
-    /// The image is stored under its name.
+    /// The transfer is complete: for a pull, the image is stored under its name.
     Done {
         /// The image.
         image: Image,
     },
-    /// The pull failed; nothing of it was named.
+    /// The transfer failed; for a pull, nothing of it was named.
     Error {
         /// What failed.
         error: ApiError,

@@ -502,7 +502,7 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             Ok(0)
         }
         ImageCommand::Pull { reference, name, json } => {
-            let mut progress = progress::PullProgress::new();
+            let mut progress = progress::TransferProgress::new("pulling");
             let request = nook_api::PullRequest { reference, name };
             let image = client.pull_image(&request, |event| progress.show(event)).await?;
             if json {
@@ -511,6 +511,16 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
                 println!("{}", image.digest);
                 eprintln!("pulled {} ({})", image.name, table::bytes(image.size_bytes));
             }
+            Ok(0)
+        }
+        ImageCommand::Push { name, reference } => {
+            let mut progress = progress::TransferProgress::new("pushing");
+            let request = nook_api::PushRequest {
+                name: name.clone(),
+                reference: reference.clone(),
+            };
+            client.push_image(&request, |event| progress.show(event)).await?;
+            eprintln!("pushed {name} to {reference}");
             Ok(0)
         }
         ImageCommand::Inspect { name } => {

@@ -341,6 +341,13 @@ enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Push a stored image to a registry (`host[:port]/repository:tag`), with progress.
+    Push {
+        /// Stored image name.
+        name: String,
+        /// Where to push it.
+        reference: String,
+    },
     /// Show an image's layers and config as JSON.
     Inspect {
         /// Image name.

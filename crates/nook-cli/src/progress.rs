@@ -1,9 +1,9 @@
-//! Progress of an image pull on the terminal: one bar per layer, redrawn in place as events arrive, or — when
+//! Progress of an image pull or push on the terminal: one bar per layer, redrawn in place as events arrive, or — when
 //! standard error is not a terminal — one plain line per finished layer, so logs stay readable.
 
 use std::io::{IsTerminal as _, Write as _};
 
-use nook_api::PullEvent;
+use nook_api::TransferEvent;
 
 use crate::table;
 
@@ -13,21 +13,23 @@ const BAR: usize = 30;
 struct LayerLine {
     digest: String,
     size: u64,
-    downloaded: u64,
+    transferred: u64,
     state: &'static str,
 }
 
-/// Draws pull events on standard error.
-pub struct PullProgress {
+/// Draws pull or push events on standard error.
+pub struct TransferProgress {
+    verb: &'static str,
     layers: Vec<LayerLine>,
     drawn: usize,
     terminal: bool,
 }
 
-impl PullProgress {
-    /// Progress on standard error; bars only when it is a terminal.
-    pub fn new() -> Self {
+impl TransferProgress {
+    /// Progress on standard error, introduced with `verb` ("pulling"); bars only when it is a terminal.
+    pub fn new(verb: &'static str) -> Self {
         Self {
+            verb,
             layers: Vec::new(),
             drawn: 0,
             terminal: std::io::stderr().is_terminal(),
@@ -35,20 +37,21 @@ impl PullProgress {
     }
 
     /// Shows one event.
-    pub fn show(&mut self, event: &PullEvent) {
+    pub fn show(&mut self, event: &TransferEvent) {
         match event {
-            PullEvent::Resolved {
+            TransferEvent::Resolved {
                 reference,
                 digest,
                 layers,
             } => {
                 let total: u64 = layers
                     .iter()
-                    .filter(|layer| !layer.cached)
+                    .filter(|layer| !layer.present)
                     .map(|layer| layer.size)
                     .sum();
                 eprintln!(
-                    "pulling {reference} ({}, {} layers, {} to download)",
+                    "{} {reference} ({}, {} layers, {} to transfer)",
+                    self.verb,
                     short(digest),
                     layers.len(),
                     table::bytes(total)
@@ -58,28 +61,32 @@ impl PullProgress {
                     .map(|layer| LayerLine {
                         digest: layer.digest.clone(),
                         size: layer.size,
-                        downloaded: if layer.cached { layer.size } else { 0 },
-                        state: if layer.cached { "cached" } else { "waiting" },
+                        transferred: if layer.present { layer.size } else { 0 },
+                        state: if layer.present { "cached" } else { "waiting" },
                     })
                     .collect();
             }
-            PullEvent::Progress {
+            TransferEvent::Progress {
                 layer,
-                downloaded,
+                transferred,
                 size,
             } => {
                 if let Some(line) = self.line(layer) {
-                    line.downloaded = *downloaded;
+                    line.transferred = *transferred;
                     line.size = *size;
                     line.state = "downloading";
                 }
             }
-            PullEvent::LayerDone { layer } => {
+            TransferEvent::LayerDone { layer } if self.line(layer).is_none() => {
+                // A push reports its layers as they land, before it knows the manifest.
+                eprintln!("layer {} pushed", short(layer));
+            }
+            TransferEvent::LayerDone { layer } => {
                 let terminal = self.terminal;
                 if let Some(line) = self.line(layer) {
                     if line.state != "cached" {
                         line.state = "done";
-                        line.downloaded = line.size;
+                        line.transferred = line.size;
                     }
                     if !terminal {
                         eprintln!(
@@ -91,7 +98,7 @@ impl PullProgress {
                     }
                 }
             }
-            PullEvent::Done { .. } | PullEvent::Error { .. } => {}
+            TransferEvent::Done { .. } | TransferEvent::Error { .. } => {}
         }
         self.draw();
     }
@@ -112,14 +119,14 @@ impl PullProgress {
             let filled = if line.size == 0 {
                 BAR
             } else {
-                ((line.downloaded.min(line.size) as u128 * BAR as u128) / line.size as u128) as usize
+                ((line.transferred.min(line.size) as u128 * BAR as u128) / line.size as u128) as usize
             };
             out.push_str(&format!(
                 "\r\x1b[2K{}  [{}{}]  {:>10} / {:<10} {}\n",
                 short(&line.digest),
                 "#".repeat(filled),
                 ".".repeat(BAR - filled),
-                table::bytes(line.downloaded),
+                table::bytes(line.transferred),
                 table::bytes(line.size),
                 line.state
             ));

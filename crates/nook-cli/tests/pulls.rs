@@ -2,21 +2,22 @@
 //! two-layer image with a whiteout and an opaque directory is pushed, then pulled by tag and by digest with the
 //! credentials from the server's config; a sandbox from it sees exactly the expected files and config. Concurrent
 //! pulls of one image download each layer once; a tampered blob, a missing image and a registry without credentials
-//! are refused with their reason, and a refused pull names nothing and leaves nothing in the store.
+//! are refused with their reason, and a refused pull names nothing and leaves nothing in the store. A pulled image
+//! pushed back to the registry by nook and pulled again runs the same.
 
 mod common;
 
 use common::fixture_image::{busybox_layer, digest, layer, layered_image, FixtureImage, Member, LAYERED_CHECK};
 use common::registry::{TestRegistry, PASSWORD, USER};
 use common::{sh, TestServer};
-use nook_api::{CreateSandboxRequest, PullEvent, PullRequest, ResourceRequest};
+use nook_api::{CreateSandboxRequest, PullRequest, PushRequest, ResourceRequest, TransferEvent};
 use nook_client::{Client, ClientError};
 
 async fn pull(
     client: &Client,
     reference: &str,
     name: Option<&str>,
-) -> Result<(nook_api::Image, Vec<PullEvent>), ClientError> {
+) -> Result<(nook_api::Image, Vec<TransferEvent>), ClientError> {
     let mut events = Vec::new();
     let request = PullRequest {
         reference: reference.into(),
@@ -60,19 +61,19 @@ async fn images_are_pulled_by_tag_and_digest_with_auth_verified_and_deduplicated
     assert_eq!(pulled.layers, diff_ids);
     assert_eq!(pulled.config.working_dir.as_deref(), Some("/srv"));
     match &events[0] {
-        PullEvent::Resolved { digest, layers, .. } => {
+        TransferEvent::Resolved { digest, layers, .. } => {
             assert_eq!(digest, &manifest_digest);
             assert_eq!(layers.len(), 2);
-            assert!(layers.iter().all(|layer| !layer.cached));
+            assert!(layers.iter().all(|layer| !layer.present));
         }
         other => panic!("the first event should be `resolved`, got {other:?}"),
     }
     let done = events
         .iter()
-        .filter(|event| matches!(event, PullEvent::LayerDone { .. }))
+        .filter(|event| matches!(event, TransferEvent::LayerDone { .. }))
         .count();
     assert_eq!(done, 2, "{events:?}");
-    assert!(matches!(events.last(), Some(PullEvent::Done { .. })));
+    assert!(matches!(events.last(), Some(TransferEvent::Done { .. })));
 
     // By digest, under another name: nothing is downloaded again.
     let by_digest = format!("{}/fixture/layered@{manifest_digest}", registry.host);
@@ -83,10 +84,10 @@ async fn images_are_pulled_by_tag_and_digest_with_auth_verified_and_deduplicated
         (again.digest.as_str(), again.layers.as_slice()),
         (manifest_digest.as_str(), diff_ids.as_slice())
     );
-    let PullEvent::Resolved { layers, .. } = &events[0] else {
+    let TransferEvent::Resolved { layers, .. } = &events[0] else {
         panic!("{events:?}")
     };
-    assert!(layers.iter().all(|layer| layer.cached), "{layers:?}");
+    assert!(layers.iter().all(|layer| layer.present), "{layers:?}");
     for blob in &blobs.layers {
         assert_eq!(
             registry.blob_fetches(&digest(blob)),
@@ -114,6 +115,41 @@ async fn images_are_pulled_by_tag_and_digest_with_auth_verified_and_deduplicated
     let seen = sh(&client, &sandbox.id, check).await;
     assert_eq!((seen.exit_code, seen.stdout.as_str()), (Some(0), expected), "{seen:?}");
     client.delete_sandbox(&sandbox.id).await.unwrap();
+
+    // Push it back under another repository (layers written out again, whiteouts and opaque directory included),
+    // pull that, and a sandbox from the round trip sees the same files. A second push finds every layer present.
+    let pushed = format!("{}/pushed/layered:1", registry.host);
+    let push = PushRequest {
+        name: "layered-by-digest".into(),
+        reference: pushed.clone(),
+    };
+    client.push_image(&push, |_| {}).await.expect("push");
+    let (round_trip, _) = pull(&client, &pushed, Some("round-trip"))
+        .await
+        .expect("pull what was pushed");
+    assert_eq!(round_trip.config, pulled.config);
+    assert_eq!(round_trip.layers.len(), 2);
+    let sandbox = client
+        .create_sandbox(&CreateSandboxRequest {
+            image: Some("round-trip".into()),
+            name: Some("round-trip".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("create from the round-tripped image");
+    let seen = sh(&client, &sandbox.id, check).await;
+    assert_eq!((seen.exit_code, seen.stdout.as_str()), (Some(0), expected), "{seen:?}");
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+    let mut second_push = Vec::new();
+    client
+        .push_image(&push, |event| second_push.push(event.clone()))
+        .await
+        .expect("second push");
+    let resolved = second_push.iter().find_map(|event| match event {
+        TransferEvent::Resolved { layers, .. } => Some(layers.clone()),
+        _ => None,
+    });
+    assert!(resolved.unwrap().iter().all(|layer| layer.present), "{second_push:?}");
 
     // Two concurrent pulls of a new image download its new layer once.
     let second = FixtureImage {

@@ -13,8 +13,9 @@ use futures::{Stream, StreamExt};
 use nook_api::{
     ApiError, ArchiveResult, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult,
     ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest,
-    ProcessInfo, ProcessList, PullEvent, PullRequest, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent,
-    SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult, SignalRequest, WatchEvent,
+    ProcessInfo, ProcessList, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent,
+    SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult, SignalRequest,
+    TransferEvent, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -671,22 +672,40 @@ impl Client {
     pub async fn pull_image(
         &self,
         request: &PullRequest,
-        mut on_event: impl FnMut(&PullEvent),
+        on_event: impl FnMut(&TransferEvent),
+    ) -> Result<Image, ClientError> {
+        self.transfer("pull", request, on_event).await
+    }
+
+    /// Pushes a stored image to a registry, handing each progress event to `on_event`; returns the image.
+    pub async fn push_image(
+        &self,
+        request: &PushRequest,
+        on_event: impl FnMut(&TransferEvent),
+    ) -> Result<Image, ClientError> {
+        self.transfer("push", request, on_event).await
+    }
+
+    async fn transfer(
+        &self,
+        verb: &str,
+        request: &impl serde::Serialize,
+        mut on_event: impl FnMut(&TransferEvent),
     ) -> Result<Image, ClientError> {
         let response = self
             .send(
-                self.request(Method::POST, self.url_for(&["v1", "images", "pull"]))
+                self.request(Method::POST, self.url_for(&["v1", "images", verb]))
                     .json(request),
             )
             .await?;
-        let mut events = self.ndjson::<PullEvent>(response);
+        let mut events = self.ndjson::<TransferEvent>(response);
         while let Some(event) = events.next().await {
             let event = event?;
             on_event(&event);
             match event {
-                PullEvent::Done { image } => return Ok(image),
-                // Failures after the pull started arrive in the stream; they are the registry's or the image's.
-                PullEvent::Error { error } => {
+                TransferEvent::Done { image } => return Ok(image),
+                // Failures after the transfer started arrive in the stream; they are the registry's or the image's.
+                TransferEvent::Error { error } => {
                     return Err(ClientError::Api {
                         status: StatusCode::BAD_GATEWAY,
                         error,
@@ -695,7 +714,9 @@ impl Client {
                 _ => {}
             }
         }
-        Err(ClientError::Decode("the pull's stream ended without a result".into()))
+        Err(ClientError::Decode(format!(
+            "the {verb}'s stream ended without a result"
+        )))
     }
 
     /// Removes an image name.

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use nook_api::{Image, PullEvent, Resources};
+use nook_api::{Image, Resources, TransferEvent};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 use tokio::sync::{broadcast, mpsc};
@@ -158,7 +158,14 @@ pub trait Runner: Send + Sync + 'static {
         &self,
         reference: &str,
         name: Option<&str>,
-        events: mpsc::Sender<PullEvent>,
+        events: mpsc::Sender<TransferEvent>,
+    ) -> Result<Image, RunnerError>;
+    /// Pushes the stored image `name` to a registry reference, reporting progress on `events`.
+    async fn push_image(
+        &self,
+        name: &str,
+        reference: &str,
+        events: mpsc::Sender<TransferEvent>,
     ) -> Result<Image, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nook_agent_proto::{ExecSpec, ProtocolError, Request};
-use nook_api::{Image, ImageConfig, PullEvent};
+use nook_api::{Image, ImageConfig, TransferEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::io::SyncIoBridge;
@@ -545,7 +545,7 @@ impl Runner for LocalRunner {
         &self,
         reference: &str,
         name: Option<&str>,
-        events: mpsc::Sender<PullEvent>,
+        events: mpsc::Sender<TransferEvent>,
     ) -> Result<Image, RunnerError> {
         let reference = self
             .inner
@@ -559,6 +559,25 @@ impl Runner for LocalRunner {
             .registries
             .pull(&self.inner.images, &reference, &name, &events)
             .await?)
+    }
+
+    async fn push_image(
+        &self,
+        name: &str,
+        reference: &str,
+        events: mpsc::Sender<TransferEvent>,
+    ) -> Result<Image, RunnerError> {
+        let image = self.inner.images.get(name)?;
+        let reference = self
+            .inner
+            .registries
+            .parse_reference(reference)
+            .map_err(ImageError::from)?;
+        self.inner
+            .registries
+            .push(&self.inner.images, &image, &reference, &events)
+            .await?;
+        Ok(image)
     }
 
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError> {

@@ -21,9 +21,9 @@ use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
-    PtySize, PullEvent, PullRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList,
+    PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList,
     SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest,
-    SignalRequest, WatchEvent, WatchEventKind,
+    SignalRequest, TransferEvent, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -127,6 +127,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/chown", post(chown_file))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/push", post(push_image))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
             // Streamed bodies of any size: file uploads and image imports.
@@ -984,7 +985,7 @@ async fn import_image(
 
 #[utoipa::path(post, path = "/v1/images/pull", tag = "images", request_body = PullRequest,
     responses((status = 200, description = "The pull's progress, one JSON event per line, ending with `done` or \
-               `error`", body = PullEvent, content_type = "application/x-ndjson"),
+               `error`", body = TransferEvent, content_type = "application/x-ndjson"),
               (status = 400, description = "Invalid reference or name", body = ApiError),
               (status = 403, description = "The registry refused access", body = ApiError),
               (status = 404, description = "No such image in the registry", body = ApiError),
@@ -994,27 +995,50 @@ async fn pull_image(State(state): State<AppState>, Json(request): Json<PullReque
     if let Some(name) = &request.name {
         nook_api::names::check_image_name(name).map_err(ApiFailure::invalid)?;
     }
-    let (events, mut received) = tokio::sync::mpsc::channel::<PullEvent>(64);
     let runner = state.control.runner().clone();
-    // The pull runs to its end even when the client goes away, so that its layers are not fetched twice.
-    let pull = tokio::spawn(async move {
+    transfer(move |events| async move {
         runner
             .pull_image(&request.reference, request.name.as_deref(), events)
             .await
-    });
-    // A pull that fails before it found the image answers with a plain HTTP error.
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/images/push", tag = "images", request_body = PushRequest,
+    responses((status = 200, description = "The push's progress, one JSON event per line, ending with `done` or \
+               `error`", body = TransferEvent, content_type = "application/x-ndjson"),
+              (status = 400, description = "Invalid reference", body = ApiError),
+              (status = 403, description = "The registry refused access", body = ApiError),
+              (status = 404, description = "No such image", body = ApiError),
+              (status = 502, description = "The registry failed", body = ApiError)),
+    security(("bearer" = [])))]
+async fn push_image(State(state): State<AppState>, Json(request): Json<PushRequest>) -> Result<Response, ApiFailure> {
+    let runner = state.control.runner().clone();
+    transfer(move |events| async move { runner.push_image(&request.name, &request.reference, events).await }).await
+}
+
+/// Runs a pull or push and answers with its events as NDJSON, ending with `done` or `error`. The transfer runs to its
+/// end even when the client goes away (so that a pull's layers are not fetched twice); one that fails before its
+/// first event answers with a plain HTTP error instead.
+async fn transfer<F, Fut>(run: F) -> Result<Response, ApiFailure>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<TransferEvent>) -> Fut,
+    Fut: std::future::Future<Output = Result<Image, nook_runner::RunnerError>> + Send + 'static,
+{
+    let (events, mut received) = tokio::sync::mpsc::channel::<TransferEvent>(64);
+    let task = tokio::spawn(run(events));
     let Some(first) = received.recv().await else {
-        let image = pull.await.expect("a pull does not panic").map_err(pull_failure)?;
-        return Ok(ndjson_lines(futures::stream::iter([PullEvent::Done { image }])));
+        let image = task.await.expect("a transfer does not panic").map_err(pull_failure)?;
+        return Ok(ndjson_lines(futures::stream::iter([TransferEvent::Done { image }])));
     };
-    let rest = futures::stream::unfold((received, Some(pull)), |(mut received, pull)| async move {
-        let pull = pull?;
+    let rest = futures::stream::unfold((received, Some(task)), |(mut received, task)| async move {
+        let task = task?;
         if let Some(event) = received.recv().await {
-            return Some((event, (received, Some(pull))));
+            return Some((event, (received, Some(task))));
         }
-        let last = match pull.await.expect("a pull does not panic") {
-            Ok(image) => PullEvent::Done { image },
-            Err(error) => PullEvent::Error {
+        let last = match task.await.expect("a transfer does not panic") {
+            Ok(image) => TransferEvent::Done { image },
+            Err(error) => TransferEvent::Error {
                 error: pull_failure(error).body(),
             },
         };
@@ -1026,7 +1050,7 @@ async fn pull_image(State(state): State<AppState>, Json(request): Json<PullReque
     )))
 }
 
-/// A failed pull: an image the registry served that does not verify or unpack is the registry's fault (502).
+/// A failed transfer: an image the registry served that does not verify or unpack is the registry's fault (502).
 fn pull_failure(error: nook_runner::RunnerError) -> ApiFailure {
     use nook_runner::images::ImageError;
     match &error {
@@ -1087,7 +1111,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
-        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, remove_image
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, remove_image
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),
     modifiers(&BearerAuth),

@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod oci;
+pub mod push;
 pub mod registry;
 pub mod tar_stream;
 pub mod unpack;

@@ -341,6 +341,35 @@ pub fn image_config(config: &ConfigFile) -> ImageConfig {
     }
 }
 
+/// The config blob of an image with this config and these layers (the inverse of [`image_config`]).
+pub fn config_file(config: &ImageConfig, diff_ids: Vec<String>) -> ConfigFile {
+    let platform = host_platform();
+    let non_empty = |values: &Vec<String>| (!values.is_empty()).then(|| values.clone());
+    ConfigFile {
+        architecture: platform.architecture,
+        os: platform.os,
+        config: Some(RunConfig {
+            user: config.user.clone(),
+            env: non_empty(&config.env),
+            entrypoint: non_empty(&config.entrypoint),
+            cmd: non_empty(&config.cmd),
+            working_dir: config.working_dir.clone(),
+            exposed_ports: (!config.exposed_ports.is_empty()).then(|| {
+                config
+                    .exposed_ports
+                    .iter()
+                    .map(|port| (port.clone(), serde_json::json!({})))
+                    .collect()
+            }),
+            labels: (!config.labels.is_empty()).then(|| config.labels.clone()),
+        }),
+        rootfs: RootFs {
+            kind: "layers".into(),
+            diff_ids,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,12 +450,14 @@ mod tests {
         assert_eq!(image.user.as_deref(), Some("app:app"));
         assert_eq!(image.env, ["A=1"]);
         assert_eq!(
-            (image.entrypoint, image.cmd),
+            (image.entrypoint.clone(), image.cmd.clone()),
             (vec!["/entry".to_string()], vec!["serve".to_string()])
         );
         assert_eq!(image.working_dir.as_deref(), Some("/srv"));
         assert_eq!(image.exposed_ports, ["8080/tcp"]);
         assert_eq!(image.labels.get("team").map(String::as_str), Some("x"));
+        let back = config_file(&image, config.rootfs.diff_ids.clone());
+        assert_eq!(image_config(&back), image);
     }
 
     #[test]

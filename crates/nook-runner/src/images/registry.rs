@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use nook_api::{Image, PullEvent, PullLayer};
+use nook_api::{Image, TransferEvent, TransferLayer};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RANGE, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -252,12 +252,28 @@ pub struct RegistryConfig {
     pub default_registry: Option<String>,
 }
 
+/// What a request does to a repository (token services scope tokens by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Access {
+    Pull,
+    Push,
+}
+
+impl Access {
+    fn scope(self) -> &'static str {
+        match self {
+            Self::Pull => "pull",
+            Self::Push => "pull,push",
+        }
+    }
+}
+
 /// The registry client of one runner.
 pub struct Registries {
     http: reqwest::Client,
     config: RegistryConfig,
-    /// `Authorization` header values per (registry, repository), learned from challenges.
-    authorizations: Mutex<HashMap<(String, String), String>>,
+    /// `Authorization` header values per (registry, repository, access), learned from challenges.
+    authorizations: Mutex<HashMap<(String, String, Access), String>>,
     /// One lock per layer being fetched, so concurrent pulls download a shared layer once.
     layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -284,7 +300,7 @@ impl Registries {
         Reference::parse(text, self.config.default_registry.as_deref())
     }
 
-    fn base_url(&self, registry: &str) -> String {
+    pub(super) fn base_url(&self, registry: &str) -> String {
         let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
         let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
         let scheme = if loopback || self.config.insecure.iter().any(|insecure| insecure == registry) {
@@ -301,7 +317,7 @@ impl Registries {
         store: &Arc<ImageStore>,
         reference: &Reference,
         name: &str,
-        events: &mpsc::Sender<PullEvent>,
+        events: &mpsc::Sender<TransferEvent>,
     ) -> Result<Image, ImageError> {
         let (manifest_digest, manifest) = self.resolve(reference).await?;
         let config_bytes = self.document(reference, &manifest.config.digest, "config").await?;
@@ -322,15 +338,15 @@ impl Registries {
             .zip(config.rootfs.diff_ids.iter().cloned())
             .collect();
         let _ = events
-            .send(PullEvent::Resolved {
+            .send(TransferEvent::Resolved {
                 reference: reference.to_string(),
                 digest: manifest_digest.clone(),
                 layers: layers
                     .iter()
-                    .map(|(descriptor, diff_id)| PullLayer {
+                    .map(|(descriptor, diff_id)| TransferLayer {
                         digest: descriptor.digest.clone(),
                         size: descriptor.size,
-                        cached: store.layer_dir(diff_id).exists(),
+                        present: store.layer_dir(diff_id).exists(),
                     })
                     .collect(),
             })
@@ -421,7 +437,7 @@ impl Registries {
         reference: &Reference,
         descriptor: &Descriptor,
         diff_id: &str,
-        events: &mpsc::Sender<PullEvent>,
+        events: &mpsc::Sender<TransferEvent>,
     ) -> Result<u64, ImageError> {
         oci::digest_hex(diff_id)?;
         let lock = {
@@ -432,7 +448,7 @@ impl Registries {
         if store.layer_dir(diff_id).exists() {
             let size = store.layer_size(diff_id);
             let _ = events
-                .send(PullEvent::LayerDone {
+                .send(TransferEvent::LayerDone {
                     layer: descriptor.digest.clone(),
                 })
                 .await;
@@ -457,9 +473,9 @@ impl Registries {
             })
         };
         let unpacked = unpacking.await.expect("unpacking a layer does not panic");
-        let downloaded = download.await.expect("downloading a layer does not panic");
+        let transferred = download.await.expect("downloading a layer does not panic");
         // A broken download explains a broken unpack better than the unpacker's view of a cut stream.
-        downloaded?;
+        transferred?;
         let (layer, blob_digest) = unpacked?;
         if blob_digest != descriptor.digest {
             return Err(oci::FormatError::DigestMismatch {
@@ -481,7 +497,7 @@ impl Registries {
         // Adopted while the layer's lock is held, so a pull waiting for it finds it in the store.
         store.adopt(layer)?;
         let _ = events
-            .send(PullEvent::LayerDone {
+            .send(TransferEvent::LayerDone {
                 layer: descriptor.digest.clone(),
             })
             .await;
@@ -494,7 +510,7 @@ impl Registries {
         reference: &Reference,
         descriptor: &Descriptor,
         chunks: mpsc::Sender<io::Result<Bytes>>,
-        events: &mpsc::Sender<PullEvent>,
+        events: &mpsc::Sender<TransferEvent>,
     ) -> Result<(), RegistryError> {
         let url = format!(
             "{}/{}/blobs/{}",
@@ -546,9 +562,9 @@ impl Registries {
                     }
                     if last_report.elapsed() >= PROGRESS_EVERY {
                         last_report = Instant::now();
-                        let _ = events.try_send(PullEvent::Progress {
+                        let _ = events.try_send(TransferEvent::Progress {
                             layer: descriptor.digest.clone(),
-                            downloaded: received,
+                            transferred: received,
                             size: descriptor.size,
                         });
                     }
@@ -597,7 +613,7 @@ impl Registries {
         }
     }
 
-    /// A GET with the repository's authorization, answering one authentication challenge.
+    /// A GET with the repository's pull authorization.
     async fn get(
         &self,
         reference: &Reference,
@@ -606,17 +622,33 @@ impl Registries {
         range: Option<&str>,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        let key = (reference.registry.clone(), reference.repository.clone());
-        let mut challenged = false;
-        loop {
-            let authorization = self.authorizations.lock().expect("authorizations").get(&key).cloned();
-            let mut request = self.http.get(url);
+        self.send(reference, Access::Pull, what, |http| {
+            let mut request = http.get(url);
             if let Some(accept) = accept {
                 request = request.header(ACCEPT, accept);
             }
             if let Some(range) = range {
                 request = request.header(RANGE, range);
             }
+            request
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes with the repository's authorization for `access`, answering one
+    /// authentication challenge (so `build` may be called twice). Anything but success is an error.
+    pub(super) async fn send(
+        &self,
+        reference: &Reference,
+        access: Access,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let key = (reference.registry.clone(), reference.repository.clone(), access);
+        let mut challenged = false;
+        loop {
+            let authorization = self.authorizations.lock().expect("authorizations").get(&key).cloned();
+            let mut request = build(&self.http);
             if let Some(value) = &authorization {
                 request = request.header(AUTHORIZATION, value);
             }
@@ -630,7 +662,7 @@ impl Registries {
             }
             if status == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
-                let authorization = self.answer_challenge(reference, response.headers()).await?;
+                let authorization = self.answer_challenge(reference, access, response.headers()).await?;
                 self.authorizations
                     .lock()
                     .expect("authorizations")
@@ -642,7 +674,12 @@ impl Registries {
     }
 
     /// Works out how to authenticate from a 401's `WWW-Authenticate`.
-    async fn answer_challenge(&self, reference: &Reference, headers: &HeaderMap) -> Result<String, RegistryError> {
+    async fn answer_challenge(
+        &self,
+        reference: &Reference,
+        access: Access,
+        headers: &HeaderMap,
+    ) -> Result<String, RegistryError> {
         let credentials = self
             .config
             .credentials
@@ -672,7 +709,7 @@ impl Registries {
                 let realm = parameters
                     .get("realm")
                     .ok_or_else(|| unauthorized("; its token challenge names no realm"))?;
-                let scope = format!("repository:{}:pull", reference.repository);
+                let scope = format!("repository:{}:{}", reference.repository, access.scope());
                 let mut request = self.http.get(realm.as_str()).query(&[("scope", scope.as_str())]);
                 if let Some(service) = parameters.get("service") {
                     request = request.query(&[("service", service.as_str())]);
@@ -1093,9 +1130,9 @@ mod mock_registry_tests {
         let mut kinds = Vec::new();
         while let Some(event) = received.recv().await {
             kinds.push(match event {
-                PullEvent::Resolved { .. } => "resolved",
-                PullEvent::Progress { .. } => "progress",
-                PullEvent::LayerDone { .. } => "layer_done",
+                TransferEvent::Resolved { .. } => "resolved",
+                TransferEvent::Progress { .. } => "progress",
+                TransferEvent::LayerDone { .. } => "layer_done",
                 _ => "other",
             });
         }

@@ -517,7 +517,6 @@ pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()>
 }
 
 /// Reads an extended attribute of `path` itself; `None` when it has none of that name.
-#[cfg(test)]
 pub(crate) fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
     let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let name = CString::new(name).map_err(io::Error::other)?;
