@@ -808,6 +808,17 @@ pub struct PullRequest {
     pub name: Option<String>,
 }
 
+/// Response of `POST /v1/images/prune`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImagePruneResult {
+    /// Images removed because no name pointed to them any more.
+    pub images_removed: u64,
+    /// Layers removed because no image and no sandbox used them.
+    pub layers_removed: u64,
+    /// Bytes of file data freed.
+    pub bytes_freed: u64,
+}
+
 /// Body of `POST /v1/images/push`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -523,6 +523,20 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             eprintln!("pushed {name} to {reference}");
             Ok(0)
         }
+        ImageCommand::Prune { json } => {
+            let result = client.prune_images().await?;
+            if json {
+                print_json(&result)?;
+            } else {
+                println!(
+                    "removed {} images and {} layers, freed {}",
+                    result.images_removed,
+                    result.layers_removed,
+                    table::bytes(result.bytes_freed)
+                );
+            }
+            Ok(0)
+        }
         ImageCommand::Inspect { name } => {
             print_json(&client.image(&name).await?)?;
             Ok(0)

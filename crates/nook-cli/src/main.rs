@@ -353,7 +353,13 @@ enum ImageCommand {
         /// Image name.
         name: String,
     },
-    /// Remove an image name.
+    /// Remove unnamed images and the layers no image or sandbox uses.
+    Prune {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image name (its layers stay until `nook image prune`, and as long as sandboxes use them).
     Rm {
         /// Image name.
         name: String,

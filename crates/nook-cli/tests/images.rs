@@ -1,12 +1,14 @@
 //! Images end to end: an OCI image layout with two layers (a whiteout, an opaque directory) imported through the
 //! API becomes sandboxes that see exactly the merged files and run with the image's env, working directory and user;
-//! the image's layers are shared and never written. Hostile and corrupt archives are refused with their reason and
-//! leave nothing in the store.
+//! the image's layers are shared and never written (a hundred sandboxes use one copy, measured). Hostile and corrupt
+//! archives are refused with their reason and leave nothing in the store. Garbage collection keeps what sandboxes
+//! use and removes the rest.
 
 mod common;
 
 use common::fixture_image::{busybox_layer, digest, layer, layered_image, FixtureImage, Member, LAYERED_CHECK};
 use common::{sh, TestServer};
+use futures::StreamExt;
 use nook_api::{CreateSandboxRequest, ResourceRequest, Sandbox};
 use nook_client::{Client, ClientError};
 
@@ -135,7 +137,74 @@ async fn layered_images_import_run_with_their_config_and_refuse_hostile_archives
     );
     assert_eq!(store_leftovers(&server), Vec::<String>::new());
 
+    // A hundred sandboxes from the image share its one copy of the layers: the store gains no layer, the layers'
+    // disk use does not change, and each sandbox costs only its own (nearly empty) writable layer.
+    let layers_before = du(&server.data_dir.join("runner/layers/sha256"));
+    let layer_count = std::fs::read_dir(server.data_dir.join("runner/layers/sha256"))
+        .unwrap()
+        .count();
+    let started = std::time::Instant::now();
+    let many: Vec<Sandbox> = futures::stream::iter(0..100)
+        .map(|i| {
+            let client = &client;
+            async move { create_from(client, "fixture/layered:1", &format!("many-{i}")).await }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let created_in = started.elapsed();
+    let uppers: u64 = many
+        .iter()
+        .map(|sandbox| du(&server.sandbox_dir(&sandbox.id).join("upper")))
+        .sum();
+    let layers_after = du(&server.data_dir.join("runner/layers/sha256"));
+    eprintln!(
+        "100 sandboxes from one image: created in {created_in:?}; layers {layers_before} -> {layers_after} bytes; \
+         writable layers {uppers} bytes in all"
+    );
+    assert_eq!(layers_after, layers_before, "sandboxes must not copy image layers");
+    assert_eq!(
+        std::fs::read_dir(server.data_dir.join("runner/layers/sha256"))
+            .unwrap()
+            .count(),
+        layer_count
+    );
+    assert!(uppers < 100 * 64 * 1024, "the writable layers hold {uppers} bytes");
+    let probe = sh(&client, &many[99].id, "cat /srv/index.html").await;
+    assert_eq!(probe.stdout, "<h1>hi</h1>\n");
+    futures::stream::iter(many)
+        .for_each_concurrent(4, |sandbox| {
+            let client = &client;
+            async move { client.delete_sandbox(&sandbox.id).await.unwrap() }
+        })
+        .await;
+
+    // Garbage collection: with the name gone, layers that sandboxes still use stay; once they are deleted too,
+    // the image's layers go (the base image's do not).
+    client.remove_image("fixture/layered:1").await.unwrap();
+    let kept = client.prune_images().await.unwrap();
+    assert_eq!((kept.images_removed, kept.layers_removed), (1, 0), "{kept:?}");
+    assert_eq!(sh(&client, &first.id, "cat /etc/motd").await.stdout, "welcome\n");
     for sandbox in [first, second] {
         client.delete_sandbox(&sandbox.id).await.unwrap();
     }
+    let pruned = client.prune_images().await.unwrap();
+    assert_eq!((pruned.images_removed, pruned.layers_removed), (0, 2), "{pruned:?}");
+    assert!(pruned.bytes_freed > 1_000_000, "{pruned:?}");
+    assert!(!layer_dir.exists());
+    assert!(client.image("base").await.is_ok());
+}
+
+/// Bytes allocated under `path`, as `du` counts them (hard links once).
+fn du(path: &std::path::Path) -> u64 {
+    let output = std::process::Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|bytes| bytes.parse().ok())
+        .unwrap_or(0)
 }

@@ -12,10 +12,10 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use nook_api::{
     ApiError, ArchiveResult, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult,
-    ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest,
-    ProcessInfo, ProcessList, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent,
-    SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult, SignalRequest,
-    TransferEvent, WatchEvent,
+    ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest,
+    MoveRequest, ProcessInfo, ProcessList, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, Sandbox,
+    SandboxEvent, SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult,
+    SignalRequest, TransferEvent, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -717,6 +717,12 @@ impl Client {
         Err(ClientError::Decode(format!(
             "the {verb}'s stream ended without a result"
         )))
+    }
+
+    /// Removes unnamed images and unused layers.
+    pub async fn prune_images(&self) -> Result<ImagePruneResult, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "images", "prune"])))
+            .await
     }
 
     /// Removes an image name.

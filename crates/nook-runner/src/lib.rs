@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use nook_api::{Image, Resources, TransferEvent};
+use nook_api::{Image, ImagePruneResult, Resources, TransferEvent};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 use tokio::sync::{broadcast, mpsc};
@@ -167,6 +167,8 @@ pub trait Runner: Send + Sync + 'static {
         reference: &str,
         events: mpsc::Sender<TransferEvent>,
     ) -> Result<Image, RunnerError>;
+    /// Removes unnamed images and the layers that no image and no sandbox of this runner uses.
+    async fn prune_images(&self) -> Result<ImagePruneResult, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;
 

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nook_agent_proto::{ExecSpec, ProtocolError, Request};
-use nook_api::{Image, ImageConfig, TransferEvent};
+use nook_api::{Image, ImageConfig, ImagePruneResult, TransferEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::io::SyncIoBridge;
@@ -578,6 +578,41 @@ impl Runner for LocalRunner {
             .push(&self.inner.images, &image, &reference, &events)
             .await?;
         Ok(image)
+    }
+
+    async fn prune_images(&self) -> Result<ImagePruneResult, RunnerError> {
+        let runner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Every sandbox, running or stopped, is built on its layers until it is deleted.
+            let dir = runner.inner.dir.join("sandboxes");
+            let entries = std::fs::read_dir(&dir).map_err(|source| RunnerError::Io {
+                action: "listing",
+                path: dir.clone(),
+                source,
+            })?;
+            let mut in_use = std::collections::HashSet::new();
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if let Ok(record) = runner.read_record(&id) {
+                    in_use.extend(
+                        record
+                            .lower_dirs
+                            .iter()
+                            .filter_map(|dir| dir.file_name())
+                            .map(|hex| format!("sha256:{}", hex.to_string_lossy())),
+                    );
+                }
+            }
+            let report = runner.inner.images.prune(&in_use)?;
+            tracing::info!(?report, "pruned images");
+            Ok(ImagePruneResult {
+                images_removed: report.images_removed,
+                layers_removed: report.layers_removed,
+                bytes_freed: report.bytes_freed,
+            })
+        })
+        .await
+        .expect("pruning does not panic")
     }
 
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError> {

@@ -20,10 +20,10 @@ use base64::Engine as _;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
-    FileInfo, FileList, FindResult, Health, Image, ImageList, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList,
-    PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox, SandboxEventList,
-    SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest,
-    SignalRequest, TransferEvent, WatchEvent, WatchEventKind,
+    FileInfo, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest, MoveRequest,
+    ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox,
+    SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult,
+    SetDeadlineRequest, SignalRequest, TransferEvent, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -128,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/push", post(push_image))
+        .route("/v1/images/prune", post(prune_images))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
             // Streamed bodies of any size: file uploads and image imports.
@@ -1004,6 +1005,13 @@ async fn pull_image(State(state): State<AppState>, Json(request): Json<PullReque
     .await
 }
 
+#[utoipa::path(post, path = "/v1/images/prune", tag = "images",
+    responses((status = 200, description = "What was removed", body = ImagePruneResult)),
+    security(("bearer" = [])))]
+async fn prune_images(State(state): State<AppState>) -> Result<Json<ImagePruneResult>, ApiFailure> {
+    Ok(Json(state.control.runner().prune_images().await?))
+}
+
 #[utoipa::path(post, path = "/v1/images/push", tag = "images", request_body = PushRequest,
     responses((status = 200, description = "The push's progress, one JSON event per line, ending with `done` or \
                `error`", body = TransferEvent, content_type = "application/x-ndjson"),
@@ -1111,7 +1119,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
-        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, remove_image
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, remove_image
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),
     modifiers(&BearerAuth),

@@ -353,10 +353,13 @@ fn finish(
     let diff_ids: Vec<String> = layers.iter().map(|layer| layer.diff_id.clone()).collect();
     oci::check_diff_ids(config, &diff_ids)?;
     let size_bytes = layers.iter().map(|layer| layer.size_bytes).sum();
+    let mut pins = Vec::new();
     for layer in layers.into_iter().filter_map(|taken| taken.layer) {
-        store.adopt(layer)?;
+        pins.push(store.adopt(layer)?);
     }
-    store.commit(name, digest, diff_ids, size_bytes, oci::image_config(config))
+    let committed = store.commit(name, digest, diff_ids, size_bytes, oci::image_config(config));
+    drop(pins);
+    committed
 }
 
 #[cfg(test)]

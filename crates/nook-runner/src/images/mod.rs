@@ -14,10 +14,10 @@ pub mod registry;
 pub mod tar_stream;
 pub mod unpack;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use nook_api::{Image, ImageConfig};
@@ -95,8 +95,39 @@ struct ImageRecord {
 /// The image store under one directory.
 pub struct ImageStore {
     root: PathBuf,
-    /// Serialises updates of the name index.
+    /// Serialises updates of the name index (and garbage collection against them).
     names_lock: Mutex<()>,
+    /// Layers in use by imports and pulls that have not committed their image yet: never collected.
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Keeps a layer from garbage collection while an import or pull that uses it has not committed its image.
+pub struct LayerPin {
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+    diff_id: String,
+}
+
+impl Drop for LayerPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().expect("layer pins");
+        if let Some(count) = pins.get_mut(&self.diff_id) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.diff_id);
+            }
+        }
+    }
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Image records no name pointed to.
+    pub images_removed: u64,
+    /// Layers no image, sandbox or running import used.
+    pub layers_removed: u64,
+    /// Bytes of file data those layers held.
+    pub bytes_freed: u64,
 }
 
 impl ImageStore {
@@ -116,6 +147,7 @@ impl ImageStore {
         Ok(Self {
             root: root.to_path_buf(),
             names_lock: Mutex::new(()),
+            pins: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -207,10 +239,12 @@ impl ImageStore {
         layer.diff_id = unpack::finish_digest(hashing)?;
         layer.size_bytes = size_bytes;
         let diff_id = layer.diff_id.clone();
-        self.adopt(layer)?;
+        let pin = self.adopt(layer)?;
         let manifest = serde_json::json!({ "layers": [&diff_id], "config": &rootfs_config });
         let digest = oci::sha256_digest(manifest.to_string().as_bytes());
-        self.commit(name, &digest, vec![diff_id], size_bytes, rootfs_config)
+        let committed = self.commit(name, &digest, vec![diff_id], size_bytes, rootfs_config);
+        drop(pin);
+        committed
     }
 
     /// Records an image whose layers are in the store and points `name` at it.
@@ -272,11 +306,27 @@ impl ImageStore {
         self.root.join("layers/sizes").join(hex_of(diff_id))
     }
 
-    /// Moves an unpacked layer into the store under its diff id; when the store has it already, the copy is dropped.
-    pub(crate) fn adopt(&self, mut layer: TempLayer) -> Result<(), ImageError> {
+    /// Keeps the layer `diff_id` from garbage collection until the pin is dropped.
+    pub(crate) fn pin(&self, diff_id: &str) -> LayerPin {
+        *self
+            .pins
+            .lock()
+            .expect("layer pins")
+            .entry(diff_id.to_string())
+            .or_default() += 1;
+        LayerPin {
+            pins: self.pins.clone(),
+            diff_id: diff_id.to_string(),
+        }
+    }
+
+    /// Moves an unpacked layer into the store under its diff id (when the store has it already, the copy is
+    /// dropped); the layer stays pinned until the image that uses it is committed.
+    pub(crate) fn adopt(&self, mut layer: TempLayer) -> Result<LayerPin, ImageError> {
+        let pin = self.pin(&layer.diff_id);
         let final_dir = self.layer_dir(&layer.diff_id);
         if final_dir.exists() {
-            return Ok(());
+            return Ok(pin);
         }
         // The size is recorded first: a layer directory in place always has its size beside it.
         write_atomically(
@@ -299,7 +349,69 @@ impl ImageStore {
                 });
             }
         }
-        Ok(())
+        Ok(pin)
+    }
+
+    /// Removes image records no name points to, and layers that no named image uses, no running import or pull has
+    /// pinned, and that are not in `in_use` (the diff ids the runner's sandboxes are built on).
+    pub fn prune(&self, in_use: &HashSet<String>) -> Result<PruneReport, ImageError> {
+        let _guard = self.names_lock.lock().expect("names lock");
+        let mut report = PruneReport::default();
+        let named: HashSet<String> = self.read_names()?.into_values().collect();
+        let mut keep: HashSet<String> = in_use.iter().map(|diff_id| hex_of(diff_id).to_string()).collect();
+        keep.extend(
+            self.pins
+                .lock()
+                .expect("layer pins")
+                .keys()
+                .map(|d| hex_of(d).to_string()),
+        );
+        let images = self.root.join("images");
+        for entry in std::fs::read_dir(&images)
+            .map_err(io_error("listing", &images))?
+            .flatten()
+        {
+            let path = entry.path();
+            let Some(hex) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let digest = format!("sha256:{hex}");
+            if named.contains(&digest) {
+                let record = self.read_record(&digest)?;
+                keep.extend(record.layers.iter().map(|diff_id| hex_of(diff_id).to_string()));
+            } else {
+                std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+                report.images_removed += 1;
+            }
+        }
+        let layers = self.root.join("layers/sha256");
+        for entry in std::fs::read_dir(&layers)
+            .map_err(io_error("listing", &layers))?
+            .flatten()
+        {
+            let hex = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&hex) {
+                continue;
+            }
+            let size = self.layer_size(&hex);
+            // Renamed away first, so a half-removed layer is never mistaken for a whole one.
+            let doomed = self.root.join("layers/tmp").join(format!("gc-{hex}"));
+            std::fs::rename(entry.path(), &doomed).map_err(io_error("removing layer", &entry.path()))?;
+            std::fs::remove_dir_all(&doomed).map_err(io_error("removing", &doomed))?;
+            for leftover in [
+                self.layer_size_path(&hex),
+                self.root.join("layers/exports").join(format!("{hex}.json")),
+            ] {
+                let _ = std::fs::remove_file(leftover);
+            }
+            report.layers_removed += 1;
+            report.bytes_freed += size;
+        }
+        Ok(report)
     }
 }
 
@@ -431,6 +543,50 @@ mod tests {
             .next()
             .is_none());
         assert!(std::fs::read_dir(dir.path().join("layers/sha256"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn prune_removes_what_no_name_sandbox_or_import_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let shared = store
+            .import("shared", tar_with(&[("a", b"1")]).as_slice(), ImageConfig::default())
+            .unwrap();
+        let alias = store
+            .import("alias", tar_with(&[("a", b"1")]).as_slice(), ImageConfig::default())
+            .unwrap();
+        let gone = store
+            .import("gone", tar_with(&[("b", b"22")]).as_slice(), ImageConfig::default())
+            .unwrap();
+        let used = store
+            .import("used", tar_with(&[("c", b"333")]).as_slice(), ImageConfig::default())
+            .unwrap();
+        let pinned = store
+            .import("pinned", tar_with(&[("d", b"4444")]).as_slice(), ImageConfig::default())
+            .unwrap();
+        assert_eq!(shared.layers, alias.layers);
+        for name in ["alias", "gone", "used", "pinned"] {
+            store.remove(name).unwrap();
+        }
+        let in_use: HashSet<String> = used.layers.iter().cloned().collect();
+        let pin = store.pin(&pinned.layers[0]);
+        let report = store.prune(&in_use).unwrap();
+        // Three records lost their names ("alias" is the same image as "shared"); the shared layer, the sandbox's
+        // and the pinned one stay.
+        assert_eq!(report.images_removed, 3);
+        assert_eq!((report.layers_removed, report.bytes_freed), (1, 2));
+        assert!(!store.layer_dir(&gone.layers[0]).exists());
+        for kept in [&shared.layers[0], &used.layers[0], &pinned.layers[0]] {
+            assert!(store.layer_dir(kept).exists());
+        }
+        assert_eq!(store.get("shared").unwrap().layers, shared.layers);
+        drop(pin);
+        let report = store.prune(&HashSet::new()).unwrap();
+        assert_eq!((report.images_removed, report.layers_removed), (0, 2));
+        assert!(std::fs::read_dir(dir.path().join("layers/tmp"))
             .unwrap()
             .next()
             .is_none());

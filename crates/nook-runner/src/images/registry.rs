@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use super::oci::{self, ConfigFile, Descriptor, Index, Manifest};
 use super::unpack::HashingReader;
-use super::{ImageError, ImageStore, TempLayer};
+use super::{ImageError, ImageStore, LayerPin, TempLayer};
 
 /// The largest manifest, index or config accepted.
 const MAX_DOCUMENT_BYTES: usize = 4 << 20;
@@ -360,19 +360,27 @@ impl Registries {
                     .await
             }
         });
-        let sizes: Vec<Result<u64, ImageError>> =
+        let fetched: Vec<Result<(u64, LayerPin), ImageError>> =
             futures::stream::iter(fetches).buffered(PARALLEL_LAYERS).collect().await;
         let mut size_bytes = 0;
-        for size in sizes {
-            size_bytes += size?;
+        // The layers stay pinned against garbage collection until the image that names them is committed.
+        let mut pins = Vec::new();
+        for result in fetched {
+            let (size, pin) = result?;
+            size_bytes += size;
+            pins.push(pin);
         }
         let diff_ids = config.rootfs.diff_ids.clone();
         let store = store.clone();
         let name = name.to_string();
         let image_config = oci::image_config(&config);
-        tokio::task::spawn_blocking(move || store.commit(&name, &manifest_digest, diff_ids, size_bytes, image_config))
-            .await
-            .expect("committing an image does not panic")
+        let committed = tokio::task::spawn_blocking(move || {
+            store.commit(&name, &manifest_digest, diff_ids, size_bytes, image_config)
+        })
+        .await
+        .expect("committing an image does not panic");
+        drop(pins);
+        committed
     }
 
     /// Fetches the manifest for this host's platform, following an index; returns its digest and the manifest.
@@ -430,7 +438,8 @@ impl Registries {
         Ok(read_bounded(response, &reference.registry, &what).await?)
     }
 
-    /// Downloads, verifies and unpacks one layer into the store unless the store has it; returns its size.
+    /// Downloads, verifies and unpacks one layer into the store unless the store has it; returns its size and a pin
+    /// that keeps it from garbage collection until the image is committed.
     async fn fetch_layer(
         self: &Arc<Self>,
         store: &Arc<ImageStore>,
@@ -438,7 +447,7 @@ impl Registries {
         descriptor: &Descriptor,
         diff_id: &str,
         events: &mpsc::Sender<TransferEvent>,
-    ) -> Result<u64, ImageError> {
+    ) -> Result<(u64, LayerPin), ImageError> {
         oci::digest_hex(diff_id)?;
         let lock = {
             let mut locks = self.layer_locks.lock().expect("layer locks");
@@ -446,13 +455,14 @@ impl Registries {
         };
         let _only_one_download = lock.lock().await;
         if store.layer_dir(diff_id).exists() {
+            let pin = store.pin(diff_id);
             let size = store.layer_size(diff_id);
             let _ = events
                 .send(TransferEvent::LayerDone {
                     layer: descriptor.digest.clone(),
                 })
                 .await;
-            return Ok(size);
+            return Ok((size, pin));
         }
         let (chunks, receiver) = mpsc::channel::<io::Result<Bytes>>(16);
         let download = {
@@ -495,13 +505,13 @@ impl Registries {
         }
         let size = layer.size_bytes;
         // Adopted while the layer's lock is held, so a pull waiting for it finds it in the store.
-        store.adopt(layer)?;
+        let pin = store.adopt(layer)?;
         let _ = events
             .send(TransferEvent::LayerDone {
                 layer: descriptor.digest.clone(),
             })
             .await;
-        Ok(size)
+        Ok((size, pin))
     }
 
     /// Streams a blob into `chunks`, resuming after broken connections; never more than the descriptor's size.
