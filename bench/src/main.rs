@@ -1,6 +1,7 @@
 //! `nook-bench`: measures nook's create→first exec and exec round trip against runc and runsc running the same
 //! root filesystem on the same machine, plus nook's background process start→first output and file upload and
-//! download throughput, and prints a markdown report of figures and ratios (never pass/fail).
+//! download throughput, image push and pull through a registry on loopback, and prints a markdown report of figures
+//! and ratios (never pass/fail).
 //!
 //! Flow: make a work directory under `--work-dir`; start the bench's own `nook serve` there (fresh data directory,
 //! free loopback port, random admin key) and wait for its health check; run the nook series through the Rust client
@@ -10,6 +11,7 @@
 //! stderr. The exit status is non-zero only when setup or a nook call failed; peers that cannot run are reported as
 //! unavailable.
 
+mod images;
 mod interpreter;
 mod interrupt;
 mod machine;
@@ -29,6 +31,7 @@ use nix::mount::{umount2, MntFlags};
 use nook_client::Client;
 use rand::Rng as _;
 
+use crate::images::ImageFigures;
 use crate::interpreter::InterpreterFigures;
 use crate::interrupt::Interrupt;
 use crate::machine::MachineFacts;
@@ -145,6 +148,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             interpreter: &figures.nook.interpreter,
             files: &figures.nook.files,
             server_memory: &figures.nook.server_memory,
+            images: &figures.nook.images,
             peers: &figures.peers,
         })
     );
@@ -169,6 +173,7 @@ struct NookFigures {
     interpreter: InterpreterFigures,
     files: FileFigures,
     server_memory: MemoryAroundFiles,
+    images: ImageFigures,
 }
 
 /// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
@@ -240,6 +245,7 @@ fn measure(
                 before.peak_kib / 1024,
                 after.peak_kib / 1024
             );
+            let images = images::image_transfers(&client, work, &mut sandboxes, interrupt).await?;
             anyhow::Ok(NookFigures {
                 version,
                 base_layer,
@@ -250,6 +256,7 @@ fn measure(
                 interpreter,
                 files,
                 server_memory: MemoryAroundFiles { before, after },
+                images,
             })
         })?;
         let peers = peers::bench(

@@ -114,7 +114,7 @@ impl Sandboxes {
 }
 
 /// `exec ["true"]` in `id`, failing unless it exits 0.
-async fn exec_true(client: &Client, id: &str) -> anyhow::Result<()> {
+pub async fn exec_true(client: &Client, id: &str) -> anyhow::Result<()> {
     let request = ExecRequest {
         command: vec!["true".into()],
         ..Default::default()

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use crate::images::{ImageFigures, Transfer};
 use crate::interpreter::InterpreterFigures;
 use crate::machine::MachineFacts;
 use crate::nook::{mebibytes_per_s, megabytes_per_s, CreateFigures, FileFigures};
@@ -34,6 +35,8 @@ pub struct Report<'a> {
     pub files: &'a FileFigures,
     /// The server's memory around the file transfers.
     pub server_memory: &'a MemoryAroundFiles,
+    /// Image push and pull through a registry on loopback.
+    pub images: &'a ImageFigures,
     /// The peers.
     pub peers: &'a PeerFigures,
 }
@@ -109,6 +112,29 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         mib(memory.after.current_kib)
     )?;
 
+    writeln!(out, "## nook image push and pull (registry on loopback)\n")?;
+    match r.images {
+        ImageFigures::Measured {
+            push,
+            pull,
+            pull_to_first_exec_ms,
+        } => {
+            writeln!(
+                out,
+                "| transfer | seconds | blobs (gzip) | blob MB/s | files | file MB/s |"
+            )?;
+            writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+            transfer_row(out, "push `base` (export + gzip + upload)", push)?;
+            transfer_row(out, "pull it back (download + gunzip + verify + unpack)", pull)?;
+            writeln!(out)?;
+            writeln!(
+                out,
+                "Pull finished → first exec in a sandbox of the pulled image: {pull_to_first_exec_ms:.1} ms.\n"
+            )?;
+        }
+        ImageFigures::Unavailable(why) => writeln!(out, "Not measured: {why}.\n")?,
+    }
+
     writeln!(out, "## Ratios (p50)\n")?;
     ratio(
         out,
@@ -165,6 +191,13 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         out,
         "- nook create→first exec: create a sandbox with the defaults, then exec `true`; timed from before the create \
          call to the exec answer. The sandbox is deleted after each sample, untimed. Runs one after another."
+    )?;
+    writeln!(
+        out,
+        "- image push and pull: one run each against Debian's `docker-registry` on loopback (no TLS, no auth). The \
+         push writes every layer of `base` out as a gzip tar (fast level) and uploads it; the pull downloads what was \
+         pushed (new digests, so nothing is cached), verifies and unpacks it. MB/s of blobs is the wire rate; MB/s \
+         of files is the rate of file data written into the layer store."
     )?;
     writeln!(
         out,
@@ -415,4 +448,16 @@ mod tests {
         let lower = text.to_lowercase();
         assert!(!lower.contains("pass") && !lower.contains("fail"), "{text}");
     }
+}
+
+fn transfer_row(out: &mut String, what: &str, transfer: &Transfer) -> std::fmt::Result {
+    writeln!(
+        out,
+        "| {what} | {:.1} | {} | {:.0} | {} | {:.0} |",
+        transfer.took_ms / 1000.0,
+        mib(transfer.blob_bytes / 1024),
+        megabytes_per_s(transfer.blob_bytes, transfer.took_ms),
+        mib(transfer.unpacked_bytes / 1024),
+        megabytes_per_s(transfer.unpacked_bytes, transfer.took_ms),
+    )
 }
