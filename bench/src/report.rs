@@ -336,6 +336,18 @@ fn ratio(
     }
 }
 
+fn transfer_row(out: &mut String, what: &str, transfer: &Transfer) -> std::fmt::Result {
+    writeln!(
+        out,
+        "| {what} | {:.1} | {} | {:.0} | {} | {:.0} |",
+        transfer.took_ms / 1000.0,
+        mib(transfer.blob_bytes / 1024),
+        megabytes_per_s(transfer.blob_bytes, transfer.took_ms),
+        mib(transfer.unpacked_bytes / 1024),
+        megabytes_per_s(transfer.unpacked_bytes, transfer.took_ms),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,9 +415,32 @@ mod tests {
             },
             files: &files,
             server_memory: &server_memory,
+            images: &ImageFigures::Measured {
+                push: Transfer {
+                    took_ms: 2000.0,
+                    blob_bytes: 500_000_000,
+                    unpacked_bytes: 1_500_000_000,
+                },
+                pull: Transfer {
+                    took_ms: 5000.0,
+                    blob_bytes: 500_000_000,
+                    unpacked_bytes: 1_500_000_000,
+                },
+                pull_to_first_exec_ms: 42.0,
+            },
             peers: &peers,
         });
         assert!(text.contains("| nook create→first exec | 3 | 50.00 |"), "{text}");
+        assert!(
+            text.contains(
+                "| pull it back (download + gunzip + verify + unpack) | 5.0 | 476.8 MiB | 100 | 1430.5 MiB | 300 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("first exec in a sandbox of the pulled image: 42.0 ms"),
+            "{text}"
+        );
         assert!(
             text.contains("| E2B code interpreter: `1+1` round trip (warm kernel) | 3 | 9.00 |"),
             "{text}"
@@ -448,16 +483,4 @@ mod tests {
         let lower = text.to_lowercase();
         assert!(!lower.contains("pass") && !lower.contains("fail"), "{text}");
     }
-}
-
-fn transfer_row(out: &mut String, what: &str, transfer: &Transfer) -> std::fmt::Result {
-    writeln!(
-        out,
-        "| {what} | {:.1} | {} | {:.0} | {} | {:.0} |",
-        transfer.took_ms / 1000.0,
-        mib(transfer.blob_bytes / 1024),
-        megabytes_per_s(transfer.blob_bytes, transfer.took_ms),
-        mib(transfer.unpacked_bytes / 1024),
-        megabytes_per_s(transfer.unpacked_bytes, transfer.took_ms),
-    )
 }
