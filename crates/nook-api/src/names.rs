@@ -47,10 +47,10 @@ fn check_dns_label(text: &str, what: &str) -> Result<(), String> {
 /// digit, with no `..` component.
 pub fn check_image_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
-        && name.len() <= 128
+        && name.len() <= 255
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/' | b'@'))
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && !name
             .split('/')
@@ -59,7 +59,7 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "image name {name:?} is invalid: use up to 128 lowercase letters, digits and . _ - : /, \
+            "image name {name:?} is invalid: use up to 255 lowercase letters, digits and . _ - : / @, \
              starting with a letter or digit"
         ))
     }
@@ -124,6 +124,8 @@ mod tests {
     fn image_names_cannot_climb_out() {
         assert!(check_image_name("base").is_ok());
         assert!(check_image_name("team/python:3.12").is_ok());
+        let by_digest = format!("registry.test:5000/team/app@sha256:{}", "a".repeat(64));
+        assert!(check_image_name(&by_digest).is_ok());
         assert!(check_image_name("../etc").is_err());
         assert!(check_image_name("a/../b").is_err());
         assert!(check_image_name("/abs").is_err());
