@@ -808,6 +808,16 @@ pub struct PullRequest {
     pub name: Option<String>,
 }
 
+/// Body of `POST /v1/images/tag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagRequest {
+    /// An existing image name.
+    pub source: String,
+    /// The additional name (replacing what it named before).
+    pub target: String,
+}
+
 /// Response of `POST /v1/images/prune`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImagePruneResult {

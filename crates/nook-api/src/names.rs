@@ -48,9 +48,9 @@ fn check_dns_label(text: &str, what: &str) -> Result<(), String> {
 pub fn check_image_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 255
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/' | b'@'))
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/' | b'@')
+        })
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && !name
             .split('/')

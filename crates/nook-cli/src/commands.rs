@@ -537,6 +537,11 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             }
             Ok(0)
         }
+        ImageCommand::Tag { source, target } => {
+            let image = client.tag_image(&source, &target).await?;
+            println!("{}", image.name);
+            Ok(0)
+        }
         ImageCommand::Inspect { name } => {
             print_json(&client.image(&name).await?)?;
             Ok(0)

@@ -348,6 +348,13 @@ enum ImageCommand {
         /// Where to push it.
         reference: String,
     },
+    /// Give an image another name.
+    Tag {
+        /// Existing name.
+        source: String,
+        /// New name.
+        target: String,
+    },
     /// Show an image's layers and config as JSON.
     Inspect {
         /// Image name.

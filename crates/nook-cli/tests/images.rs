@@ -181,6 +181,12 @@ async fn layered_images_import_run_with_their_config_and_refuse_hostile_archives
 
     // Garbage collection: with the name gone, layers that sandboxes still use stay; once they are deleted too,
     // the image's layers go (the base image's do not).
+    let tagged = client
+        .tag_image("fixture/layered:1", "fixture/layered:stable")
+        .await
+        .unwrap();
+    assert_eq!(tagged.digest, imported.digest);
+    client.remove_image("fixture/layered:stable").await.unwrap();
     client.remove_image("fixture/layered:1").await.unwrap();
     let kept = client.prune_images().await.unwrap();
     assert_eq!((kept.images_removed, kept.layers_removed), (1, 0), "{kept:?}");

@@ -15,7 +15,7 @@ use nook_api::{
     ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest,
     MoveRequest, ProcessInfo, ProcessList, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, Sandbox,
     SandboxEvent, SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult,
-    SignalRequest, TransferEvent, WatchEvent,
+    SignalRequest, TagRequest, TransferEvent, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -717,6 +717,19 @@ impl Client {
         Err(ClientError::Decode(format!(
             "the {verb}'s stream ended without a result"
         )))
+    }
+
+    /// Gives an image an additional name.
+    pub async fn tag_image(&self, source: &str, target: &str) -> Result<Image, ClientError> {
+        let request = TagRequest {
+            source: source.into(),
+            target: target.into(),
+        };
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "images", "tag"]))
+                .json(&request),
+        )
+        .await
     }
 
     /// Removes unnamed images and unused layers.

@@ -169,6 +169,8 @@ pub trait Runner: Send + Sync + 'static {
     ) -> Result<Image, RunnerError>;
     /// Removes unnamed images and the layers that no image and no sandbox of this runner uses.
     async fn prune_images(&self) -> Result<ImagePruneResult, RunnerError>;
+    /// Gives the image `source` the additional name `target`.
+    async fn tag_image(&self, source: &str, target: &str) -> Result<Image, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;
 

@@ -615,6 +615,10 @@ impl Runner for LocalRunner {
         .expect("pruning does not panic")
     }
 
+    async fn tag_image(&self, source: &str, target: &str) -> Result<Image, RunnerError> {
+        Ok(self.inner.images.tag(source, target)?)
+    }
+
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError> {
         Ok(self.inner.images.remove(name)?)
     }

@@ -23,7 +23,7 @@ use nook_api::{
     FileInfo, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest, MoveRequest,
     ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox,
     SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult,
-    SetDeadlineRequest, SignalRequest, TransferEvent, WatchEvent, WatchEventKind,
+    SetDeadlineRequest, SignalRequest, TagRequest, TransferEvent, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -129,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/push", post(push_image))
         .route("/v1/images/prune", post(prune_images))
+        .route("/v1/images/tag", post(tag_image))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
             // Streamed bodies of any size: file uploads and image imports.
@@ -1005,6 +1006,23 @@ async fn pull_image(State(state): State<AppState>, Json(request): Json<PullReque
     .await
 }
 
+#[utoipa::path(post, path = "/v1/images/tag", tag = "images", request_body = TagRequest,
+    responses((status = 201, description = "The image under its new name", body = Image),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such image", body = ApiError)),
+    security(("bearer" = [])))]
+async fn tag_image(
+    State(state): State<AppState>,
+    Json(request): Json<TagRequest>,
+) -> Result<(StatusCode, Json<Image>), ApiFailure> {
+    let image = state
+        .control
+        .runner()
+        .tag_image(&request.source, &request.target)
+        .await?;
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
 #[utoipa::path(post, path = "/v1/images/prune", tag = "images",
     responses((status = 200, description = "What was removed", body = ImagePruneResult)),
     security(("bearer" = [])))]
@@ -1119,7 +1137,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
-        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, remove_image
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),
     modifiers(&BearerAuth),

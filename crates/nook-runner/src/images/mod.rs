@@ -207,7 +207,22 @@ impl ImageStore {
             .collect()
     }
 
-    /// Removes a name; the layers stay for other images (garbage collection is a later concern).
+    /// Gives the image named `source` a second name `target` (replacing what `target` named).
+    pub fn tag(&self, source: &str, target: &str) -> Result<Image, ImageError> {
+        nook_api::names::check_image_name(target).map_err(ImageError::InvalidName)?;
+        let _guard = self.names_lock.lock().expect("names lock");
+        let mut names = self.read_names()?;
+        let digest = names
+            .get(source)
+            .cloned()
+            .ok_or_else(|| ImageError::NotFound(source.to_string()))?;
+        let record = self.read_record(&digest)?;
+        names.insert(target.to_string(), digest);
+        self.write_names(&names)?;
+        Ok(to_image(target, record))
+    }
+
+    /// Removes a name; the layers stay for other names and sandboxes until `prune`.
     pub fn remove(&self, name: &str) -> Result<(), ImageError> {
         let _guard = self.names_lock.lock().expect("names lock");
         let mut names = self.read_names()?;
@@ -590,6 +605,27 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+    }
+
+    #[test]
+    fn a_tag_is_a_second_name_for_the_same_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let image = store
+            .import("app", tar_with(&[("a", b"1")]).as_slice(), ImageConfig::default())
+            .unwrap();
+        let tagged = store.tag("app", "app:stable").unwrap();
+        assert_eq!(
+            (tagged.name.as_str(), tagged.digest.as_str()),
+            ("app:stable", image.digest.as_str())
+        );
+        store.remove("app").unwrap();
+        assert_eq!(store.get("app:stable").unwrap().digest, image.digest);
+        assert!(matches!(store.tag("missing", "x"), Err(ImageError::NotFound(_))));
+        assert!(matches!(
+            store.tag("app:stable", "../x"),
+            Err(ImageError::InvalidName(_))
+        ));
     }
 
     #[test]
