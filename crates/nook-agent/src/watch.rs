@@ -2,7 +2,8 @@
 //!
 //! One inotify instance per watch request, read through the runtime (no polling). A recursive watch adds every
 //! existing subdirectory at the start and every directory created later as its `create` event arrives, up to
-//! [`MAX_WATCHES`] directories. When the client disconnects the instance is closed and every watch goes with it. A
+//! [`MAX_WATCHES`] directories; what a new directory already holds when its watch is added is reported as created,
+//! so `mkdir d && touch d/f` never loses `d/f`. When the client disconnects the instance is closed and every watch goes with it. A
 //! kernel queue overflow is reported as an `overflow` event so the client knows to re-list.
 
 use std::collections::HashMap;
@@ -70,20 +71,25 @@ impl Inotify {
         Ok(())
     }
 
-    /// Adds `dir` and, recursively, its subdirectories (not following symlinks).
-    fn add_tree(&mut self, dir: &Path) -> std::io::Result<()> {
+    /// Adds `dir` and, recursively, its subdirectories (not following symlinks). Returns every entry found under
+    /// `dir` with whether it is a directory: for a directory that appeared while the watch runs, those entries were
+    /// made before its watch existed, so their events were never queued.
+    fn add_tree(&mut self, dir: &Path) -> std::io::Result<Vec<(PathBuf, bool)>> {
         self.add(dir)?;
+        let mut found = Vec::new();
         let mut pending = vec![dir.to_path_buf()];
         while let Some(dir) = pending.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
+                if is_dir {
                     self.add(&entry.path())?;
                     pending.push(entry.path());
                 }
+                found.push((entry.path(), is_dir));
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Reads the next batch of raw events.
@@ -146,7 +152,7 @@ pub async fn serve(
         Err(error) => return Ok(Err(crate::files::io_error("watching", path, error))),
     };
     let added = if recursive {
-        inotify.add_tree(path)
+        inotify.add_tree(path).map(drop)
     } else {
         inotify.add(path)
     };
@@ -202,16 +208,28 @@ pub async fn serve(
             } else {
                 WatchEventKind::Metadata
             };
-            if recursive && is_dir && matches!(kind, WatchEventKind::Create | WatchEventKind::RenameTo) {
-                // A new subdirectory: watch it (and anything already inside it) too.
-                let _ = inotify.add_tree(&target);
-            }
+            // A new subdirectory of a recursive watch: watch it (and anything already inside it) too. What was
+            // made in it before its watch existed is reported as created, after the directory itself (a file made
+            // between the watch and the scan may be reported twice; none is missed).
+            let missed = if recursive && is_dir && matches!(kind, WatchEventKind::Create | WatchEventKind::RenameTo) {
+                inotify.add_tree(&target).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             let event = WatchEvent {
                 kind,
                 path: target.display().to_string(),
                 is_dir,
             };
             write_json(writer, FrameKind::WatchEvent, &event).await?;
+            for (path, is_dir) in missed {
+                let event = WatchEvent {
+                    kind: WatchEventKind::Create,
+                    path: path.display().to_string(),
+                    is_dir,
+                };
+                write_json(writer, FrameKind::WatchEvent, &event).await?;
+            }
         }
     }
 }

@@ -410,6 +410,28 @@ async fn watching_a_directory_reports_changes_recursively() {
             event(WatchEventKind::Remove, "/w/b.txt", false),
         ]
     );
+    // What a new directory holds before its watch exists is not lost: it is reported as created. (A tree moved in
+    // is the sure way to get there first; `mkdir -p d/e && touch d/e/f` races the watcher the same way.)
+    sh(
+        &client,
+        id,
+        "mkdir -p /staging/deep/er && echo z > /staging/deep/er/z.txt && mv /staging/deep /w/deep",
+    )
+    .await;
+    assert_eq!(
+        next_change(&mut events).await,
+        event(WatchEventKind::RenameTo, "/w/deep", true)
+    );
+    let mut created = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let change = next_change(&mut events).await;
+        assert_eq!(change.kind, WatchEventKind::Create, "{change:?}");
+        created.insert(change.path);
+    }
+    assert_eq!(
+        created.into_iter().collect::<Vec<_>>(),
+        ["/w/deep/er", "/w/deep/er/z.txt"]
+    );
     drop(events);
     let not_dir = client
         .watch_files(id, "/etc/passwd", false)
