@@ -16,6 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #   python3 python3-venv          the venvs of the SDK suites (tests/e2b, tests/e2b-agents; node from PyPI)
 #   busybox-static               a static shell and tools for the tiny fixture images the image tests build
 #   docker-registry              the registry the pull tests start on loopback (CNCF distribution)
+#   openssl                      the test CA and certificate of the HTTPS registry in the pull tests
 NOOK_PACKAGES=(
     mmdebstrap
     iproute2
@@ -32,6 +33,7 @@ NOOK_PACKAGES=(
     python3-venv
     busybox-static
     docker-registry
+    openssl
 )
 
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.

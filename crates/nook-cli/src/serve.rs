@@ -34,7 +34,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NOOK_BASE_IMAGE_TAR")]
     base_image_tar: Option<PathBuf>,
     /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar), and the
-    /// registry settings: default_registry, insecure_registries, [[registry_credentials]] host/username/password.
+    /// registry settings: default_registry, insecure_registries, registry_ca_certificates, [[registry_credentials]]
+    /// host/username/password.
     #[arg(long, env = "NOOK_CONFIG")]
     config: Option<PathBuf>,
     /// Do not write the client config file for the local user.
@@ -58,6 +59,9 @@ struct FileConfig {
     /// Credentials per registry host (only ever read from this file, never from flags that `ps` would show).
     #[serde(default)]
     registry_credentials: Vec<RegistryCredentials>,
+    /// PEM files of CA certificates to trust for registries, besides the system's.
+    #[serde(default)]
+    registry_ca_certificates: Vec<PathBuf>,
 }
 
 fn read_file_config(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
@@ -119,6 +123,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             credentials: file.registry_credentials,
             insecure: file.insecure_registries,
             default_registry: file.default_registry,
+            ca_certificates: file.registry_ca_certificates,
         },
     };
     let server = Server::start(config.clone())

@@ -218,3 +218,44 @@ async fn images_are_pulled_by_tag_and_digest_with_auth_verified_and_deduplicated
         .count();
     assert_eq!(scratch, 0, "a refused pull left scratch layers");
 }
+
+#[tokio::test]
+async fn registries_with_a_private_ca_are_spoken_to_over_https() {
+    let registry = TestRegistry::start_tls("pulls-tls");
+    let config = format!(
+        "registry_ca_certificates = [\"{}\"]\n[[registry_credentials]]\nhost = \"{}\"\nusername = \"{USER}\"\n\
+         password = \"{PASSWORD}\"\n",
+        registry.ca_path().display(),
+        registry.host
+    );
+    let server = TestServer::start_with_config("pulls-tls", &config);
+    let client = server.client();
+    let (archive, _) = layered_image().oci_archive();
+    client
+        .import_image("fixture/tls:1", reqwest::Body::from(archive))
+        .await
+        .expect("import the fixture");
+    let reference = format!("{}/fixture/tls:1", registry.host);
+    let push = PushRequest {
+        name: "fixture/tls:1".into(),
+        reference: reference.clone(),
+    };
+    client.push_image(&push, |_| {}).await.expect("push over HTTPS");
+    let (pulled, _) = pull(&client, &reference, Some("tls-pulled"))
+        .await
+        .expect("pull over HTTPS");
+    assert_eq!(pulled.layers.len(), 2);
+    // The registry speaks only HTTPS (a plain request gets a 400), so the push and the pull went over TLS, trusting
+    // the private CA from the config; the pulled image runs.
+    let sandbox = client
+        .create_sandbox(&CreateSandboxRequest {
+            image: Some("tls-pulled".into()),
+            name: Some("tls-pulled".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (check, expected) = LAYERED_CHECK;
+    assert_eq!(sh(&client, &sandbox.id, check).await.stdout, expected);
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+}

@@ -111,7 +111,7 @@ impl LocalRunner {
                 source,
             })?;
         let images = Arc::new(ImageStore::open(&config.dir)?);
-        let registries = Arc::new(Registries::new(config.registries));
+        let registries = Arc::new(Registries::new(config.registries).map_err(ImageError::from)?);
         let cgroups = CgroupHost::detect()?;
         let backend = Box::new(ContainerBackend::new(&config.agent_binary)?);
         let (events, _) = broadcast::channel(1024);

@@ -23,8 +23,23 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
-    /// Starts a registry that requires [`USER`]/[`PASSWORD`].
+    /// Starts a registry that requires [`USER`]/[`PASSWORD`], over plain HTTP.
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, false)
+    }
+
+    /// Starts a registry that requires [`USER`]/[`PASSWORD`], over HTTPS with a certificate for 127.0.0.1 from a CA
+    /// made for the test (its PEM is [`TestRegistry::ca_path`]).
+    pub fn start_tls(name: &str) -> Self {
+        Self::start_with(name, true)
+    }
+
+    /// The test CA's certificate (HTTPS registries only).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn start_with(name: &str, tls: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("nook-registry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("storage")).unwrap();
@@ -37,11 +52,21 @@ impl TestRegistry {
         std::fs::write(dir.join("htpasswd"), format!("{USER}:{PASSWORD_BCRYPT}\n")).unwrap();
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    \
-             rootdirectory: {storage}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\nauth:\n  htpasswd:\n    \
-             realm: nook-test\n    path: {htpasswd}\n",
+             rootdirectory: {storage}\n  delete:\n    enabled: true\nauth:\n  htpasswd:\n    realm: nook-test\n    \
+             path: {htpasswd}\nhttp:\n  addr: {host}\n",
             storage = dir.join("storage").display(),
             htpasswd = dir.join("htpasswd").display(),
         );
+        let config = if tls {
+            make_certificates(&dir);
+            format!(
+                "{config}  tls:\n    certificate: {}\n    key: {}\n",
+                dir.join("server.pem").display(),
+                dir.join("server.key").display()
+            )
+        } else {
+            config
+        };
         std::fs::write(dir.join("config.yml"), config).unwrap();
         let log = std::fs::File::create(dir.join("registry.log")).unwrap();
         let child = Command::new("docker-registry")
@@ -159,6 +184,70 @@ impl TestRegistry {
         );
         digest(&blobs.manifest)
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl command.
+fn make_certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("running openssl (Debian's openssl package)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=nook test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
 }
 
 impl Drop for TestRegistry {

@@ -310,7 +310,7 @@ impl Registries {
         }
         let url = format!(
             "{}/{}/manifests/{tag}",
-            self.base_url(&reference.registry),
+            self.base_url(&reference.registry).await,
             reference.repository
         );
         self.send(reference, Access::Push, "manifest", |http| {
@@ -325,7 +325,7 @@ impl Registries {
     async fn blob_exists(&self, reference: &Reference, digest: &str) -> Result<bool, RegistryError> {
         let url = format!(
             "{}/{}/blobs/{digest}",
-            self.base_url(&reference.registry),
+            self.base_url(&reference.registry).await,
             reference.repository
         );
         match self
@@ -344,7 +344,7 @@ impl Registries {
     async fn start_upload(&self, reference: &Reference) -> Result<String, RegistryError> {
         let url = format!(
             "{}/{}/blobs/uploads/",
-            self.base_url(&reference.registry),
+            self.base_url(&reference.registry).await,
             reference.repository
         );
         let response = self

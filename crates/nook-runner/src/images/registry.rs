@@ -97,6 +97,14 @@ pub enum RegistryError {
         /// Which document.
         what: String,
     },
+    /// A configured CA certificate file cannot be used.
+    #[error("the registry CA certificate file {path} cannot be used: {reason}")]
+    CaCertificate {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A blob's download broke and could not be resumed.
     #[error("downloading {what} from registry {registry} failed after {ATTEMPTS} attempts")]
     Download {
@@ -246,10 +254,12 @@ impl std::fmt::Debug for RegistryCredentials {
 pub struct RegistryConfig {
     /// Credentials by host.
     pub credentials: Vec<RegistryCredentials>,
-    /// Hosts spoken to over plain HTTP besides loopback ones (which always are).
+    /// Hosts that may be spoken to over plain HTTP when they do not answer HTTPS (loopback hosts always may).
     pub insecure: Vec<String>,
     /// Registry of references that name none.
     pub default_registry: Option<String>,
+    /// PEM files of extra CA certificates to trust (registries with a private CA), besides the system's roots.
+    pub ca_certificates: Vec<std::path::PathBuf>,
 }
 
 /// What a request does to a repository (token services scope tokens by it).
@@ -276,23 +286,46 @@ pub struct Registries {
     authorizations: Mutex<HashMap<(String, String, Access), String>>,
     /// One lock per layer being fetched, so concurrent pulls download a shared layer once.
     layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The scheme each loopback or insecure registry answered on.
+    schemes: Mutex<HashMap<String, &'static str>>,
 }
 
 impl Registries {
     /// A client with these settings.
-    pub fn new(config: RegistryConfig) -> Self {
-        let http = reqwest::Client::builder()
+    pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("nook/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(30))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .expect("the HTTP client's settings are valid");
-        Self {
+            .read_timeout(Duration::from_secs(60));
+        // The system's roots are always trusted; these are added for registries with a private CA.
+        for path in &config.ca_certificates {
+            let pem = std::fs::read(path).map_err(|error| RegistryError::CaCertificate {
+                path: path.clone(),
+                reason: error.to_string(),
+            })?;
+            let certificates =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| RegistryError::CaCertificate {
+                    path: path.clone(),
+                    reason: error.to_string(),
+                })?;
+            if certificates.is_empty() {
+                return Err(RegistryError::CaCertificate {
+                    path: path.clone(),
+                    reason: "it holds no PEM certificate".into(),
+                });
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().expect("the HTTP client's settings are valid");
+        Ok(Self {
             http,
             config,
             authorizations: Mutex::new(HashMap::new()),
             layer_locks: Mutex::new(HashMap::new()),
-        }
+            schemes: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Parses a reference with the configured default registry.
@@ -300,13 +333,31 @@ impl Registries {
         Reference::parse(text, self.config.default_registry.as_deref())
     }
 
-    pub(super) fn base_url(&self, registry: &str) -> String {
+    /// The API root of a registry. Registries are spoken to over HTTPS; a loopback registry or one listed as
+    /// insecure is probed once with HTTPS and spoken to over plain HTTP when that fails, as Docker does.
+    pub(super) async fn base_url(&self, registry: &str) -> String {
         let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
         let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
-        let scheme = if loopback || self.config.insecure.iter().any(|insecure| insecure == registry) {
-            "http"
-        } else {
-            "https"
+        if !loopback && !self.config.insecure.iter().any(|insecure| insecure == registry) {
+            return format!("https://{registry}/v2");
+        }
+        let known = self.schemes.lock().expect("schemes").get(registry).copied();
+        let scheme = match known {
+            Some(scheme) => scheme,
+            None => {
+                let probe = self
+                    .http
+                    .get(format!("https://{registry}/v2/"))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                let scheme = if probe.is_ok() { "https" } else { "http" };
+                self.schemes
+                    .lock()
+                    .expect("schemes")
+                    .insert(registry.to_string(), scheme);
+                scheme
+            }
         };
         format!("{scheme}://{registry}/v2")
     }
@@ -411,7 +462,7 @@ impl Registries {
     async fn manifest(&self, reference: &Reference, wanted: &str) -> Result<(Vec<u8>, String), RegistryError> {
         let url = format!(
             "{}/{}/manifests/{wanted}",
-            self.base_url(&reference.registry),
+            self.base_url(&reference.registry).await,
             reference.repository
         );
         let what = format!("manifest {}:{wanted}", reference.repository);
@@ -430,7 +481,7 @@ impl Registries {
         oci::digest_hex(digest)?;
         let url = format!(
             "{}/{}/blobs/{digest}",
-            self.base_url(&reference.registry),
+            self.base_url(&reference.registry).await,
             reference.repository
         );
         let what = format!("{what} {digest}");
@@ -524,7 +575,7 @@ impl Registries {
     ) -> Result<(), RegistryError> {
         let url = format!(
             "{}/{}/blobs/{}",
-            self.base_url(&reference.registry),
+            self.base_url(&reference.registry).await,
             reference.repository,
             descriptor.digest
         );
@@ -939,19 +990,34 @@ mod tests {
         assert_eq!(parameters["scope"], "repository:a:pull");
     }
 
+    #[tokio::test]
+    async fn registries_get_https_and_loopback_ones_fall_back_to_http() {
+        let registries = Registries::new(RegistryConfig::default()).unwrap();
+        // Not probed: a registry that is neither loopback nor insecure is HTTPS, always.
+        assert_eq!(registries.base_url("registry.test").await, "https://registry.test/v2");
+        // A loopback port that does not answer HTTPS (nothing listens there): plain HTTP, remembered.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        assert_eq!(registries.base_url(&host).await, format!("http://{host}/v2"));
+        assert_eq!(registries.schemes.lock().unwrap().get(&host), Some(&"http"));
+    }
+
     #[test]
-    fn loopback_registries_are_spoken_to_over_http() {
-        let registries = Registries::new(RegistryConfig {
-            insecure: vec!["build.internal:5000".into()],
+    fn a_ca_file_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let error = Registries::new(RegistryConfig {
+            ca_certificates: vec![empty],
             ..Default::default()
-        });
-        assert_eq!(registries.base_url("localhost:5000"), "http://localhost:5000/v2");
-        assert_eq!(registries.base_url("127.0.0.1:5000"), "http://127.0.0.1:5000/v2");
-        assert_eq!(
-            registries.base_url("build.internal:5000"),
-            "http://build.internal:5000/v2"
-        );
-        assert_eq!(registries.base_url("registry.test"), "https://registry.test/v2");
+        })
+        .err()
+        .expect("refused");
+        assert!(error.to_string().contains("cannot be used"), "{error}");
     }
 
     #[test]
@@ -1112,14 +1178,17 @@ mod mock_registry_tests {
 
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(ImageStore::open(dir.path()).unwrap());
-        let registries = Arc::new(Registries::new(RegistryConfig {
-            credentials: vec![RegistryCredentials {
-                host: host.clone(),
-                username: "agent".into(),
-                password: "s3cret".into(),
-            }],
-            ..Default::default()
-        }));
+        let registries = Arc::new(
+            Registries::new(RegistryConfig {
+                credentials: vec![RegistryCredentials {
+                    host: host.clone(),
+                    username: "agent".into(),
+                    password: "s3cret".into(),
+                }],
+                ..Default::default()
+            })
+            .unwrap(),
+        );
         let reference = registries.parse_reference(&format!("{host}/team/app:1")).unwrap();
         let (events, mut received) = mpsc::channel(64);
         let image = registries
@@ -1157,7 +1226,8 @@ mod mock_registry_tests {
                 password: "wrong-password".into(),
             }],
             ..Default::default()
-        });
+        })
+        .unwrap();
         let (events, _received) = mpsc::channel(64);
         let error = Arc::new(wrong)
             .pull(&store, &reference, "denied", &events)
