@@ -3,9 +3,16 @@
 //! Layers are unpacked once into `layers/sha256/<hex>/`, where `<hex>` is the sha256 of the layer's uncompressed
 //! tar stream (the OCI "diff id"), and shared read-only by every sandbox made from any image that contains them.
 //! Images are small records (`images/<digest hex>.json`) naming their layers and config; `names.json` maps image
-//! names to image digests. An import streams the tar through a hasher while unpacking it into a temporary directory,
-//! so nothing is buffered in memory and nothing is unpacked twice: a layer whose digest is already present is
-//! discarded and the existing one is used.
+//! names to image digests; `layers/sizes/<hex>` holds each layer's size and `layers/exports/<hex>.json` what its last
+//! export for a push produced. An import streams the tar through a hasher while unpacking it into `layers/tmp/`, so
+//! nothing is buffered in memory and a layer whose digest is already present is discarded for the existing one.
+//!
+//! Submodules: [`tar_stream`] (bounded tar reader), [`unpack`] (safe unpacking, OCI → overlayfs whiteouts),
+//! [`archive`] (OCI layouts and `docker save`), [`oci`] (image documents), [`registry`] (pulls), [`push`] (layer
+//! export and pushes). Layers adopted by an import or pull are pinned until its image is committed, so [`prune`]
+//! (which removes unnamed images and layers no named image, sandbox or pin uses) never races one.
+//!
+//! [`prune`]: ImageStore::prune
 
 pub mod archive;
 pub mod oci;
