@@ -140,7 +140,7 @@ impl From<RunnerError> for ApiFailure {
             RunnerError::Image(ImageError::Unpack(_)) => {
                 Self::invalid("the image's layers could not be unpacked").with_reason(&error)
             }
-            RunnerError::Image(ImageError::Format(_)) => {
+            RunnerError::Image(ImageError::Format(_) | ImageError::UnusableLayer { .. }) => {
                 Self::invalid("the image archive is not a valid image").with_reason(&error)
             }
             RunnerError::Image(ImageError::Registry(registry)) => match registry {

@@ -18,7 +18,7 @@ use nook_api::Image;
 
 use super::oci::{self, ConfigFile, DockerArchiveEntry, FormatError, Index, Manifest};
 use super::tar_stream::{EntryKind, TarEntry, TarError, TarStream};
-use super::unpack::{normalise, HashingReader};
+use super::unpack::{normalise, HashingReader, UnpackError};
 use super::{ImageError, ImageStore, TempLayer};
 
 /// The largest JSON document an archive may carry.
@@ -44,14 +44,9 @@ pub fn looks_like_image_archive(first_path: &[u8]) -> bool {
         || first.strip_suffix(b".json").is_some_and(hex_named)
 }
 
-/// A layer candidate: unpacked, with the digest of the blob it came from.
+/// A layer candidate: unpacked, with the digests it was found under. `layer` is taken by the first position of the
+/// image that uses it; a later position that names the same blob gets `None` and the same digests.
 struct Candidate {
-    layer: TempLayer,
-    blob_digest: String,
-}
-
-/// A layer the image uses; `layer` is `None` when an earlier position of the image already took the same blob.
-struct Taken {
     layer: Option<TempLayer>,
     diff_id: String,
     size_bytes: u64,
@@ -61,12 +56,11 @@ struct Taken {
 /// What the pass over the archive collected.
 #[derive(Default)]
 struct Contents {
-    documents: HashMap<PathBuf, Vec<u8>>,
+    /// JSON members by path; `None` for one too large to keep.
+    documents: HashMap<PathBuf, Option<Vec<u8>>>,
     candidates: HashMap<PathBuf, Candidate>,
-    /// Candidates the image uses, by path: (diff id, size, blob digest).
-    taken: HashMap<PathBuf, (String, u64, String)>,
-    /// Members that were neither a document nor an unpackable layer, with the reason.
-    unusable: HashMap<PathBuf, String>,
+    /// Members that were neither a document nor an unpackable layer, with why they could not be unpacked.
+    unusable: HashMap<PathBuf, UnpackError>,
     /// Symlinks and hard links between members (`docker save` links repeated layers).
     links: HashMap<PathBuf, PathBuf>,
 }
@@ -86,36 +80,39 @@ impl Contents {
 
     fn document(&self, path: &Path, what: &str) -> Result<&[u8], ImageError> {
         let path = self.resolve(path);
-        self.documents
-            .get(&path)
-            .map(Vec::as_slice)
-            .ok_or_else(|| archive_error(format!("the archive has no {what} at {}", path.display())))
+        match self.documents.get(&path) {
+            Some(Some(bytes)) => Ok(bytes),
+            Some(None) => Err(archive_error(format!(
+                "the {what} at {} is larger than {MAX_DOCUMENT_BYTES} bytes",
+                path.display()
+            ))),
+            None => Err(archive_error(format!(
+                "the archive has no {what} at {}",
+                path.display()
+            ))),
+        }
     }
 
-    fn take_layer(&mut self, path: &Path) -> Result<Taken, ImageError> {
+    fn take_layer(&mut self, path: &Path) -> Result<Candidate, ImageError> {
         let path = self.resolve(path);
-        if let Some(Candidate { layer, blob_digest }) = self.candidates.remove(&path) {
-            let info = (layer.diff_id.clone(), layer.size_bytes, blob_digest.clone());
-            self.taken.insert(path, info);
-            return Ok(Taken {
-                diff_id: layer.diff_id.clone(),
-                size_bytes: layer.size_bytes,
-                layer: Some(layer),
-                blob_digest,
+        if let Some(candidate) = self.candidates.get_mut(&path) {
+            return Ok(Candidate {
+                layer: candidate.layer.take(),
+                diff_id: candidate.diff_id.clone(),
+                size_bytes: candidate.size_bytes,
+                blob_digest: candidate.blob_digest.clone(),
             });
         }
-        if let Some((diff_id, size_bytes, blob_digest)) = self.taken.get(&path) {
-            return Ok(Taken {
-                layer: None,
-                diff_id: diff_id.clone(),
-                size_bytes: *size_bytes,
-                blob_digest: blob_digest.clone(),
+        if let Some(source) = self.unusable.remove(&path) {
+            return Err(ImageError::UnusableLayer {
+                layer: path.display().to_string(),
+                source,
             });
         }
-        Err(archive_error(match self.unusable.get(&path) {
-            Some(reason) => format!("layer {} could not be unpacked: {reason}", path.display()),
-            None if self.documents.contains_key(&path) => format!("layer {} is not a tar archive", path.display()),
-            None => format!("the archive lacks layer {}", path.display()),
+        Err(archive_error(if self.documents.contains_key(&path) {
+            format!("layer {} is not a tar archive", path.display())
+        } else {
+            format!("the archive lacks layer {}", path.display())
         }))
     }
 }
@@ -202,15 +199,14 @@ fn collect<R: Read>(
         return Ok(());
     }
     if is_json {
-        if entry.size <= MAX_DOCUMENT_BYTES {
+        let bytes = if entry.size <= MAX_DOCUMENT_BYTES {
             let mut bytes = Vec::with_capacity(entry.size as usize);
             data.read_to_end(&mut bytes).map_err(read_failed)?;
-            contents.documents.insert(path, bytes);
+            Some(bytes)
         } else {
-            contents
-                .unusable
-                .insert(path, format!("it is a JSON document of {} bytes", entry.size));
-        }
+            None
+        };
+        contents.documents.insert(path, bytes);
         return Ok(());
     }
     let mut hashing = HashingReader::new(data);
@@ -218,28 +214,21 @@ fn collect<R: Read>(
         Ok(layer) => {
             // Whatever followed the compressed stream still belongs to the blob's digest.
             std::io::copy(&mut hashing, &mut std::io::sink()).map_err(read_failed)?;
-            let (blob_digest, _) = hashing.finish();
-            contents.candidates.insert(path, Candidate { layer, blob_digest });
+            let candidate = Candidate {
+                diff_id: layer.diff_id.clone(),
+                size_bytes: layer.size_bytes,
+                layer: Some(layer),
+                blob_digest: hashing.finish(),
+            };
+            contents.candidates.insert(path, candidate);
         }
-        // A member that is not a layer matters only if the image names it; the reason is kept for then.
+        // A member that is not a layer matters only if the image names it; the error is kept for then.
         Err(ImageError::Unpack(error)) => {
-            contents.unusable.insert(path, error_chain(&error));
+            contents.unusable.insert(path, error);
         }
         Err(other) => return Err(other),
     }
     Ok(())
-}
-
-/// An error and its causes, as one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn blob_path(digest: &str) -> Result<PathBuf, ImageError> {
@@ -348,13 +337,13 @@ fn finish(
     name: &str,
     digest: &str,
     config: &ConfigFile,
-    layers: Vec<Taken>,
+    layers: Vec<Candidate>,
 ) -> Result<Image, ImageError> {
     let diff_ids: Vec<String> = layers.iter().map(|layer| layer.diff_id.clone()).collect();
     oci::check_diff_ids(config, &diff_ids)?;
     let size_bytes = layers.iter().map(|layer| layer.size_bytes).sum();
     let mut pins = Vec::new();
-    for layer in layers.into_iter().filter_map(|taken| taken.layer) {
+    for layer in layers.into_iter().filter_map(|candidate| candidate.layer) {
         pins.push(store.adopt(layer)?);
     }
     let committed = store.commit(name, digest, diff_ids, size_bytes, oci::image_config(config));
@@ -364,29 +353,10 @@ fn finish(
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
     use crate::images::oci::sha256_digest;
+    use crate::images::test_support::{gzip, tar_of};
     use nook_api::ImageConfig;
-
-    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (path, data) in members {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            builder.append_data(&mut header, path, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
-
-    fn gzip(bytes: &[u8]) -> Vec<u8> {
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        encoder.write_all(bytes).unwrap();
-        encoder.finish().unwrap()
-    }
 
     fn config_json(diff_ids: &[String]) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
@@ -546,8 +516,10 @@ mod tests {
         let error = store
             .import("evil", tar_of(&refs).as_slice(), ImageConfig::default())
             .unwrap_err();
-        let text = error_chain(&error);
-        assert!(text.contains("layer blob does not match its digest"), "{text}");
+        assert!(
+            matches!(&error, ImageError::Format(FormatError::DigestMismatch { what, .. }) if what == "layer blob"),
+            "{error:?}"
+        );
         assert_eq!(leftovers(dir.path()), 0);
         assert_eq!(std::fs::read_dir(dir.path().join("layers/sha256")).unwrap().count(), 0);
         assert!(store.list().unwrap().is_empty());
@@ -566,11 +538,13 @@ mod tests {
         let error = store
             .import("hostile", archive.as_slice(), ImageConfig::default())
             .unwrap_err();
-        let text = error_chain(&error);
-        assert!(
-            text.contains("could not be unpacked") && text.contains("'..'"),
-            "{text}"
-        );
+        match &error {
+            ImageError::UnusableLayer {
+                source: UnpackError::Refused { reason, .. },
+                ..
+            } => assert!(reason.contains("'..'"), "{reason}"),
+            other => panic!("expected the refused layer, got {other:?}"),
+        }
         assert_eq!(leftovers(dir.path()), 0);
     }
 
@@ -583,9 +557,8 @@ mod tests {
             .import("x", archive.as_slice(), ImageConfig::default())
             .unwrap_err();
         assert!(
-            error_chain(&error).contains("neither an OCI image layout"),
-            "{}",
-            error_chain(&error)
+            matches!(&error, ImageError::Format(FormatError::Invalid(message)) if message.contains("neither an OCI image layout")),
+            "{error:?}"
         );
     }
 

@@ -19,6 +19,8 @@ pub mod oci;
 pub mod push;
 pub mod registry;
 pub mod tar_stream;
+#[cfg(test)]
+mod test_support;
 pub mod unpack;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -64,6 +66,15 @@ pub enum ImageError {
         /// The parser error.
         #[source]
         source: serde_json::Error,
+    },
+    /// A layer an image archive names is a member that could not be unpacked.
+    #[error("layer {layer} of the archive cannot be used")]
+    UnusableLayer {
+        /// The member's path in the archive.
+        layer: String,
+        /// Why it could not be unpacked.
+        #[source]
+        source: unpack::UnpackError,
     },
     /// An image archive or registry document is malformed or does not verify.
     #[error("the image is malformed")]
@@ -504,28 +515,14 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImageErr
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::{gzip, tar_of};
     use super::*;
-
-    fn tar_with(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
-            header.set_cksum();
-            builder.append_data(&mut header, path, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
 
     #[test]
     fn import_is_content_addressed_and_shared() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
-        let tar = tar_with(&[("etc/hello", b"hi\n")]);
+        let tar = tar_of(&[("etc/hello", b"hi\n")]);
         let first = store.import("one", tar.as_slice(), ImageConfig::default()).unwrap();
         let second = store.import("two", tar.as_slice(), ImageConfig::default()).unwrap();
         assert_eq!(first.layers, second.layers);
@@ -544,10 +541,8 @@ mod tests {
     fn gzip_and_plain_give_the_same_layer() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
-        let tar = tar_with(&[("a", b"x")]);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&tar).unwrap();
-        let gz = gz.finish().unwrap();
+        let tar = tar_of(&[("a", b"x")]);
+        let gz = gzip(&tar);
         let plain = store.import("plain", tar.as_slice(), ImageConfig::default()).unwrap();
         let zipped = store.import("zipped", gz.as_slice(), ImageConfig::default()).unwrap();
         assert_eq!(plain.layers, zipped.layers);
@@ -575,19 +570,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
         let shared = store
-            .import("shared", tar_with(&[("a", b"1")]).as_slice(), ImageConfig::default())
+            .import("shared", tar_of(&[("a", b"1")]).as_slice(), ImageConfig::default())
             .unwrap();
         let alias = store
-            .import("alias", tar_with(&[("a", b"1")]).as_slice(), ImageConfig::default())
+            .import("alias", tar_of(&[("a", b"1")]).as_slice(), ImageConfig::default())
             .unwrap();
         let gone = store
-            .import("gone", tar_with(&[("b", b"22")]).as_slice(), ImageConfig::default())
+            .import("gone", tar_of(&[("b", b"22")]).as_slice(), ImageConfig::default())
             .unwrap();
         let used = store
-            .import("used", tar_with(&[("c", b"333")]).as_slice(), ImageConfig::default())
+            .import("used", tar_of(&[("c", b"333")]).as_slice(), ImageConfig::default())
             .unwrap();
         let pinned = store
-            .import("pinned", tar_with(&[("d", b"4444")]).as_slice(), ImageConfig::default())
+            .import("pinned", tar_of(&[("d", b"4444")]).as_slice(), ImageConfig::default())
             .unwrap();
         assert_eq!(shared.layers, alias.layers);
         for name in ["alias", "gone", "used", "pinned"] {
@@ -619,7 +614,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
         let image = store
-            .import("app", tar_with(&[("a", b"1")]).as_slice(), ImageConfig::default())
+            .import("app", tar_of(&[("a", b"1")]).as_slice(), ImageConfig::default())
             .unwrap();
         let tagged = store.tag("app", "app:stable").unwrap();
         assert_eq!(
@@ -639,7 +634,7 @@ mod tests {
     fn bad_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
-        let tar = tar_with(&[("a", b"x")]);
+        let tar = tar_of(&[("a", b"x")]);
         assert!(matches!(
             store.import("../x", tar.as_slice(), ImageConfig::default()),
             Err(ImageError::InvalidName(_))

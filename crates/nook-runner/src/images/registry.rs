@@ -530,7 +530,7 @@ impl Registries {
                 let layer = store.unpack_temp_layer(&mut reader)?;
                 io::copy(&mut reader, &mut io::sink())
                     .map_err(|error| ImageError::Unpack(super::tar_stream::TarError::Io(error).into()))?;
-                Ok((layer, reader.finish().0))
+                Ok((layer, reader.finish()))
             })
         };
         let unpacked = unpacking.await.expect("unpacking a layer does not panic");
@@ -1045,6 +1045,7 @@ mod mock_registry_tests {
     use axum::Router;
 
     use super::*;
+    use crate::images::test_support::{gzip, tar_of};
 
     struct Mock {
         host: String,
@@ -1128,16 +1129,6 @@ mod mock_registry_tests {
             .unwrap()
     }
 
-    fn tar_of(path: &str, data: &[u8]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder.append_data(&mut header, path, data).unwrap();
-        builder.into_inner().unwrap()
-    }
-
     #[tokio::test]
     async fn a_bearer_token_is_fetched_and_a_broken_download_resumes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1146,10 +1137,8 @@ mod mock_registry_tests {
         let noise: Vec<u8> = (0..400_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let layer_tar = tar_of("data/noise", &noise);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &layer_tar).unwrap();
-        let layer = gz.finish().unwrap();
+        let layer_tar = tar_of(&[("data/noise", &noise)]);
+        let layer = gzip(&layer_tar);
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"]},
             "rootfs": {"type": "layers", "diff_ids": [oci::sha256_digest(&layer_tar)]},

@@ -147,11 +147,6 @@ impl<R: Read> TarStream<R> {
         }
     }
 
-    /// The underlying reader (after the end of the archive, to drain what follows the end marker).
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
-
     /// The next member, skipping whatever is left of the current one's data; `None` at the end of the archive.
     pub fn next_entry(&mut self) -> Result<Option<TarEntry>, TarError> {
         if self.ended {

@@ -101,7 +101,6 @@ impl Compression {
 pub struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
-    count: u64,
 }
 
 impl<R> HashingReader<R> {
@@ -110,13 +109,12 @@ impl<R> HashingReader<R> {
         Self {
             inner,
             hasher: Sha256::new(),
-            count: 0,
         }
     }
 
-    /// `sha256:<hex>` of everything read so far, and how many bytes that was.
-    pub fn finish(self) -> (String, u64) {
-        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count)
+    /// `sha256:<hex>` of everything read so far.
+    pub fn finish(self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.finalize()))
     }
 }
 
@@ -124,7 +122,6 @@ impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.count += n as u64;
         Ok(n)
     }
 }
@@ -174,7 +171,7 @@ pub fn unpack_entries<R: Read>(
 /// returns the `sha256:` digest.
 pub fn finish_digest<R: Read>(mut hashing: HashingReader<R>) -> Result<String, UnpackError> {
     io::copy(&mut hashing, &mut io::sink()).map_err(TarError::Io)?;
-    Ok(hashing.finish().0)
+    Ok(hashing.finish())
 }
 
 /// Checks a member path and turns it into a relative path of normal components (empty for the layer's root).
@@ -651,19 +648,17 @@ mod tests {
 
     fn refused(members: &[(&str, tar::EntryType, &[u8])], expected: &str) {
         let bytes = layer(members);
-        let outside = tempfile::tempdir().unwrap();
         let (dir, result) = unpack(&bytes);
         let error = result.expect_err("the hostile layer must be refused");
         assert!(matches!(error, UnpackError::Refused { .. }), "{error:?}");
         assert!(error.to_string().contains(expected), "{error}");
-        // Nothing was written next to the layer directory.
+        // Nothing was written next to the layer directory, where `..` would land.
         let siblings: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .flatten()
             .map(|e| e.file_name())
             .collect();
         assert_eq!(siblings, ["layer"]);
-        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }
 
     #[test]
@@ -716,9 +711,7 @@ mod tests {
     #[test]
     fn gzip_and_zstd_layers_have_the_diff_id_of_their_tar() {
         let bytes = layer(&[("a", T::Regular, b"x")]);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&bytes).unwrap();
-        let gz = gz.finish().unwrap();
+        let gz = crate::images::test_support::gzip(&bytes);
         let zst = zstd::stream::encode_all(bytes.as_slice(), 3).unwrap();
         let plain = unpack(&bytes).1.unwrap();
         assert_eq!(unpack(&gz).1.unwrap(), plain);
