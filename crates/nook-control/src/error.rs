@@ -149,6 +149,9 @@ impl From<RunnerError> for ApiFailure {
                 RegistryError::Unauthorized { .. } => {
                     Self::new(StatusCode::FORBIDDEN, "registry_denied", registry.to_string())
                 }
+                RegistryError::BadImage { .. } => {
+                    Self::new(StatusCode::BAD_GATEWAY, "bad_image", registry.to_string()).with_reason(&error)
+                }
                 _ => Self::new(StatusCode::BAD_GATEWAY, "registry_failed", "the image registry failed")
                     .with_reason(&error),
             },

@@ -452,18 +452,9 @@ fn ndjson_events(stream: nook_runner::ExecStream, offsets: bool) -> Response {
             event,
             ExecEvent::Exit { .. } | ExecEvent::End { .. } | ExecEvent::Error { .. }
         );
-        let mut line = serde_json::to_vec(&event).expect("events serialize");
-        line.push(b'\n');
-        Some((
-            Ok::<_, std::convert::Infallible>(line),
-            (if last { None } else { Some(stream) }, offset),
-        ))
+        Some((event, (if last { None } else { Some(stream) }, offset)))
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::from_stream(body))
-        .expect("valid response")
+    ndjson_lines(body)
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/processes", tag = "processes", request_body = ExecRequest,
@@ -928,18 +919,9 @@ async fn watch_files(
             ),
             Ok(None) => return None,
         };
-        let mut line = serde_json::to_vec(&event).expect("events serialize");
-        line.push(b'\n');
-        Some((
-            Ok::<_, std::convert::Infallible>(line),
-            if last { None } else { Some(events) },
-        ))
+        Some((event, if last { None } else { Some(events) }))
     });
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::from_stream(body))
-        .expect("valid response"))
+    Ok(ndjson_lines(body))
 }
 
 fn base64_of(bytes: &[u8]) -> String {
@@ -1054,7 +1036,7 @@ where
     let (events, mut received) = tokio::sync::mpsc::channel::<TransferEvent>(64);
     let task = tokio::spawn(run(events));
     let Some(first) = received.recv().await else {
-        let image = task.await.expect("a transfer does not panic").map_err(pull_failure)?;
+        let image = task.await.expect("a transfer does not panic")?;
         return Ok(ndjson_lines(futures::stream::iter([TransferEvent::Done { image }])));
     };
     let rest = futures::stream::unfold((received, Some(task)), |(mut received, task)| async move {
@@ -1065,7 +1047,7 @@ where
         let last = match task.await.expect("a transfer does not panic") {
             Ok(image) => TransferEvent::Done { image },
             Err(error) => TransferEvent::Error {
-                error: pull_failure(error).body(),
+                error: ApiFailure::from(error).body(),
             },
         };
         Some((last, (received, None)))
@@ -1076,21 +1058,7 @@ where
     )))
 }
 
-/// A failed transfer: an image the registry served that does not verify or unpack is the registry's fault (502).
-fn pull_failure(error: nook_runner::RunnerError) -> ApiFailure {
-    use nook_runner::images::ImageError;
-    match &error {
-        nook_runner::RunnerError::Image(ImageError::Format(_) | ImageError::Unpack(_)) => ApiFailure::new(
-            StatusCode::BAD_GATEWAY,
-            "bad_image",
-            "the image from the registry is malformed or corrupt; nothing was stored",
-        )
-        .with_reason(&error),
-        _ => ApiFailure::from(error),
-    }
-}
-
-/// Answers with one JSON line per item of `items`.
+/// Answers with one JSON line per item of `items` (exec and attach output, watch events, pull and push progress).
 fn ndjson_lines<T: serde::Serialize + Send + 'static>(
     items: impl futures::Stream<Item = T> + Send + 'static,
 ) -> Response {

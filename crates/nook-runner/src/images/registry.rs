@@ -97,6 +97,15 @@ pub enum RegistryError {
         /// Which document.
         what: String,
     },
+    /// What the registry served is malformed or does not verify; nothing of it was stored.
+    #[error("the image from registry {registry} is malformed or corrupt; nothing was stored")]
+    BadImage {
+        /// Host of the registry.
+        registry: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ImageError>,
+    },
     /// A configured CA certificate file cannot be used.
     #[error("the registry CA certificate file {path} cannot be used: {reason}")]
     CaCertificate {
@@ -370,6 +379,26 @@ impl Registries {
         name: &str,
         events: &mpsc::Sender<TransferEvent>,
     ) -> Result<Image, ImageError> {
+        // What the registry served and does not verify or unpack is the registry's failure, not the caller's.
+        self.pull_verified(store, reference, name, events)
+            .await
+            .map_err(|error| match error {
+                ImageError::Format(_) | ImageError::Unpack(_) => RegistryError::BadImage {
+                    registry: reference.registry.clone(),
+                    source: Box::new(error),
+                }
+                .into(),
+                other => other,
+            })
+    }
+
+    async fn pull_verified(
+        self: &Arc<Self>,
+        store: &Arc<ImageStore>,
+        reference: &Reference,
+        name: &str,
+        events: &mpsc::Sender<TransferEvent>,
+    ) -> Result<Image, ImageError> {
         let (manifest_digest, manifest) = self.resolve(reference).await?;
         let config_bytes = self.document(reference, &manifest.config.digest, "config").await?;
         oci::verify("config", &manifest.config.digest, &config_bytes)?;
@@ -534,9 +563,9 @@ impl Registries {
             })
         };
         let unpacked = unpacking.await.expect("unpacking a layer does not panic");
-        let transferred = download.await.expect("downloading a layer does not panic");
+        let downloaded = download.await.expect("downloading a layer does not panic");
         // A broken download explains a broken unpack better than the unpacker's view of a cut stream.
-        transferred?;
+        downloaded?;
         let (layer, blob_digest) = unpacked?;
         if blob_digest != descriptor.digest {
             return Err(oci::FormatError::DigestMismatch {
@@ -713,10 +742,7 @@ impl Registries {
             if let Some(value) = &authorization {
                 request = request.header(AUTHORIZATION, value);
             }
-            let response = request.send().await.map_err(|source| RegistryError::Unreachable {
-                registry: reference.registry.clone(),
-                source,
-            })?;
+            let response = request.send().await.map_err(unreachable(&reference.registry))?;
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
@@ -778,10 +804,7 @@ impl Registries {
                 if let Some(basic) = &basic {
                     request = request.header(AUTHORIZATION, basic);
                 }
-                let response = request.send().await.map_err(|source| RegistryError::Unreachable {
-                    registry: reference.registry.clone(),
-                    source,
-                })?;
+                let response = request.send().await.map_err(unreachable(&reference.registry))?;
                 if !response.status().is_success() {
                     return Err(unauthorized(if credentials.is_some() {
                         "; its token service refused the configured credentials"
@@ -855,6 +878,13 @@ impl Registries {
     }
 }
 
+fn unreachable(registry: &str) -> impl FnOnce(reqwest::Error) -> RegistryError + '_ {
+    move |source| RegistryError::Unreachable {
+        registry: registry.to_string(),
+        source,
+    }
+}
+
 /// Parses `key="value", key=value` pairs of an authentication challenge.
 fn challenge_parameters(text: &str) -> HashMap<String, String> {
     let mut parameters = HashMap::new();
@@ -896,10 +926,7 @@ async fn read_bounded(response: reqwest::Response, registry: &str, what: &str) -
     let mut body = response.bytes_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|source| RegistryError::Unreachable {
-            registry: registry.to_string(),
-            source,
-        })?;
+        let chunk = chunk.map_err(unreachable(registry))?;
         if bytes.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(too_large());
         }
