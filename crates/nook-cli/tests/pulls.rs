@@ -27,6 +27,31 @@ async fn pull(
     Ok((image, events))
 }
 
+/// A sandbox of `image` (the layered fixture, however it got here) sees the merged layers and runs with the image's
+/// config; it is deleted afterwards.
+async fn sees_the_layered_files(client: &Client, image: &str) {
+    let sandbox = client
+        .create_sandbox(&CreateSandboxRequest {
+            image: Some(image.into()),
+            resources: Some(ResourceRequest {
+                cpu: Some(1.0),
+                memory_mb: Some(128),
+                pids: Some(64),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|error| panic!("create a sandbox from {image}: {error}"));
+    let (check, expected) = LAYERED_CHECK;
+    let seen = sh(client, &sandbox.id, check).await;
+    assert_eq!(
+        (seen.exit_code, seen.stdout.as_str()),
+        (Some(0), expected),
+        "{image}: {seen:?}"
+    );
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+}
+
 fn api_error(error: &ClientError) -> (u16, String, String) {
     match error {
         ClientError::Api { status, error } => (
@@ -98,23 +123,7 @@ async fn images_are_pulled_by_tag_and_digest_with_auth_verified_and_deduplicated
     }
 
     // A sandbox from the pulled image sees the merged layers and runs with the image's config.
-    let sandbox = client
-        .create_sandbox(&CreateSandboxRequest {
-            image: Some("layered-by-digest".into()),
-            name: Some("pulled".into()),
-            resources: Some(ResourceRequest {
-                cpu: Some(1.0),
-                memory_mb: Some(128),
-                pids: Some(64),
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("create from the pulled image");
-    let (check, expected) = LAYERED_CHECK;
-    let seen = sh(&client, &sandbox.id, check).await;
-    assert_eq!((seen.exit_code, seen.stdout.as_str()), (Some(0), expected), "{seen:?}");
-    client.delete_sandbox(&sandbox.id).await.unwrap();
+    sees_the_layered_files(&client, "layered-by-digest").await;
 
     // Push it back under another repository (layers written out again, whiteouts and opaque directory included),
     // pull that, and a sandbox from the round trip sees the same files. A second push finds every layer present.
@@ -129,17 +138,7 @@ async fn images_are_pulled_by_tag_and_digest_with_auth_verified_and_deduplicated
         .expect("pull what was pushed");
     assert_eq!(round_trip.config, pulled.config);
     assert_eq!(round_trip.layers.len(), 2);
-    let sandbox = client
-        .create_sandbox(&CreateSandboxRequest {
-            image: Some("round-trip".into()),
-            name: Some("round-trip".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("create from the round-tripped image");
-    let seen = sh(&client, &sandbox.id, check).await;
-    assert_eq!((seen.exit_code, seen.stdout.as_str()), (Some(0), expected), "{seen:?}");
-    client.delete_sandbox(&sandbox.id).await.unwrap();
+    sees_the_layered_files(&client, "round-trip").await;
     let mut second_push = Vec::new();
     client
         .push_image(&push, |event| second_push.push(event.clone()))
@@ -247,15 +246,5 @@ async fn registries_with_a_private_ca_are_spoken_to_over_https() {
     assert_eq!(pulled.layers.len(), 2);
     // The registry speaks only HTTPS (a plain request gets a 400), so the push and the pull went over TLS, trusting
     // the private CA from the config; the pulled image runs.
-    let sandbox = client
-        .create_sandbox(&CreateSandboxRequest {
-            image: Some("tls-pulled".into()),
-            name: Some("tls-pulled".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (check, expected) = LAYERED_CHECK;
-    assert_eq!(sh(&client, &sandbox.id, check).await.stdout, expected);
-    client.delete_sandbox(&sandbox.id).await.unwrap();
+    sees_the_layered_files(&client, "tls-pulled").await;
 }

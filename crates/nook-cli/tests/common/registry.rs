@@ -43,12 +43,7 @@ impl TestRegistry {
         let dir = std::env::temp_dir().join(format!("nook-registry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("storage")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let host = format!("127.0.0.1:{port}");
+        let host = format!("127.0.0.1:{}", super::free_port());
         std::fs::write(dir.join("htpasswd"), format!("{USER}:{PASSWORD_BCRYPT}\n")).unwrap();
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    \
@@ -132,18 +127,12 @@ impl TestRegistry {
         let base = format!("http://{}/v2/{repository}", self.host);
         for blob in blobs.layers.iter().chain([&blobs.config]) {
             let started = self
-                .http
-                .post(format!("{base}/blobs/uploads/"))
-                .basic_auth(USER, Some(PASSWORD))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                started.status().as_u16(),
-                202,
-                "starting an upload: {}",
-                started.text().await.unwrap()
-            );
+                .expect(
+                    self.http.post(format!("{base}/blobs/uploads/")),
+                    202,
+                    "starting an upload",
+                )
+                .await;
             let location = started.headers()["location"].to_str().unwrap().to_string();
             let location = if location.starts_with("http") {
                 location
@@ -151,38 +140,33 @@ impl TestRegistry {
                 format!("http://{}{location}", self.host)
             };
             let separator = if location.contains('?') { '&' } else { '?' };
-            let finished = self
+            let finish = self
                 .http
                 .put(format!("{location}{separator}digest={}", digest(blob)))
-                .basic_auth(USER, Some(PASSWORD))
                 .header("content-type", "application/octet-stream")
-                .body(blob.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                finished.status().as_u16(),
-                201,
-                "finishing an upload: {}",
-                finished.text().await.unwrap()
-            );
+                .body(blob.clone());
+            self.expect(finish, 201, "finishing an upload").await;
         }
-        let stored = self
+        let manifest = self
             .http
             .put(format!("{base}/manifests/{tag}"))
-            .basic_auth(USER, Some(PASSWORD))
             .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-            .body(blobs.manifest.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            stored.status().as_u16(),
-            201,
-            "storing the manifest: {}",
-            stored.text().await.unwrap()
-        );
+            .body(blobs.manifest.clone());
+        self.expect(manifest, 201, "storing the manifest").await;
         digest(&blobs.manifest)
+    }
+
+    /// Sends `request` with the test credentials and checks the status.
+    async fn expect(&self, request: reqwest::RequestBuilder, status: u16, what: &str) -> reqwest::Response {
+        let response = request.basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
+        if response.status().as_u16() != status {
+            panic!(
+                "{what}: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        response
     }
 }
 
