@@ -136,7 +136,8 @@ copy_out() {
 prune_superseded() {
     local keep old
     keep="$(basename "$1")"
-    ls -t "$CACHE_DIR"/base-*.tar 2>/dev/null | grep -v "/$keep\$" | tail -n +2 | while read -r old; do
+    # (grep finds nothing on a machine with one image: that is not a failure.)
+    ls -t "$CACHE_DIR"/base-*.tar 2>/dev/null | { grep -v "/$keep\$" || true; } | tail -n +2 | while read -r old; do
         rm -f "$old"
         log "removed the superseded image $old"
     done
