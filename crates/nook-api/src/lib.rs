@@ -770,7 +770,33 @@ pub struct ImageConfig {
     /// The image's labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// For a template: a process started in every sandbox made from the image when it starts, and how to know it is
+    /// ready (nook's own field; not part of OCI image configs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<TemplateStart>,
 }
+
+/// A template's start command and readiness check: on every start of a sandbox made from the template, `command`
+/// is started as a background process (with the image's user, environment and working directory), then
+/// `ready_command` is run until it exits 0; the sandbox is reported running only then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateStart {
+    /// Shell command (`/bin/sh -c`) that keeps running: a dev server, a Jupyter server.
+    pub command: String,
+    /// Shell command that exits 0 once `command` is ready (such as `curl -sf localhost:8000`); none: ready at
+    /// once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_command: Option<String>,
+    /// Seconds the readiness check may take before the start fails (default 60, at most 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_s: Option<u64>,
+}
+
+/// The longest a template's readiness check may take, in seconds.
+pub const MAX_READY_TIMEOUT_S: u64 = 3600;
+/// How long a template's readiness check takes at most when the template does not say.
+pub const DEFAULT_READY_TIMEOUT_S: u64 = 60;
 
 /// An image in the runner's content-addressed store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -881,12 +907,185 @@ pub enum TransferEvent {
     /// The transfer is complete: for a pull, the image is stored under its name.
     Done {
         /// The image.
-        image: Image,
+        image: Box<Image>,
     },
     /// The transfer failed; for a pull, nothing of it was named.
     Error {
         /// What failed.
         error: ApiError,
+    },
+}
+
+/// Query parameters of `POST /v1/builds`; the body is the build context, a tar stream (plain, gzip or zstd).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BuildRequest {
+    /// Name of the image the build produces.
+    pub name: String,
+    /// Path of the Dockerfile inside the context (default `Dockerfile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// Build arguments as a JSON object of strings (`{"VERSION":"1.2"}`), overriding the Dockerfile's `ARG`
+    /// defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_args: Option<String>,
+    /// Run every step again instead of taking cached layers.
+    #[serde(default)]
+    pub no_cache: bool,
+    /// Seconds the whole build may take (default 3600, at most 86400); a build past it fails and leaves nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// For a template: the start command every sandbox from the image runs (see [`TemplateStart`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_command: Option<String>,
+    /// For a template: the readiness check of the start command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_command: Option<String>,
+    /// For a template: seconds the readiness check may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_s: Option<u64>,
+}
+
+/// The longest a build may take, in seconds.
+pub const MAX_BUILD_TIMEOUT_S: u64 = 24 * 3600;
+/// How long a build may take when the request does not say, in seconds.
+pub const DEFAULT_BUILD_TIMEOUT_S: u64 = 3600;
+
+/// Where a build is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildState {
+    /// Steps are running.
+    Building,
+    /// The image is stored under its name.
+    Succeeded,
+    /// A step failed or the build could not go on; nothing was named.
+    Failed,
+    /// A client cancelled it; nothing was named.
+    Cancelled,
+}
+
+/// A build as `GET /v1/builds/{build}` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Build {
+    /// Stable identifier (`bld-` and 16 lowercase letters and digits).
+    pub id: String,
+    /// Name of the image it produces.
+    pub name: String,
+    /// Where it is.
+    pub state: BuildState,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The image, once built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+    /// Events recorded so far (the offset to follow its events from).
+    pub events: u64,
+}
+
+/// Response of `GET /v1/builds`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BuildList {
+    /// Recent builds, oldest first.
+    pub builds: Vec<Build>,
+}
+
+/// Which output stream a line of build output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What a build reports as it goes, one JSON object per line (`GET /v1/builds/{build}/events`). Every event but
+/// `missed` and `keepalive` is one entry of the build's log: a client that counts them (adding `missed`'s count)
+/// knows the offset to follow the log from after a reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEvent {
+    /// The log no longer holds the events asked for (it keeps the most recent output of a long build): this many
+    /// were skipped, and the stream goes on with the oldest event kept.
+    Missed {
+        /// Events skipped.
+        events: u64,
+    },
+    /// Nothing happened for a while; sent so that idle connections stay open (not part of the log).
+    Keepalive,
+    /// The context is unpacked and the Dockerfile parsed.
+    Started {
+        /// The build's id.
+        build: String,
+        /// Instructions in the Dockerfile.
+        steps: u32,
+        /// Files in the context (after `.dockerignore`).
+        context_files: u64,
+        /// Bytes of those files.
+        context_bytes: u64,
+    },
+    /// A step begins.
+    Step {
+        /// 1-based number of the instruction.
+        step: u32,
+        /// The instruction as written.
+        instruction: String,
+    },
+    /// Output of the step's process, as it comes (UTF-8, invalid bytes replaced).
+    Output {
+        /// The step.
+        step: u32,
+        /// Which stream.
+        stream: OutputStream,
+        /// The text.
+        text: String,
+    },
+    /// Something worth knowing that is not output (an instruction nook ignores, an image being pulled).
+    Notice {
+        /// The step.
+        step: u32,
+        /// What happened.
+        message: String,
+    },
+    /// A step ended.
+    StepDone {
+        /// The step.
+        step: u32,
+        /// Whether its result came from the build cache.
+        cached: bool,
+        /// The layer it added, if it added one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<String>,
+        /// Seconds it took.
+        seconds: f64,
+    },
+    /// The build succeeded: the image is stored under its name.
+    Done {
+        /// The image.
+        image: Box<Image>,
+        /// Seconds the whole build took.
+        seconds: f64,
+        /// Steps whose results came from the cache.
+        cached_steps: u32,
+    },
+    /// The build failed or was cancelled (final).
+    Error {
+        /// What failed; for a failed `RUN`, the message names the exit code and ends with the last output lines.
+        error: ApiError,
+        /// The step that failed, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u32>,
+        /// The failed command's exit code.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
     },
 }
 

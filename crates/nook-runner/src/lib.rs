@@ -5,10 +5,12 @@
 //! trait. A runner keeps its own on-disk state for every sandbox (`sandboxes/<id>/state.json`), so that a restarted
 //! server re-adopts the sandboxes that kept running without touching them.
 //!
-//! Modules: [`images`] (content-addressed layer store, safe layer unpacking, OCI archives), [`cgroups`] (v1/hybrid/v2 limits, usage and OOM watching),
+//! Modules: [`images`] (content-addressed layer store, safe layer unpacking, OCI archives), [`build`] (Dockerfile
+//! builds in step sandboxes, with a layer cache), [`cgroups`] (v1/hybrid/v2 limits, usage and OOM watching),
 //! [`disk`] (bounded measuring of a writable layer),
 //! [`container`] (the container isolation backend: boots `nook-agent boot`), [`agent_client`] (the agent protocol
-//! seen from the runner), [`local`] (the in-process runner tying them together).
+//! seen from the runner), [`local`] (the in-process runner tying them together), `template_start` (a template's start
+//! command and readiness check, run on every start of a sandbox).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -19,11 +21,13 @@ use tokio::io::AsyncRead;
 use tokio::sync::{broadcast, mpsc};
 
 pub mod agent_client;
+pub mod build;
 pub mod cgroups;
 pub mod container;
 pub mod disk;
 pub mod images;
 pub mod local;
+mod template_start;
 
 pub use agent_client::{ExecInput, ExecOutput, ExecStream};
 pub use local::{LocalRunner, LocalRunnerConfig};
@@ -107,6 +111,15 @@ pub enum RunnerError {
         /// Which step failed and why.
         message: String,
     },
+    /// A template's start command did not become ready (it exited, or its readiness check never passed); the
+    /// sandbox was stopped.
+    #[error("sandbox {sandbox_id} did not start: {message}")]
+    NotReady {
+        /// Which sandbox.
+        sandbox_id: String,
+        /// What the start command and its readiness check did.
+        message: String,
+    },
     /// The agent refused a process operation (unknown pid, closed stdin, program not found...).
     #[error("{message}")]
     Process {
@@ -124,6 +137,9 @@ pub enum RunnerError {
         #[source]
         source: nook_agent_proto::ProtocolError,
     },
+    /// A Dockerfile build failed.
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
     /// A file operation on the runner's own state failed.
     #[error("{action} {path} failed")]
     Io {
@@ -135,6 +151,18 @@ pub enum RunnerError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `error: cause: cause` in one line: the error and its whole chain of sources.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A byte stream handed to the runner (an image archive being uploaded).
@@ -173,6 +201,15 @@ pub trait Runner: Send + Sync + 'static {
     async fn tag_image(&self, source: &str, target: &str) -> Result<Image, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;
+    /// Builds an image from a Dockerfile in the tar stream `context`, reporting progress on `events`; stops (and
+    /// leaves nothing) when `cancel` fires.
+    async fn build_image(
+        &self,
+        spec: build::BuildSpec,
+        context: ByteStream,
+        events: mpsc::Sender<nook_api::BuildEvent>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<Image, RunnerError>;
 
     /// Builds a new sandbox and starts it. On failure nothing of it is left on the host.
     async fn create_sandbox(&self, spec: SandboxSpec) -> Result<(), RunnerError>;

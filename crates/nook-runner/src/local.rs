@@ -27,14 +27,16 @@ use nook_api::{Image, ImageConfig, ImagePruneResult, TransferEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::io::SyncIoBridge;
+use tokio_util::sync::CancellationToken;
 
 use crate::agent_client;
+use crate::build::{BuildSpec, BUILD_SANDBOX_PREFIX};
 use crate::cgroups::{CgroupHost, SandboxCgroup};
 use crate::container::{
     kill_and_reap, process_start_time, BootRequest, ContainerBackend, InitProcess, IsolationBackend, PidFd,
 };
 use crate::images::registry::{Registries, RegistryConfig};
-use crate::images::{write_atomically, ImageError, ImageStore};
+use crate::images::{write_atomically, ImageError, ImageStore, LayerPin};
 use crate::{ByteStream, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
 /// How long the freshly booted agent has to answer its first ping.
@@ -128,6 +130,8 @@ impl LocalRunner {
             }),
         };
         runner.adopt_all().await?;
+        // Scratch directories of builds a crash interrupted.
+        let _ = std::fs::remove_dir_all(runner.inner.dir.join("builds"));
         Ok(runner)
     }
 
@@ -151,6 +155,138 @@ impl LocalRunner {
             .map_err(RunnerError::from)
     }
 
+    /// Builds a sandbox from layers (lowest first) and a config, and starts it; on failure nothing of it is left.
+    pub(crate) async fn create_from_layers(
+        &self,
+        spec: SandboxSpec,
+        layers: &[String],
+        image_config: ImageConfig,
+    ) -> Result<(), RunnerError> {
+        let lock = self.op_lock(&spec.id);
+        let _guard = lock.lock().await;
+        let dir = self.sandbox_dir(&spec.id);
+        if dir.exists() {
+            return Err(RunnerError::AlreadyRunning(spec.id.clone()));
+        }
+        let record = SandboxRecord {
+            lower_dirs: layers
+                .iter()
+                .rev()
+                .map(|layer| self.inner.images.layer_dir(layer))
+                .collect(),
+            image_config,
+            init: None,
+            spec,
+        };
+        let id = record.spec.id.clone();
+        let prepared = (|| {
+            for sub in ["upper", "work", "rootfs"] {
+                std::fs::create_dir_all(dir.join(sub))?;
+            }
+            std::fs::write(
+                dir.join("hosts"),
+                format!(
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                    record.spec.hostname
+                ),
+            )
+        })();
+        if let Err(source) = prepared {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RunnerError::Io {
+                action: "preparing",
+                path: dir,
+                source,
+            });
+        }
+        let result = match self.write_record(&id, &record) {
+            Ok(()) => self.boot_and_start(record).await,
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    /// Boots a sandbox, then starts its template's start command and waits until it is ready; a sandbox whose
+    /// start command does not become ready is stopped again. Called with the sandbox's operation lock held.
+    async fn boot_and_start(&self, record: SandboxRecord) -> Result<(), RunnerError> {
+        let id = record.spec.id.clone();
+        let start = record.image_config.start.clone();
+        self.boot(record).await?;
+        let Some(start) = start else { return Ok(()) };
+        let started = crate::template_start::start_and_wait(self, &id, &start).await;
+        if started.is_err() {
+            if let Err(error) = self.stop_locked(&id).await {
+                tracing::error!(sandbox = %id, error = %crate::error_chain(&error), "stopping a sandbox whose start command failed");
+            }
+        }
+        started
+    }
+
+    /// The scratch directory of a build (its unpacked context).
+    pub(crate) fn build_scratch_dir(&self, build_id: &str) -> PathBuf {
+        self.inner.dir.join("builds").join(build_id)
+    }
+
+    /// Keeps a layer from garbage collection while a build uses it.
+    pub(crate) fn pin_layer(&self, diff_id: &str) -> LayerPin {
+        self.inner.images.pin(diff_id)
+    }
+
+    fn build_cache_path(&self, key: &str) -> PathBuf {
+        self.inner.dir.join("build-cache").join(key)
+    }
+
+    /// The build cache's result for a step key: `Some(None)` for a step that added no layer, `Some(Some(layer))`
+    /// when its layer is still in the store, `None` for a miss.
+    pub(crate) fn cached_layer(&self, key: &str) -> Option<Option<String>> {
+        let text = std::fs::read_to_string(self.build_cache_path(key)).ok()?;
+        let layer: Option<String> = serde_json::from_str(&text).ok()?;
+        match layer {
+            Some(layer) if self.inner.images.layer_dir(&layer).is_dir() => Some(Some(layer)),
+            Some(_) => None,
+            None => Some(None),
+        }
+    }
+
+    /// Records a step's result in the build cache (a failure to record only costs a later rebuild).
+    pub(crate) fn remember_layer(&self, key: &str, layer: Option<&str>) {
+        let path = self.build_cache_path(key);
+        let written = std::fs::create_dir_all(path.parent().expect("cache entries have a directory"))
+            .map_err(|source| ImageError::Io {
+                action: "creating",
+                path: path.clone(),
+                source,
+            })
+            .and_then(|()| write_atomically(&path, serde_json::to_string(&layer).expect("serializable").as_bytes()));
+        if let Err(error) = written {
+            tracing::warn!(error = %crate::error_chain(&error), "recording a build step in the cache failed");
+        }
+    }
+
+    /// Turns the writable layer of a stopped sandbox into a layer of the store (moved, not copied); `None` when the
+    /// sandbox changed nothing. The layer stays pinned as long as the returned pin lives.
+    pub(crate) async fn commit_upper(&self, id: &str) -> Result<Option<(String, LayerPin)>, RunnerError> {
+        let upper = self.sandbox_dir(id).join("upper");
+        let images = self.inner.images.clone();
+        tokio::task::spawn_blocking(move || images.adopt_directory(&upper))
+            .await
+            .expect("committing a layer does not panic")
+            .map_err(RunnerError::from)
+    }
+
+    /// Stores a built image under `name`.
+    pub(crate) fn commit_built_image(
+        &self,
+        name: &str,
+        layers: Vec<String>,
+        config: ImageConfig,
+    ) -> Result<Image, RunnerError> {
+        Ok(self.inner.images.commit_layers(name, layers, config)?)
+    }
+
     async fn adopt_all(&self) -> Result<(), RunnerError> {
         let dir = self.inner.dir.join("sandboxes");
         let entries = std::fs::read_dir(&dir).map_err(|source| RunnerError::Io {
@@ -160,6 +296,20 @@ impl LocalRunner {
         })?;
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
+            if id.starts_with(BUILD_SANDBOX_PREFIX) {
+                // A step sandbox of a build that a crash interrupted: the build is gone, so is the sandbox.
+                tracing::warn!(sandbox = %id, "removing the step sandbox of an interrupted build");
+                self.clean_after_exit(&id);
+                if let Ok(record) = self.read_record(&id) {
+                    if let Some(init) = record.init {
+                        if PidFd::open(init.pid).is_ok() && process_start_time(init.pid) == Some(init.start_time) {
+                            kill_and_reap(init.pid).await;
+                        }
+                    }
+                }
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
             let Ok(mut record) = self.read_record(&id) else {
                 tracing::warn!(sandbox = %id, "ignoring a sandbox directory without a readable state.json");
                 continue;
@@ -362,7 +512,9 @@ impl LocalRunner {
                         if oom_kills > reported {
                             reported = oom_kills;
                             tracing::warn!(sandbox = %id, oom_kills, "the kernel OOM-killed a process");
-                            let _ = runner.inner.events.send(RunnerEvent::Oom { sandbox_id: id.clone(), oom_kills });
+                            if !id.starts_with(BUILD_SANDBOX_PREFIX) {
+                                let _ = runner.inner.events.send(RunnerEvent::Oom { sandbox_id: id.clone(), oom_kills });
+                            }
                         }
                     }
                 }
@@ -395,7 +547,9 @@ impl LocalRunner {
                 record.init = None;
                 let _ = runner.write_record(&id, &record);
             }
-            let _ = runner.inner.events.send(RunnerEvent::InitExited { sandbox_id: id });
+            if !id.starts_with(BUILD_SANDBOX_PREFIX) {
+                let _ = runner.inner.events.send(RunnerEvent::InitExited { sandbox_id: id });
+            }
         });
     }
 
@@ -623,54 +777,19 @@ impl Runner for LocalRunner {
         Ok(self.inner.images.remove(name)?)
     }
 
+    async fn build_image(
+        &self,
+        spec: BuildSpec,
+        context: ByteStream,
+        events: mpsc::Sender<nook_api::BuildEvent>,
+        cancel: CancellationToken,
+    ) -> Result<Image, RunnerError> {
+        crate::build::build(self, &spec, context, &events, &cancel).await
+    }
+
     async fn create_sandbox(&self, spec: SandboxSpec) -> Result<(), RunnerError> {
-        let lock = self.op_lock(&spec.id);
-        let _guard = lock.lock().await;
         let image = self.inner.images.get(&spec.image)?;
-        let dir = self.sandbox_dir(&spec.id);
-        if dir.exists() {
-            return Err(RunnerError::AlreadyRunning(spec.id.clone()));
-        }
-        let record = SandboxRecord {
-            lower_dirs: image
-                .layers
-                .iter()
-                .rev()
-                .map(|layer| self.inner.images.layer_dir(layer))
-                .collect(),
-            image_config: image.config,
-            init: None,
-            spec,
-        };
-        let id = record.spec.id.clone();
-        let prepared = (|| {
-            for sub in ["upper", "work", "rootfs"] {
-                std::fs::create_dir_all(dir.join(sub))?;
-            }
-            std::fs::write(
-                dir.join("hosts"),
-                format!(
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-                    record.spec.hostname
-                ),
-            )
-        })();
-        if let Err(source) = prepared {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(RunnerError::Io {
-                action: "preparing",
-                path: dir,
-                source,
-            });
-        }
-        let result = match self.write_record(&id, &record) {
-            Ok(()) => self.boot(record).await,
-            Err(error) => Err(error),
-        };
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        result
+        self.create_from_layers(spec, &image.layers, image.config).await
     }
 
     async fn start_sandbox(&self, id: &str) -> Result<(), RunnerError> {
@@ -680,7 +799,7 @@ impl Runner for LocalRunner {
             return Err(RunnerError::AlreadyRunning(id.to_string()));
         }
         let record = self.read_record(id)?;
-        self.boot(record).await
+        self.boot_and_start(record).await
     }
 
     async fn stop_sandbox(&self, id: &str) -> Result<(), RunnerError> {
@@ -898,7 +1017,15 @@ impl Runner for LocalRunner {
     }
 
     async fn running_sandboxes(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.inner.live.lock().expect("live map").keys().cloned().collect();
+        let mut ids: Vec<String> = self
+            .inner
+            .live
+            .lock()
+            .expect("live map")
+            .keys()
+            .filter(|id| !id.starts_with(BUILD_SANDBOX_PREFIX))
+            .cloned()
+            .collect();
         ids.sort();
         ids
     }

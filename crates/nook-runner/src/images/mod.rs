@@ -268,16 +268,52 @@ impl ImageStore {
             return archive::import(self, name, &mut tar, first.clone());
         }
         let mut layer = self.temp_layer()?;
-        let size_bytes = unpack::unpack_entries(&mut tar, first, layer.dir())?;
+        layer.size_bytes = unpack::unpack_entries(&mut tar, first, layer.dir())?;
         layer.diff_id = unpack::finish_digest(hashing)?;
-        layer.size_bytes = size_bytes;
         let diff_id = layer.diff_id.clone();
         let pin = self.adopt(layer)?;
-        let manifest = serde_json::json!({ "layers": [&diff_id], "config": &rootfs_config });
-        let digest = oci::sha256_digest(manifest.to_string().as_bytes());
-        let committed = self.commit(name, &digest, vec![diff_id], size_bytes, rootfs_config);
+        let committed = self.commit_layers(name, vec![diff_id], rootfs_config);
         drop(pin);
         committed
+    }
+
+    /// Records an image made of stored layers (lowest first) and a config, identified by the digest of both, and
+    /// points `name` at it (an import of a root filesystem, a build).
+    pub(crate) fn commit_layers(
+        &self,
+        name: &str,
+        layers: Vec<String>,
+        config: ImageConfig,
+    ) -> Result<Image, ImageError> {
+        nook_api::names::check_image_name(name).map_err(ImageError::InvalidName)?;
+        let manifest = serde_json::json!({ "layers": &layers, "config": &config });
+        let digest = oci::sha256_digest(manifest.to_string().as_bytes());
+        let size_bytes = layers.iter().map(|layer| self.layer_size(layer)).sum();
+        self.commit(name, &digest, layers, size_bytes, config)
+    }
+
+    /// Makes the directory `dir` (in overlayfs form: a stopped sandbox's writable layer) a layer of the store by
+    /// moving it in; `None` when it is empty. Overlayfs's own bookkeeping attributes (all but opaque markers) are
+    /// removed first, so the layer is the same whatever kernel wrote it. The layer stays pinned while the pin lives.
+    pub(crate) fn adopt_directory(&self, dir: &Path) -> Result<Option<(String, LayerPin)>, ImageError> {
+        let empty = std::fs::read_dir(dir)
+            .map_err(io_error("reading", dir))?
+            .next()
+            .is_none();
+        if empty {
+            return Ok(None);
+        }
+        unpack::strip_overlay_bookkeeping(dir).map_err(io_error("cleaning overlayfs attributes in", dir))?;
+        let (diff_id, size_bytes) = push::layer_digest(dir).map_err(io_error("hashing the layer", dir))?;
+        let tmp = self.root.join("layers/tmp").join(random_suffix());
+        std::fs::rename(dir, &tmp).map_err(io_error("moving", dir))?;
+        let layer = TempLayer {
+            dir: Some(tmp),
+            diff_id: diff_id.clone(),
+            size_bytes,
+        };
+        let pin = self.adopt(layer)?;
+        Ok(Some((diff_id, pin)))
     }
 
     /// Records an image whose layers are in the store and points `name` at it.

@@ -336,6 +336,7 @@ pub fn image_config(config: &ConfigFile) -> ImageConfig {
         cmd: run.cmd.unwrap_or_default(),
         exposed_ports: run.exposed_ports.unwrap_or_default().into_keys().collect(),
         labels: run.labels.unwrap_or_default(),
+        start: None,
     }
 }
 

@@ -74,6 +74,16 @@ impl<W> HashingWriter<W> {
     }
 }
 
+/// The diff id (the sha256 of the tar [`export_layer`] writes, uncompressed) of the layer directory `dir`, and the
+/// size of its regular files' data; nothing is written anywhere.
+pub fn layer_digest(dir: &Path) -> io::Result<(String, u64)> {
+    let mut builder = tar::Builder::new(HashingWriter::new(io::sink()));
+    let mut hard_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let size = append_tree(&mut builder, dir, Path::new(""), &mut hard_links)?;
+    let (_, diff_id, _) = builder.into_inner()?.finish();
+    Ok((diff_id, size))
+}
+
 /// Writes the layer directory `dir` as a gzip tar blob into `out`.
 pub fn export_layer(dir: &Path, out: &Path) -> io::Result<ExportedLayer> {
     let file = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
@@ -104,13 +114,15 @@ fn header_for(meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
     header
 }
 
-/// Appends the children of `dir` (which is `relative` inside the layer), sorted, so the same tree gives the same tar.
+/// Appends the children of `dir` (which is `relative` inside the layer), sorted, so the same tree gives the same tar;
+/// returns the size of the regular files' data appended.
 fn append_tree<W: Write>(
     builder: &mut tar::Builder<W>,
     dir: &Path,
     relative: &Path,
     hard_links: &mut HashMap<(u64, u64), PathBuf>,
-) -> io::Result<()> {
+) -> io::Result<u64> {
+    let mut size = 0;
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|entry| entry.file_name());
     for entry in entries {
@@ -126,7 +138,7 @@ fn append_tree<W: Write>(
                 marker.set_mode(0o644);
                 builder.append_data(&mut marker, name.join(".wh..wh..opq"), io::empty())?;
             }
-            append_tree(builder, &path, &name, hard_links)?;
+            size += append_tree(builder, &path, &name, hard_links)?;
         } else if kind.is_char_device() && meta.rdev() == 0 {
             // An overlayfs whiteout: the OCI form is an empty `.wh.<name>` file.
             let mut header = header_for(&meta, tar::EntryType::Regular);
@@ -153,6 +165,7 @@ fn append_tree<W: Write>(
             let mut header = header_for(&meta, tar::EntryType::Regular);
             header.set_size(meta.len());
             builder.append_data(&mut header, &name, std::fs::File::open(&path)?)?;
+            size += meta.len();
         } else if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() {
             let entry_type = if kind.is_fifo() {
                 tar::EntryType::Fifo
@@ -169,7 +182,7 @@ fn append_tree<W: Write>(
         }
         // Sockets cannot be archived and mean nothing in an image.
     }
-    Ok(())
+    Ok(size)
 }
 
 impl ImageStore {

@@ -531,6 +531,53 @@ pub(crate) fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> 
     }
 }
 
+/// Names of the extended attributes of `path` itself.
+fn list_xattrs(path: &CString) -> io::Result<Vec<Vec<u8>>> {
+    let mut buffer = vec![0u8; 1024];
+    loop {
+        // SAFETY: `path` is NUL-terminated and outlives the call; the buffer is valid for its length.
+        let result = unsafe { libc::llistxattr(path.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()) };
+        if result >= 0 {
+            buffer.truncate(result as usize);
+            return Ok(buffer
+                .split(|byte| *byte == 0)
+                .filter(|name| !name.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect());
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::ERANGE) if buffer.len() < 1 << 20 => buffer.resize(buffer.len() * 4, 0),
+            _ => return Err(error),
+        }
+    }
+}
+
+/// Removes overlayfs's bookkeeping attributes (`trusted.overlay.*` other than the opaque marker: origin, impure,
+/// redirect and the like, which describe the file system it was written on) from everything under `root`, `root`
+/// included.
+pub fn strip_overlay_bookkeeping(root: &Path) -> io::Result<()> {
+    let path = CString::new(root.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    for name in list_xattrs(&path)? {
+        if name.starts_with(b"trusted.overlay.") && name != OPAQUE_XATTR.as_bytes() {
+            let name = CString::new(name).map_err(io::Error::other)?;
+            // SAFETY: both strings are NUL-terminated and outlive the call.
+            if unsafe { libc::lremovexattr(path.as_ptr(), name.as_ptr()) } != 0 {
+                let error = io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::ENODATA) {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    if std::fs::symlink_metadata(root)?.is_dir() {
+        for entry in std::fs::read_dir(root)? {
+            strip_overlay_bookkeeping(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
