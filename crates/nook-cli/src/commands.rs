@@ -551,6 +551,32 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             println!("{name}");
             Ok(0)
         }
+        ImageCommand::Build {
+            context,
+            tag,
+            file,
+            build_args,
+            no_cache,
+            timeout,
+            start_cmd,
+            ready_cmd,
+            ready_timeout,
+            json,
+        } => {
+            let args = crate::build::BuildArgs {
+                context,
+                name: tag,
+                dockerfile: file,
+                build_args,
+                no_cache,
+                timeout,
+                start_command: start_cmd,
+                ready_command: ready_cmd,
+                ready_timeout,
+                json,
+            };
+            crate::build::build(client, args).await
+        }
     }
 }
 
@@ -615,7 +641,7 @@ fn append_tree<W: std::io::Write>(builder: &mut tar::Builder<W>, root: &Path, re
     Ok(())
 }
 
-fn short_digest(digest: &str) -> String {
+pub(crate) fn short_digest(digest: &str) -> String {
     digest
         .strip_prefix("sha256:")
         .unwrap_or(digest)
@@ -699,7 +725,7 @@ fn describe_stats(stats: &nook_api::SandboxStats) -> String {
     rows.iter().map(|(key, value)| format!("{key:<14} {value}\n")).collect()
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -8,6 +8,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -246,9 +248,10 @@ async fn download_tree(client: &Client, sandbox: &str, path: &str, destination: 
 }
 
 /// A `Write` that hands full chunks to the async side.
-struct ChunkWriter {
+pub(crate) struct ChunkWriter {
     sender: mpsc::Sender<std::io::Result<Bytes>>,
     buffer: Vec<u8>,
+    sent: Option<Arc<AtomicU64>>,
 }
 
 impl ChunkWriter {
@@ -256,6 +259,15 @@ impl ChunkWriter {
         Self {
             sender,
             buffer: Vec::with_capacity(CHUNK),
+            sent: None,
+        }
+    }
+
+    /// A writer that adds the bytes it hands on to `sent` (for progress).
+    pub(crate) fn counted(sender: mpsc::Sender<std::io::Result<Bytes>>, sent: Arc<AtomicU64>) -> Self {
+        Self {
+            sent: Some(sent),
+            ..Self::new(sender)
         }
     }
 }
@@ -275,6 +287,9 @@ impl Write for ChunkWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK)));
+        if let Some(sent) = &self.sent {
+            sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
         self.sender
             .blocking_send(Ok(chunk))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended"))

@@ -5,6 +5,7 @@
 //! `nook serve` writes for the local user. Output is a table by default and JSON with `--json`; `nook exec` exits
 //! with the command's exit code (128 + signal when a signal killed it, 125 when nook itself failed).
 
+mod build;
 mod client_config;
 mod commands;
 mod copy;
@@ -370,6 +371,38 @@ enum ImageCommand {
     Rm {
         /// Image name.
         name: String,
+    },
+    /// Build an image from a Dockerfile in a context directory, with its log as it runs (Ctrl-C cancels).
+    Build {
+        /// The build context: the directory whose files COPY and ADD see (less what .dockerignore excludes).
+        context: PathBuf,
+        /// Name of the image to build.
+        #[arg(long, short)]
+        tag: String,
+        /// The Dockerfile, inside the context (default: CONTEXT/Dockerfile).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// A build argument for the Dockerfile's ARG (repeatable).
+        #[arg(long = "build-arg", value_name = "KEY=VALUE", value_parser = parse_pair)]
+        build_args: Vec<(String, String)>,
+        /// Run every step again instead of taking cached layers.
+        #[arg(long)]
+        no_cache: bool,
+        /// Seconds the build may take (default 3600).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Make a template: a command every sandbox from the image starts with (a server, say).
+        #[arg(long)]
+        start_cmd: Option<String>,
+        /// The template's readiness check: a shell command that exits 0 once the start command is ready.
+        #[arg(long, requires = "start_cmd")]
+        ready_cmd: Option<String>,
+        /// Seconds the readiness check may take (default 60).
+        #[arg(long, requires = "start_cmd")]
+        ready_timeout: Option<u64>,
+        /// Print the finished build as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 

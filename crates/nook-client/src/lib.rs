@@ -11,11 +11,11 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use nook_api::{
-    ApiError, ArchiveResult, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult,
-    ExitStatus, FileInfo, FileKind, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest,
-    MoveRequest, ProcessInfo, ProcessList, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, Sandbox,
-    SandboxEvent, SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchRequest, SearchResult,
-    SignalRequest, TagRequest, TransferEvent, WatchEvent,
+    ApiError, ArchiveResult, Build, BuildEvent, BuildList, BuildRequest, ChmodRequest, ChownRequest,
+    CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus, FileInfo, FileKind, FileList, FindResult,
+    Health, Image, ImageList, ImagePruneResult, MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, PullRequest,
+    PushRequest, ReplaceRequest, ReplaceResult, Sandbox, SandboxEvent, SandboxEventList, SandboxList, SandboxState,
+    SandboxStats, SearchRequest, SearchResult, SignalRequest, TagRequest, TransferEvent, WatchEvent,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -703,7 +703,7 @@ impl Client {
             let event = event?;
             on_event(&event);
             match event {
-                TransferEvent::Done { image } => return Ok(image),
+                TransferEvent::Done { image } => return Ok(*image),
                 // Failures after the transfer started arrive in the stream; they are the registry's or the image's.
                 TransferEvent::Error { error } => {
                     return Err(ClientError::Api {
@@ -744,5 +744,53 @@ impl Client {
         segments.extend(name.split('/'));
         self.send(self.request(Method::DELETE, self.url_for(&segments))).await?;
         Ok(())
+    }
+
+    /// Starts a build of `request.name` from the build context `context` (a tar stream holding the Dockerfile);
+    /// returns once the server has unpacked the context and parsed the Dockerfile.
+    pub async fn start_build(&self, request: &BuildRequest, context: reqwest::Body) -> Result<Build, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "builds"]))
+                .query(request)
+                .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+                .body(context),
+        )
+        .await
+    }
+
+    /// Running builds and the most recent finished ones.
+    pub async fn builds(&self) -> Result<Vec<Build>, ClientError> {
+        let list: BuildList = self
+            .json(self.request(Method::GET, self.url_for(&["v1", "builds"])))
+            .await?;
+        Ok(list.builds)
+    }
+
+    /// One build.
+    pub async fn build(&self, id: &str) -> Result<Build, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "builds", id])))
+            .await
+    }
+
+    /// Cancels a build; returns it once it has stopped.
+    pub async fn cancel_build(&self, id: &str) -> Result<Build, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "builds", id, "cancel"])))
+            .await
+    }
+
+    /// A build's events from `offset` (log events already seen); with `follow`, until the build ends.
+    pub async fn build_events(
+        &self,
+        id: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<BuildEvent, ClientError>> + Send>>, ClientError> {
+        let response = self
+            .send(
+                self.request(Method::GET, self.url_for(&["v1", "builds", id, "events"]))
+                    .query(&[("offset", offset.to_string()), ("follow", follow.to_string())]),
+            )
+            .await?;
+        Ok(self.ndjson::<BuildEvent>(response))
     }
 }

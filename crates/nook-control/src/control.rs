@@ -20,6 +20,7 @@ use nook_api::{
 };
 use nook_runner::{ExecInput, ExecOptions, ExecOutput, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
+use crate::builds::Builds;
 use crate::deadlines::DeadlineTimer;
 use crate::error::ApiFailure;
 use crate::ids;
@@ -41,6 +42,7 @@ pub struct Control {
     host_cpus: f64,
     host_memory_mb: u64,
     deadlines: DeadlineTimer,
+    builds: Builds,
 }
 
 /// How long a deadline that could not act yet (a sandbox still being created, a runner error) waits to try again.
@@ -62,13 +64,20 @@ impl Control {
     /// Ties a store to a runner.
     pub fn new(store: Arc<dyn Store>, runner: Arc<dyn Runner>) -> Self {
         let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let host_memory_mb = host_memory_mb().unwrap_or(MAX_MEMORY_MB);
         Self {
             store,
+            builds: Builds::new(runner.clone(), host_cpus, host_memory_mb),
             runner,
             host_cpus,
-            host_memory_mb: host_memory_mb().unwrap_or(MAX_MEMORY_MB),
+            host_memory_mb,
             deadlines: DeadlineTimer::default(),
         }
+    }
+
+    /// The image builds.
+    pub fn builds(&self) -> &Builds {
+        &self.builds
     }
 
     /// The runner (for image operations).

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nook_api::ApiError;
+use nook_runner::build::BuildError;
 use nook_runner::images::registry::RegistryError;
 use nook_runner::images::unpack::UnpackError;
 use nook_runner::images::ImageError;
@@ -73,17 +74,7 @@ impl ApiFailure {
     }
 }
 
-/// `error: cause: cause` in one line.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use nook_runner::error_chain as chain;
 
 impl ApiFailure {
     /// The JSON body this failure answers with.
@@ -129,6 +120,23 @@ impl From<RunnerError> for ApiFailure {
             )),
             RunnerError::Image(ImageError::InvalidName(message)) => Self::invalid(message.clone()),
             RunnerError::Process { code, message } => crate::control::process_failure(code.clone(), message.clone()),
+            RunnerError::Build(build) => match build {
+                BuildError::Context(_) => Self::invalid("the build context cannot be unpacked").with_reason(&error),
+                BuildError::BadContext(message) => Self::invalid(message.clone()),
+                BuildError::Dockerfile(_) => {
+                    Self::new(StatusCode::BAD_REQUEST, "invalid_dockerfile", build.to_string())
+                }
+                BuildError::Step { .. } => Self::new(StatusCode::BAD_REQUEST, "build_step_invalid", build.to_string()),
+                BuildError::RunFailed { .. } => {
+                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "build_step_failed", build.to_string())
+                }
+                BuildError::Cancelled => Self::new(StatusCode::CONFLICT, "build_cancelled", build.to_string()),
+            },
+            RunnerError::NotReady { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "template_not_ready",
+                error.to_string(),
+            ),
             RunnerError::Boot { .. } | RunnerError::Agent { .. } => {
                 let failure = Self::new(StatusCode::INTERNAL_SERVER_ERROR, "boot_failed", chain(&error));
                 tracing::error!(message = %failure.message, "a sandbox failed to boot");

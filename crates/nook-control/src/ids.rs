@@ -7,13 +7,24 @@ const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
 /// `prefix` followed by 20 random lowercase letters and digits (about 103 bits).
 pub fn random_id(prefix: &str) -> String {
+    random_id_of(prefix, nook_api::names::SANDBOX_ID_RANDOM_LEN)
+}
+
+/// `prefix` followed by `len` random lowercase letters and digits.
+fn random_id_of(prefix: &str, len: usize) -> String {
     let mut rng = rand::thread_rng();
-    let mut id = String::with_capacity(prefix.len() + nook_api::names::SANDBOX_ID_RANDOM_LEN);
+    let mut id = String::with_capacity(prefix.len() + len);
     id.push_str(prefix);
-    for _ in 0..nook_api::names::SANDBOX_ID_RANDOM_LEN {
+    for _ in 0..len {
         id.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
     }
     id
+}
+
+/// A new build id: `bld-` and 16 random lowercase letters and digits (about 82 bits; short, because step sandboxes
+/// and their socket paths carry it).
+pub fn build_id() -> String {
+    random_id_of("bld-", 16)
 }
 
 /// A new sandbox id.
@@ -45,6 +56,13 @@ mod tests {
         let id = sandbox_id();
         assert!(nook_api::names::is_sandbox_id(&id), "{id}");
         assert_ne!(sandbox_id(), id);
+    }
+
+    #[test]
+    fn build_ids_are_short_and_distinct() {
+        let id = build_id();
+        assert!(id.starts_with("bld-") && id.len() == 20, "{id}");
+        assert_ne!(build_id(), id);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub use nook_runner::images::registry::{RegistryConfig, RegistryCredentials};
 use nook_runner::{LocalRunner, LocalRunnerConfig, Runner};
 
 pub mod api;
+pub mod builds;
 pub mod control;
 pub mod deadlines;
 pub mod error;

@@ -32,6 +32,7 @@ use utoipa::OpenApi;
 use crate::control::{Control, SandboxFilter};
 use crate::error::ApiFailure;
 
+mod builds;
 mod terminal;
 mod transfer;
 
@@ -130,9 +131,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/push", post(push_image))
         .route("/v1/images/prune", post(prune_images))
         .route("/v1/images/tag", post(tag_image))
+        .route("/v1/builds/{build}", get(builds::get_build))
+        .route("/v1/builds/{build}/events", get(builds::build_events))
+        .route("/v1/builds/{build}/cancel", post(builds::cancel_build))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(
-            // Streamed bodies of any size: file uploads and image imports.
+            // Streamed bodies of any size: file uploads, image imports and build contexts.
             Router::new()
                 .route(
                     "/v1/sandboxes/{sandbox}/files",
@@ -149,6 +153,7 @@ pub fn router(state: AppState) -> Router {
                     "/v1/images/{*name}",
                     get(get_image).put(import_image).delete(remove_image),
                 )
+                .route("/v1/builds", post(builds::start_build).get(builds::list_builds))
                 .layer(DefaultBodyLimit::disable()),
         )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
@@ -1037,7 +1042,9 @@ where
     let task = tokio::spawn(run(events));
     let Some(first) = received.recv().await else {
         let image = task.await.expect("a transfer does not panic")?;
-        return Ok(ndjson_lines(futures::stream::iter([TransferEvent::Done { image }])));
+        return Ok(ndjson_lines(futures::stream::iter([TransferEvent::Done {
+            image: Box::new(image),
+        }])));
     };
     let rest = futures::stream::unfold((received, Some(task)), |(mut received, task)| async move {
         let task = task?;
@@ -1045,7 +1052,7 @@ where
             return Some((event, (received, Some(task))));
         }
         let last = match task.await.expect("a transfer does not panic") {
-            Ok(image) => TransferEvent::Done { image },
+            Ok(image) => TransferEvent::Done { image: Box::new(image) },
             Err(error) => TransferEvent::Error {
                 error: ApiFailure::from(error).body(),
             },
@@ -1105,7 +1112,8 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
-        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image,
+        builds::start_build, builds::list_builds, builds::get_build, builds::cancel_build, builds::build_events
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),
     modifiers(&BearerAuth),
@@ -1116,6 +1124,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "processes", description = "Background processes that outlive connections, with output replay"),
         (name = "files", description = "Files in sandboxes, streamed both ways"),
         (name = "images", description = "Images in the content-addressed store"),
+        (name = "builds", description = "Images built from Dockerfiles, with cached steps and live logs"),
     )
 )]
 pub struct ApiDoc;
