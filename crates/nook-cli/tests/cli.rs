@@ -336,3 +336,69 @@ fn cp_copies_directory_trees_both_ways() {
     assert_eq!(missing.status.code(), Some(125));
     ok(server, &["rm", &name]);
 }
+
+#[test]
+fn image_build_packs_the_context_without_what_dockerignore_excludes_and_exits_by_result() {
+    let server = shared_server();
+    let context = tempfile::tempdir().unwrap();
+    let root = context.path();
+    std::fs::create_dir_all(root.join("docker")).unwrap();
+    std::fs::create_dir_all(root.join("target/debug")).unwrap();
+    std::fs::create_dir_all(root.join("app")).unwrap();
+    // A large file the upload must leave out: .dockerignore excludes it (the server never sees it).
+    std::fs::write(root.join("target/debug/big.bin"), vec![7u8; 8 << 20]).unwrap();
+    std::fs::write(root.join("app/run.sh"), "echo running\n").unwrap();
+    std::os::unix::fs::symlink("run.sh", root.join("app/start")).unwrap();
+    std::fs::write(root.join(".dockerignore"), "target\ndocker\n").unwrap();
+    std::fs::write(
+        root.join("docker/app.Dockerfile"),
+        "FROM base\nCOPY app /opt/app\nRUN test -L /opt/app/start && sh /opt/app/start > /opt/app/out.txt\n",
+    )
+    .unwrap();
+    let name = format!("cli-built-{}", &common::rand_suffix()[..8]);
+    let dir = root.to_str().unwrap();
+    let dockerfile = root.join("docker/app.Dockerfile");
+    let built = nook(
+        server,
+        &["image", "build", "-t", &name, "-f", dockerfile.to_str().unwrap(), dir],
+    );
+    let log = String::from_utf8_lossy(&built.stderr).into_owned();
+    assert!(built.status.success(), "{log}");
+    assert!(stdout(&built).starts_with("sha256:"), "{}", stdout(&built));
+    // The Dockerfile travels although .dockerignore names its directory; the 8 MiB under target does not.
+    let sent: &str = log
+        .lines()
+        .find(|line| line.starts_with("sent the build context"))
+        .unwrap();
+    assert!(sent.contains("KiB"), "{sent}");
+    assert!(log.contains("step 3/3: RUN"), "{log}");
+
+    let sandbox = format!("{name}-box");
+    ok(server, &["create", "--name", &sandbox, "--image", &name]);
+    assert_eq!(
+        ok(server, &["exec", &sandbox, "--", "cat", "/opt/app/out.txt"]),
+        "running\n"
+    );
+    ok(server, &["rm", &sandbox]);
+
+    // A failing build exits 1 and says why; a Dockerfile outside the context is refused before anything is sent.
+    std::fs::write(root.join("Dockerfile"), "FROM base\nRUN exit 7\n").unwrap();
+    let failed = nook(server, &["image", "build", "-t", &name, dir]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("exit code 7"));
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    let refused = nook(
+        server,
+        &[
+            "image",
+            "build",
+            "-t",
+            &name,
+            "-f",
+            outside.path().to_str().unwrap(),
+            dir,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not inside the build context"));
+}
