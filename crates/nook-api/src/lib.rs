@@ -986,6 +986,9 @@ pub struct Build {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
+    /// The step that failed, if one did (1-based instruction number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<u32>,
     /// Events recorded so far (the offset to follow its events from).
     pub events: u64,
 }

@@ -20,12 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use chrono::DateTime;
 use chrono::Utc;
 use nook_api::{
     Build, BuildEvent, BuildRequest, BuildState, Resources, TemplateStart, DEFAULT_BUILD_TIMEOUT_S,
     DEFAULT_READY_TIMEOUT_S, MAX_BUILD_TIMEOUT_S, MAX_READY_TIMEOUT_S,
 };
-use nook_runner::build::{BuildError, BuildSpec};
+use nook_runner::build::{BuildError, BuildSpec, Recipe};
 use nook_runner::{ByteStream, Runner, RunnerError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,34 @@ const STEP_PIDS: u32 = 4096;
 /// Build arguments accepted in one request.
 const MAX_BUILD_ARGS: usize = 256;
 
+/// A build as the control plane starts it: what a native build request and E2B's template steps both become.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    /// Name of the image it produces.
+    pub name: String,
+    /// More names the image gets once built.
+    pub also_named: Vec<String>,
+    /// The instructions.
+    pub recipe: Recipe,
+    /// Values for the Dockerfile's `ARG`s.
+    pub build_args: BTreeMap<String, String>,
+    /// Steps from this one on (1-based) run instead of taking cached layers.
+    pub no_cache_from: Option<u32>,
+    /// A template's start command.
+    pub start: Option<TemplateStart>,
+    /// Seconds the build may take.
+    pub timeout_s: u64,
+}
+
+/// One entry of a build's log: an event and when it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+    /// What happened.
+    pub event: BuildEvent,
+}
+
 /// The builds of this control plane.
 pub struct Builds {
     runner: Arc<dyn Runner>,
@@ -62,7 +91,7 @@ struct Tracked {
 
 struct TrackedState {
     build: Build,
-    log: VecDeque<BuildEvent>,
+    log: VecDeque<LoggedEvent>,
     /// Offset of `log[0]`.
     first: u64,
     /// Output text held in `log`.
@@ -75,7 +104,7 @@ pub struct EventBatch {
     /// Events dropped from the log that the reader asked for (they come before `events`).
     pub missed: u64,
     /// The events from the offset (or from the oldest one kept).
-    pub events: Vec<BuildEvent>,
+    pub events: Vec<LoggedEvent>,
     /// Offset after the last event returned.
     pub next: u64,
     /// Whether the build has ended (no event will follow `events`).
@@ -98,7 +127,11 @@ impl Builds {
 
     /// Checks a request and starts its build on the context `context`; returns once the build has started.
     pub async fn start(&self, request: BuildRequest, context: ByteStream) -> Result<Build, ApiFailure> {
-        let checked = check_request(&request)?;
+        self.launch(check_request(&request)?, context).await
+    }
+
+    /// Starts a checked build on the context `context` (a tar stream); returns once the build has started.
+    pub async fn launch(&self, plan: BuildPlan, context: ByteStream) -> Result<Build, ApiFailure> {
         let running = self
             .list()
             .iter()
@@ -114,11 +147,11 @@ impl Builds {
         let id = crate::ids::build_id();
         let spec = BuildSpec {
             id: id.clone(),
-            name: request.name.clone(),
-            dockerfile: checked.dockerfile,
-            build_args: checked.build_args,
-            no_cache: request.no_cache,
-            start: checked.start,
+            name: plan.name.clone(),
+            recipe: plan.recipe,
+            build_args: plan.build_args,
+            no_cache_from: plan.no_cache_from,
+            start: plan.start,
             resources: self.step_resources,
         };
         let tracked = Arc::new(Tracked {
@@ -126,12 +159,13 @@ impl Builds {
             state: Mutex::new(TrackedState {
                 build: Build {
                     id: id.clone(),
-                    name: request.name.clone(),
+                    name: plan.name,
                     state: BuildState::Building,
                     started_at: Utc::now(),
                     finished_at: None,
                     image: None,
                     error: None,
+                    failed_step: None,
                     events: 0,
                 },
                 log: VecDeque::new(),
@@ -147,7 +181,8 @@ impl Builds {
             tracked.clone(),
             spec,
             context,
-            checked.timeout_s,
+            plan.also_named,
+            plan.timeout_s,
             started_sender,
         ));
         match started.await {
@@ -246,10 +281,10 @@ impl Tracked {
     fn record(&self, event: BuildEvent) {
         let mut state = self.state.lock().expect("build");
         state.output_bytes += output_len(&event);
-        state.log.push_back(event);
+        state.log.push_back(LoggedEvent { at: Utc::now(), event });
         while state.output_bytes > MAX_LOG_BYTES {
             let Some(dropped) = state.log.pop_front() else { break };
-            state.output_bytes -= output_len(&dropped);
+            state.output_bytes -= output_len(&dropped.event);
             state.first += 1;
         }
         state.build.events += 1;
@@ -279,15 +314,7 @@ fn output_len(event: &BuildEvent) -> usize {
     }
 }
 
-/// What a request resolves to once checked.
-struct CheckedRequest {
-    dockerfile: String,
-    build_args: BTreeMap<String, String>,
-    start: Option<TemplateStart>,
-    timeout_s: u64,
-}
-
-fn check_request(request: &BuildRequest) -> Result<CheckedRequest, ApiFailure> {
+fn check_request(request: &BuildRequest) -> Result<BuildPlan, ApiFailure> {
     nook_api::names::check_image_name(&request.name).map_err(ApiFailure::invalid)?;
     let dockerfile = request.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into());
     if dockerfile.is_empty() || dockerfile.len() > 4096 || dockerfile.contains('\0') {
@@ -346,9 +373,12 @@ fn check_request(request: &BuildRequest) -> Result<CheckedRequest, ApiFailure> {
             })
         }
     };
-    Ok(CheckedRequest {
-        dockerfile,
+    Ok(BuildPlan {
+        name: request.name.clone(),
+        also_named: Vec::new(),
+        recipe: Recipe::Dockerfile(dockerfile),
         build_args,
+        no_cache_from: request.no_cache.then_some(1),
         start,
         timeout_s,
     })
@@ -361,12 +391,19 @@ async fn drive(
     tracked: Arc<Tracked>,
     spec: BuildSpec,
     context: ByteStream,
+    also_named: Vec<String>,
     timeout_s: u64,
     started: oneshot::Sender<Result<(), ApiFailure>>,
 ) {
     let (events, mut received) = mpsc::channel(256);
     let cancel = tracked.cancel.clone();
-    let build = tokio::spawn(async move { runner.build_image(spec, context, events, cancel).await });
+    let build = tokio::spawn(async move {
+        let image = runner.build_image(spec, context, events, cancel).await?;
+        for name in &also_named {
+            runner.tag_image(&image.name, name).await?;
+        }
+        Ok::<_, RunnerError>(image)
+    });
     let timer = {
         let tracked = tracked.clone();
         tokio::spawn(async move {
@@ -445,6 +482,7 @@ async fn drive(
     guard.build.state = state;
     guard.build.finished_at = Some(Utc::now());
     guard.build.image = image;
+    guard.build.failed_step = failure.as_ref().and_then(|(_, step, _)| *step);
     guard.build.error = failure.map(|(failure, ..)| failure.body());
     let total = guard.build.events;
     drop(guard);
@@ -505,7 +543,7 @@ mod tests {
                 "ready_timeout_s",
             ),
         ] {
-            let failure = check_request(&bad).err().expect("refused");
+            let failure = check_request(&bad).expect_err("refused");
             assert!(failure.message.contains(part), "{}", failure.message);
         }
         let checked = check_request(&BuildRequest {
@@ -532,6 +570,7 @@ mod tests {
                     finished_at: None,
                     image: None,
                     error: None,
+                    failed_step: None,
                     events: 0,
                 },
                 log: VecDeque::new(),
@@ -553,7 +592,7 @@ mod tests {
         assert_eq!((all.missed, all.events.len(), all.next), (2, 4, 6));
         let tail = tracked.read(5);
         assert_eq!((tail.missed, tail.events.len()), (0, 1));
-        assert!(matches!(tail.events[0], BuildEvent::Output { step: 5, .. }));
+        assert!(matches!(tail.events[0].event, BuildEvent::Output { step: 5, .. }));
         let beyond = tracked.read(9);
         assert_eq!((beyond.missed, beyond.events.len(), beyond.next), (0, 0, 6));
         assert_eq!(*tracked.recorded.borrow(), 6);

@@ -110,7 +110,7 @@ pub(super) async fn build_events(
             if batch.missed > 0 {
                 lines.push(BuildEvent::Missed { events: batch.missed });
             }
-            lines.extend(batch.events);
+            lines.extend(batch.events.into_iter().map(|logged| logged.event));
             // Without follow, one batch up to the present; following, batches until the one with the last event.
             let done = batch.finished || !follow;
             if lines.is_empty() && done {

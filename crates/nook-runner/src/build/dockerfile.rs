@@ -43,7 +43,12 @@ pub enum Step {
         image: String,
     },
     /// `RUN` a command in a build sandbox.
-    Run(Command),
+    Run {
+        /// The command.
+        command: Command,
+        /// The user to run it as instead of the image's (E2B's template steps name one; a Dockerfile never does).
+        user: Option<String>,
+    },
     /// `COPY` or `ADD` files from the build context.
     Copy {
         /// Sources relative to the context (wildcards allowed), unexpanded.
@@ -210,7 +215,10 @@ fn instruction(line: usize, text: &str) -> Result<Instruction, DockerfileError> 
         "RUN" => {
             needs_args("RUN")?;
             allow_flags(&[])?;
-            Step::Run(command(args).map_err(fail)?)
+            Step::Run {
+                command: command(args).map_err(fail)?,
+                user: None,
+            }
         }
         "CMD" => {
             needs_args("CMD")?;
@@ -420,6 +428,12 @@ pub fn words(text: &str, vars: &Variables) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// `text` as one word that [`words`] reads back unchanged: single-quoted, so no variable is expanded (for
+/// instructions made by a program rather than written, such as E2B's template steps).
+pub fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// Expands the variables of `text` and splits nothing: for arguments that are one value (`WORKDIR`, `USER`).
 pub fn expand(text: &str, vars: &Variables) -> Result<String, String> {
     let joined = words(text, vars)?.join(" ");
@@ -543,7 +557,13 @@ mod tests {
                         image: "${BASE}".into()
                     }
                 ),
-                (5, Step::Run(Command::Shell("apt-get update &&   echo done".into()))),
+                (
+                    5,
+                    Step::Run {
+                        command: Command::Shell("apt-get update &&   echo done".into()),
+                        user: None
+                    }
+                ),
                 (
                     8,
                     Step::Cmd(Command::Exec(vec!["python3".into(), "-m".into(), "http.server".into()]))
@@ -613,6 +633,19 @@ mod tests {
         assert!(words("'open", &v).is_err());
         assert!(words("${A", &v).is_err());
         assert!(words("${A:?err}", &v).is_err());
+    }
+
+    #[test]
+    fn quoted_words_read_back_unchanged() {
+        let v = vars(&[("A", "one")]);
+        for text in ["plain", "with space", "it's $A and ${A}", "back\\slash \"dq\"", ""] {
+            assert_eq!(words(&quote(text), &v).unwrap(), [text], "{text:?}");
+        }
+        let pair = format!("K={}", quote("a 'b' $A"));
+        assert_eq!(
+            key_values(&pair, &v).unwrap(),
+            [("K".to_string(), "a 'b' $A".to_string())]
+        );
     }
 
     #[test]

@@ -57,16 +57,25 @@ pub struct BuildSpec {
     pub id: String,
     /// Name of the image to produce.
     pub name: String,
-    /// Context path of the Dockerfile.
-    pub dockerfile: String,
+    /// The instructions.
+    pub recipe: Recipe,
     /// Values for the Dockerfile's `ARG`s.
     pub build_args: BTreeMap<String, String>,
-    /// Run every step instead of taking cached results.
-    pub no_cache: bool,
+    /// Steps from this one on (1-based) run again instead of taking cached layers (`Some(1)`: no cache at all).
+    pub no_cache_from: Option<u32>,
     /// A template's start command, recorded in the image's config.
     pub start: Option<TemplateStart>,
     /// Limits of the step sandboxes.
     pub resources: Resources,
+}
+
+/// Where a build's instructions come from.
+#[derive(Debug, Clone)]
+pub enum Recipe {
+    /// The Dockerfile at this path of the context.
+    Dockerfile(String),
+    /// Instructions made by the caller (E2B's template steps), over the context's files.
+    Instructions(Vec<Instruction>),
 }
 
 /// Why a build failed (besides the runner's own errors).
@@ -129,8 +138,15 @@ type TarProducer = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()
 enum Action {
     /// Nothing but the pending `WORKDIR`.
     None,
-    /// Run a command; the map holds the build arguments visible to it.
-    Run(Vec<String>, BTreeMap<String, String>),
+    /// Run a command.
+    Run {
+        /// The command.
+        argv: Vec<String>,
+        /// The build arguments visible to it.
+        env: BTreeMap<String, String>,
+        /// Its user, when not the image's.
+        user: Option<String>,
+    },
     /// Unpack a tar stream (produced on a blocking thread) into a directory.
     Unpack {
         /// Destination directory inside the image.
@@ -206,10 +222,15 @@ async fn build_in(
     .await
     .expect("unpacking the context does not panic");
     let (context, (context_files, context_bytes)) = unpacked?;
-    let text = context
-        .dockerfile(&spec.dockerfile)
-        .map_err(|message| RunnerError::Build(BuildError::BadContext(message)))?;
-    let instructions = dockerfile::parse(&text).map_err(BuildError::from)?;
+    let instructions = match &spec.recipe {
+        Recipe::Dockerfile(path) => {
+            let text = context
+                .dockerfile(path)
+                .map_err(|message| RunnerError::Build(BuildError::BadContext(message)))?;
+            dockerfile::parse(&text).map_err(BuildError::from)?
+        }
+        Recipe::Instructions(instructions) => instructions.clone(),
+    };
     let _ = events
         .send(BuildEvent::Started {
             build: spec.id.clone(),
@@ -401,7 +422,7 @@ impl Builder<'_> {
                 self.notice(step, format!("{what} has no effect in nook and is ignored"))
                     .await;
             }
-            Step::Run(command) => {
+            Step::Run { command, user } => {
                 let argv = self.command_argv(command);
                 // Build arguments are environment variables of RUN, unless ENV set the same name.
                 let visible: BTreeMap<String, String> = self
@@ -416,10 +437,17 @@ impl Builder<'_> {
                     })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                let key = chain(&self.key, &format!("RUN {argv:?}"));
-                return self
-                    .layer_step(step, instruction.line, key, Action::Run(argv, visible))
-                    .await;
+                let user = user.as_deref().map(expand).transpose()?;
+                let key = match &user {
+                    Some(user) => chain(&self.key, &format!("RUN as {user} {argv:?}")),
+                    None => chain(&self.key, &format!("RUN {argv:?}")),
+                };
+                let action = Action::Run {
+                    argv,
+                    env: visible,
+                    user,
+                };
+                return self.layer_step(step, instruction.line, key, action).await;
             }
             Step::Copy {
                 sources,
@@ -575,7 +603,7 @@ impl Builder<'_> {
         action: Action,
     ) -> Result<(bool, Option<String>), RunnerError> {
         self.key = key.clone();
-        if !self.spec.no_cache {
+        if self.spec.no_cache_from.is_none_or(|from| step < from) {
             if let Some(layer) = self.runner.cached_layer(&key) {
                 self.pending_workdir = None;
                 self.cached_steps += 1;
@@ -630,7 +658,15 @@ impl Builder<'_> {
         }
         match action {
             Action::None => Ok(()),
-            Action::Run(argv, env) => self.run(step, line, sandbox, argv, env).await,
+            Action::Run { argv, env, user } => {
+                let options = ExecOptions {
+                    argv,
+                    env,
+                    user,
+                    ..ExecOptions::default()
+                };
+                self.run(step, line, sandbox, options).await
+            }
             Action::Unpack { dir, owner, produce } => {
                 let owner = match owner {
                     Some(owner) => Some(self.owner(step, line, sandbox, &owner).await?),
@@ -700,20 +736,8 @@ impl Builder<'_> {
     }
 
     /// Runs a `RUN` command, streaming its output; fails unless it exits 0.
-    async fn run(
-        &self,
-        step: u32,
-        line: usize,
-        sandbox: &str,
-        argv: Vec<String>,
-        env: BTreeMap<String, String>,
-    ) -> Result<(), RunnerError> {
-        let instruction = argv.last().cloned().unwrap_or_default();
-        let options = ExecOptions {
-            argv,
-            env,
-            ..ExecOptions::default()
-        };
+    async fn run(&self, step: u32, line: usize, sandbox: &str, options: ExecOptions) -> Result<(), RunnerError> {
+        let instruction = options.argv.last().cloned().unwrap_or_default();
         let mut stream = self.runner.exec(sandbox, options).await?;
         drop(stream.input);
         let mut stdout = Utf8Lines::default();
