@@ -24,6 +24,8 @@ PACKAGES="bash,coreutils,python3,python3-pip,python3-dev,build-essential,git,cur
 PACKAGES+=",python3-ipykernel,python3-jupyter-client,python3-matplotlib,python3-numpy,python3-pandas"
 # R with its Jupyter kernel (IRkernel), as E2B's code-interpreter template has it.
 PACKAGES+=",r-base-core,r-cran-irkernel"
+# ss (iproute2): the readiness check E2B's SDKs write for `wait_for_port` runs it, as E2B's base template has it.
+PACKAGES+=",iproute2"
 
 # Hooks run by mmdebstrap after installing the packages; "$1" is the root filesystem being built.
 # shellcheck disable=SC2016 # mmdebstrap expands "$1", not this script

@@ -1,10 +1,15 @@
-// The official `e2b` JavaScript SDK, unmodified, against nook: lifecycle, commands, terminals and files. Each test
-// asserts what an app written for E2B relies on.
+// The official `e2b` JavaScript SDK, unmodified, against nook: lifecycle, commands, terminals, files and template
+// builds. Each test asserts what an app written for E2B relies on.
 
 import assert from 'node:assert/strict'
 import { after, before, beforeEach, afterEach, describe, test } from 'node:test'
 
+import { mkdtemp, mkdir, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
 import {
+  BuildError,
   CommandExitError,
   FileNotFoundError,
   FileType,
@@ -12,7 +17,9 @@ import {
   NotFoundError,
   Sandbox,
   SandboxNotFoundError,
+  Template,
   TimeoutError,
+  waitForPort,
 } from 'e2b'
 
 import { startNook } from './nook-server.mjs'
@@ -493,5 +500,39 @@ describe('in one sandbox', () => {
     await deep.stop()
 
     await assert.rejects(sandbox.files.watchDir('/home/user/not-there', () => {}), FileNotFoundError)
+  })
+})
+
+describe('templates', () => {
+  test('Template.build copies files, runs steps, and sandboxes start with the start command ready', async () => {
+    const context = await mkdtemp(join(tmpdir(), 'nook-js-template-'))
+    await mkdir(join(context, 'site'))
+    await writeFile(join(context, 'site', 'index.html'), 'built with the js sdk\n')
+    const name = `js-template-${Date.now().toString(36)}`
+    const template = Template({ fileContextPath: context })
+      .fromBaseImage()
+      .copy('site/', '/srv/site/')
+      .runCmd('echo "built as $(id -un)" > /srv/site/who.txt', { user: 'root' })
+      .setEnvs({ SITE: '/srv/site' })
+      .setStartCmd('cd /srv/site && python3 -m http.server 8000', waitForPort(8000))
+    const logs = []
+    const info = await Template.build(template, name, { onBuildLogs: (entry) => logs.push(entry.message) })
+    assert.equal(info.templateId, name)
+    assert.ok(await Template.exists(name))
+
+    const sbx = await Sandbox.create(name, { timeoutMs: 120_000 })
+    try {
+      const page = await sbx.commands.run('curl -s http://127.0.0.1:8000/index.html; cat $SITE/who.txt; id -un')
+      assert.equal(page.stdout, 'built with the js sdk\nbuilt as root\nuser\n')
+    } finally {
+      await sbx.kill()
+    }
+
+    const failing = Template().fromBaseImage().runCmd('echo broken >&2; exit 5')
+    await assert.rejects(Template.build(failing, `${name}-broken`), (error) => {
+      assert.ok(error instanceof BuildError, String(error))
+      assert.match(error.message, /exit code 5/)
+      return true
+    })
   })
 })

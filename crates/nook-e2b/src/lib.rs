@@ -33,6 +33,7 @@ pub mod interpreter;
 pub mod logs;
 pub mod metrics;
 pub mod rest;
+pub mod templates;
 
 /// The envd version nook reports, which the SDKs gate features on: every feature gated at or below it is
 /// implemented (default user 0.4.0, stdin off 0.3.0, CloseStdin 0.5.2, raw and gzip uploads 0.5.7, file metadata
@@ -56,6 +57,8 @@ pub struct E2b {
     pub interpreters: Arc<interpreter::Bridges>,
     /// Usage samples of the sandboxes E2B clients know.
     pub metrics: Arc<metrics::Metrics>,
+    /// Template builds E2B clients asked for.
+    pub templates: Arc<templates::TemplateBuilds>,
 }
 
 /// Why the E2B layer could not start.
@@ -83,6 +86,7 @@ impl E2b {
             metrics: Arc::new(metrics::Metrics::new(control.runner().clone())),
             watchers: Arc::new(envd::filesystem::Watchers::default()),
             interpreters: Arc::new(interpreter::Bridges::default()),
+            templates: Arc::new(templates::TemplateBuilds::new(data_dir)),
         })
     }
 

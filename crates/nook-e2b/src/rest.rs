@@ -8,7 +8,8 @@
 //! control plane (stored, so it outlives restarts): when it passes, the sandbox is deleted, as E2B kills it, or
 //! stopped (files kept, reported `paused`) when it was created with `autoPause`, E2B's pause on timeout. Pausing with
 //! memory is not available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`. Metrics
-//! ([`crate::metrics`]) and logs ([`crate::logs`]) are routed here and served by their own modules.
+//! ([`crate::metrics`]), logs ([`crate::logs`]) and template builds ([`crate::templates`]) are routed here and served by
+//! their own modules.
 
 use std::collections::BTreeMap;
 
@@ -78,7 +79,20 @@ pub fn router(e2b: E2b) -> Router {
         .route("/v2/sandboxes/{id}/logs", get(crate::logs::logs_v2))
         .route("/templates", get(list_templates))
         .route("/templates/{id}", delete(delete_template).get(get_template))
+        .route("/v3/templates", post(crate::templates::request_template))
+        .route("/templates/aliases/{alias}", get(crate::templates::template_by_alias))
+        .route("/templates/{id}/files/{hash}", get(crate::templates::check_files))
+        .route("/v2/templates/{id}/builds/{build}", post(crate::templates::start_build))
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(crate::templates::build_status),
+        )
         .layer(axum::middleware::from_fn_with_state(e2b.clone(), authenticate))
+        // Template file uploads carry no API key: their URL is signed (see `templates`).
+        .route(
+            "/template-files/{hash}",
+            axum::routing::put(crate::templates::upload_files).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .with_state(e2b)
 }
 
