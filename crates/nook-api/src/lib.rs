@@ -844,6 +844,14 @@ pub struct TagRequest {
     pub target: String,
 }
 
+/// Body of `POST /v1/images/export`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// The image to export.
+    pub name: String,
+}
+
 /// Response of `POST /v1/images/prune`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImagePruneResult {

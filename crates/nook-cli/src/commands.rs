@@ -551,6 +551,41 @@ async fn image_command(client: &Client, command: ImageCommand) -> anyhow::Result
             println!("{name}");
             Ok(0)
         }
+        ImageCommand::Export { name, output } => {
+            let mut chunks = client.export_image(&name).await?;
+            let to_stdout = output.as_os_str() == "-";
+            // Into a temporary file beside the target, renamed into place once complete.
+            let partial = output.with_extension("partial");
+            let mut out: Box<dyn std::io::Write> = if to_stdout {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?,
+                ))
+            };
+            let mut written = 0u64;
+            while let Some(chunk) = chunks.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(error) => {
+                        drop(out);
+                        if !to_stdout {
+                            let _ = std::fs::remove_file(&partial);
+                        }
+                        return Err(error).context("the export broke off");
+                    }
+                };
+                out.write_all(&chunk)?;
+                written += chunk.len() as u64;
+            }
+            out.flush()?;
+            drop(out);
+            if !to_stdout {
+                std::fs::rename(&partial, &output).with_context(|| format!("renaming to {}", output.display()))?;
+            }
+            eprintln!("exported {name} ({})", table::bytes(written));
+            Ok(0)
+        }
         ImageCommand::Build {
             context,
             tag,

@@ -372,6 +372,14 @@ enum ImageCommand {
         /// Image name.
         name: String,
     },
+    /// Export an image as an OCI image layout tar (which `nook image import` and OCI tools read).
+    Export {
+        /// Image name.
+        name: String,
+        /// Where to write the tar (`-` for standard output).
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Build an image from a Dockerfile in a context directory, with its log as it runs (Ctrl-C cancels).
     Build {
         /// The build context: the directory whose files COPY and ADD see (less what .dockerignore excludes).

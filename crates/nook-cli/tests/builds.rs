@@ -9,6 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::fixture_image::{busybox_layer, FixtureImage};
 use common::{sh, shared_server, TestServer};
 use futures::StreamExt;
 use nook_api::{Build, BuildEvent, BuildRequest, BuildState, CreateSandboxRequest, OutputStream};
@@ -345,6 +346,33 @@ async fn a_template_start_command_is_running_when_its_sandbox_starts() {
     client.start_sandbox(&sandbox.id).await.unwrap();
     assert_eq!(sh(&client, &sandbox.id, fetch).await.stdout, "served by the template\n");
     client.delete_sandbox(&sandbox.id).await.unwrap();
+
+    // The start command travels with the image: exported and imported again, it is still a template (built on a
+    // small image, so that the export stays small).
+    let busybox = FixtureImage {
+        layers: vec![busybox_layer()],
+        run_config: serde_json::json!({}),
+    };
+    client
+        .import_image("built/busybox:1", reqwest::Body::from(busybox.oci_archive().0))
+        .await
+        .unwrap();
+    let mut small = request("built/small-template:1");
+    small.start_command = Some("sleep 1000".into());
+    small.ready_command = Some("true".into());
+    let dockerfile = "FROM built/busybox:1\nRUN echo small > /small.txt\n";
+    let (built, _) = build(&client, &small, &[("Dockerfile", dockerfile)]).await;
+    let start = built.image.unwrap().config.start.expect("a template");
+    let mut layout = Vec::new();
+    let mut chunks = client.export_image("built/small-template:1").await.unwrap();
+    while let Some(chunk) = chunks.next().await {
+        layout.extend_from_slice(&chunk.unwrap());
+    }
+    let moved = client
+        .import_image("built/small-template-moved:1", reqwest::Body::from(layout))
+        .await
+        .unwrap();
+    assert_eq!(moved.config.start.as_ref(), Some(&start));
 
     // A start command that never becomes ready fails the create with its reason and its output.
     let mut broken = request("built/never-ready:1");

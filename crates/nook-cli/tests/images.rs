@@ -85,6 +85,33 @@ async fn layered_images_import_run_with_their_config_and_refuse_hostile_archives
         b"<h1>hi</h1>\n"
     );
 
+    // Exported as an OCI layout and imported again under another name: the same files and config (whiteouts and
+    // opaque directories written back out and read again), though its layers are blobs of nook's own making.
+    let mut exported = Vec::new();
+    let mut chunks = client.export_image("fixture/layered:1").await.expect("export");
+    while let Some(chunk) = chunks.next().await {
+        exported.extend_from_slice(&chunk.expect("an export chunk"));
+    }
+    assert!(tar::Archive::new(exported.as_slice())
+        .entries()
+        .unwrap()
+        .any(|entry| entry.unwrap().path().unwrap().to_str() == Some("index.json")));
+    let reimported = client
+        .import_image("fixture/layered-again:1", reqwest::Body::from(exported))
+        .await
+        .expect("import what nook exported");
+    assert_eq!(reimported.config, imported.config);
+    assert_eq!(reimported.layers.len(), imported.layers.len());
+    let again = create_from(&client, "fixture/layered-again:1", "layered-again").await;
+    assert_eq!(sh(&client, &again.id, check).await.stdout, expected);
+    client.delete_sandbox(&again.id).await.unwrap();
+    let missing = client
+        .export_image("fixture/none:1")
+        .await
+        .err()
+        .expect("no such image");
+    assert_eq!(missing.status(), Some(reqwest::StatusCode::NOT_FOUND));
+
     // Hostile archives: a layer escaping with `..`, and a symlink planted to write through. Each is refused with the
     // member and the reason, no image is named, and nothing is left in the store's scratch space or outside it.
     let outside = std::env::temp_dir().join(format!("nook-images-escape-{}", std::process::id()));

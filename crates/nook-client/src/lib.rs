@@ -746,6 +746,27 @@ impl Client {
         Ok(())
     }
 
+    /// Exports an image as the tar of an OCI image layout, as a stream of byte chunks.
+    pub async fn export_image(
+        &self,
+        name: &str,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>, ClientError> {
+        let request = nook_api::ExportRequest { name: name.into() };
+        let response = self
+            .send(
+                self.request(Method::POST, self.url_for(&["v1", "images", "export"]))
+                    .json(&request),
+            )
+            .await?;
+        let base = self.base.to_string();
+        Ok(Box::pin(response.bytes_stream().map(move |chunk| {
+            chunk.map_err(|source| ClientError::Transport {
+                url: base.clone(),
+                source,
+            })
+        })))
+    }
+
     /// Starts a build of `request.name` from the build context `context` (a tar stream holding the Dockerfile);
     /// returns once the server has unpacked the context and parsed the Dockerfile.
     pub async fn start_build(&self, request: &BuildRequest, context: reqwest::Body) -> Result<Build, ClientError> {

@@ -517,18 +517,7 @@ fn recipe(start: &BuildStart) -> Result<Recipe, String> {
 /// The build context: every upload of the template, unpacked under `files/{hash}/`, as one tar stream written on a
 /// blocking thread.
 fn context_stream(files_dir: PathBuf, hashes: Vec<String>) -> nook_runner::ByteStream {
-    let (reader, writer) = tokio::io::duplex(1 << 16);
-    let mut writer = tokio_util::io::SyncIoBridge::new(writer);
-    tokio::task::spawn_blocking(move || {
-        let result = write_context(&files_dir, &hashes, &mut writer);
-        if let Err(problem) = result {
-            // The reader sees a broken stream, and the build fails saying the context cannot be unpacked.
-            tracing::warn!(error = %problem, "packing a template's files failed");
-            return;
-        }
-        let _ = writer.shutdown();
-    });
-    Box::pin(reader)
+    nook_runner::produced_stream(move |out| write_context(&files_dir, &hashes, out))
 }
 
 fn write_context(files_dir: &Path, hashes: &[String], out: &mut dyn std::io::Write) -> std::io::Result<()> {

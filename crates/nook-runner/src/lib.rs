@@ -168,6 +168,44 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// A byte stream handed to the runner (an image archive being uploaded).
 pub type ByteStream = Pin<Box<dyn AsyncRead + Send>>;
 
+/// Size of the chunks [`produced_stream`] hands over.
+const PRODUCED_CHUNK: usize = 1 << 16;
+
+/// A byte stream that `produce` writes on a blocking thread (a tar being packed). A failure of `produce` is an error
+/// of the stream, so whoever reads it sees a broken stream rather than a short one that looks whole.
+pub fn produced_stream(
+    produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static,
+) -> ByteStream {
+    let (sender, receiver) = mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = std::io::BufWriter::with_capacity(PRODUCED_CHUNK, ChannelWriter(sender.clone()));
+        let result = produce(&mut writer).and_then(|()| std::io::Write::flush(&mut writer));
+        if let Err(error) = result {
+            let _ = sender.blocking_send(Err(error));
+        }
+    });
+    let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (chunk, receiver))
+    });
+    Box::pin(tokio_util::io::StreamReader::new(chunks))
+}
+
+/// A writer that hands what it is given to an async reader, chunk by chunk.
+struct ChannelWriter(mpsc::Sender<std::io::Result<bytes::Bytes>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(bytes::Bytes::copy_from_slice(data)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader went away"))?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The seam between the control plane and the hosts that run sandboxes.
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync + 'static {
@@ -201,6 +239,9 @@ pub trait Runner: Send + Sync + 'static {
     async fn tag_image(&self, source: &str, target: &str) -> Result<Image, RunnerError>;
     /// Removes an image name.
     async fn remove_image(&self, name: &str) -> Result<(), RunnerError>;
+    /// Writes a stored image out as the tar of an OCI image layout, streamed as it is made (an import of it gives
+    /// the same image back, under any name).
+    async fn export_image(&self, name: &str) -> Result<ByteStream, RunnerError>;
     /// Builds an image from a Dockerfile in the tar stream `context`, reporting progress on `events`; stops (and
     /// leaves nothing) when `cancel` fires.
     async fn build_image(

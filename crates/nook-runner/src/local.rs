@@ -777,6 +777,21 @@ impl Runner for LocalRunner {
         Ok(self.inner.images.remove(name)?)
     }
 
+    async fn export_image(&self, name: &str) -> Result<ByteStream, RunnerError> {
+        let image = self.inner.images.get(name)?;
+        // The layers stay pinned until the export is written, so a prune cannot take them half-way.
+        let pins: Vec<LayerPin> = image.layers.iter().map(|layer| self.inner.images.pin(layer)).collect();
+        let images = self.inner.images.clone();
+        Ok(crate::produced_stream(move |out| {
+            let written = images.export_layout(&image, out).map_err(|error| {
+                tracing::warn!(image = %image.name, error = %crate::error_chain(&error), "exporting an image failed");
+                std::io::Error::other(crate::error_chain(&error))
+            });
+            drop(pins);
+            written
+        }))
+    }
+
     async fn build_image(
         &self,
         spec: BuildSpec,

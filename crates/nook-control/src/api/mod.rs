@@ -20,10 +20,10 @@ use base64::Engine as _;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
-    FileInfo, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest, MoveRequest,
-    ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult, ReplacedFile, Sandbox,
-    SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult,
-    SetDeadlineRequest, SignalRequest, TagRequest, TransferEvent, WatchEvent, WatchEventKind,
+    ExportRequest, FileInfo, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest,
+    MoveRequest, ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult,
+    ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest,
+    SearchResult, SetDeadlineRequest, SignalRequest, TagRequest, TransferEvent, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -131,6 +131,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/push", post(push_image))
         .route("/v1/images/prune", post(prune_images))
         .route("/v1/images/tag", post(tag_image))
+        .route("/v1/images/export", post(export_image))
         .route("/v1/builds/{build}", get(builds::get_build))
         .route("/v1/builds/{build}/events", get(builds::build_events))
         .route("/v1/builds/{build}/cancel", post(builds::cancel_build))
@@ -1030,6 +1031,23 @@ async fn push_image(State(state): State<AppState>, Json(request): Json<PushReque
     transfer(move |events| async move { runner.push_image(&request.name, &request.reference, events).await }).await
 }
 
+#[utoipa::path(post, path = "/v1/images/export", tag = "images", request_body = ExportRequest,
+    responses((status = 200, description = "The image as the tar of an OCI image layout (`oci-layout`, blobs, \
+               `index.json` naming it), streamed as its layers are written out; `PUT /v1/images/{name}` imports it \
+               again", content_type = "application/x-tar"),
+              (status = 404, description = "No such image", body = ApiError)),
+    security(("bearer" = [])))]
+async fn export_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ExportRequest>,
+) -> Result<Response, ApiFailure> {
+    let archive = state.control.runner().export_image(&request.name).await?;
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .body(Body::from_stream(tokio_util::io::ReaderStream::new(archive)))
+        .expect("valid response"))
+}
+
 /// Runs a pull or push and answers with its events as NDJSON, ending with `done` or `error`. The transfer runs to its
 /// end even when the client goes away (so that a pull's layers are not fetched twice); one that fails before its
 /// first event answers with a plain HTTP error instead.
@@ -1112,7 +1130,7 @@ impl utoipa::Modify for BearerAuth {
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
-        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image,
+        move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,
         builds::start_build, builds::list_builds, builds::get_build, builds::cancel_build, builds::build_events
     ),
     components(schemas(nook_api::TerminalCommand, ExecEvent)),

@@ -324,10 +324,22 @@ pub fn check_diff_ids(config: &ConfigFile, diff_ids: &[String]) -> Result<(), Fo
     Ok(())
 }
 
+/// The label under which an image's template start command travels in OCI configs (as JSON), so that a template
+/// pushed to a registry or exported keeps it.
+pub const TEMPLATE_START_LABEL: &str = "dev.nook.template.start";
+
 /// What a sandbox takes from an image config.
 pub fn image_config(config: &ConfigFile) -> ImageConfig {
     let run = config.config.clone().unwrap_or_default();
     let non_empty = |value: Option<String>| value.filter(|text| !text.is_empty());
+    let mut labels = run.labels.unwrap_or_default();
+    // A label that does not parse stays a label: it is someone else's, or nothing nook can run.
+    let start = labels
+        .get(TEMPLATE_START_LABEL)
+        .and_then(|text| serde_json::from_str::<nook_api::TemplateStart>(text).ok());
+    if start.is_some() {
+        labels.remove(TEMPLATE_START_LABEL);
+    }
     ImageConfig {
         env: run.env.unwrap_or_default(),
         working_dir: non_empty(run.working_dir),
@@ -335,8 +347,8 @@ pub fn image_config(config: &ConfigFile) -> ImageConfig {
         entrypoint: run.entrypoint.unwrap_or_default(),
         cmd: run.cmd.unwrap_or_default(),
         exposed_ports: run.exposed_ports.unwrap_or_default().into_keys().collect(),
-        labels: run.labels.unwrap_or_default(),
-        start: None,
+        labels,
+        start,
     }
 }
 
@@ -360,7 +372,16 @@ pub fn config_file(config: &ImageConfig, diff_ids: Vec<String>) -> ConfigFile {
                     .map(|port| (port.clone(), serde_json::json!({})))
                     .collect()
             }),
-            labels: (!config.labels.is_empty()).then(|| config.labels.clone()),
+            labels: {
+                let mut labels = config.labels.clone();
+                if let Some(start) = &config.start {
+                    labels.insert(
+                        TEMPLATE_START_LABEL.into(),
+                        serde_json::to_string(start).expect("serializable"),
+                    );
+                }
+                (!labels.is_empty()).then_some(labels)
+            },
         }),
         rootfs: RootFs {
             kind: "layers".into(),
@@ -385,6 +406,38 @@ mod tests {
             }),
             annotations: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_template_start_command_survives_the_config_blob() {
+        let config = ImageConfig {
+            labels: [("team".to_string(), "agents".to_string())].into(),
+            start: Some(nook_api::TemplateStart {
+                command: "python3 -m http.server".into(),
+                ready_command: Some("curl -sf localhost:8000".into()),
+                ready_timeout_s: Some(30),
+            }),
+            ..ImageConfig::default()
+        };
+        let blob = config_file(&config, vec![]);
+        assert!(blob
+            .config
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap()
+            .contains_key(TEMPLATE_START_LABEL));
+        assert_eq!(image_config(&blob), config);
+        // Someone else's label of that name that is not nook's JSON stays a label.
+        let mut foreign = blob.clone();
+        let labels = foreign.config.as_mut().unwrap().labels.as_mut().unwrap();
+        labels.insert(TEMPLATE_START_LABEL.into(), "not json".into());
+        let read = image_config(&foreign);
+        assert_eq!(
+            (read.start, read.labels[TEMPLATE_START_LABEL].as_str()),
+            (None, "not json")
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Pushing a stored image to a registry: each layer directory is written back out as an OCI layer blob (a gzip tar,
-//! with overlayfs whiteouts and opaque directories turned back into `.wh.` members), the config is rebuilt from the
-//! image's config and the new diff ids, and blobs, config and manifest are uploaded over the distribution API.
+//! Pushing a stored image to a registry, and exporting one as an OCI image layout: each layer directory is written
+//! back out as an OCI layer blob (a gzip tar, with overlayfs whiteouts and opaque directories turned back into `.wh.`
+//! members), the config is rebuilt from the image's config and the new diff ids ([`image_blobs`]), and blobs, config
+//! and manifest are uploaded over the distribution API or written into a layout tar ([`ImageStore::export_layout`],
+//! one layer's scratch file at a time, `oci-layout` first so that an import recognises the archive at once).
 //!
 //! Export streams the tree through tar, gzip and two hashers into a scratch file (the registry needs the digest
 //! before the blob), never holding a file in memory. What an export produced is remembered per layer
@@ -219,6 +221,102 @@ impl ImageStore {
     }
 }
 
+/// The config and manifest blobs of an image whose layers were exported as `exported`.
+struct ImageBlobs {
+    config: Vec<u8>,
+    config_digest: String,
+    manifest: Vec<u8>,
+}
+
+fn image_blobs(image: &Image, exported: &[ExportedLayer]) -> ImageBlobs {
+    let config = oci::config_file(
+        &image.config,
+        exported.iter().map(|layer| layer.diff_id.clone()).collect(),
+    );
+    let config_bytes = serde_json::to_vec(&config).expect("serializable");
+    let config_digest = oci::sha256_digest(&config_bytes);
+    let manifest = oci::Manifest {
+        schema_version: 2,
+        media_type: Some(oci::MEDIA_OCI_MANIFEST.into()),
+        config: oci::Descriptor {
+            media_type: oci::MEDIA_OCI_CONFIG.into(),
+            digest: config_digest.clone(),
+            size: config_bytes.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+        },
+        layers: exported
+            .iter()
+            .map(|layer| oci::Descriptor {
+                media_type: oci::MEDIA_OCI_LAYER_GZIP.into(),
+                digest: layer.blob_digest.clone(),
+                size: layer.blob_size,
+                platform: None,
+                annotations: Default::default(),
+            })
+            .collect(),
+    };
+    ImageBlobs {
+        config: config_bytes,
+        config_digest,
+        manifest: serde_json::to_vec(&manifest).expect("serializable"),
+    }
+}
+
+impl ImageStore {
+    /// Writes `image` into `out` as the tar of an OCI image layout: `oci-layout`, the layer blobs (each exported to a
+    /// scratch file and copied in, one at a time), the config and manifest blobs, and `index.json` naming the
+    /// manifest with the image's name. The caller keeps the layers pinned while this runs.
+    pub fn export_layout(&self, image: &Image, out: impl Write) -> Result<(), ImageError> {
+        let failed = |source: io::Error| ImageError::Io {
+            action: "writing the image layout for",
+            path: PathBuf::from(&image.name),
+            source,
+        };
+        let mut builder = tar::Builder::new(out);
+        let append = |builder: &mut tar::Builder<_>, path: &str, size: u64, data: &mut dyn io::Read| {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(0o644);
+            header.set_size(size);
+            header.set_mtime(0);
+            builder.append_data(&mut header, path, data)
+        };
+        let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+        append(&mut builder, "oci-layout", layout.len() as u64, &mut &layout[..]).map_err(failed)?;
+        let mut exported = Vec::with_capacity(image.layers.len());
+        for diff_id in &image.layers {
+            let (layer, scratch) = self.export(diff_id)?;
+            let mut file = std::fs::File::open(&scratch.0).map_err(failed)?;
+            let path = format!("blobs/sha256/{}", super::hex_of(&layer.blob_digest));
+            append(&mut builder, &path, layer.blob_size, &mut file).map_err(failed)?;
+            exported.push(layer);
+        }
+        let blobs = image_blobs(image, &exported);
+        let manifest_digest = oci::sha256_digest(&blobs.manifest);
+        for (digest, bytes) in [
+            (&blobs.config_digest, &blobs.config),
+            (&manifest_digest, &blobs.manifest),
+        ] {
+            let path = format!("blobs/sha256/{}", super::hex_of(digest));
+            append(&mut builder, &path, bytes.len() as u64, &mut bytes.as_slice()).map_err(failed)?;
+        }
+        let index = oci::Index {
+            schema_version: 2,
+            media_type: Some(oci::MEDIA_OCI_INDEX.into()),
+            manifests: vec![oci::Descriptor {
+                media_type: oci::MEDIA_OCI_MANIFEST.into(),
+                digest: manifest_digest,
+                size: blobs.manifest.len() as u64,
+                platform: None,
+                annotations: [("org.opencontainers.image.ref.name".to_string(), image.name.clone())].into(),
+            }],
+        };
+        let index = serde_json::to_vec(&index).expect("serializable");
+        append(&mut builder, "index.json", index.len() as u64, &mut index.as_slice()).map_err(failed)?;
+        builder.into_inner().and_then(|mut out| out.flush()).map_err(failed)
+    }
+}
+
 /// A scratch file removed when dropped.
 struct ScratchFile(PathBuf);
 
@@ -275,34 +373,11 @@ impl Registries {
                 })
                 .await;
         }
-        let config = oci::config_file(
-            &image.config,
-            exported.iter().map(|layer| layer.diff_id.clone()).collect(),
-        );
-        let config_bytes = serde_json::to_vec(&config).expect("serializable");
-        let config_digest = oci::sha256_digest(&config_bytes);
-        let manifest = oci::Manifest {
-            schema_version: 2,
-            media_type: Some(oci::MEDIA_OCI_MANIFEST.into()),
-            config: oci::Descriptor {
-                media_type: oci::MEDIA_OCI_CONFIG.into(),
-                digest: config_digest.clone(),
-                size: config_bytes.len() as u64,
-                platform: None,
-                annotations: Default::default(),
-            },
-            layers: exported
-                .iter()
-                .map(|layer| oci::Descriptor {
-                    media_type: oci::MEDIA_OCI_LAYER_GZIP.into(),
-                    digest: layer.blob_digest.clone(),
-                    size: layer.blob_size,
-                    platform: None,
-                    annotations: Default::default(),
-                })
-                .collect(),
-        };
-        let manifest_bytes = serde_json::to_vec(&manifest).expect("serializable");
+        let ImageBlobs {
+            config: config_bytes,
+            config_digest,
+            manifest: manifest_bytes,
+        } = image_blobs(image, &exported);
         let _ = events
             .send(TransferEvent::Resolved {
                 reference: reference.to_string(),
