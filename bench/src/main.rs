@@ -1,7 +1,7 @@
 //! `nook-bench`: measures nook's create→first exec and exec round trip against runc and runsc running the same
 //! root filesystem on the same machine, plus nook's background process start→first output and file upload and
-//! download throughput, image push and pull through a registry on loopback, and prints a markdown report of figures
-//! and ratios (never pass/fail).
+//! download throughput, image push and pull through a registry on loopback, Dockerfile builds and cached rebuilds,
+//! and prints a markdown report of figures and ratios (never pass/fail).
 //!
 //! Flow: make a work directory under `--work-dir`; start the bench's own `nook serve` there (fresh data directory,
 //! free loopback port, random admin key) and wait for its health check; run the nook series through the Rust client
@@ -11,6 +11,7 @@
 //! stderr. The exit status is non-zero only when setup or a nook call failed; peers that cannot run are reported as
 //! unavailable.
 
+mod builds;
 mod images;
 mod interpreter;
 mod interrupt;
@@ -31,6 +32,7 @@ use nix::mount::{umount2, MntFlags};
 use nook_client::Client;
 use rand::Rng as _;
 
+use crate::builds::BuildFigures;
 use crate::images::ImageFigures;
 use crate::interpreter::InterpreterFigures;
 use crate::interrupt::Interrupt;
@@ -77,6 +79,9 @@ struct Args {
     /// Timed upload+download runs in the file throughput series.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     file_runs: u32,
+    /// Unchanged rebuilds timed in the Dockerfile build series.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    rebuilds: u32,
     /// Timed runs per peer series (runc run, runc exec, runsc run).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     peer_runs: u32,
@@ -149,6 +154,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             files: &figures.nook.files,
             server_memory: &figures.nook.server_memory,
             images: &figures.nook.images,
+            builds: &figures.nook.builds,
             peers: &figures.peers,
         })
     );
@@ -174,6 +180,7 @@ struct NookFigures {
     files: FileFigures,
     server_memory: MemoryAroundFiles,
     images: ImageFigures,
+    builds: BuildFigures,
 }
 
 /// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
@@ -246,6 +253,7 @@ fn measure(
                 after.peak_kib / 1024
             );
             let images = images::image_transfers(&client, work, &mut sandboxes, interrupt).await?;
+            let builds = builds::build_series(&client, args.rebuilds as usize, interrupt).await?;
             anyhow::Ok(NookFigures {
                 version,
                 base_layer,
@@ -257,6 +265,7 @@ fn measure(
                 files,
                 server_memory: MemoryAroundFiles { before, after },
                 images,
+                builds,
             })
         })?;
         let peers = peers::bench(

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use crate::builds::BuildFigures;
 use crate::images::{ImageFigures, Transfer};
 use crate::interpreter::InterpreterFigures;
 use crate::machine::MachineFacts;
@@ -37,6 +38,8 @@ pub struct Report<'a> {
     pub server_memory: &'a MemoryAroundFiles,
     /// Image push and pull through a registry on loopback.
     pub images: &'a ImageFigures,
+    /// Dockerfile builds.
+    pub builds: &'a BuildFigures,
     /// The peers.
     pub peers: &'a PeerFigures,
 }
@@ -134,6 +137,38 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         }
         ImageFigures::Unavailable(why) => writeln!(out, "Not measured: {why}.\n")?,
     }
+
+    let builds = r.builds;
+    writeln!(out, "## nook Dockerfile builds\n")?;
+    writeln!(
+        out,
+        "On `base`: WORKDIR, COPY of {} files ({}), RUN, ENV, COPY of one file, RUN; from the start request to the \
+         `done` event.\n",
+        builds.context_files,
+        mib(builds.context_bytes / 1024)
+    )?;
+    writeln!(
+        out,
+        "| build | n | p50 ms | p95 ms | p99 ms | mean ms | min ms | max ms |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        out,
+        "| first build (every step runs) | 1 | {:.2} | – | – | – | – | – |",
+        builds.first_ms
+    )?;
+    row(
+        out,
+        "unchanged rebuild (every layer cached)",
+        Some(&builds.unchanged),
+        None,
+    )?;
+    writeln!(
+        out,
+        "| the last COPY's file changed (2 of 4 layer steps run) | 1 | {:.2} | – | – | – | – | – |",
+        builds.last_copy_changed_ms
+    )?;
+    writeln!(out)?;
 
     writeln!(out, "## Ratios (p50)\n")?;
     ratio(
@@ -428,6 +463,13 @@ mod tests {
                 },
                 pull_to_first_exec_ms: 42.0,
             },
+            builds: &BuildFigures {
+                context_files: 503,
+                context_bytes: 17 << 20,
+                first_ms: 2500.0,
+                unchanged: summary(12.0),
+                last_copy_changed_ms: 400.0,
+            },
             peers: &peers,
         });
         assert!(text.contains("| nook create→first exec | 3 | 50.00 |"), "{text}");
@@ -441,6 +483,11 @@ mod tests {
             text.contains("first exec in a sandbox of the pulled image: 42.0 ms"),
             "{text}"
         );
+        assert!(
+            text.contains("| unchanged rebuild (every layer cached) | 3 | 12.00 |"),
+            "{text}"
+        );
+        assert!(text.contains("COPY of 503 files (17.0 MiB)"), "{text}");
         assert!(
             text.contains("| E2B code interpreter: `1+1` round trip (warm kernel) | 3 | 9.00 |"),
             "{text}"
