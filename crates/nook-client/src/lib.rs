@@ -79,6 +79,9 @@ impl ClientError {
 /// A stream of exec events.
 pub type ExecEvents = Pin<Box<dyn Stream<Item = Result<ExecEvent, ClientError>> + Send>>;
 
+/// A body of bytes, chunk by chunk, as it arrives.
+pub type ByteChunks = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>;
+
 /// A connection to one nook server.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -264,6 +267,17 @@ impl Client {
     }
 
     /// Parses an NDJSON body into events as lines arrive.
+    /// A response body as a stream of byte chunks (a download, an export), transport failures as errors.
+    fn byte_chunks(&self, response: reqwest::Response) -> ByteChunks {
+        let url = self.base.to_string();
+        Box::pin(response.bytes_stream().map(move |chunk| {
+            chunk.map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })
+        }))
+    }
+
     fn ndjson<T: DeserializeOwned + Send + 'static>(
         &self,
         response: reqwest::Response,
@@ -388,21 +402,11 @@ impl Client {
     }
 
     /// Downloads a file as a stream of byte chunks (nothing is buffered whole).
-    pub async fn download_file(
-        &self,
-        key: &str,
-        path: &str,
-    ) -> Result<Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>, ClientError> {
+    pub async fn download_file(&self, key: &str, path: &str) -> Result<ByteChunks, ClientError> {
         let mut url = self.url_for(&["v1", "sandboxes", key, "files"]);
         url.query_pairs_mut().append_pair("path", path);
         let response = self.send(self.request(Method::GET, url)).await?;
-        let base = self.base.to_string();
-        Ok(Box::pin(response.bytes_stream().map(move |chunk| {
-            chunk.map_err(|source| ClientError::Transport {
-                url: base.clone(),
-                source,
-            })
-        })))
+        Ok(self.byte_chunks(response))
     }
 
     /// Uploads a file from a body (a stream, for large files); it appears only once complete. `mode` is permission
@@ -452,17 +456,7 @@ impl Client {
 
     /// Downloads a file or directory tree as a tar stream (entries named from the path's last component), with the
     /// path's kind.
-    pub async fn download_archive(
-        &self,
-        key: &str,
-        path: &str,
-    ) -> Result<
-        (
-            FileKind,
-            Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>,
-        ),
-        ClientError,
-    > {
+    pub async fn download_archive(&self, key: &str, path: &str) -> Result<(FileKind, ByteChunks), ClientError> {
         let mut url = self.url_for(&["v1", "sandboxes", key, "files", "archive"]);
         url.query_pairs_mut().append_pair("path", path);
         let response = self.send(self.request(Method::GET, url)).await?;
@@ -472,16 +466,7 @@ impl Client {
             .and_then(|value| value.to_str().ok())
             .and_then(|kind| serde_json::from_value(serde_json::Value::String(kind.to_string())).ok())
             .ok_or_else(|| ClientError::Decode("the archive response has no valid X-Nook-File-Kind".into()))?;
-        let base = self.base.to_string();
-        Ok((
-            kind,
-            Box::pin(response.bytes_stream().map(move |chunk| {
-                chunk.map_err(|source| ClientError::Transport {
-                    url: base.clone(),
-                    source,
-                })
-            })),
-        ))
+        Ok((kind, self.byte_chunks(response)))
     }
 
     /// Unpacks a tar stream into the directory `path` (created with `parents`), owned by root unless `owner`
@@ -747,10 +732,7 @@ impl Client {
     }
 
     /// Exports an image as the tar of an OCI image layout, as a stream of byte chunks.
-    pub async fn export_image(
-        &self,
-        name: &str,
-    ) -> Result<Pin<Box<dyn Stream<Item = Result<bytes::Bytes, ClientError>> + Send>>, ClientError> {
+    pub async fn export_image(&self, name: &str) -> Result<ByteChunks, ClientError> {
         let request = nook_api::ExportRequest { name: name.into() };
         let response = self
             .send(
@@ -758,13 +740,7 @@ impl Client {
                     .json(&request),
             )
             .await?;
-        let base = self.base.to_string();
-        Ok(Box::pin(response.bytes_stream().map(move |chunk| {
-            chunk.map_err(|source| ClientError::Transport {
-                url: base.clone(),
-                source,
-            })
-        })))
+        Ok(self.byte_chunks(response))
     }
 
     /// Starts a build of `request.name` from the build context `context` (a tar stream holding the Dockerfile);

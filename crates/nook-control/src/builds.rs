@@ -154,27 +154,7 @@ impl Builds {
             start: plan.start,
             resources: self.step_resources,
         };
-        let tracked = Arc::new(Tracked {
-            cancel: CancellationToken::new(),
-            state: Mutex::new(TrackedState {
-                build: Build {
-                    id: id.clone(),
-                    name: plan.name,
-                    state: BuildState::Building,
-                    started_at: Utc::now(),
-                    finished_at: None,
-                    image: None,
-                    error: None,
-                    failed_step: None,
-                    events: 0,
-                },
-                log: VecDeque::new(),
-                first: 0,
-                output_bytes: 0,
-                timed_out: None,
-            }),
-            recorded: watch::Sender::new(0),
-        });
+        let tracked = Arc::new(Tracked::new(id.clone(), plan.name));
         let (started_sender, started) = oneshot::channel();
         tokio::spawn(drive(
             self.runner.clone(),
@@ -273,6 +253,31 @@ impl Builds {
 }
 
 impl Tracked {
+    /// A build that has just started.
+    fn new(id: String, name: String) -> Self {
+        Self {
+            cancel: CancellationToken::new(),
+            state: Mutex::new(TrackedState {
+                build: Build {
+                    id,
+                    name,
+                    state: BuildState::Building,
+                    started_at: Utc::now(),
+                    finished_at: None,
+                    image: None,
+                    error: None,
+                    failed_step: None,
+                    events: 0,
+                },
+                log: VecDeque::new(),
+                first: 0,
+                output_bytes: 0,
+                timed_out: None,
+            }),
+            recorded: watch::Sender::new(0),
+        }
+    }
+
     fn snapshot(&self) -> Build {
         self.state.lock().expect("build").build.clone()
     }
@@ -559,27 +564,7 @@ mod tests {
 
     #[test]
     fn the_log_replays_by_offset_and_forgets_its_oldest_output() {
-        let tracked = Tracked {
-            cancel: CancellationToken::new(),
-            state: Mutex::new(TrackedState {
-                build: Build {
-                    id: "bld-x".into(),
-                    name: "x".into(),
-                    state: BuildState::Building,
-                    started_at: Utc::now(),
-                    finished_at: None,
-                    image: None,
-                    error: None,
-                    failed_step: None,
-                    events: 0,
-                },
-                log: VecDeque::new(),
-                first: 0,
-                output_bytes: 0,
-                timed_out: None,
-            }),
-            recorded: watch::Sender::new(0),
-        };
+        let tracked = Tracked::new("bld-x".into(), "x".into());
         let chunk = "x".repeat(MAX_LOG_BYTES / 4);
         for step in 0..6 {
             tracked.record(BuildEvent::Output {
