@@ -236,6 +236,13 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
     )?;
     writeln!(
         out,
+        "- Dockerfile builds: each build sends the whole context (an uncompressed tar) with `POST /v1/builds` and \
+         follows the log to `done`; the server unpacks the context, parses the Dockerfile and, for each COPY, \
+         hashes the files it takes, so an unchanged rebuild still costs the upload, the unpacking and the hashing \
+         of the context, but runs no step sandbox. Runs one after another."
+    )?;
+    writeln!(
+        out,
         "- nook exec round trip: one sandbox, `exec [\"true\"]` repeatedly."
     )?;
     writeln!(

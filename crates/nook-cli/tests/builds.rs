@@ -29,6 +29,20 @@ fn context(files: &[(&str, &str)]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
+/// A build context with a symbolic link `link` → `target` besides the files.
+fn context_with_link(files: &[(&str, &str)], link: &str, target: &str) -> Vec<u8> {
+    let mut bytes = context(files);
+    // Over the two zero blocks that end the files' tar.
+    bytes.truncate(bytes.len() - 1024);
+    let mut builder = tar::Builder::new(bytes);
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    header.set_mode(0o777);
+    builder.append_link(&mut header, link, target).unwrap();
+    builder.into_inner().unwrap()
+}
+
 fn request(name: &str) -> BuildRequest {
     BuildRequest {
         name: name.into(),
@@ -396,4 +410,31 @@ async fn a_template_start_command_is_running_when_its_sandbox_starts() {
         error.message.contains("test -e /ready") && error.message.contains("listening soon"),
         "{error:?}"
     );
+}
+
+#[tokio::test]
+async fn links_in_the_context_stay_links_and_arguments_before_from_are_scoped() {
+    let server = shared_server();
+    let client = server.client();
+    // A link named like an archive: ADD copies the link, it never reads the host file it points at.
+    let dockerfile = "FROM base\nADD evil.tar.gz /added/\nRUN readlink /added/evil.tar.gz\n";
+    let context = context_with_link(&[("Dockerfile", dockerfile)], "evil.tar.gz", "/etc/hostname");
+    let started = client
+        .start_build(&request("built/links:1"), reqwest::Body::from(context))
+        .await
+        .unwrap();
+    let events = follow(&client, &started.id).await;
+    assert!(matches!(events.last(), Some(BuildEvent::Done { .. })), "{events:#?}");
+    assert_eq!(output(&events), "/etc/hostname\n");
+
+    // An ARG before FROM is seen by FROM alone; declared again after it, it takes its value, and a new value runs
+    // the step again instead of coming from the cache.
+    let dockerfile = "ARG V=one\nFROM base\nRUN echo \"before: [$V]\"\nARG V\nRUN echo \"after: $V\"\n";
+    let (first, events) = build(&client, &request("built/args:1"), &[("Dockerfile", dockerfile)]).await;
+    assert_eq!(first.state, BuildState::Succeeded, "{events:#?}");
+    assert_eq!(output(&events), "before: []\nafter: one\n");
+    let mut again = request("built/args:2");
+    again.build_args = Some(r#"{"V":"two"}"#.into());
+    let (_, events) = build(&client, &again, &[("Dockerfile", dockerfile)]).await;
+    assert_eq!(output(&events), "after: two\n", "{events:#?}");
 }

@@ -1,19 +1,22 @@
 //! Image builds as the control plane tracks them: started, followed, cancelled and timed out.
 //!
-//! [`Builds::start`] checks a request, gives the build an id and hands the runner the build context (the request
-//! body, streamed) and a channel for its events. A driver task records every event in the build's log and, when the
-//! runner is done, the final `done` or `error` event and the build's state. The start returns once the runner has
-//! unpacked the context and parsed the Dockerfile (its `started` event): a context or Dockerfile that is wrong fails
-//! the request itself, with its reason, and leaves no build behind.
+//! [`Builds::start`] checks a request and [`Builds::launch`] (which E2B's template builds call too) takes one of
+//! [`MAX_RUNNING_BUILDS`] slots — before the context is read, so uploads count — lists the build, and hands the
+//! runner the build context (the request body, streamed) and a channel for its events. A driver task records every
+//! event in the build's log and, when the runner is done, the final `done` or `error` event and the build's state.
+//! The start returns once the runner has unpacked the context and parsed the Dockerfile (its `started` event): a
+//! context or Dockerfile that is wrong fails the request itself, with its reason, and leaves no build listed. A
+//! client that goes away before then leaves the build running, listed and cancellable.
 //!
 //! Each build's log is a bounded replay buffer addressed by event offset: `GET /v1/builds/{build}/events?offset=N`
 //! replays from event N and, when following, waits for new events through a watch channel (no polling). A log past
-//! [`MAX_LOG_BYTES`] of output forgets its oldest events, and a reader that asks for them is told how many it missed.
-//! Builds are kept in memory: the last [`MAX_FINISHED_BUILDS`] finished ones stay listed; a restart of the server
-//! forgets them (the images they built stay in the store, and the runner removes what an interrupted build left).
+//! [`MAX_LOG_BYTES`] forgets its oldest events (a finished one keeps [`MAX_FINISHED_LOG_BYTES`]), and a reader that
+//! asks for them is told how many it missed. Builds are kept in memory: the last [`MAX_FINISHED_BUILDS`] finished
+//! ones stay listed; a restart of the server forgets them (the images they built stay in the store, and the runner
+//! removes what an interrupted build left).
 //!
 //! A build's time limit and its cancellation are one mechanism: both fire the cancellation token the runner
-//! watches, which stops the running step, removes its step sandbox and names no image.
+//! watches, which ends the context's upload or the running step, removes its step sandbox and names no image.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -35,8 +38,13 @@ use crate::error::ApiFailure;
 
 /// Finished builds kept for listing and for their logs; older ones are forgotten.
 pub const MAX_FINISHED_BUILDS: usize = 100;
-/// Output kept per build for replay, in bytes of text; beyond it the oldest events are dropped.
+/// What a running build's log may hold for replay, in bytes (output text, and [`EVENT_OVERHEAD`] per event);
+/// beyond it the oldest events are dropped.
 pub const MAX_LOG_BYTES: usize = 16 << 20;
+/// What a finished build's log keeps (its most recent events), in the same bytes.
+pub const MAX_FINISHED_LOG_BYTES: usize = 1 << 20;
+/// What one event costs in the log besides its text.
+const EVENT_OVERHEAD: usize = 64;
 /// Builds running at once; another is refused until one ends.
 pub const MAX_RUNNING_BUILDS: usize = 8;
 /// Memory of a build's step sandboxes (or the host's, when it has less), in MiB.
@@ -79,6 +87,8 @@ pub struct Builds {
     runner: Arc<dyn Runner>,
     step_resources: Resources,
     builds: Mutex<Vec<Arc<Tracked>>>,
+    /// One permit per build that may run (its upload included).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// One build: what the API shows, its log, and what stops it.
@@ -94,8 +104,8 @@ struct TrackedState {
     log: VecDeque<LoggedEvent>,
     /// Offset of `log[0]`.
     first: u64,
-    /// Output text held in `log`.
-    output_bytes: usize,
+    /// What `log` holds, as [`kept_size`] counts it.
+    kept_bytes: usize,
     timed_out: Option<u64>,
 }
 
@@ -122,6 +132,7 @@ impl Builds {
                 pids: STEP_PIDS,
             },
             builds: Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_BUILDS)),
         }
     }
 
@@ -132,18 +143,14 @@ impl Builds {
 
     /// Starts a checked build on the context `context` (a tar stream); returns once the build has started.
     pub async fn launch(&self, plan: BuildPlan, context: ByteStream) -> Result<Build, ApiFailure> {
-        let running = self
-            .list()
-            .iter()
-            .filter(|build| build.state == BuildState::Building)
-            .count();
-        if running >= MAX_RUNNING_BUILDS {
-            return Err(ApiFailure::new(
+        // A slot is taken before the context is read, so uploads in progress count too.
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            ApiFailure::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_builds",
-                format!("{running} builds are running, the most this server runs at once; try again when one ends"),
-            ));
-        }
+                format!("{MAX_RUNNING_BUILDS} builds are running, the most this server runs at once; try again when one ends"),
+            )
+        })?;
         let id = crate::ids::build_id();
         let spec = BuildSpec {
             id: id.clone(),
@@ -155,22 +162,36 @@ impl Builds {
             resources: self.step_resources,
         };
         let tracked = Arc::new(Tracked::new(id.clone(), plan.name));
+        // Listed (and cancellable) from now on, even if the client goes away before the build has started.
+        self.remember(tracked.clone());
         let (started_sender, started) = oneshot::channel();
+        let (events, received) = mpsc::channel(256);
+        let (runner, cancel, also_named) = (self.runner.clone(), tracked.cancel.clone(), plan.also_named);
+        let build = tokio::spawn(async move {
+            let image = runner.build_image(spec, context, events, cancel).await?;
+            for name in &also_named {
+                runner.tag_image(&image.name, name).await?;
+            }
+            Ok::<_, RunnerError>(image)
+        });
         tokio::spawn(drive(
-            self.runner.clone(),
             tracked.clone(),
-            spec,
-            context,
-            plan.also_named,
+            build,
+            received,
             plan.timeout_s,
             started_sender,
+            slot,
         ));
         match started.await {
-            Ok(Ok(())) => {
-                self.remember(tracked.clone());
-                Ok(tracked.snapshot())
+            Ok(Ok(())) => Ok(tracked.snapshot()),
+            Ok(Err(failure)) => {
+                // Nothing ran: the request fails, and no build is kept.
+                self.builds
+                    .lock()
+                    .expect("builds")
+                    .retain(|kept| !Arc::ptr_eq(kept, &tracked));
+                Err(failure)
             }
-            Ok(Err(failure)) => Err(failure),
             Err(_) => Err(ApiFailure::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -271,7 +292,7 @@ impl Tracked {
                 },
                 log: VecDeque::new(),
                 first: 0,
-                output_bytes: 0,
+                kept_bytes: 0,
                 timed_out: None,
             }),
             recorded: watch::Sender::new(0),
@@ -282,16 +303,12 @@ impl Tracked {
         self.state.lock().expect("build").build.clone()
     }
 
-    /// Appends an event to the log, dropping the oldest when the output kept grows past [`MAX_LOG_BYTES`].
+    /// Appends an event to the log, dropping the oldest when the log grows past [`MAX_LOG_BYTES`].
     fn record(&self, event: BuildEvent) {
         let mut state = self.state.lock().expect("build");
-        state.output_bytes += output_len(&event);
+        state.kept_bytes += kept_size(&event);
         state.log.push_back(LoggedEvent { at: Utc::now(), event });
-        while state.output_bytes > MAX_LOG_BYTES {
-            let Some(dropped) = state.log.pop_front() else { break };
-            state.output_bytes -= output_len(&dropped.event);
-            state.first += 1;
-        }
+        state.trim(MAX_LOG_BYTES);
         state.build.events += 1;
         let total = state.build.events;
         drop(state);
@@ -311,12 +328,24 @@ impl Tracked {
     }
 }
 
-/// Bytes of output text an event holds.
-fn output_len(event: &BuildEvent) -> usize {
-    match event {
-        BuildEvent::Output { text, .. } => text.len(),
-        _ => 0,
+impl TrackedState {
+    /// Drops the oldest events until the log holds at most `limit` bytes.
+    fn trim(&mut self, limit: usize) {
+        while self.kept_bytes > limit {
+            let Some(dropped) = self.log.pop_front() else { break };
+            self.kept_bytes -= kept_size(&dropped.event);
+            self.first += 1;
+        }
     }
+}
+
+/// What an event costs the log: its output text and a fixed overhead.
+fn kept_size(event: &BuildEvent) -> usize {
+    EVENT_OVERHEAD
+        + match event {
+            BuildEvent::Output { text, .. } => text.len(),
+            _ => 0,
+        }
 }
 
 fn check_request(request: &BuildRequest) -> Result<BuildPlan, ApiFailure> {
@@ -389,26 +418,16 @@ fn check_request(request: &BuildRequest) -> Result<BuildPlan, ApiFailure> {
     })
 }
 
-/// Runs one build on the runner and records what happens; tells `started` once the runner has started it (or why
-/// it could not).
+/// Records what the runner's `build` reports on `received`, stops it at its time limit, and records how it ended;
+/// tells `started` once the runner has started it (or why it could not). Holds the build's slot until then.
 async fn drive(
-    runner: Arc<dyn Runner>,
     tracked: Arc<Tracked>,
-    spec: BuildSpec,
-    context: ByteStream,
-    also_named: Vec<String>,
+    build: tokio::task::JoinHandle<Result<nook_api::Image, RunnerError>>,
+    mut received: mpsc::Receiver<BuildEvent>,
     timeout_s: u64,
     started: oneshot::Sender<Result<(), ApiFailure>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let (events, mut received) = mpsc::channel(256);
-    let cancel = tracked.cancel.clone();
-    let build = tokio::spawn(async move {
-        let image = runner.build_image(spec, context, events, cancel).await?;
-        for name in &also_named {
-            runner.tag_image(&image.name, name).await?;
-        }
-        Ok::<_, RunnerError>(image)
-    });
     let timer = {
         let tracked = tracked.clone();
         tokio::spawn(async move {
@@ -464,18 +483,6 @@ async fn drive(
             (state, None, Some((failure, step, exit_code)))
         }
     };
-    if let Some(started) = started.take() {
-        // Nothing happened yet: the request itself fails, and no build is kept.
-        let failure = failure.map(|(failure, ..)| failure).unwrap_or_else(|| {
-            ApiFailure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the build ended without reporting its start",
-            )
-        });
-        let _ = started.send(Err(failure));
-        return;
-    }
     if let Some((failure, step, exit_code)) = &failure {
         tracked.record(BuildEvent::Error {
             error: failure.body(),
@@ -488,11 +495,19 @@ async fn drive(
     guard.build.finished_at = Some(Utc::now());
     guard.build.image = image;
     guard.build.failed_step = failure.as_ref().and_then(|(_, step, _)| *step);
-    guard.build.error = failure.map(|(failure, ..)| failure.body());
+    guard.build.error = failure.as_ref().map(|(failure, ..)| failure.body());
+    guard.trim(MAX_FINISHED_LOG_BYTES);
     let total = guard.build.events;
     drop(guard);
     // Wake followers: the build has ended.
     tracked.recorded.send_replace(total);
+    if let Some(started) = started.take() {
+        // It ended before it started (a context or Dockerfile that is wrong): the request itself fails with the
+        // reason, and the request's handler forgets the build.
+        if let Some((failure, ..)) = failure {
+            let _ = started.send(Err(failure));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -565,7 +580,7 @@ mod tests {
     #[test]
     fn the_log_replays_by_offset_and_forgets_its_oldest_output() {
         let tracked = Tracked::new("bld-x".into(), "x".into());
-        let chunk = "x".repeat(MAX_LOG_BYTES / 4);
+        let chunk = "x".repeat(MAX_LOG_BYTES / 4 - EVENT_OVERHEAD);
         for step in 0..6 {
             tracked.record(BuildEvent::Output {
                 step,

@@ -176,28 +176,35 @@ impl Control {
             resources,
             env: request.env,
         };
-        match self.runner.create_sandbox(spec).await {
-            Ok(()) => {
-                let started = transition(CREATING, SandboxState::Running, StateReason::Requested, "started");
-                match self.store.transition(&id, started).await {
-                    Ok(sandbox) => Ok(sandbox),
-                    Err(error) => {
-                        // The record changed under us (a delete while creating): remove what the runner built.
-                        let _ = self.runner.delete_sandbox(&id).await;
-                        Err(
-                            ApiFailure::conflict(format!("sandbox {id} was deleted while it was being created"))
-                                .with_reason(&error),
-                        )
+        // The runner's part and its record run to their end in a task of their own, so that a client that goes away
+        // mid-create (a template's readiness check can take a while) leaves no sandbox stuck in `creating`.
+        let (store, runner) = (self.store.clone(), self.runner.clone());
+        tokio::spawn(async move {
+            match runner.create_sandbox(spec).await {
+                Ok(()) => {
+                    let started = transition(CREATING, SandboxState::Running, StateReason::Requested, "started");
+                    match store.transition(&id, started).await {
+                        Ok(sandbox) => Ok(sandbox),
+                        Err(error) => {
+                            // The record changed under us (a delete while creating): remove what the runner built.
+                            let _ = runner.delete_sandbox(&id).await;
+                            Err(
+                                ApiFailure::conflict(format!("sandbox {id} was deleted while it was being created"))
+                                    .with_reason(&error),
+                            )
+                        }
                     }
                 }
+                Err(error) => {
+                    let message = crate::error::chain(&error);
+                    let failed = transition(CREATING, SandboxState::Error, StateReason::CreateFailed, &message);
+                    let _ = store.transition(&id, failed).await;
+                    Err(ApiFailure::from(error))
+                }
             }
-            Err(error) => {
-                let message = crate::error::chain(&error);
-                let failed = transition(CREATING, SandboxState::Error, StateReason::CreateFailed, &message);
-                let _ = self.store.transition(&id, failed).await;
-                Err(ApiFailure::from(error))
-            }
-        }
+        })
+        .await
+        .expect("creating a sandbox does not panic")
     }
 
     /// Finds a sandbox by id or name.
@@ -261,23 +268,29 @@ impl Control {
                 )))
             }
         }
-        match self.runner.start_sandbox(&sandbox.id).await {
-            Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
-                let started = transition(
-                    STOPPED,
-                    SandboxState::Running,
-                    StateReason::Requested,
-                    "started by a client",
-                );
-                Ok(self.store.transition(&sandbox.id, started).await?)
+        // As for a create: to its end and recorded even if the client goes away.
+        let (store, runner) = (self.store.clone(), self.runner.clone());
+        tokio::spawn(async move {
+            match runner.start_sandbox(&sandbox.id).await {
+                Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
+                    let started = transition(
+                        STOPPED,
+                        SandboxState::Running,
+                        StateReason::Requested,
+                        "started by a client",
+                    );
+                    Ok(store.transition(&sandbox.id, started).await?)
+                }
+                Err(error) => {
+                    let message = crate::error::chain(&error);
+                    let failed = transition(STOPPED, SandboxState::Stopped, StateReason::StartFailed, &message);
+                    let _ = store.transition(&sandbox.id, failed).await;
+                    Err(ApiFailure::from(error))
+                }
             }
-            Err(error) => {
-                let message = crate::error::chain(&error);
-                let failed = transition(STOPPED, SandboxState::Stopped, StateReason::StartFailed, &message);
-                let _ = self.store.transition(&sandbox.id, failed).await;
-                Err(ApiFailure::from(error))
-            }
-        }
+        })
+        .await
+        .expect("starting a sandbox does not panic")
     }
 
     /// Deletes a sandbox and all its files, whatever its state (except while it is still being created).

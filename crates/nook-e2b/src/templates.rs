@@ -5,9 +5,10 @@
 //!    with a build id; the template id is the image name, so `Sandbox.create(name)` finds the image afterwards.
 //! 2. For every `COPY` step, `GET /templates/{template}/files/{hash}` asks whether the files of that hash (a key the
 //!    SDK computes over names, modes and contents) are already here; when not, the SDK uploads them, a tar (usually
-//!    gzip), with a plain `PUT` to the URL nook answered: `/template-files/{hash}?token=…`, signed with the E2B
-//!    secret because the SDK sends no API key there. Uploads are streamed to `e2b-template-files/` in the data
-//!    directory and appear only once complete.
+//!    gzip), with a plain `PUT` to the URL nook answered: `/template-files/{hash}?expires=…&token=…`, signed with
+//!    the E2B secret for an hour because the SDK sends no API key there. Uploads are streamed to
+//!    `e2b-template-files/` in the data directory and appear only once complete, and once (a hash's files are never
+//!    replaced).
 //! 3. `POST /v2/templates/{template}/builds/{build}` starts it: the steps (`ENV`, `RUN` with an optional user,
 //!    `COPY` with owner and mode, `WORKDIR`, `USER`) become builder instructions over a context in which each
 //!    upload is unpacked under `files/{hash}/`; `fromImage`/`fromTemplate` is the `FROM` (E2B's own base,
@@ -36,12 +37,14 @@ use nook_runner::build::Recipe as BuilderRecipe;
 use serde::{Deserialize, Serialize};
 
 use crate::rest::error;
-use crate::E2b;
+use crate::{same_secret, E2b};
 
 /// Largest upload of one COPY's files.
 const MAX_UPLOAD_BYTES: u64 = 16 << 30;
 /// Template builds requested but not started that are remembered; the oldest are forgotten beyond it.
 const MAX_WAITING: usize = 1000;
+/// How long an upload URL works, in seconds (the SDK uploads right after asking).
+const UPLOAD_URL_LIFETIME_S: i64 = 3600;
 /// Most log entries one status call returns (the SDK asks for 100).
 const MAX_LOG_ENTRIES: usize = 1000;
 /// E2B's base template, which nook's `base` image stands for.
@@ -55,13 +58,24 @@ pub struct TemplateBuilds {
     order: Mutex<Vec<String>>,
 }
 
+/// Where a requested template build is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Progress {
+    /// Requested; its steps have not come yet.
+    Waiting,
+    /// Its steps came and the build is being started.
+    Starting,
+    /// Running or done as this nook build.
+    Started(String),
+}
+
 /// One requested template build.
 #[derive(Debug, Clone)]
 struct TemplateBuild {
     template: String,
     also_named: Vec<String>,
-    /// The nook build, once started.
-    started: Option<String>,
+    /// Where it is.
+    progress: Progress,
     /// Builder steps before the template's first step (the `FROM`, and the prelude of E2B's base).
     preamble: u32,
 }
@@ -83,6 +97,26 @@ impl TemplateBuilds {
             .get(build_id)
             .filter(|build| build.template == template)
             .cloned()
+    }
+
+    /// Moves a waiting build to starting; false when it is not waiting (two start calls race, or it started).
+    fn claim(&self, build_id: &str) -> bool {
+        let mut builds = self.builds.lock().expect("template builds");
+        match builds.get_mut(build_id) {
+            Some(build) if build.progress == Progress::Waiting => {
+                build.progress = Progress::Starting;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records how a start ended: the nook build, or waiting again when it failed.
+    fn started(&self, build_id: &str, progress: Progress, preamble: u32) {
+        if let Some(build) = self.builds.lock().expect("template builds").get_mut(build_id) {
+            build.progress = progress;
+            build.preamble = preamble;
+        }
     }
 
     fn files_path(&self, hash: &str) -> PathBuf {
@@ -151,7 +185,7 @@ pub(crate) async fn request_template(State(e2b): State<E2b>, Json(request): Json
             TemplateBuild {
                 template: name.clone(),
                 also_named,
-                started: None,
+                progress: Progress::Waiting,
                 preamble: 1,
             },
         );
@@ -209,6 +243,7 @@ struct FilesCheck {
 pub(crate) async fn check_files(
     State(e2b): State<E2b>,
     UrlPath((template, hash)): UrlPath<(String, String)>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
     if !is_files_hash(&hash) {
@@ -217,40 +252,77 @@ pub(crate) async fn check_files(
             format!("{hash:?} is not a files hash (64 hex digits)"),
         );
     }
-    let Some(host) = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()) else {
+    // The address the client reached nook at (HTTP/1.1 Host, or the authority of an HTTP/2 request), and the scheme
+    // a TLS-terminating proxy in front says it used.
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| uri.authority().map(ToString::to_string));
+    let Some(host) = host else {
         return error(
             StatusCode::BAD_REQUEST,
-            "the request has no Host header to make the upload URL from",
+            "the request names no host to make the upload URL from",
         );
+    };
+    let scheme = match headers.get("x-forwarded-proto").and_then(|proto| proto.to_str().ok()) {
+        Some("https") => "https",
+        _ => "http",
     };
     let present = e2b.templates.files_path(&hash).is_file();
     tracing::debug!(%template, %hash, present, "template files checked");
-    let url = format!(
-        "http://{host}/template-files/{hash}?token={}",
-        upload_token(&e2b, &hash)
-    );
+    let expires = chrono::Utc::now().timestamp() + UPLOAD_URL_LIFETIME_S;
+    let token = upload_token(&e2b, &hash, expires);
+    let url = format!("{scheme}://{host}/template-files/{hash}?expires={expires}&token={token}");
     (StatusCode::CREATED, Json(FilesCheck { present, url })).into_response()
 }
 
-fn upload_token(e2b: &E2b, hash: &str) -> String {
-    e2b.derive_token(b"template-files:", hash)
+/// The signature of an upload URL: the hash it may write and until when.
+fn upload_token(e2b: &E2b, hash: &str, expires: i64) -> String {
+    e2b.derive_token(b"template-files:", &format!("{hash}:{expires}"))
 }
 
 /// Query of an upload.
 #[derive(Debug, Deserialize)]
 pub(crate) struct UploadQuery {
+    expires: i64,
     token: String,
 }
 
-/// `PUT /template-files/{hash}?token=…`: the files of one COPY, streamed to disk; they appear only once complete.
+/// Removes a partial upload unless it was kept.
+struct PartialFile(Option<PathBuf>);
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// `PUT /template-files/{hash}?expires=…&token=…`: the files of one COPY, streamed to disk. They appear only once
+/// complete, and once: files of a hash already here are kept (the hash names their content), so a leaked URL
+/// cannot replace them, and it stops working when it expires.
 pub(crate) async fn upload_files(
     State(e2b): State<E2b>,
     UrlPath(hash): UrlPath<String>,
     Query(query): Query<UploadQuery>,
     body: Body,
 ) -> Response {
-    if !is_files_hash(&hash) || query.token != upload_token(&e2b, &hash) {
-        return error(StatusCode::FORBIDDEN, "the upload URL is not valid (ask for a new one)");
+    let fresh = query.expires >= chrono::Utc::now().timestamp();
+    if !is_files_hash(&hash) || !fresh || !same_secret(&query.token, &upload_token(&e2b, &hash, query.expires)) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the upload URL is not valid or has expired (ask for a new one)",
+        );
+    }
+    let target = e2b.templates.files_path(&hash);
+    if target.is_file() {
+        // Read and dropped, so that the client's upload ends normally.
+        return match drain(body).await {
+            Ok(()) => StatusCode::OK.into_response(),
+            Err(problem) => error(StatusCode::BAD_REQUEST, format!("the upload failed: {problem}")),
+        };
     }
     let dir = e2b.templates.files_dir.clone();
     if let Err(problem) = tokio::fs::create_dir_all(&dir).await {
@@ -259,19 +331,36 @@ pub(crate) async fn upload_files(
             format!("creating {} failed: {problem}", dir.display()),
         );
     }
-    let partial = dir.join(format!(".{hash}.{}.partial", uuid_like()));
-    let written = write_upload(&partial, body).await;
-    let finished = match written {
-        Ok(()) => tokio::fs::rename(&partial, e2b.templates.files_path(&hash)).await,
+    let partial = PartialFile(Some(dir.join(format!(".{hash}.{}.partial", uuid_like()))));
+    let path = partial.0.clone().expect("set above");
+    let written = match write_upload(&path, body).await {
+        // A link never replaces what is there: when another upload of the same hash won, its files stay.
+        Ok(()) => match tokio::fs::hard_link(&path, &target).await {
+            Err(problem) if problem.kind() != std::io::ErrorKind::AlreadyExists => Err(problem),
+            _ => Ok(()),
+        },
         Err(problem) => Err(problem),
     };
-    match finished {
+    drop(partial);
+    match written {
         Ok(()) => StatusCode::OK.into_response(),
-        Err(problem) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            error(StatusCode::BAD_REQUEST, format!("the upload failed: {problem}"))
+        Err(problem) => error(StatusCode::BAD_REQUEST, format!("the upload failed: {problem}")),
+    }
+}
+
+/// Reads a request body to its end (bounded), keeping nothing.
+async fn drain(body: Body) -> std::io::Result<()> {
+    let mut stream = body.into_data_stream();
+    let mut read = 0u64;
+    while let Some(chunk) = stream.next().await {
+        read += chunk.map_err(std::io::Error::other)?.len() as u64;
+        if read > MAX_UPLOAD_BYTES {
+            return Err(std::io::Error::other(format!(
+                "it is larger than {MAX_UPLOAD_BYTES} bytes"
+            )));
         }
     }
+    Ok(())
 }
 
 async fn write_upload(path: &Path, body: Body) -> std::io::Result<()> {
@@ -328,9 +417,6 @@ pub(crate) async fn start_build(
     let Some(build) = e2b.templates.get(&build_id, &template) else {
         return build_not_found(&build_id, &template);
     };
-    if build.started.is_some() {
-        return error(StatusCode::CONFLICT, format!("build {build_id} has already started"));
-    }
     if start.from_image_registry.is_some() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -370,16 +456,20 @@ pub(crate) async fn start_build(
             }),
         timeout_s: DEFAULT_BUILD_TIMEOUT_S,
     };
+    if !e2b.templates.claim(&build_id) {
+        return error(StatusCode::CONFLICT, format!("build {build_id} has already started"));
+    }
     let context = context_stream(e2b.templates.files_dir.clone(), hashes);
     match e2b.control.builds().launch(plan, context).await {
         Ok(started) => {
-            if let Some(entry) = e2b.templates.builds.lock().expect("template builds").get_mut(&build_id) {
-                entry.started = Some(started.id);
-                entry.preamble = preamble;
-            }
+            e2b.templates
+                .started(&build_id, Progress::Started(started.id), preamble);
             StatusCode::ACCEPTED.into_response()
         }
-        Err(failure) => error(failure.status, failure.message),
+        Err(failure) => {
+            e2b.templates.started(&build_id, Progress::Waiting, build.preamble);
+            error(failure.status, failure.message)
+        }
     }
 }
 
@@ -617,7 +707,7 @@ pub(crate) async fn build_status(
         log_entries: Vec::new(),
         reason: None,
     };
-    let Some(nook_build) = build.started else {
+    let Progress::Started(nook_build) = build.progress else {
         return Json(status).into_response();
     };
     let builds = e2b.control.builds();
@@ -630,11 +720,18 @@ pub(crate) async fn build_status(
     };
     let limit = query.limit.unwrap_or(MAX_LOG_ENTRIES).clamp(1, MAX_LOG_ENTRIES);
     let preamble = build.preamble;
-    status.log_entries = batch
-        .events
-        .iter()
+    // Entries the log no longer holds are one warning (the SDK then counts one entry where there were more, and
+    // may see a few entries twice; only a build with more output than the log keeps gets there).
+    let missed = (batch.missed > 0).then(|| LogEntry {
+        timestamp: batch.events.first().map_or_else(chrono::Utc::now, |logged| logged.at),
+        level: "warn",
+        message: format!("{} earlier log entries are no longer kept", batch.missed),
+        step: None,
+    });
+    status.log_entries = missed
+        .into_iter()
+        .chain(batch.events.iter().map(|logged| log_entry(logged, preamble)))
         .take(limit)
-        .map(|logged| log_entry(logged, preamble))
         .collect();
     status.status = match info.state {
         BuildState::Building => "building",

@@ -240,13 +240,20 @@ impl LocalRunner {
     }
 
     /// The build cache's result for a step key: `Some(None)` for a step that added no layer, `Some(Some(layer))`
-    /// when its layer is still in the store, `None` for a miss.
-    pub(crate) fn cached_layer(&self, key: &str) -> Option<Option<String>> {
+    /// when its layer is still in the store (pinned first, so that a prune cannot take it after the check), `None`
+    /// for a miss.
+    pub(crate) fn cached_layer(&self, key: &str) -> Option<Option<(String, LayerPin)>> {
         let text = std::fs::read_to_string(self.build_cache_path(key)).ok()?;
         let layer: Option<String> = serde_json::from_str(&text).ok()?;
         match layer {
-            Some(layer) if self.inner.images.layer_dir(&layer).is_dir() => Some(Some(layer)),
-            Some(_) => None,
+            Some(layer) => {
+                let pin = self.inner.images.pin(&layer);
+                self.inner
+                    .images
+                    .layer_dir(&layer)
+                    .is_dir()
+                    .then_some(Some((layer, pin)))
+            }
             None => Some(None),
         }
     }

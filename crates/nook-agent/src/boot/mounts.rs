@@ -123,7 +123,9 @@ struct OverlayOptions {
     relative_to: Option<PathBuf>,
 }
 
-/// Builds `lowerdir=a:b,upperdir=u,workdir=w`. The kernel reads at most one page of mount options (including the
+/// Builds `lowerdir=a:b,upperdir=u,workdir=w,redirect_dir=off,metacopy=off`: whatever the kernel's defaults, the
+/// upper layer holds whole files and directories (a renamed directory is copied, never a redirect), so a sandbox's
+/// writable layer can become an image layer on its own (snapshots, builds). The kernel reads at most one page of mount options (including the
 /// final NUL); when absolute paths do not fit, the paths are made relative to their longest common parent, which the
 /// caller changes into before mounting.
 fn overlay_options(lower: &[PathBuf], upper: &Path, work: &Path, page: usize) -> io::Result<OverlayOptions> {
@@ -153,7 +155,7 @@ fn overlay_options(lower: &[PathBuf], upper: &Path, work: &Path, page: usize) ->
         };
         let lowers: Vec<String> = lower.iter().map(|path| show(path)).collect();
         format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off",
             lowers.join(":"),
             show(upper),
             show(work)
@@ -473,7 +475,7 @@ mod tests {
         assert_eq!(
             options,
             OverlayOptions {
-                data: "lowerdir=/l/b:/l/a,upperdir=/s/up,workdir=/s/work".into(),
+                data: "lowerdir=/l/b:/l/a,upperdir=/s/up,workdir=/s/work,redirect_dir=off,metacopy=off".into(),
                 relative_to: None
             }
         );
@@ -494,7 +496,7 @@ mod tests {
         assert!(options.data.starts_with(&format!("lowerdir=layers/{:064}:layers/", 0)));
         assert!(options
             .data
-            .ends_with(",upperdir=sandboxes/s1/upper,workdir=sandboxes/s1/work"));
+            .ends_with(",upperdir=sandboxes/s1/upper,workdir=sandboxes/s1/work,redirect_dir=off,metacopy=off"));
         assert!(options.data.len() < 8192);
     }
 

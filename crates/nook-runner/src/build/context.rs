@@ -176,6 +176,86 @@ impl Context {
     pub fn host_path(&self, selected: &Selected) -> PathBuf {
         self.root.join(&selected.path)
     }
+
+    /// Whether a selected source is a regular file (not a link, whatever it points at).
+    pub fn is_regular_file(&self, selected: &Selected) -> bool {
+        std::fs::symlink_metadata(self.host_path(selected)).is_ok_and(|meta| meta.is_file())
+    }
+}
+
+/// Opens a file of the context for reading, refusing a symbolic link in its last component (the unpacker made every
+/// directory of the context itself, so none of them is a link).
+pub fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// The client's context stream, ended with an error as soon as the build is cancelled (so that a blocked read of a
+/// slow upload wakes up).
+pub struct Cancellable {
+    inner: crate::ByteStream,
+    cancelled: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Cancellable {
+    /// `inner`, until `cancel` fires.
+    pub fn new(inner: crate::ByteStream, cancel: tokio_util::sync::CancellationToken) -> Self {
+        Self {
+            inner,
+            cancelled: Box::pin(cancel.cancelled_owned()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Cancellable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if std::future::Future::poll(self.cancelled.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the build was cancelled",
+            )));
+        }
+        self.inner.as_mut().poll_read(cx, buf)
+    }
+}
+
+/// A reader that fails once more than `limit` bytes were read from it (a context that unpacks to more than a
+/// context should hold, such as a compressed bomb).
+pub struct Limited<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R> Limited<R> {
+    /// `inner`, up to `limit` bytes.
+    pub fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            left: limit,
+            limit,
+        }
+    }
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            io::Error::other(format!(
+                "the build context is larger than {} GiB unpacked",
+                self.limit >> 30
+            ))
+        })?;
+        Ok(n)
+    }
 }
 
 /// One file, directory or link to copy.
@@ -276,7 +356,7 @@ pub fn hash_selection(members: &[Member], chmod: Option<u32>) -> io::Result<Stri
         } else if kind.is_file() {
             hasher.update(b"f");
             hasher.update(member.meta.len().to_le_bytes());
-            let mut file = std::fs::File::open(&member.host)?;
+            let mut file = open_no_follow(&member.host)?;
             loop {
                 let n = file.read(&mut buffer)?;
                 if n == 0 {
@@ -313,7 +393,7 @@ pub fn write_tar(members: &[Member], chmod: Option<u32>, out: impl Write) -> io:
         } else if kind.is_file() {
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(member.meta.len());
-            builder.append_data(&mut header, &member.name, std::fs::File::open(&member.host)?)?;
+            builder.append_data(&mut header, &member.name, open_no_follow(&member.host)?)?;
         }
     }
     builder.into_inner()?.flush()

@@ -93,45 +93,112 @@ fn clean(pattern: &str) -> Vec<String> {
     out
 }
 
-/// Whether the wildcard components match exactly the path components.
+/// Whether the wildcard components match exactly the path components. `**` is to components what `*` is to
+/// characters, so both levels use the same linear-time matcher ([`wildcard_match`]): no pattern, however many
+/// wildcards it has, can make matching take more than (pattern length × path length) steps.
 pub fn match_components(pattern: &[String], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((first, rest)) if first == "**" => (0..=path.len()).any(|skip| match_components(rest, &path[skip..])),
-        Some((first, rest)) => match path.split_first() {
-            Some((head, tail)) => component_matches(first, head) && match_components(rest, tail),
-            None => false,
-        },
-    }
+    wildcard_match(
+        pattern,
+        path,
+        |component| component == "**",
+        |component, name| component_matches(component, name),
+    )
 }
 
 /// Whether one path component matches one wildcard component (`*`, `?`, `[...]`, `\`).
 pub fn component_matches(pattern: &str, name: &str) -> bool {
-    let pattern: Vec<char> = pattern.chars().collect();
+    let tokens = tokens(pattern);
     let name: Vec<char> = name.chars().collect();
-    glob(&pattern, &name)
+    wildcard_match(
+        &tokens,
+        &name,
+        |token| matches!(token, Token::Star),
+        |token, c| token.matches(*c),
+    )
 }
 
-fn glob(pattern: &[char], name: &[char]) -> bool {
-    match pattern.first() {
-        None => name.is_empty(),
-        Some('*') => (0..=name.len()).any(|skip| glob(&pattern[1..], &name[skip..])),
-        Some('?') => !name.is_empty() && glob(&pattern[1..], &name[1..]),
-        Some('[') => match (name.first(), class(&pattern[1..])) {
-            (Some(&c), Some((matches, used))) => matches(c) && glob(&pattern[1 + used..], &name[1..]),
-            // An unterminated class is a literal `[`.
-            (Some('['), None) => glob(&pattern[1..], &name[1..]),
-            _ => false,
-        },
-        Some('\\') if pattern.len() > 1 => name.first() == Some(&pattern[1]) && glob(&pattern[2..], &name[1..]),
-        Some(&literal) => name.first() == Some(&literal) && glob(&pattern[1..], &name[1..]),
+/// Matches `items` against `pattern`, in which `is_star` elements match any run of items (none included) and
+/// every other element matches one item when `matches` says so. Greedy, going back only to the last star: each star
+/// is retried from one item further at most once per item, so the work is bounded by the product of the lengths.
+fn wildcard_match<P, I>(
+    pattern: &[P],
+    items: &[I],
+    is_star: impl Fn(&P) -> bool,
+    matches: impl Fn(&P, &I) -> bool,
+) -> bool {
+    let (mut p, mut i) = (0, 0);
+    // Where the last star was, and the first item it has not taken yet.
+    let mut resume: Option<(usize, usize)> = None;
+    while i < items.len() {
+        if p < pattern.len() && is_star(&pattern[p]) {
+            resume = Some((p, i));
+            p += 1;
+        } else if p < pattern.len() && matches(&pattern[p], &items[i]) {
+            p += 1;
+            i += 1;
+        } else if let Some((star, taken)) = resume {
+            // Let the last star take one more item and try again after it.
+            resume = Some((star, taken + 1));
+            p = star + 1;
+            i = taken + 1;
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(is_star)
+}
+
+/// One element of a wildcard component.
+enum Token {
+    /// `*`: any run of characters.
+    Star,
+    /// `?`: one character.
+    Any,
+    /// A character as written (or escaped with `\`).
+    Literal(char),
+    /// `[...]`: one character in (or, negated, not in) the ranges.
+    Class { negated: bool, ranges: Vec<(char, char)> },
+}
+
+impl Token {
+    fn matches(&self, c: char) -> bool {
+        match self {
+            Token::Star | Token::Any => true,
+            Token::Literal(literal) => *literal == c,
+            Token::Class { negated, ranges } => ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != *negated,
+        }
     }
 }
 
-type ClassMatcher = Box<dyn Fn(char) -> bool>;
+/// The tokens of a wildcard component; an unterminated `[` is a literal `[`.
+fn tokens(pattern: &str) -> Vec<Token> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut out = Vec::with_capacity(chars.len());
+    let mut at = 0;
+    while at < chars.len() {
+        match chars[at] {
+            '*' => out.push(Token::Star),
+            '?' => out.push(Token::Any),
+            '\\' if at + 1 < chars.len() => {
+                at += 1;
+                out.push(Token::Literal(chars[at]));
+            }
+            '[' => match class(&chars[at + 1..]) {
+                Some((token, used)) => {
+                    out.push(token);
+                    at += used;
+                }
+                None => out.push(Token::Literal('[')),
+            },
+            literal => out.push(Token::Literal(literal)),
+        }
+        at += 1;
+    }
+    out
+}
 
-/// A `[...]` class after its `[`: a matcher and how many characters it used (the closing `]` included).
-fn class(pattern: &[char]) -> Option<(ClassMatcher, usize)> {
+/// A `[...]` class after its `[`: the token and how many characters it used (the closing `]` included).
+fn class(pattern: &[char]) -> Option<(Token, usize)> {
     let mut index = 0;
     let negated = matches!(pattern.first(), Some('!') | Some('^'));
     if negated {
@@ -142,8 +209,7 @@ fn class(pattern: &[char]) -> Option<(ClassMatcher, usize)> {
     while index < pattern.len() {
         let c = pattern[index];
         if c == ']' && !first {
-            let matcher = move |ch: char| ranges.iter().any(|(lo, hi)| *lo <= ch && ch <= *hi) != negated;
-            return Some((Box::new(matcher), index + 1));
+            return Some((Token::Class { negated, ranges }, index + 1));
         }
         first = false;
         let lo = if c == '\\' && index + 1 < pattern.len() {
@@ -177,6 +243,29 @@ mod tests {
         assert!(component_matches(r"\*", "*"));
         assert!(!component_matches(r"\*", "a"));
         assert!(component_matches("[", "["));
+    }
+
+    #[test]
+    fn hostile_patterns_match_in_linear_time() {
+        let name = "a".repeat(255);
+        let started = std::time::Instant::now();
+        assert!(!component_matches(&"*a".repeat(40), &format!("{name}b")));
+        assert!(!component_matches("*a*a*a*a*a*a*a*a*a*a*a*a*c", &name));
+        let deep: Vec<&str> = vec!["d"; 200];
+        let pattern: Vec<String> = std::iter::repeat_n("**".to_string(), 30)
+            .chain(["x".to_string()])
+            .collect();
+        assert!(!match_components(&pattern, &deep));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(match_components(
+            &["**".into(), "b".into(), "**".into()],
+            &["a", "b", "c"]
+        ));
+        assert!(component_matches("*.tar.*", "x.tar.gz"));
     }
 
     #[test]

@@ -36,6 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::images::tar_stream::TarError;
 use crate::images::{ImageError, LayerPin};
 use crate::{ExecOptions, ExecOutput, LocalRunner, Runner, RunnerError, SandboxSpec};
 use context::{Context, Selected};
@@ -43,6 +44,9 @@ use dockerfile::{Command, Instruction, Step, Variables};
 
 /// Ids of step sandboxes start with this.
 pub const BUILD_SANDBOX_PREFIX: &str = "build-";
+
+/// The most a build context may hold, unpacked: a context is for sources, not for data sets.
+pub const MAX_CONTEXT_BYTES: u64 = 16 << 30;
 
 /// Lines of a failed step's output quoted in its error.
 const TAIL_LINES: usize = 20;
@@ -169,6 +173,8 @@ struct Builder<'a> {
     config: ImageConfig,
     shell: Vec<String>,
     args: BTreeMap<String, String>,
+    /// Build arguments declared before `FROM`: only `FROM` sees them, and an `ARG` after it may take their value.
+    args_before_from: BTreeMap<String, String>,
     key: String,
     pending_workdir: Option<String>,
     pins: Vec<LayerPin>,
@@ -200,7 +206,8 @@ async fn build_in(
 ) -> Result<Image, RunnerError> {
     let started = Instant::now();
     let context_dir = scratch.join("context");
-    let reader = tokio_util::io::SyncIoBridge::new(context);
+    // A cancel (or the time limit) ends the upload too: the blocked read wakes with an error.
+    let reader = tokio_util::io::SyncIoBridge::new(context::Cancellable::new(context, cancel.clone()));
     let unpack_into = context_dir.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&unpack_into).map_err(|source| RunnerError::Io {
@@ -208,7 +215,9 @@ async fn build_in(
             path: unpack_into.clone(),
             source,
         })?;
-        crate::images::unpack::unpack_layer(reader, &unpack_into)
+        let plain = crate::images::unpack::decompressed(reader)
+            .map_err(|error| RunnerError::Build(BuildError::Context(TarError::Io(error).into())))?;
+        crate::images::unpack::unpack_layer(context::Limited::new(plain, MAX_CONTEXT_BYTES), &unpack_into)
             .map_err(|error| RunnerError::Build(BuildError::Context(error)))?;
         let context =
             Context::open(&unpack_into).map_err(|message| RunnerError::Build(BuildError::BadContext(message)))?;
@@ -221,6 +230,9 @@ async fn build_in(
     })
     .await
     .expect("unpacking the context does not panic");
+    if cancel.is_cancelled() {
+        return Err(BuildError::Cancelled.into());
+    }
     let (context, (context_files, context_bytes)) = unpacked?;
     let instructions = match &spec.recipe {
         Recipe::Dockerfile(path) => {
@@ -249,6 +261,7 @@ async fn build_in(
         config: ImageConfig::default(),
         shell: DEFAULT_SHELL.iter().map(|s| s.to_string()).collect(),
         args: BTreeMap::new(),
+        args_before_from: BTreeMap::new(),
         key: String::new(),
         pending_workdir: None,
         pins: Vec::new(),
@@ -349,9 +362,12 @@ impl Builder<'_> {
         let expand = |text: &str| dockerfile::expand(text, &vars).map_err(|m| step_error(step, instruction, m));
         match &instruction.step {
             Step::Arg { name, default } => {
-                let value = match self.spec.build_args.get(name) {
-                    Some(value) => Some(value.clone()),
-                    None => default.as_deref().map(expand).transpose()?,
+                // As in Docker: a build argument given wins, then the default written here, then (for an ARG
+                // declared again after FROM) the value it had before FROM.
+                let value = match (self.spec.build_args.get(name), default) {
+                    (Some(value), _) => Some(value.clone()),
+                    (None, Some(default)) => Some(expand(default)?),
+                    (None, None) => self.args_before_from.get(name).cloned(),
                 };
                 let text = format!("ARG {name}={}", value.as_deref().unwrap_or(""));
                 self.args.insert(name.clone(), value.unwrap_or_default());
@@ -466,8 +482,12 @@ impl Builder<'_> {
 
     async fn from(&mut self, step: u32, instruction: &Instruction, reference: &str) -> Result<(), RunnerError> {
         if reference == "scratch" {
-            self.key = chain("", "FROM scratch");
-            return Ok(());
+            return Err(step_error(
+                step,
+                instruction,
+                "FROM scratch is not supported yet: start from an image (nook image import can make one of a \
+                 directory)",
+            ));
         }
         let image = match self.runner.image(reference).await {
             Ok(image) => image,
@@ -500,6 +520,7 @@ impl Builder<'_> {
             Err(error) => return Err(error),
         };
         self.pins = image.layers.iter().map(|layer| self.runner.pin_layer(layer)).collect();
+        self.args_before_from = std::mem::take(&mut self.args);
         self.layers = image.layers.clone();
         self.config = image.config.clone();
         self.config.start = None;
@@ -538,7 +559,8 @@ impl Builder<'_> {
         let archives: Vec<&Selected> = if add {
             selected
                 .iter()
-                .filter(|s| !s.is_dir && is_archive_name(&s.path))
+                // Only regular files are unpacked: a link named like an archive is copied as the link it is.
+                .filter(|s| !s.is_dir && is_archive_name(&s.path) && self.context.is_regular_file(s))
                 .collect()
         } else {
             Vec::new()
@@ -561,7 +583,7 @@ impl Builder<'_> {
             .map_err(|e| step_error(step, instruction, format!("reading {} failed: {e}", archives[0].path)))?;
             let key = chain(&self.key, &format!("ADD archive {hash} {dest_path} {owner:?}"));
             let produce: TarProducer = Box::new(move |out| {
-                let file = std::fs::File::open(&archive)?;
+                let file = context::open_no_follow(&archive)?;
                 std::io::copy(&mut crate::images::unpack::decompressed(file)?, out).map(drop)
             });
             let action = Action::Unpack {
@@ -604,13 +626,14 @@ impl Builder<'_> {
     ) -> Result<(bool, Option<String>), RunnerError> {
         self.key = key.clone();
         if self.spec.no_cache_from.is_none_or(|from| step < from) {
-            if let Some(layer) = self.runner.cached_layer(&key) {
+            if let Some(cached) = self.runner.cached_layer(&key) {
                 self.pending_workdir = None;
                 self.cached_steps += 1;
-                if let Some(layer) = &layer {
-                    self.pins.push(self.runner.pin_layer(layer));
+                let layer = cached.map(|(layer, pin)| {
+                    self.pins.push(pin);
                     self.layers.push(layer.clone());
-                }
+                    layer
+                });
                 return Ok((true, layer));
             }
         }
@@ -836,7 +859,7 @@ fn is_archive_name(path: &str) -> bool {
 
 fn file_hash(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    std::io::copy(&mut context::open_no_follow(path)?, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
 }
 
@@ -881,6 +904,9 @@ impl Tail {
         if self.partial.len() > 4096 {
             let line = std::mem::take(&mut self.partial);
             self.lines.push_back(line);
+            if self.lines.len() > TAIL_LINES {
+                self.lines.pop_front();
+            }
         }
     }
 

@@ -553,12 +553,23 @@ fn list_xattrs(path: &CString) -> io::Result<Vec<Vec<u8>>> {
     }
 }
 
-/// Removes overlayfs's bookkeeping attributes (`trusted.overlay.*` other than the opaque marker: origin, impure,
-/// redirect and the like, which describe the file system it was written on) from everything under `root`, `root`
-/// included.
+/// Attributes with which overlayfs makes an upper file stand for content elsewhere (a renamed directory, a file
+/// whose data is still in a lower layer): a layer with them is not self-contained. Sandboxes mount overlayfs with
+/// `redirect_dir=off,metacopy=off`, so none is ever written; finding one is refused rather than losing the data.
+const CONTENT_ELSEWHERE_XATTRS: [&[u8]; 2] = [b"trusted.overlay.redirect", b"trusted.overlay.metacopy"];
+
+/// Removes overlayfs's bookkeeping attributes (`trusted.overlay.*` other than the opaque marker: origin, impure and
+/// the like, which describe the file system it was written on) from everything under `root`, `root` included.
 pub fn strip_overlay_bookkeeping(root: &Path) -> io::Result<()> {
     let path = CString::new(root.as_os_str().as_bytes()).map_err(io::Error::other)?;
     for name in list_xattrs(&path)? {
+        if CONTENT_ELSEWHERE_XATTRS.contains(&name.as_slice()) {
+            return Err(io::Error::other(format!(
+                "{} carries overlayfs's {} attribute: its content is not in this layer",
+                root.display(),
+                String::from_utf8_lossy(&name)
+            )));
+        }
         if name.starts_with(b"trusted.overlay.") && name != OPAQUE_XATTR.as_bytes() {
             let name = CString::new(name).map_err(io::Error::other)?;
             // SAFETY: both strings are NUL-terminated and outlive the call.
