@@ -19,6 +19,7 @@ use nook_client::Client;
 use nook_runner::build::ignore::IgnoreRules;
 use tokio::sync::mpsc;
 
+use crate::commands::{append_tree, Visit};
 use crate::copy::ChunkWriter;
 use crate::table;
 
@@ -169,61 +170,36 @@ fn pack_context(
     let mut builder = tar::Builder::new(writer);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
-    let mut entries = 0;
-    let result = add_tree(&mut builder, root, "", &rules, dockerfile, &mut entries).and_then(|()| {
-        builder
-            .into_inner()
-            .and_then(|mut writer| writer.flush())
-            .map_err(anyhow::Error::from)
-    });
+    // Kept: what .dockerignore does not exclude, the Dockerfile and .dockerignore always, and only files,
+    // directories and links. Descended into: directories not excluded, or holding something kept.
+    let mut filter = |path: &Path, kind: std::fs::FileType| {
+        let Some(path) = path.to_str() else {
+            eprintln!("skipping {}: its name is not UTF-8", path.display());
+            return Visit {
+                include: false,
+                descend: false,
+            };
+        };
+        let always = path == dockerfile || path == ".dockerignore";
+        let excluded = !always && rules.excludes(path);
+        Visit {
+            include: !excluded && (kind.is_file() || kind.is_dir() || kind.is_symlink()),
+            descend: !excluded || rules.may_reinclude_below(path) || dockerfile.starts_with(&format!("{path}/")),
+        }
+    };
+    let result = append_tree(&mut builder, root, Path::new(""), &mut filter)
+        .and_then(|entries| {
+            builder
+                .into_inner()
+                .and_then(|mut writer| writer.flush())
+                .map(|()| entries)
+        })
+        .with_context(|| format!("packing {}", root.display()));
     if let Err(error) = &result {
         // Break the upload, so that the server sees an incomplete context rather than a short one.
         let _ = sender.blocking_send(Err(std::io::Error::other(error.to_string())));
     }
-    result.map(|()| entries)
-}
-
-fn add_tree(
-    builder: &mut tar::Builder<ChunkWriter>,
-    dir: &Path,
-    relative: &str,
-    rules: &IgnoreRules,
-    dockerfile: &str,
-    entries: &mut u64,
-) -> anyhow::Result<()> {
-    let mut children: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {}", dir.display()))?;
-    children.sort_by_key(|entry| entry.file_name());
-    for entry in children {
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-            eprintln!("skipping {}: its name is not UTF-8", entry.path().display());
-            continue;
-        };
-        let child = if relative.is_empty() {
-            name
-        } else {
-            format!("{relative}/{name}")
-        };
-        let kind = entry
-            .file_type()
-            .with_context(|| format!("reading {}", entry.path().display()))?;
-        let always = child == dockerfile || child == ".dockerignore";
-        let excluded = !always && rules.excludes(&child);
-        if !excluded && (kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-            builder
-                .append_path_with_name(entry.path(), &child)
-                .with_context(|| format!("packing {}", entry.path().display()))?;
-            *entries += 1;
-        }
-        if kind.is_dir()
-            && (!excluded || rules.may_reinclude_below(&child) || dockerfile.starts_with(&format!("{child}/")))
-        {
-            add_tree(builder, &entry.path(), &child, rules, dockerfile, entries)?;
-        }
-    }
-    Ok(())
+    result
 }
 
 /// Prints a build's events until it ends, picking the stream up again where it broke; returns the finished build.

@@ -639,7 +639,11 @@ fn archive_body(path: &Path, sent: Arc<AtomicU64>) -> anyhow::Result<reqwest::Bo
         tokio::task::spawn_blocking(move || {
             let mut builder = tar::Builder::new(writer);
             builder.follow_symlinks(false);
-            if let Err(error) = append_tree(&mut builder, &path, Path::new("")) {
+            let mut everything = |_: &Path, _: std::fs::FileType| Visit {
+                include: true,
+                descend: true,
+            };
+            if let Err(error) = append_tree(&mut builder, &path, Path::new(""), &mut everything) {
                 eprintln!("\nnook: packing {} failed: {error}", path.display());
                 return;
             }
@@ -661,19 +665,39 @@ fn archive_body(path: &Path, sent: Arc<AtomicU64>) -> anyhow::Result<reqwest::Bo
     Ok(reqwest::Body::wrap_stream(stream))
 }
 
-fn append_tree<W: std::io::Write>(builder: &mut tar::Builder<W>, root: &Path, relative: &Path) -> std::io::Result<()> {
+/// What [`append_tree`] does with one entry.
+pub(crate) struct Visit {
+    /// Append it.
+    pub include: bool,
+    /// Append what is under it (for a directory).
+    pub descend: bool,
+}
+
+/// Appends the entries under `root/relative`, sorted by name, each as `filter` says (given its path relative to
+/// `root` and its type); returns how many were appended. Links are appended as links.
+pub(crate) fn append_tree<W: std::io::Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    relative: &Path,
+    filter: &mut dyn FnMut(&Path, std::fs::FileType) -> Visit,
+) -> std::io::Result<u64> {
     let dir = root.join(relative);
     let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|entry| entry.file_name());
+    let mut appended = 0;
     for entry in entries {
         let name = relative.join(entry.file_name());
         let kind = entry.file_type()?;
-        builder.append_path_with_name(entry.path(), &name)?;
-        if kind.is_dir() {
-            append_tree(builder, root, &name)?;
+        let visit = filter(&name, kind);
+        if visit.include {
+            builder.append_path_with_name(entry.path(), &name)?;
+            appended += 1;
+        }
+        if kind.is_dir() && visit.descend {
+            appended += append_tree(builder, root, &name, filter)?;
         }
     }
-    Ok(())
+    Ok(appended)
 }
 
 pub(crate) fn short_digest(digest: &str) -> String {

@@ -258,6 +258,26 @@ impl LocalRunner {
         }
     }
 
+    /// Removes the build cache's entries whose layer is gone (after a prune): they could only ever miss.
+    fn forget_pruned_cache_entries(&self) {
+        let Ok(entries) = std::fs::read_dir(self.inner.dir.join("build-cache")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let layer = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|text| serde_json::from_str::<Option<String>>(&text).ok());
+            let stale = match layer {
+                Some(Some(layer)) => !self.inner.images.layer_dir(&layer).is_dir(),
+                Some(None) => false,
+                None => true,
+            };
+            if stale {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Records a step's result in the build cache (a failure to record only costs a later rebuild).
     pub(crate) fn remember_layer(&self, key: &str, layer: Option<&str>) {
         let path = self.build_cache_path(key);
@@ -765,6 +785,7 @@ impl Runner for LocalRunner {
                 }
             }
             let report = runner.inner.images.prune(&in_use)?;
+            runner.forget_pruned_cache_entries();
             tracing::info!(?report, "pruned images");
             Ok(ImagePruneResult {
                 images_removed: report.images_removed,
