@@ -282,6 +282,13 @@ async fn processes_can_run_on_a_resizable_terminal() {
     }
 
     let second = client.start_process(&sandbox.id, &shell_on_terminal).await.unwrap();
+    // Resize once bash is at its prompt: while it starts, bash reads the terminal's size and writes it back
+    // (TIOCGWINSZ, then TIOCSWINSZ), so a resize in between would be undone by bash itself.
+    eventually("bash shows its prompt", Duration::from_secs(20), || async {
+        let (output, _) = collect(&client, &sandbox.id, second.pid, 0, false).await;
+        String::from_utf8_lossy(&output).contains("# ")
+    })
+    .await;
     client.resize_process(&sandbox.id, second.pid, 132, 40).await.unwrap();
     client
         .process_stdin(&sandbox.id, second.pid, b"stty size; exit\n".to_vec(), false)
