@@ -37,7 +37,7 @@ use crate::images::ImageFigures;
 use crate::interpreter::InterpreterFigures;
 use crate::interrupt::Interrupt;
 use crate::machine::MachineFacts;
-use crate::nook::{CreateFigures, FileFigures, Sandboxes};
+use crate::nook::{CreateFigures, FileFigures, PauseFigures, Sandboxes};
 use crate::peers::{PeerFigures, PeerOptions};
 use crate::server::{MemoryAroundFiles, NookServer, ServerOptions};
 use crate::stats::Summary;
@@ -79,6 +79,9 @@ struct Args {
     /// Timed upload+download runs in the file throughput series.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     file_runs: u32,
+    /// Pause+resume pairs timed in the pause series.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pauses: u32,
     /// Unchanged rebuilds timed in the Dockerfile build series.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     rebuilds: u32,
@@ -148,6 +151,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             nook_version: &figures.nook.version,
             create: &figures.nook.create,
             exec: &figures.nook.exec,
+            pauses: &figures.nook.pauses,
             processes: &figures.nook.processes,
             keystrokes: &figures.nook.keystrokes,
             interpreter: &figures.nook.interpreter,
@@ -174,6 +178,7 @@ struct NookFigures {
     base_layer: PathBuf,
     create: CreateFigures,
     exec: Summary,
+    pauses: PauseFigures,
     processes: Summary,
     keystrokes: Summary,
     interpreter: InterpreterFigures,
@@ -220,6 +225,7 @@ fn measure(
             let create =
                 nook::create_to_first_exec(&client, args.sandboxes as usize, &mut sandboxes, interrupt).await?;
             let exec = nook::exec_round_trip(&client, args.execs as usize, &mut sandboxes, interrupt).await?;
+            let pauses = nook::pause_resume(&client, args.pauses as usize, &mut sandboxes, interrupt).await?;
             let processes =
                 nook::background_first_output(&client, args.processes as usize, &mut sandboxes, interrupt).await?;
             let keystrokes = nook::terminal_echo(&client, args.keystrokes as usize, &mut sandboxes, interrupt).await?;
@@ -259,6 +265,7 @@ fn measure(
                 base_layer,
                 create,
                 exec,
+                pauses,
                 processes,
                 keystrokes,
                 interpreter,

@@ -195,6 +195,52 @@ pub async fn exec_round_trip(
     Summary::of(&samples).context("no samples: pass --execs 1 or more")
 }
 
+/// Pause and resume latencies.
+#[derive(Debug, Clone)]
+pub struct PauseFigures {
+    /// `POST …/pause` until its answer (every process frozen).
+    pub pause: Summary,
+    /// `POST …/resume` until its answer (every process thawed).
+    pub resume: Summary,
+}
+
+/// One sandbox running a busy shell loop, paused and resumed `n` times; each call timed through the API.
+pub async fn pause_resume(
+    client: &Client,
+    n: usize,
+    sandboxes: &mut Sandboxes,
+    interrupt: &Interrupt,
+) -> anyhow::Result<PauseFigures> {
+    eprintln!("creating the sandbox for pause and resume...");
+    let id = sandboxes.create(client).await?;
+    let busy = ExecRequest {
+        shell: Some("while true; do :; done".into()),
+        ..Default::default()
+    };
+    client
+        .start_process(&id, &busy)
+        .await
+        .context("starting a busy loop to pause")?;
+    let (mut pauses, mut resumes) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 1..=n {
+        interrupt.check()?;
+        if i % 50 == 0 || i == n {
+            eprintln!("pause and resume {i}/{n}...");
+        }
+        let t0 = Instant::now();
+        client.pause_sandbox(&id).await.context("pausing")?;
+        pauses.push(t0.elapsed());
+        let t0 = Instant::now();
+        client.resume_sandbox(&id).await.context("resuming")?;
+        resumes.push(t0.elapsed());
+    }
+    sandboxes.delete(client, &id).await?;
+    Ok(PauseFigures {
+        pause: Summary::of(&pauses).context("no samples: pass --pauses 1 or more")?,
+        resume: Summary::of(&resumes).context("no samples")?,
+    })
+}
+
 /// One sandbox, `n` timed starts of the background process `echo ready` (after one warm-up), each timed to the
 /// first `stdout` event of its followed output; the sandbox is deleted afterwards.
 pub async fn background_first_output(

@@ -225,6 +225,18 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             })
             .await
         }
+        Command::Pause(args) => {
+            each(args.sandboxes, args.json, |key| async move {
+                client.pause_sandbox(&key).await
+            })
+            .await
+        }
+        Command::Resume(args) => {
+            each(args.sandboxes, args.json, |key| async move {
+                client.resume_sandbox(&key).await
+            })
+            .await
+        }
         Command::Rm(args) => {
             let mut failed = false;
             for key in &args.sandboxes {

@@ -47,6 +47,10 @@ enum Command {
     Stop(TargetsArgs),
     /// Start stopped sandboxes.
     Start(TargetsArgs),
+    /// Pause sandboxes: every process frozen where it is, using no CPU, until resumed.
+    Pause(TargetsArgs),
+    /// Resume paused sandboxes: their processes continue where they were.
+    Resume(TargetsArgs),
     /// Delete sandboxes and their files.
     #[command(alias = "delete")]
     Rm(TargetsArgs),

@@ -219,6 +219,18 @@ impl Client {
         .await
     }
 
+    /// Pauses a running sandbox (its processes frozen where they are).
+    pub async fn pause_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "pause"])))
+            .await
+    }
+
+    /// Resumes a paused sandbox.
+    pub async fn resume_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "resume"])))
+            .await
+    }
+
     /// Starts a stopped sandbox.
     pub async fn start_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "start"])))

@@ -236,7 +236,7 @@ impl Control {
         let sandbox = self.resolve(key).await?;
         match sandbox.state {
             SandboxState::Stopped => return Ok(sandbox),
-            SandboxState::Running => {}
+            SandboxState::Running | SandboxState::Paused => {}
             other => {
                 return Err(ApiFailure::conflict(format!(
                     "sandbox {} is {other} and cannot be stopped",
@@ -248,11 +248,59 @@ impl Control {
             .await
     }
 
-    /// Stops a running sandbox's processes and records the stop with `reason`.
+    /// Stops a running or paused sandbox's processes and records the stop with `reason`.
     async fn stop_running(&self, id: &str, reason: StateReason, message: &str) -> Result<Sandbox, ApiFailure> {
         self.runner.stop_sandbox(id).await?;
-        let stopped = transition(RUNNING, SandboxState::Stopped, reason, message);
+        let stopped = transition(LIVE, SandboxState::Stopped, reason, message);
         Ok(self.store.transition(id, stopped).await?)
+    }
+
+    /// Pauses a running sandbox: its processes are frozen where they are and use no CPU; its memory stays. Pausing
+    /// a paused sandbox answers it as it is.
+    pub async fn pause(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        match sandbox.state {
+            SandboxState::Paused => return Ok(sandbox),
+            SandboxState::Running => {}
+            other => {
+                return Err(ApiFailure::conflict(format!(
+                    "sandbox {} is {other}; only a running sandbox can be paused",
+                    sandbox.name
+                )))
+            }
+        }
+        self.runner.pause_sandbox(&sandbox.id).await?;
+        let paused = transition(
+            RUNNING,
+            SandboxState::Paused,
+            StateReason::Requested,
+            "paused by a client",
+        );
+        Ok(self.store.transition(&sandbox.id, paused).await?)
+    }
+
+    /// Resumes a paused sandbox: its processes continue where they were. Resuming a running sandbox answers it as it
+    /// is.
+    pub async fn resume(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        match sandbox.state {
+            SandboxState::Running => return Ok(sandbox),
+            SandboxState::Paused => {}
+            other => {
+                return Err(ApiFailure::conflict(format!(
+                    "sandbox {} is {other}; only a paused sandbox can be resumed (start a stopped one)",
+                    sandbox.name
+                )))
+            }
+        }
+        self.runner.resume_sandbox(&sandbox.id).await?;
+        let resumed = transition(
+            PAUSED,
+            SandboxState::Running,
+            StateReason::Requested,
+            "resumed by a client",
+        );
+        Ok(self.store.transition(&sandbox.id, resumed).await?)
     }
 
     /// Starts a stopped sandbox.
@@ -380,7 +428,7 @@ impl Control {
 
     async fn stop_at_deadline(&self, sandbox: &Sandbox) -> Result<(), ApiFailure> {
         match sandbox.state {
-            SandboxState::Running => {
+            SandboxState::Running | SandboxState::Paused => {
                 let message = "its deadline passed: stopped, with its files kept; start it to go on";
                 self.stop_running(&sandbox.id, StateReason::DeadlinePassed, message)
                     .await?;
@@ -415,6 +463,13 @@ impl Control {
     /// The sandbox if it is running (processes exist only in running sandboxes).
     async fn running(&self, key: &str) -> Result<Sandbox, ApiFailure> {
         let sandbox = self.resolve(key).await?;
+        if sandbox.state == SandboxState::Paused {
+            return Err(ApiFailure::new(
+                axum::http::StatusCode::CONFLICT,
+                "paused",
+                format!("sandbox {} is paused; resume it before running commands", sandbox.name),
+            ));
+        }
         if sandbox.state != SandboxState::Running {
             return Err(ApiFailure::new(
                 axum::http::StatusCode::CONFLICT,
@@ -430,7 +485,14 @@ impl Control {
 
     /// What a running sandbox uses now (CPU time, memory, processes, disk of its writable layer).
     pub async fn stats(&self, key: &str) -> Result<nook_api::SandboxStats, ApiFailure> {
-        let sandbox = self.running(key).await?;
+        let sandbox = self.resolve(key).await?;
+        if !LIVE.contains(&sandbox.state) {
+            return Err(ApiFailure::new(
+                axum::http::StatusCode::CONFLICT,
+                "not_running",
+                format!("sandbox {} is {}; it uses nothing", sandbox.name, sandbox.state),
+            ));
+        }
         Ok(self.runner.stats(&sandbox.id).await?)
     }
 
@@ -682,8 +744,8 @@ impl Control {
                         "the server stopped while this sandbox was being created; delete it and create it again",
                     ))
                 }
-                (SandboxState::Running, false) => Some(transition(
-                    RUNNING,
+                (SandboxState::Running | SandboxState::Paused, false) => Some(transition(
+                    LIVE,
                     SandboxState::Stopped,
                     StateReason::LostOnRestart,
                     "the sandbox's processes were gone when the server looked (for example after a host reboot); \
@@ -750,7 +812,7 @@ impl Control {
                         .transition(
                             sandbox_id,
                             transition(
-                                RUNNING,
+                                LIVE,
                                 SandboxState::Stopped,
                                 StateReason::InitExited,
                                 "the sandbox's init process exited on its own; its files are kept",
@@ -769,6 +831,9 @@ impl Control {
 
 const CREATING: &[SandboxState] = &[SandboxState::Creating];
 const RUNNING: &[SandboxState] = &[SandboxState::Running];
+const PAUSED: &[SandboxState] = &[SandboxState::Paused];
+/// States in which a sandbox's processes exist (running, or frozen).
+const LIVE: &[SandboxState] = &[SandboxState::Running, SandboxState::Paused];
 const STOPPED: &[SandboxState] = &[SandboxState::Stopped];
 
 fn transition(from: &'static [SandboxState], to: SandboxState, reason: StateReason, message: &str) -> Transition {

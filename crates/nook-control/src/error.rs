@@ -115,6 +115,7 @@ impl From<RunnerError> for ApiFailure {
             RunnerError::NoSuchSandbox(_) => Self::not_found(error.to_string()),
             RunnerError::NotRunning(_) => Self::new(StatusCode::CONFLICT, "not_running", error.to_string()),
             RunnerError::AlreadyRunning(_) => Self::new(StatusCode::CONFLICT, "already_running", error.to_string()),
+            RunnerError::Paused(_) => Self::new(StatusCode::CONFLICT, "paused", error.to_string()),
             RunnerError::Image(ImageError::NotFound(name)) => Self::not_found(format!(
                 "image {name:?} does not exist; `nook image ls` lists the images"
             )),

@@ -6,8 +6,9 @@
 //! are the sandbox's environment. E2B knows two states: a running nook sandbox is `running`, a stopped one (files
 //! kept) is reported `paused`, and `connect` starts it again. The E2B timeout is the sandbox's deadline in nook's
 //! control plane (stored, so it outlives restarts): when it passes, the sandbox is deleted, as E2B kills it, or
-//! stopped (files kept, reported `paused`) when it was created with `autoPause`, E2B's pause on timeout. Pausing with
-//! memory is not available yet and is refused with a clear error. Errors are E2B's `{"code": <status>, "message"}`. Metrics
+//! stopped (files kept, reported `paused`) when it was created with `autoPause`, E2B's pause on timeout. `pause`
+//! pauses a sandbox with its memory (nook's pause: its processes frozen) or, asked for no memory, stops it; a paused
+//! nook sandbox is reported `paused` too, and `connect` resumes it where it was. Errors are E2B's `{"code": <status>, "message"}`. Metrics
 //! ([`crate::metrics`]), logs ([`crate::logs`]) and template builds ([`crate::templates`]) are routed here and served by
 //! their own modules.
 
@@ -294,7 +295,12 @@ async fn list_sandboxes(State(e2b): State<E2b>, Query(query): Query<Vec<(String,
     };
     let mut listed: Vec<E2bSandbox> = sandboxes
         .iter()
-        .filter(|sandbox| matches!(sandbox.state, SandboxState::Running | SandboxState::Stopped))
+        .filter(|sandbox| {
+            matches!(
+                sandbox.state,
+                SandboxState::Running | SandboxState::Paused | SandboxState::Stopped
+            )
+        })
         .map(|sandbox| e2b.describe(sandbox))
         .filter(|sandbox| states.is_empty() || states.iter().any(|state| state == sandbox.state))
         .collect();
@@ -416,13 +422,24 @@ async fn connect(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::bod
         Ok(sandbox) => sandbox,
         Err(failure) => return not_found_or(failure, &id),
     };
-    let (status, sandbox) = if sandbox.state == SandboxState::Running {
-        (StatusCode::OK, sandbox)
-    } else {
-        match e2b.control.start(&sandbox.id).await {
-            Ok(sandbox) => (StatusCode::CREATED, sandbox),
-            Err(failure) => return Failure(failure).into_response(),
-        }
+    let resumed = match sandbox.state {
+        SandboxState::Running => Ok((StatusCode::OK, sandbox)),
+        // Paused with its memory: its processes continue where they were.
+        SandboxState::Paused => e2b
+            .control
+            .resume(&sandbox.id)
+            .await
+            .map(|sandbox| (StatusCode::CREATED, sandbox)),
+        // Paused without memory (stopped, files kept): it starts again.
+        _ => e2b
+            .control
+            .start(&sandbox.id)
+            .await
+            .map(|sandbox| (StatusCode::CREATED, sandbox)),
+    };
+    let (status, sandbox) = match resumed {
+        Ok(resumed) => resumed,
+        Err(failure) => return Failure(failure).into_response(),
     };
     let sandbox = match e2b.control.set_deadline(&sandbox.id, Some(timeout), None).await {
         Ok(sandbox) => sandbox,
@@ -432,13 +449,39 @@ async fn connect(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::bod
     (status, Json(e2b.describe(&sandbox))).into_response()
 }
 
-async fn pause(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
-    match e2b.control.resolve(&id).await {
-        Ok(_) => error(
-            StatusCode::NOT_IMPLEMENTED,
-            "nook cannot pause a sandbox with its memory yet; stop it with nook's API (files are kept) or kill it",
-        ),
-        Err(failure) => not_found_or(failure, &id),
+/// Body of `POST /sandboxes/{id}/pause` (unknown fields ignored).
+#[derive(Debug, Default, Deserialize)]
+struct PauseBody {
+    /// Keep the memory (the default): the processes are frozen; `false`: stopped with the files kept.
+    memory: Option<bool>,
+}
+
+/// E2B's pause: with memory (the default), nook pauses the sandbox (its processes frozen where they are); without,
+/// it stops it with its files kept. Either way the timeout no longer runs, as on E2B; `connect` resumes it. A
+/// sandbox already paused answers 409, as E2B's API does.
+async fn pause(State(e2b): State<E2b>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    let body: PauseBody = match parse_body(&body) {
+        Ok(body) => body,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let sandbox = match e2b.control.resolve(&id).await {
+        Ok(sandbox) => sandbox,
+        Err(failure) => return not_found_or(failure, &id),
+    };
+    if sandbox.state != SandboxState::Running {
+        return error(StatusCode::CONFLICT, format!("sandbox {id} is already paused"));
+    }
+    let paused = if body.memory == Some(false) {
+        e2b.control.stop(&sandbox.id).await
+    } else {
+        e2b.control.pause(&sandbox.id).await
+    };
+    if let Err(failure) = paused {
+        return Failure(failure).into_response();
+    }
+    match e2b.control.set_deadline(&sandbox.id, None, None).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(failure) => Failure(failure).into_response(),
     }
 }
 

@@ -13,6 +13,11 @@
 //!
 //! OOM kills are observed without polling: an eventfd registered through `cgroup.event_control` on v1, inotify on
 //! `memory.events` on v2; each wake-up re-reads the kernel's `oom_kill` counter.
+//!
+//! Pausing freezes the whole cgroup ([`SandboxCgroup::set_frozen`]): `freezer.state` on v1, `cgroup.freeze` on v2.
+//! The kernel freezes asynchronously and v1 has no notification for it, so the state file is re-read (its read is
+//! what advances a v1 freeze) with a growing pause from 100 µs, bounded by [`FREEZE_TIMEOUT`]; a freeze that does not
+//! complete (a process stuck in an uninterruptible sleep) is undone and reported.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -38,6 +43,10 @@ const ALLOWED_DEVICES: &[&str] = &[
     "c 136:* rwm",
 ];
 
+/// How long a freeze may take before it is given up. A freeze takes well under a millisecond, unless a process waits
+/// in the kernel where it cannot be frozen: a page fault under heavy disk writeback can take seconds.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// CFS period used for CPU quotas, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -58,6 +67,12 @@ pub enum CgroupError {
         #[source]
         source: std::io::Error,
     },
+    /// The host has no freezer for this sandbox's cgroup (a v1 host without the freezer controller).
+    #[error("this host's cgroups have no freezer, so sandboxes cannot be paused here")]
+    NoFreezer,
+    /// The kernel did not finish freezing the sandbox's processes in time; they were thawed again.
+    #[error("the sandbox's processes did not all freeze within {} s (one may be in an uninterruptible sleep); they were left running", FREEZE_TIMEOUT.as_secs())]
+    FreezeTimedOut,
     /// Processes were still in the cgroup when it had to be removed.
     #[error("cgroup {0} still has processes after the sandbox was stopped")]
     Busy(PathBuf),
@@ -414,6 +429,54 @@ impl SandboxCgroup {
         Ok(())
     }
 
+    /// The file that freezes the cgroup, and what it says when frozen or thawed (v1: `freezer.state`, v2:
+    /// `cgroup.freeze`, whose state `cgroup.events` reports).
+    fn freezer(&self) -> Result<Freezer, CgroupError> {
+        match &self.host {
+            CgroupHost::V2 { .. } => Ok(Freezer::V2(self.dirs[0].clone())),
+            CgroupHost::V1 { mounts } if mounts.contains_key("freezer") => {
+                Ok(Freezer::V1(self.controller_dir("freezer").to_path_buf()))
+            }
+            CgroupHost::V1 { .. } => Err(CgroupError::NoFreezer),
+        }
+    }
+
+    /// Freezes (`true`) or thaws every process of the cgroup; returns once the kernel reports the whole cgroup in
+    /// that state. A freeze that does not complete in time is undone.
+    pub async fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let freezer = self.freezer()?;
+        freezer.request(frozen)?;
+        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+        let mut pause = Duration::from_micros(100);
+        while !freezer.reached(frozen)? {
+            if tokio::time::Instant::now() >= deadline {
+                if frozen {
+                    let _ = freezer.request(false);
+                    return Err(CgroupError::FreezeTimedOut);
+                }
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to thaw the cgroup without waiting (before killing what is in it: a frozen process dies of
+    /// SIGKILL only once thawed). Nothing happens where the host has no freezer.
+    pub fn thaw(&self) {
+        if let Ok(freezer) = self.freezer() {
+            let _ = freezer.request(false);
+        }
+    }
+
+    /// Whether the cgroup is frozen (false where the host has no freezer).
+    pub fn is_frozen(&self) -> bool {
+        self.freezer()
+            .and_then(|freezer| freezer.reached(true))
+            .unwrap_or(false)
+    }
+
     /// Starts watching for OOM kills; the returned watcher wakes on every memory event of the cgroup.
     pub fn watch_oom(&self) -> Result<OomWatcher, CgroupError> {
         match self.host {
@@ -444,6 +507,38 @@ fn stat_value(text: &str, key: &str) -> Option<u64> {
         let (name, value) = line.split_once(' ')?;
         (name == key).then(|| value.trim().parse().ok()).flatten()
     })
+}
+
+/// A sandbox cgroup's freezer.
+enum Freezer {
+    /// The v1 freezer controller's directory.
+    V1(PathBuf),
+    /// The v2 cgroup's directory.
+    V2(PathBuf),
+}
+
+impl Freezer {
+    /// Asks the kernel to freeze or thaw.
+    fn request(&self, frozen: bool) -> Result<(), CgroupError> {
+        match self {
+            Self::V1(dir) => write(dir, "freezer.state", if frozen { "FROZEN" } else { "THAWED" }),
+            Self::V2(dir) => write(dir, "cgroup.freeze", if frozen { "1" } else { "0" }),
+        }
+    }
+
+    /// Whether the whole cgroup is in the state asked for.
+    fn reached(&self, frozen: bool) -> Result<bool, CgroupError> {
+        let (file, text) = match self {
+            Self::V1(dir) => (dir.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+            Self::V2(dir) => (dir.join("cgroup.events"), if frozen { "frozen 1" } else { "frozen 0" }),
+        };
+        let state = std::fs::read_to_string(&file).map_err(|source| CgroupError::Io {
+            action: "reading",
+            path: file,
+            source,
+        })?;
+        Ok(state.lines().any(|line| line.trim() == text))
+    }
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {

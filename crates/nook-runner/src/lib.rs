@@ -97,6 +97,9 @@ pub enum RunnerError {
     /// The sandbox already runs.
     #[error("sandbox {0} is already running")]
     AlreadyRunning(String),
+    /// The sandbox is paused: its processes (the agent among them) are frozen until it is resumed.
+    #[error("sandbox {0} is paused; resume it first")]
+    Paused(String),
     /// An image operation failed.
     #[error(transparent)]
     Image(#[from] images::ImageError),
@@ -258,6 +261,12 @@ pub trait Runner: Send + Sync + 'static {
     async fn start_sandbox(&self, id: &str) -> Result<(), RunnerError>;
     /// Stops a sandbox: every process is killed, the files stay.
     async fn stop_sandbox(&self, id: &str) -> Result<(), RunnerError>;
+    /// Pauses a running sandbox: every process is frozen where it is (using no CPU) until it is resumed. Pausing a
+    /// paused sandbox does nothing.
+    async fn pause_sandbox(&self, id: &str) -> Result<(), RunnerError>;
+    /// Resumes a paused sandbox: its processes continue exactly where they were. Resuming a running sandbox does
+    /// nothing.
+    async fn resume_sandbox(&self, id: &str) -> Result<(), RunnerError>;
     /// Stops (if needed) and removes everything of a sandbox. Removing an unknown sandbox succeeds.
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError>;
     /// Runs a process in a running sandbox and streams it.

@@ -64,6 +64,10 @@ struct SandboxRecord {
     lower_dirs: Vec<PathBuf>,
     image_config: ImageConfig,
     init: Option<InitProcess>,
+    /// Whether its processes are frozen (written before a freeze and after a thaw, so that a crash in between is
+    /// settled the safe way when the sandbox is adopted again).
+    #[serde(default)]
+    paused: bool,
 }
 
 /// A running sandbox.
@@ -72,6 +76,8 @@ struct Live {
     /// The init, pinned: signals through it never reach a process that reused the pid.
     pidfd: Arc<PidFd>,
     stopping: AtomicBool,
+    /// Its processes are frozen: requests that need the agent are refused until it is resumed.
+    paused: AtomicBool,
     exited: watch::Receiver<bool>,
 }
 
@@ -176,6 +182,7 @@ impl LocalRunner {
                 .collect(),
             image_config,
             init: None,
+            paused: false,
             spec,
         };
         let id = record.spec.id.clone();
@@ -347,6 +354,15 @@ impl LocalRunner {
             if let Ok(pidfd) = PidFd::open(init.pid) {
                 if process_start_time(init.pid) == Some(init.start_time) {
                     let cgroup = self.inner.cgroups.existing(&id);
+                    // The freezer is settled as the record says: a crash between the record and the freeze (or the
+                    // thaw) leaves them apart.
+                    if let Err(error) = cgroup.set_frozen(record.paused).await {
+                        if record.paused {
+                            tracing::warn!(sandbox = %id, %error, "freezing a paused sandbox again failed; it runs");
+                            record.paused = false;
+                            self.write_record(&id, &record)?;
+                        }
+                    }
                     self.watch(record, pidfd, cgroup);
                     tracing::info!(sandbox = %id, pid = init.pid, "re-adopted running sandbox");
                     continue;
@@ -409,6 +425,8 @@ impl LocalRunner {
         let cgroup = self.inner.cgroups.existing(id);
         if cgroup.exists() {
             cgroup.kill_all();
+            // Frozen processes die of the SIGKILL only once thawed.
+            cgroup.thaw();
             if let Err(error) = cgroup.remove() {
                 tracing::error!(sandbox = %id, error = %error, "removing the sandbox's cgroup failed");
             }
@@ -426,6 +444,8 @@ impl LocalRunner {
     /// Boots a sandbox whose directory and record exist; on failure nothing of the run is left.
     async fn boot(&self, mut record: SandboxRecord) -> Result<(), RunnerError> {
         let id = record.spec.id.clone();
+        // A sandbox boots running, whatever its last run was.
+        record.paused = false;
         let dir = self.sandbox_dir(&id);
         let socket_path = self.socket_path(&id);
         if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -498,6 +518,7 @@ impl LocalRunner {
         let (exited_sender, exited) = watch::channel(false);
         let pidfd = Arc::new(pidfd);
         let live = Arc::new(Live {
+            paused: AtomicBool::new(record.paused),
             record,
             pidfd: pidfd.clone(),
             stopping: AtomicBool::new(false),
@@ -585,8 +606,12 @@ impl LocalRunner {
         let live = self.inner.live.lock().expect("live map").remove(id);
         let Some(live) = live else { return Ok(false) };
         live.stopping.store(true, Ordering::SeqCst);
-        // Killing PID 1 of the sandbox's PID namespace makes the kernel kill every process in it.
+        // Killing PID 1 of the sandbox's PID namespace makes the kernel kill every process in it (a paused one's
+        // only once thawed).
         live.pidfd.kill();
+        if live.paused.load(Ordering::SeqCst) {
+            self.inner.cgroups.existing(id).thaw();
+        }
         let mut exited = live.exited.clone();
         let waited = tokio::time::timeout(STOP_TIMEOUT, exited.wait_for(|done| *done))
             .await
@@ -604,12 +629,13 @@ impl LocalRunner {
         }
         let mut record = live.record.clone();
         record.init = None;
+        record.paused = false;
         self.write_record(id, &record)?;
         Ok(true)
     }
 
-    /// The running sandbox, or why there is none.
-    fn running(&self, id: &str) -> Result<Arc<Live>, RunnerError> {
+    /// The sandbox whose processes exist (running or paused), or why there is none.
+    fn present(&self, id: &str) -> Result<Arc<Live>, RunnerError> {
         self.live(id).ok_or_else(|| {
             if self.record_path(id).exists() {
                 RunnerError::NotRunning(id.to_string())
@@ -617,6 +643,46 @@ impl LocalRunner {
                 RunnerError::NoSuchSandbox(id.to_string())
             }
         })
+    }
+
+    /// The running sandbox whose agent can answer, or why there is none (a paused sandbox's agent is frozen).
+    fn running(&self, id: &str) -> Result<Arc<Live>, RunnerError> {
+        let live = self.present(id)?;
+        if live.paused.load(Ordering::SeqCst) {
+            return Err(RunnerError::Paused(id.to_string()));
+        }
+        Ok(live)
+    }
+
+    /// Freezes or thaws a present sandbox, recording the paused state so that the record is never less paused
+    /// than the processes.
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<(), RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let live = self.present(id)?;
+        if live.paused.load(Ordering::SeqCst) == paused {
+            return Ok(());
+        }
+        let mut record = live.record.clone();
+        let cgroup = self.inner.cgroups.existing(id);
+        if paused {
+            record.paused = true;
+            // Refuse new agent requests, record, then freeze; undone if the freeze fails.
+            live.paused.store(true, Ordering::SeqCst);
+            self.write_record(id, &record)?;
+            if let Err(error) = cgroup.set_frozen(true).await {
+                live.paused.store(false, Ordering::SeqCst);
+                record.paused = false;
+                let _ = self.write_record(id, &record);
+                return Err(error.into());
+            }
+        } else {
+            cgroup.set_frozen(false).await?;
+            record.paused = false;
+            self.write_record(id, &record)?;
+            live.paused.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// The full process spec for a request: the image's environment, then the sandbox's, then the request's.
@@ -854,6 +920,14 @@ impl Runner for LocalRunner {
         Ok(())
     }
 
+    async fn pause_sandbox(&self, id: &str) -> Result<(), RunnerError> {
+        self.set_paused(id, true).await
+    }
+
+    async fn resume_sandbox(&self, id: &str) -> Result<(), RunnerError> {
+        self.set_paused(id, false).await
+    }
+
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError> {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
@@ -1022,7 +1096,8 @@ impl Runner for LocalRunner {
     }
 
     async fn stats(&self, id: &str) -> Result<nook_api::SandboxStats, RunnerError> {
-        let live = self.running(id)?;
+        // A paused sandbox has usage too (its memory, no CPU): it is read from the host, not asked of the agent.
+        let live = self.present(id)?;
         let cgroup = self.inner.cgroups.existing(id);
         let upper = self.sandbox_dir(id).join("upper");
         let (usage, disk) = tokio::task::spawn_blocking(move || (cgroup.usage(), crate::disk::usage(&upper)))

@@ -98,6 +98,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{sandbox}/deadline", axum::routing::put(set_deadline))
         .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
+        .route("/v1/sandboxes/{sandbox}/pause", post(pause_sandbox))
+        .route("/v1/sandboxes/{sandbox}/resume", post(resume_sandbox))
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
         .route("/v1/sandboxes/{sandbox}/stats", get(sandbox_stats))
         .route("/v1/sandboxes/{sandbox}/exec", post(exec))
@@ -323,6 +325,27 @@ async fn set_deadline(
             .set_deadline(&key, request.timeout_s, request.on_deadline)
             .await?,
     ))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/pause", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Paused: every process frozen where it is, using no CPU (its memory stays); \
+               commands and file calls answer 409 `paused` until it is resumed", body = Sandbox),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "Not running", body = ApiError)),
+    security(("bearer" = [])))]
+async fn pause_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.pause(&key).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/resume", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Running again: every process continues where it was", body = Sandbox),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "Not paused (a stopped sandbox is started instead)", body = ApiError)),
+    security(("bearer" = [])))]
+async fn resume_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.resume(&key).await?))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/start", tag = "sandboxes",
@@ -1127,7 +1150,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
-        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, set_deadline,
+        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,
