@@ -258,49 +258,49 @@ impl Control {
     /// Pauses a running sandbox: its processes are frozen where they are and use no CPU; its memory stays. Pausing
     /// a paused sandbox answers it as it is.
     pub async fn pause(&self, key: &str) -> Result<Sandbox, ApiFailure> {
-        let sandbox = self.resolve(key).await?;
-        match sandbox.state {
-            SandboxState::Paused => return Ok(sandbox),
-            SandboxState::Running => {}
-            other => {
-                return Err(ApiFailure::conflict(format!(
-                    "sandbox {} is {other}; only a running sandbox can be paused",
-                    sandbox.name
-                )))
-            }
-        }
-        self.runner.pause_sandbox(&sandbox.id).await?;
-        let paused = transition(
-            RUNNING,
-            SandboxState::Paused,
-            StateReason::Requested,
-            "paused by a client",
-        );
-        Ok(self.store.transition(&sandbox.id, paused).await?)
+        self.set_paused(key, true).await
     }
 
     /// Resumes a paused sandbox: its processes continue where they were. Resuming a running sandbox answers it as it
     /// is.
     pub async fn resume(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        self.set_paused(key, false).await
+    }
+
+    /// Pauses (`true`) or resumes a sandbox and records the change.
+    async fn set_paused(&self, key: &str, pause: bool) -> Result<Sandbox, ApiFailure> {
         let sandbox = self.resolve(key).await?;
-        match sandbox.state {
-            SandboxState::Running => return Ok(sandbox),
-            SandboxState::Paused => {}
-            other => {
-                return Err(ApiFailure::conflict(format!(
-                    "sandbox {} is {other}; only a paused sandbox can be resumed (start a stopped one)",
-                    sandbox.name
-                )))
-            }
+        let (from, to, message, refusal) = if pause {
+            (
+                RUNNING,
+                SandboxState::Paused,
+                "paused by a client",
+                "only a running sandbox can be paused",
+            )
+        } else {
+            (
+                PAUSED,
+                SandboxState::Running,
+                "resumed by a client",
+                "only a paused sandbox can be resumed (start a stopped one)",
+            )
+        };
+        if sandbox.state == to {
+            return Ok(sandbox);
         }
-        self.runner.resume_sandbox(&sandbox.id).await?;
-        let resumed = transition(
-            PAUSED,
-            SandboxState::Running,
-            StateReason::Requested,
-            "resumed by a client",
-        );
-        Ok(self.store.transition(&sandbox.id, resumed).await?)
+        if !from.contains(&sandbox.state) {
+            return Err(ApiFailure::conflict(format!(
+                "sandbox {} is {}; {refusal}",
+                sandbox.name, sandbox.state
+            )));
+        }
+        if pause {
+            self.runner.pause_sandbox(&sandbox.id).await?;
+        } else {
+            self.runner.resume_sandbox(&sandbox.id).await?;
+        }
+        let change = transition(from, to, StateReason::Requested, message);
+        Ok(self.store.transition(&sandbox.id, change).await?)
     }
 
     /// Starts a stopped sandbox.
