@@ -20,7 +20,7 @@
 //! `GET /templates/aliases/{name}` answers whether a template exists. Values from the SDK are quoted into the
 //! instructions ([`dockerfile::quote`]), so nothing in them is expanded as a variable.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -41,8 +41,8 @@ use crate::{same_secret, E2b};
 
 /// Largest upload of one COPY's files.
 const MAX_UPLOAD_BYTES: u64 = 16 << 30;
-/// Template builds requested but not started that are remembered; the oldest are forgotten beyond it.
-const MAX_WAITING: usize = 1000;
+/// Template builds remembered; beyond it the oldest requested are forgotten (their images stay).
+const MAX_REMEMBERED: usize = 1000;
 /// How long an upload URL works, in seconds (the SDK uploads right after asking).
 const UPLOAD_URL_LIFETIME_S: i64 = 3600;
 /// Most log entries one status call returns (the SDK asks for 100).
@@ -53,9 +53,8 @@ const E2B_BASE_IMAGE: &str = "e2bdev/base";
 /// The template builds E2B clients asked for.
 pub struct TemplateBuilds {
     files_dir: PathBuf,
-    builds: Mutex<HashMap<String, TemplateBuild>>,
-    /// Build ids in the order they were requested (to forget the oldest waiting ones).
-    order: Mutex<Vec<String>>,
+    /// By build id, oldest request first.
+    builds: Mutex<VecDeque<(String, TemplateBuild)>>,
 }
 
 /// Where a requested template build is.
@@ -85,38 +84,51 @@ impl TemplateBuilds {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             files_dir: data_dir.join("e2b-template-files"),
-            builds: Mutex::new(HashMap::new()),
-            order: Mutex::new(Vec::new()),
+            builds: Mutex::new(VecDeque::new()),
         }
     }
 
+    /// Remembers a new build, forgetting the oldest beyond [`MAX_REMEMBERED`].
+    fn remember(&self, build_id: String, build: TemplateBuild) {
+        let mut builds = self.builds.lock().expect("template builds");
+        builds.push_back((build_id, build));
+        if builds.len() > MAX_REMEMBERED {
+            builds.pop_front();
+        }
+    }
+
+    /// Runs `change` on a remembered build.
+    fn with<T>(&self, build_id: &str, change: impl FnOnce(&mut TemplateBuild) -> T) -> Option<T> {
+        let mut builds = self.builds.lock().expect("template builds");
+        builds
+            .iter_mut()
+            .find(|(id, _)| id == build_id)
+            .map(|(_, build)| change(build))
+    }
+
     fn get(&self, build_id: &str, template: &str) -> Option<TemplateBuild> {
-        self.builds
-            .lock()
-            .expect("template builds")
-            .get(build_id)
+        self.with(build_id, |build| build.clone())
             .filter(|build| build.template == template)
-            .cloned()
     }
 
     /// Moves a waiting build to starting; false when it is not waiting (two start calls race, or it started).
     fn claim(&self, build_id: &str) -> bool {
-        let mut builds = self.builds.lock().expect("template builds");
-        match builds.get_mut(build_id) {
-            Some(build) if build.progress == Progress::Waiting => {
+        self.with(build_id, |build| {
+            let waiting = build.progress == Progress::Waiting;
+            if waiting {
                 build.progress = Progress::Starting;
-                true
             }
-            _ => false,
-        }
+            waiting
+        })
+        .unwrap_or(false)
     }
 
     /// Records how a start ended: the nook build, or waiting again when it failed.
     fn started(&self, build_id: &str, progress: Progress, preamble: u32) {
-        if let Some(build) = self.builds.lock().expect("template builds").get_mut(build_id) {
+        self.with(build_id, |build| {
             build.progress = progress;
             build.preamble = preamble;
-        }
+        });
     }
 
     fn files_path(&self, hash: &str) -> PathBuf {
@@ -176,25 +188,15 @@ pub(crate) async fn request_template(State(e2b): State<E2b>, Json(request): Json
         }
     }
     let build_id = uuid_like();
-    let templates = &e2b.templates;
-    {
-        let mut builds = templates.builds.lock().expect("template builds");
-        let mut order = templates.order.lock().expect("template build order");
-        builds.insert(
-            build_id.clone(),
-            TemplateBuild {
-                template: name.clone(),
-                also_named,
-                progress: Progress::Waiting,
-                preamble: 1,
-            },
-        );
-        order.push(build_id.clone());
-        while order.len() > MAX_WAITING {
-            let oldest = order.remove(0);
-            builds.remove(&oldest);
-        }
-    }
+    e2b.templates.remember(
+        build_id.clone(),
+        TemplateBuild {
+            template: name.clone(),
+            also_named,
+            progress: Progress::Waiting,
+            preamble: 1,
+        },
+    );
     let mut tags: Vec<String> = tag.map(str::to_string).into_iter().collect();
     tags.extend(request.tags.iter().cloned());
     let answer = TemplateRequested {
