@@ -136,3 +136,22 @@ run_npm() {
         PATH="$dir:$PATH" npm "$@"
     fi
 }
+
+# ensure_btrfs_mount IMAGE SIZE DIR: a btrfs filesystem kept in the sparse file IMAGE (made with SIZE, e.g. 64G, the
+# first time) mounted at DIR, unless DIR is one already. nook's tests keep their files there (TMPDIR), so that
+# forks, snapshots and disk quotas run on the storage they are made for (see crates/nook-runner/src/storage.rs).
+ensure_btrfs_mount() {
+    local image="$1" size="$2" dir="$3"
+    need_root
+    if [[ "$(stat -f -c %T "$dir" 2>/dev/null)" == btrfs ]] && mountpoint -q "$dir"; then
+        return 0
+    fi
+    mkdir -p "$(dirname "$image")" "$dir"
+    if [[ ! -s "$image" ]]; then
+        log "making a $size btrfs image at $image"
+        truncate -s "$size" "$image"
+        mkfs.btrfs -q "$image" >&2
+    fi
+    log "mounting $image at $dir"
+    mount -o loop "$image" "$dir"
+}

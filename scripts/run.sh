@@ -7,7 +7,8 @@
 # The server gets, in its environment:
 #   NOOK_AGENT_BINARY    the static agent binary (target/x86_64-unknown-linux-gnu/release/nook-agent)
 #   NOOK_BASE_IMAGE_TAR  the base image tar, imported as image `base` when that image is missing
-# Its data directory is the default, /var/lib/nook.
+# Its data directory is the default, /var/lib/nook; sandboxes and images live on btrfs in the image file
+# /var/lib/nook/storage.img (made on the first start, sparse), for copy-on-write forks and snapshots and disk quotas.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -40,7 +41,7 @@ on_signal() {
 start_server() {
     local agent="$1" tar="$2"
     log "starting $NOOK serve"
-    NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" "$NOOK" serve &
+    NOOK_AGENT_BINARY="$agent" NOOK_BASE_IMAGE_TAR="$tar" "$NOOK" serve --storage-image /var/lib/nook/storage.img &
     SERVER_PID=$!
 }
 

@@ -17,6 +17,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #   busybox-static               a static shell and tools for the tiny fixture images the image tests build
 #   docker-registry              the registry the pull tests start on loopback (CNCF distribution)
 #   openssl                      the test CA and certificate of the HTTPS registry in the pull tests
+#   btrfs-progs                  mkfs.btrfs for the storage image (copy-on-write forks and snapshots, disk quotas)
 NOOK_PACKAGES=(
     mmdebstrap
     iproute2
@@ -34,6 +35,7 @@ NOOK_PACKAGES=(
     busybox-static
     docker-registry
     openssl
+    btrfs-progs
 )
 
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.

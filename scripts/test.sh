@@ -9,11 +9,15 @@
 # The tests get, in their environment:
 #   NOOK_AGENT_BINARY    the static agent binary (target/x86_64-unknown-linux-gnu/debug/nook-agent)
 #   NOOK_BASE_IMAGE_TAR  the base image tar
+#   TMPDIR               a directory on btrfs (an image file mounted at TEST_STORAGE_DIR), where the tests' servers
+#                        keep their data, as `nook serve --storage-image` keeps a real one's
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 TEST_THREADS=2
+TEST_STORAGE_IMAGE=/var/lib/nook-test/storage.img
+TEST_STORAGE_DIR=/var/lib/nook-test/tmp
 
 # need_cargo_tool NAME COMPONENT: fail clearly unless `cargo NAME` works.
 need_cargo_tool() {
@@ -89,6 +93,8 @@ main() {
     bash "$root/scripts/build.sh" --debug >&2
     tar="$(bash "$root/scripts/build-base-image.sh")"
     agent="$(agent_binary_path debug)"
+    ensure_btrfs_mount "$TEST_STORAGE_IMAGE" 64G "$TEST_STORAGE_DIR"
+    export TMPDIR="$TEST_STORAGE_DIR"
 
     run_tests "$agent" "$tar" "$@" || status=$?
     if [[ $status -eq 0 ]]; then

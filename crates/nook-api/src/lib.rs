@@ -21,7 +21,7 @@ pub enum SandboxState {
     Creating,
     /// The sandbox's processes are running and its agent answers.
     Running,
-    /// Reserved for memory-preserving pause.
+    /// Its processes are frozen where they are (no CPU used, memory kept) until it is resumed.
     Paused,
     /// No process runs; the writable filesystem layer is kept on disk.
     Stopped,
@@ -86,6 +86,12 @@ pub enum StateReason {
     LostOnRestart,
     /// The sandbox's deadline passed and its `on_deadline` action stopped it.
     DeadlinePassed,
+    /// Its limits (CPU, memory, processes, disk) were changed; the message says from what to what.
+    Resized,
+    /// It was made as a fork of another sandbox (named in the message and in `parent`).
+    Forked,
+    /// A snapshot of its files was taken (the image is named in the message).
+    Snapshotted,
 }
 
 impl StateReason {
@@ -99,6 +105,9 @@ impl StateReason {
             Self::StartFailed => "start_failed",
             Self::LostOnRestart => "lost_on_restart",
             Self::DeadlinePassed => "deadline_passed",
+            Self::Resized => "resized",
+            Self::Forked => "forked",
+            Self::Snapshotted => "snapshotted",
         }
     }
 
@@ -112,6 +121,9 @@ impl StateReason {
             "start_failed" => Self::StartFailed,
             "lost_on_restart" => Self::LostOnRestart,
             "deadline_passed" => Self::DeadlinePassed,
+            "resized" => Self::Resized,
+            "forked" => Self::Forked,
+            "snapshotted" => Self::Snapshotted,
             _ => return None,
         })
     }
@@ -139,6 +151,11 @@ pub struct ResourceRequest {
     /// Maximum number of processes and threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    /// Disk quota of the sandbox's writable layer in MiB (what it may add to or change in its image); writes beyond
+    /// it fail inside the sandbox with "Disk quota exceeded". No quota when omitted (on a resize: unchanged; 0
+    /// removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
 /// Resource limits in force for a sandbox.
@@ -150,6 +167,9 @@ pub struct Resources {
     pub memory_mb: u64,
     /// Maximum number of processes and threads.
     pub pids: u32,
+    /// Disk quota of the writable layer in MiB; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
 /// Longest timeout a sandbox's deadline can be set to, in seconds (ten years: a deadline is optional, and no
@@ -263,10 +283,46 @@ pub struct Sandbox {
     /// What the deadline does.
     #[serde(default)]
     pub on_deadline: DeadlineAction,
+    /// The sandbox this one was forked from, if it is a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// When the sandbox was created.
     pub created_at: DateTime<Utc>,
     /// When the sandbox last changed state.
     pub updated_at: DateTime<Utc>,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many forks to make (1 when omitted, at most 64 per request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Names of the forks, one per fork (generated from their ids when omitted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Labels of the forks (the source's when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// Response of `POST /v1/sandboxes/{sandbox}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkResult {
+    /// The new sandboxes, running, in the order of `names`.
+    pub sandboxes: Vec<Sandbox>,
+    /// How long the source was frozen while its files were copied (copy-on-write), in microseconds; 0 for a source
+    /// that was not running.
+    pub frozen_us: u64,
+}
+
+/// Body of `POST /v1/sandboxes/{sandbox}/snapshot`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Name of the image to make (an existing name is moved to the new image).
+    pub image: String,
 }
 
 /// One recorded state transition or notable event of a sandbox.
@@ -325,7 +381,8 @@ pub struct SandboxStats {
     /// False when the writable layer holds more entries than one reading walks (`disk_used_bytes` then counts the
     /// first of them only).
     pub disk_used_complete: bool,
-    /// Size of the host filesystem that holds the writable layer (sandboxes have no disk quota of their own yet).
+    /// The disk the writable layer may use: its quota where it has one, otherwise the size of the host filesystem
+    /// that holds it.
     pub disk_total_bytes: u64,
 }
 

@@ -15,6 +15,14 @@ pub const MIN_MEMORY_MB: u64 = 16;
 /// Largest memory limit, in MiB (4 TiB).
 pub const MAX_MEMORY_MB: u64 = 4 * 1024 * 1024;
 
+/// Smallest disk quota, in MiB.
+pub const MIN_DISK_MB: u64 = 16;
+/// Largest disk quota, in MiB (1 PiB).
+pub const MAX_DISK_MB: u64 = 1024 * 1024 * 1024;
+
+/// Most forks one request makes.
+pub const MAX_FORKS: u32 = 64;
+
 /// Process limit when the request names none.
 pub const DEFAULT_PIDS: u32 = 1024;
 /// Smallest process limit: the agent and one command.

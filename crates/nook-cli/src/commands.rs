@@ -41,6 +41,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                     cpu: args.cpu,
                     memory_mb: args.memory,
                     pids: args.pids,
+                    disk_mb: args.disk,
                 }),
                 isolation: None,
                 timeout_s: args.timeout,
@@ -236,6 +237,68 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 client.resume_sandbox(&key).await
             })
             .await
+        }
+        Command::Snapshot(args) => {
+            let image = client.snapshot_sandbox(&args.sandbox, &args.image).await?;
+            if args.json {
+                print_json(&image)?;
+            } else {
+                println!("{}", image.name);
+                eprintln!(
+                    "snapshot of {} taken as {} ({}, {} layers)",
+                    args.sandbox,
+                    image.name,
+                    short_digest(&image.digest),
+                    image.layers.len()
+                );
+            }
+            Ok(0)
+        }
+        Command::Fork(args) => {
+            let labels = pairs(args.labels);
+            let request = nook_api::ForkRequest {
+                count: args.count,
+                names: args.names,
+                labels: (!labels.is_empty()).then_some(labels),
+            };
+            let result = client.fork_sandbox(&args.sandbox, &request).await?;
+            if args.json {
+                print_json(&result)?;
+            } else {
+                for fork in &result.sandboxes {
+                    println!("{}", fork.id);
+                }
+                eprintln!(
+                    "forked {} into {} (source frozen {:.1} ms)",
+                    args.sandbox,
+                    result
+                        .sandboxes
+                        .iter()
+                        .map(|fork| fork.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    result.frozen_us as f64 / 1000.0
+                );
+            }
+            Ok(0)
+        }
+        Command::Resize(args) => {
+            let request = ResourceRequest {
+                cpu: args.cpu,
+                memory_mb: args.memory,
+                pids: args.pids,
+                disk_mb: args.disk,
+            };
+            if request == ResourceRequest::default() {
+                bail!("say what to change: --cpu, --memory, --pids or --disk");
+            }
+            let sandbox = client.update_resources(&args.sandbox, &request).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                eprintln!("{}", sandbox.state_message);
+            }
+            Ok(0)
         }
         Command::Rm(args) => {
             let mut failed = false;
@@ -754,6 +817,14 @@ fn describe(sandbox: &Sandbox) -> String {
         ("cpu", sandbox.resources.cpu.to_string()),
         ("memory", format!("{} MiB", sandbox.resources.memory_mb)),
         ("pids", sandbox.resources.pids.to_string()),
+        (
+            "disk quota",
+            sandbox
+                .resources
+                .disk_mb
+                .map_or_else(|| "none".to_string(), |mb| format!("{mb} MiB")),
+        ),
+        ("parent", sandbox.parent.clone().unwrap_or_else(|| "-".to_string())),
         ("oom kills", sandbox.oom_kills.to_string()),
         ("labels", labels.join(", ")),
         ("created", sandbox.created_at.to_rfc3339()),

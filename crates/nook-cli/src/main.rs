@@ -54,6 +54,13 @@ enum Command {
     /// Delete sandboxes and their files.
     #[command(alias = "delete")]
     Rm(TargetsArgs),
+    /// Make an image from a sandbox's files (its image plus what it changed); sandboxes created from the image
+    /// share its layers.
+    Snapshot(SnapshotArgs),
+    /// Make new sandboxes from a sandbox's files as they are now (copy-on-write); the source goes on.
+    Fork(ForkArgs),
+    /// Change a sandbox's CPU, memory, process or disk limits, live.
+    Resize(ResizeArgs),
     /// Show a sandbox's state changes and events.
     Events(InspectArgs),
     /// Show what a running sandbox uses now: CPU time, memory, processes, disk.
@@ -104,12 +111,65 @@ struct CreateArgs {
     /// Process limit.
     #[arg(long)]
     pids: Option<u32>,
+    /// Disk quota of the sandbox's writable layer in MiB (needs btrfs storage).
+    #[arg(long)]
+    disk: Option<u64>,
     /// Seconds until the sandbox's deadline (none by default: it lives until deleted).
     #[arg(long)]
     timeout: Option<u64>,
     /// What the deadline does: `delete` (the default) or `stop` (files kept).
     #[arg(long, value_parser = parse_deadline_action)]
     on_deadline: Option<nook_api::DeadlineAction>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Name of the image to make.
+    image: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ForkArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// How many forks (default: one per --name, or 1).
+    #[arg(long, short = 'n')]
+    count: Option<u32>,
+    /// Name of a fork (repeatable, one per fork).
+    #[arg(long = "name")]
+    names: Vec<String>,
+    /// Label `key=value` for the forks instead of the source's (repeatable).
+    #[arg(long = "label", short = 'l', value_parser = parse_pair)]
+    labels: Vec<(String, String)>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ResizeArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// CPU cores (fractions allowed).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory limit in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Process limit.
+    #[arg(long)]
+    pids: Option<u32>,
+    /// Disk quota in MiB (0 removes it).
+    #[arg(long)]
+    disk: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,

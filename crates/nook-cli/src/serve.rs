@@ -16,6 +16,8 @@ use crate::client_config::{self, ClientConfig};
 const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Default data directory.
 const DEFAULT_DATA_DIR: &str = "/var/lib/nook";
+/// Size of a new storage image, in GiB.
+const DEFAULT_STORAGE_SIZE_GB: u64 = 64;
 /// Config file read when it exists and `--config` is not given.
 const DEFAULT_CONFIG: &str = "/etc/nook/config.toml";
 
@@ -33,7 +35,15 @@ pub struct ServeArgs {
     /// Rootfs tarball imported as image `base` when it is missing.
     #[arg(long, env = "NOOK_BASE_IMAGE_TAR")]
     base_image_tar: Option<PathBuf>,
-    /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar), and the
+    /// Keep sandboxes and images on btrfs, in this image file mounted at DATA_DIR/runner (made on first use): gives
+    /// copy-on-write forks and snapshots and disk quotas on hosts whose own filesystem has no subvolumes.
+    #[arg(long, env = "NOOK_STORAGE_IMAGE")]
+    storage_image: Option<PathBuf>,
+    /// Size of a new storage image, in GiB (sparse: disk is used as data is written) [default: 64].
+    #[arg(long, env = "NOOK_STORAGE_SIZE_GB")]
+    storage_size_gb: Option<u64>,
+    /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar,
+    /// storage_image, storage_size_gb), and the
     /// registry settings: default_registry, insecure_registries, registry_ca_certificates, [[registry_credentials]]
     /// host/username/password.
     #[arg(long, env = "NOOK_CONFIG")]
@@ -51,6 +61,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     agent_binary: Option<PathBuf>,
     base_image_tar: Option<PathBuf>,
+    storage_image: Option<PathBuf>,
+    storage_size_gb: Option<u64>,
     /// Registry of image references that name none.
     default_registry: Option<String>,
     /// Registry hosts spoken to over plain HTTP (loopback hosts always are).
@@ -109,13 +121,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         Some(path) => path,
         None => default_agent_binary()?,
     };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    if let Some(image) = args.storage_image.or(file.storage_image) {
+        let size_gb = args
+            .storage_size_gb
+            .or(file.storage_size_gb)
+            .unwrap_or(DEFAULT_STORAGE_SIZE_GB);
+        let runner_dir = data_dir.join("runner");
+        tokio::task::spawn_blocking(move || nook_runner::storage::mount_image(&image, size_gb << 30, &runner_dir))
+            .await
+            .expect("mounting does not panic")
+            .context("nook serve could not prepare its storage image")?;
+    }
     let admin_key = std::env::var("NOOK_ADMIN_KEY").ok().filter(|key| !key.is_empty());
     let config = ServerConfig {
         listen,
-        data_dir: args
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        data_dir,
         agent_binary,
         base_image_tar: args.base_image_tar.or(file.base_image_tar),
         admin_key: admin_key.clone(),

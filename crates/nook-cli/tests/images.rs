@@ -20,6 +20,7 @@ async fn create_from(client: &Client, image: &str, name: &str) -> Sandbox {
             cpu: Some(1.0),
             memory_mb: Some(128),
             pids: Some(64),
+            disk_mb: None,
         }),
         ..Default::default()
     };
@@ -178,10 +179,7 @@ async fn layered_images_import_run_with_their_config_and_refuse_hostile_archives
         .collect()
         .await;
     let created_in = started.elapsed();
-    let uppers: u64 = many
-        .iter()
-        .map(|sandbox| du(&server.sandbox_dir(&sandbox.id).join("upper")))
-        .sum();
+    let uppers: u64 = many.iter().map(|sandbox| du(&server.upper_dir(&sandbox.id))).sum();
     let layers_after = du(&server.data_dir.join("runner/layers/sha256"));
     eprintln!(
         "100 sandboxes from one image: created in {created_in:?}; layers {layers_before} -> {layers_after} bytes; \

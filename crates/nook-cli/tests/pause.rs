@@ -20,7 +20,7 @@ async fn start_counter(client: &Client, server: &TestServer, sandbox: &str) -> (
         ..Default::default()
     };
     let process = client.start_process(sandbox, &counter).await.unwrap();
-    let file = server.sandbox_dir(sandbox).join("upper/counter");
+    let file = server.upper_dir(sandbox).join("counter");
     (process.pid, file)
 }
 

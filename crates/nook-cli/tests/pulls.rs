@@ -37,6 +37,7 @@ async fn sees_the_layered_files(client: &Client, image: &str) {
                 cpu: Some(1.0),
                 memory_mb: Some(128),
                 pids: Some(64),
+                disk_mb: None,
             }),
             ..Default::default()
         })

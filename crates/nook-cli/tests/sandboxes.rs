@@ -330,6 +330,7 @@ async fn fork_bomb_is_contained_by_the_pids_limit() {
         "bomb",
         ResourceRequest {
             pids: Some(64),
+            disk_mb: None,
             ..Default::default()
         },
     )
@@ -548,6 +549,7 @@ async fn bad_requests_are_refused_clearly_and_create_nothing() {
             CreateSandboxRequest {
                 resources: Some(ResourceRequest {
                     pids: Some(1),
+                    disk_mb: None,
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -225,6 +225,44 @@ impl Client {
             .await
     }
 
+    /// Changes a sandbox's limits (the fields given; `disk_mb: 0` removes the disk quota).
+    pub async fn update_resources(
+        &self,
+        key: &str,
+        request: &nook_api::ResourceRequest,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::PATCH, self.url_for(&["v1", "sandboxes", key, "resources"]))
+                .json(request),
+        )
+        .await
+    }
+
+    /// Makes an image from a sandbox's files.
+    pub async fn snapshot_sandbox(&self, key: &str, image: &str) -> Result<nook_api::Image, ClientError> {
+        let request = nook_api::SnapshotRequest {
+            image: image.to_string(),
+        };
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "snapshot"]))
+                .json(&request),
+        )
+        .await
+    }
+
+    /// Forks a sandbox into new ones.
+    pub async fn fork_sandbox(
+        &self,
+        key: &str,
+        request: &nook_api::ForkRequest,
+    ) -> Result<nook_api::ForkResult, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "fork"]))
+                .json(request),
+        )
+        .await
+    }
+
     /// Resumes a paused sandbox.
     pub async fn resume_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "resume"])))

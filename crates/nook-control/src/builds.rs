@@ -130,6 +130,7 @@ impl Builds {
                 cpu: host_cpus.clamp(nook_api::limits::MIN_CPU, nook_api::limits::MAX_CPU),
                 memory_mb: STEP_MEMORY_MB.min(host_memory_mb),
                 pids: STEP_PIDS,
+                disk_mb: None,
             },
             builds: Mutex::new(Vec::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_BUILDS)),

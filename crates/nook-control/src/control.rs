@@ -48,6 +48,25 @@ pub struct Control {
 /// How long a deadline that could not act yet (a sandbox still being created, a runner error) waits to try again.
 const DEADLINE_RETRY: chrono::Duration = chrono::Duration::seconds(5);
 
+/// "cpu 1 → 2, memory 512 → 1024 MiB": what a resize changed.
+fn describe_resize(old: &Resources, new: &Resources) -> String {
+    let mut changes = Vec::new();
+    if old.cpu != new.cpu {
+        changes.push(format!("cpu {} → {} cores", old.cpu, new.cpu));
+    }
+    if old.memory_mb != new.memory_mb {
+        changes.push(format!("memory {} → {} MiB", old.memory_mb, new.memory_mb));
+    }
+    if old.pids != new.pids {
+        changes.push(format!("pids {} → {}", old.pids, new.pids));
+    }
+    if old.disk_mb != new.disk_mb {
+        let disk = |disk: Option<u64>| disk.map_or_else(|| "none".to_string(), |mb| format!("{mb} MiB"));
+        changes.push(format!("disk quota {} → {}", disk(old.disk_mb), disk(new.disk_mb)));
+    }
+    format!("resized: {}", changes.join(", "))
+}
+
 /// The moment `timeout_s` seconds from now, checked against [`MAX_TIMEOUT_S`].
 fn deadline_in(timeout_s: u64) -> Result<chrono::DateTime<Utc>, ApiFailure> {
     if timeout_s > MAX_TIMEOUT_S {
@@ -116,7 +135,14 @@ impl Control {
             cpu: wanted.cpu.unwrap_or(DEFAULT_CPU.min(self.host_cpus)),
             memory_mb: wanted.memory_mb.unwrap_or(DEFAULT_MEMORY_MB),
             pids: wanted.pids.unwrap_or(DEFAULT_PIDS),
+            disk_mb: wanted.disk_mb,
         };
+        self.check_resources(&resources)?;
+        Ok(resources)
+    }
+
+    /// Checks limits against the bounds and this host.
+    fn check_resources(&self, resources: &Resources) -> Result<(), ApiFailure> {
         let max_cpu = MAX_CPU.min(self.host_cpus);
         if !resources.cpu.is_finite() || resources.cpu < MIN_CPU || resources.cpu > max_cpu {
             return Err(ApiFailure::invalid(format!(
@@ -137,7 +163,14 @@ impl Control {
                 resources.pids
             )));
         }
-        Ok(resources)
+        if let Some(disk) = resources.disk_mb {
+            if !(MIN_DISK_MB..=MAX_DISK_MB).contains(&disk) {
+                return Err(ApiFailure::invalid(format!(
+                    "disk_mb {disk} is out of range: use {MIN_DISK_MB} to {MAX_DISK_MB} MiB"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Creates and starts a sandbox.
@@ -164,6 +197,7 @@ impl Control {
             oom_kills: 0,
             deadline,
             on_deadline: request.on_deadline.unwrap_or_default(),
+            parent: None,
             created_at: now,
             updated_at: now,
         };
@@ -301,6 +335,176 @@ impl Control {
         }
         let change = transition(from, to, StateReason::Requested, message);
         Ok(self.store.transition(&sandbox.id, change).await?)
+    }
+
+    /// Changes a sandbox's limits: the fields given, the others kept (`disk_mb: 0` removes its disk quota). A running
+    /// or paused sandbox gets them at once, without a restart; going below what it uses now is refused.
+    pub async fn update_resources(&self, key: &str, request: nook_api::ResourceRequest) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        if !matches!(
+            sandbox.state,
+            SandboxState::Running | SandboxState::Paused | SandboxState::Stopped
+        ) {
+            return Err(ApiFailure::conflict(format!(
+                "sandbox {} is {} and cannot be resized",
+                sandbox.name, sandbox.state
+            )));
+        }
+        let old = sandbox.resources;
+        let new = Resources {
+            cpu: request.cpu.unwrap_or(old.cpu),
+            memory_mb: request.memory_mb.unwrap_or(old.memory_mb),
+            pids: request.pids.unwrap_or(old.pids),
+            disk_mb: match request.disk_mb {
+                Some(0) => None,
+                Some(disk) => Some(disk),
+                None => old.disk_mb,
+            },
+        };
+        self.check_resources(&new)?;
+        if new == old {
+            return Ok(sandbox);
+        }
+        self.runner.update_resources(&sandbox.id, new).await?;
+        let message = describe_resize(&old, &new);
+        Ok(self
+            .store
+            .note(&sandbox.id, StateReason::Resized, &message, Some(new))
+            .await?)
+    }
+
+    /// Makes image `request.image` from a sandbox's files (a running one is frozen for the moment of the capture).
+    pub async fn snapshot(&self, key: &str, request: nook_api::SnapshotRequest) -> Result<nook_api::Image, ApiFailure> {
+        check_image_name(&request.image).map_err(ApiFailure::invalid)?;
+        let sandbox = self.resolve(key).await?;
+        if !matches!(
+            sandbox.state,
+            SandboxState::Running | SandboxState::Paused | SandboxState::Stopped
+        ) {
+            return Err(ApiFailure::conflict(format!(
+                "sandbox {} is {}; only a running, paused or stopped sandbox can be snapshotted",
+                sandbox.name, sandbox.state
+            )));
+        }
+        let image = self.runner.snapshot_sandbox(&sandbox.id, &request.image).await?;
+        let message = format!("snapshot taken as image {} ({})", image.name, image.digest);
+        self.store
+            .note(&sandbox.id, StateReason::Snapshotted, &message, None)
+            .await?;
+        Ok(image)
+    }
+
+    /// Makes `count` new sandboxes from a sandbox's files as they are now (copy-on-write), each started and
+    /// independent afterwards; the source goes on (frozen only while its files are copied). All are made or none.
+    pub async fn fork(&self, key: &str, request: nook_api::ForkRequest) -> Result<nook_api::ForkResult, ApiFailure> {
+        let count = request.count.unwrap_or(request.names.len().max(1) as u32);
+        if count == 0 || count > MAX_FORKS {
+            return Err(ApiFailure::invalid(format!(
+                "count {count} is out of range: one request makes 1 to {MAX_FORKS} forks"
+            )));
+        }
+        if !request.names.is_empty() && request.names.len() != count as usize {
+            return Err(ApiFailure::invalid(format!(
+                "{} names were given for {count} forks; give one per fork, or none",
+                request.names.len()
+            )));
+        }
+        for name in &request.names {
+            check_sandbox_name(name).map_err(ApiFailure::invalid)?;
+        }
+        if let Some(labels) = &request.labels {
+            if labels.len() > MAX_LABELS {
+                return Err(ApiFailure::invalid(format!("at most {MAX_LABELS} labels are allowed")));
+            }
+            for (key, value) in labels {
+                check_label_key(key).map_err(ApiFailure::invalid)?;
+                check_value("label", key, value)?;
+            }
+        }
+        let source = self.resolve(key).await?;
+        if !matches!(
+            source.state,
+            SandboxState::Running | SandboxState::Paused | SandboxState::Stopped
+        ) {
+            return Err(ApiFailure::conflict(format!(
+                "sandbox {} is {}; only a running, paused or stopped sandbox can be forked",
+                source.name, source.state
+            )));
+        }
+        let message = format!("forked from {} ({})", source.name, source.id);
+        let now = Utc::now();
+        let mut forks = Vec::new();
+        for index in 0..count as usize {
+            let id = ids::sandbox_id();
+            let fork = Sandbox {
+                name: request.names.get(index).cloned().unwrap_or_else(|| id.clone()),
+                id,
+                image: source.image.clone(),
+                image_digest: source.image_digest.clone(),
+                isolation: source.isolation,
+                state: SandboxState::Creating,
+                state_reason: StateReason::Forked,
+                state_message: message.clone(),
+                labels: request.labels.clone().unwrap_or_else(|| source.labels.clone()),
+                env: source.env.clone(),
+                resources: source.resources,
+                oom_kills: 0,
+                deadline: None,
+                on_deadline: DeadlineAction::default(),
+                parent: Some(source.id.clone()),
+                created_at: now,
+                updated_at: now,
+            };
+            if let Err(error) = self.store.insert_sandbox(&fork).await {
+                for made in &forks {
+                    let made: &Sandbox = made;
+                    let _ = self.store.delete_sandbox(&made.id).await;
+                }
+                return Err(error.into());
+            }
+            forks.push(fork);
+        }
+        let specs: Vec<SandboxSpec> = forks
+            .iter()
+            .map(|fork| SandboxSpec {
+                id: fork.id.clone(),
+                hostname: fork.name.clone(),
+                image: fork.image.clone(),
+                resources: fork.resources,
+                env: fork.env.clone(),
+            })
+            .collect();
+        // To its end and recorded even if the client goes away, as for a create.
+        let (store, runner) = (self.store.clone(), self.runner.clone());
+        let source_id = source.id.clone();
+        tokio::spawn(async move {
+            match runner.fork_sandbox(&source_id, specs).await {
+                Ok(frozen) => {
+                    let mut sandboxes = Vec::new();
+                    for fork in &forks {
+                        let started = transition(CREATING, SandboxState::Running, StateReason::Forked, &message);
+                        sandboxes.push(store.transition(&fork.id, started).await?);
+                    }
+                    let names: Vec<&str> = forks.iter().map(|fork| fork.name.as_str()).collect();
+                    let note = format!("forked into {}", names.join(", "));
+                    let _ = store.note(&source_id, StateReason::Forked, &note, None).await;
+                    Ok(nook_api::ForkResult {
+                        sandboxes,
+                        frozen_us: frozen.as_micros() as u64,
+                    })
+                }
+                Err(error) => {
+                    let reason = crate::error::chain(&error);
+                    for fork in &forks {
+                        let failed = transition(CREATING, SandboxState::Error, StateReason::CreateFailed, &reason);
+                        let _ = store.transition(&fork.id, failed).await;
+                    }
+                    Err(ApiFailure::from(error))
+                }
+            }
+        })
+        .await
+        .expect("forking does not panic")
     }
 
     /// Starts a stopped sandbox.

@@ -116,6 +116,10 @@ impl From<RunnerError> for ApiFailure {
             RunnerError::NotRunning(_) => Self::new(StatusCode::CONFLICT, "not_running", error.to_string()),
             RunnerError::AlreadyRunning(_) => Self::new(StatusCode::CONFLICT, "already_running", error.to_string()),
             RunnerError::Paused(_) => Self::new(StatusCode::CONFLICT, "paused", error.to_string()),
+            RunnerError::BelowUsage(message) => Self::new(StatusCode::CONFLICT, "below_usage", message.clone()),
+            RunnerError::Storage(nook_runner::storage::StorageError::NoQuotas { .. }) => {
+                Self::new(StatusCode::BAD_REQUEST, "unsupported", error.to_string())
+            }
             RunnerError::Image(ImageError::NotFound(name)) => Self::not_found(format!(
                 "image {name:?} does not exist; `nook image ls` lists the images"
             )),

@@ -66,7 +66,11 @@ fn entry_of(sandbox_id: &str, event: &SandboxEvent) -> LogEntry {
         StateReason::CreateFailed | StateReason::StartFailed => Level::Error,
         _ if event.to_state == SandboxState::Error => Level::Error,
         StateReason::Oom | StateReason::InitExited | StateReason::LostOnRestart => Level::Warn,
-        StateReason::Requested | StateReason::DeadlinePassed => Level::Info,
+        StateReason::Requested
+        | StateReason::DeadlinePassed
+        | StateReason::Resized
+        | StateReason::Forked
+        | StateReason::Snapshotted => Level::Info,
     };
     let mut fields = BTreeMap::from([
         ("sandboxID", sandbox_id.to_string()),

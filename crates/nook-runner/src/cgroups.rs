@@ -282,6 +282,40 @@ impl SandboxCgroup {
         Ok(())
     }
 
+    /// Changes the CPU, memory and pids limits of a live cgroup (nothing else is rewritten, so its processes never
+    /// see a device rule missing). On v1 the memory+swap limit must stay at least the memory limit, so it moves
+    /// first when the limit grows and last when it shrinks. The kernel reclaims what it can when memory shrinks and
+    /// refuses (`EBUSY`, v1) when it cannot; the caller checks the working set first.
+    pub fn resize(&self, resources: &Resources) -> Result<(), CgroupError> {
+        let memory = resources.memory_mb * 1024 * 1024;
+        let quota = ((resources.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
+        match &self.host {
+            CgroupHost::V2 { .. } => {
+                let dir = &self.dirs[0];
+                write(dir, "memory.max", &memory.to_string())?;
+                write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+                write(dir, "pids.max", &resources.pids.to_string())?;
+            }
+            CgroupHost::V1 { .. } => {
+                let dir = self.controller_dir("memory");
+                let current = std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u64>().ok())
+                    .unwrap_or(u64::MAX);
+                if memory >= current {
+                    write_if_present(dir, "memory.memsw.limit_in_bytes", &memory.to_string())?;
+                    write(dir, "memory.limit_in_bytes", &memory.to_string())?;
+                } else {
+                    write(dir, "memory.limit_in_bytes", &memory.to_string())?;
+                    write_if_present(dir, "memory.memsw.limit_in_bytes", &memory.to_string())?;
+                }
+                write(self.controller_dir("cpu"), "cpu.cfs_quota_us", &quota.to_string())?;
+                write(self.controller_dir("pids"), "pids.max", &resources.pids.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// The `cgroup.procs` files a process writes its pid into to join the sandbox.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|dir| dir.join("cgroup.procs")).collect()

@@ -7,7 +7,8 @@
 //!
 //! Modules: [`images`] (content-addressed layer store, safe layer unpacking, OCI archives), [`build`] (Dockerfile
 //! builds in step sandboxes, with a layer cache), [`cgroups`] (v1/hybrid/v2 limits, usage and OOM watching),
-//! [`disk`] (bounded measuring of a writable layer),
+//! [`disk`] (bounded measuring of a writable layer), [`storage`] (the volumes that hold writable layers: btrfs
+//! subvolumes for copy-on-write forks, snapshots and disk quotas, plain directories elsewhere),
 //! [`container`] (the container isolation backend: boots `nook-agent boot`), [`agent_client`] (the agent protocol
 //! seen from the runner), [`local`] (the in-process runner tying them together), `template_start` (a template's start
 //! command and readiness check, run on every start of a sandbox).
@@ -27,6 +28,7 @@ pub mod container;
 pub mod disk;
 pub mod images;
 pub mod local;
+pub mod storage;
 mod template_start;
 
 pub use agent_client::{ExecInput, ExecOutput, ExecStream};
@@ -143,6 +145,12 @@ pub enum RunnerError {
     /// A Dockerfile build failed.
     #[error(transparent)]
     Build(#[from] build::BuildError),
+    /// A volume operation failed, or the storage cannot do what was asked (a disk quota without btrfs).
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    /// A new limit is below what the sandbox uses now.
+    #[error("{0}")]
+    BelowUsage(String),
     /// A file operation on the runner's own state failed.
     #[error("{action} {path} failed")]
     Io {
@@ -267,6 +275,16 @@ pub trait Runner: Send + Sync + 'static {
     /// Resumes a paused sandbox: its processes continue exactly where they were. Resuming a running sandbox does
     /// nothing.
     async fn resume_sandbox(&self, id: &str) -> Result<(), RunnerError>;
+    /// Makes the image `name` from a sandbox's files: its image's layers and one more with what the sandbox changed.
+    /// A running sandbox is frozen for the moment its files are captured, so the image is consistent.
+    async fn snapshot_sandbox(&self, id: &str, name: &str) -> Result<Image, RunnerError>;
+    /// Makes and starts new sandboxes (one per spec) from a sandbox's files as they are now, copy-on-write where the
+    /// storage allows; a running source is frozen only while they are copied, and goes on. All are made or none.
+    /// Returns how long the source was frozen.
+    async fn fork_sandbox(&self, id: &str, forks: Vec<SandboxSpec>) -> Result<std::time::Duration, RunnerError>;
+    /// Changes a sandbox's limits; a running or paused sandbox's at once, without a restart. A memory limit or disk
+    /// quota below what it uses now is refused with [`RunnerError::BelowUsage`].
+    async fn update_resources(&self, id: &str, resources: Resources) -> Result<(), RunnerError>;
     /// Stops (if needed) and removes everything of a sandbox. Removing an unknown sandbox succeeds.
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError>;
     /// Runs a process in a running sandbox and streams it.

@@ -4,7 +4,9 @@
 //! ```text
 //! images/ layers/ names.json     the image store (see `images`)
 //! sandboxes/<id>/state.json      spec, image layers and config, and the init process while running
-//! sandboxes/<id>/upper, work     the writable layer and overlayfs work dir
+//! sandboxes/<id>/fs/upper, work  the writable layer and overlayfs work dir, in one volume (a btrfs subvolume where
+//!                                the storage is btrfs: see `storage`); sandboxes made before volumes keep them in
+//!                                sandboxes/<id>/upper, work
 //! sandboxes/<id>/rootfs          mount point of the root (mounted only inside the sandbox's mount namespace)
 //! sandboxes/<id>/agent.sock      the agent's socket, reachable only from the host
 //! ```
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nook_agent_proto::{ExecSpec, ProtocolError, Request};
-use nook_api::{Image, ImageConfig, ImagePruneResult, TransferEvent};
+use nook_api::{Image, ImageConfig, ImagePruneResult, Resources, TransferEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::io::SyncIoBridge;
@@ -37,6 +39,7 @@ use crate::container::{
 };
 use crate::images::registry::{Registries, RegistryConfig};
 use crate::images::{write_atomically, ImageError, ImageStore, LayerPin};
+use crate::storage::Storage;
 use crate::{ByteStream, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
 /// How long the freshly booted agent has to answer its first ping.
@@ -78,12 +81,15 @@ struct Live {
     stopping: AtomicBool,
     /// Its processes are frozen: requests that need the agent are refused until it is resumed.
     paused: AtomicBool,
+    /// Its limits now (changed by resizes while it runs).
+    resources: Mutex<Resources>,
     exited: watch::Receiver<bool>,
 }
 
 struct Inner {
     dir: PathBuf,
     images: Arc<ImageStore>,
+    storage: Storage,
     registries: Arc<Registries>,
     cgroups: CgroupHost,
     backend: Box<dyn IsolationBackend>,
@@ -119,6 +125,7 @@ impl LocalRunner {
                 source,
             })?;
         let images = Arc::new(ImageStore::open(&config.dir)?);
+        let storage = Storage::detect(&sandboxes)?;
         let registries = Arc::new(Registries::new(config.registries).map_err(ImageError::from)?);
         let cgroups = CgroupHost::detect()?;
         let backend = Box::new(ContainerBackend::new(&config.agent_binary)?);
@@ -127,6 +134,7 @@ impl LocalRunner {
             inner: Arc::new(Inner {
                 dir: config.dir,
                 images,
+                storage,
                 registries,
                 cgroups,
                 backend,
@@ -144,6 +152,32 @@ impl LocalRunner {
     /// The directory of a sandbox.
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.inner.dir.join("sandboxes").join(id)
+    }
+
+    /// The volume that holds a sandbox's writable layer and overlayfs work dir.
+    fn volume_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("fs")
+    }
+
+    /// The directory that holds a sandbox's `upper` and `work`: its volume, or the sandbox directory itself for a
+    /// sandbox made before volumes.
+    fn layer_parent(&self, id: &str) -> PathBuf {
+        let volume = self.volume_dir(id);
+        if volume.is_dir() {
+            volume
+        } else {
+            self.sandbox_dir(id)
+        }
+    }
+
+    /// A sandbox's writable layer.
+    fn upper_dir(&self, id: &str) -> PathBuf {
+        self.layer_parent(id).join("upper")
+    }
+
+    /// The storage that holds the runner's sandboxes (for `nook doctor`-style reports).
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
     }
 
     /// Imports an image from a local file without going through HTTP (used for the built-in `base` image).
@@ -170,10 +204,6 @@ impl LocalRunner {
     ) -> Result<(), RunnerError> {
         let lock = self.op_lock(&spec.id);
         let _guard = lock.lock().await;
-        let dir = self.sandbox_dir(&spec.id);
-        if dir.exists() {
-            return Err(RunnerError::AlreadyRunning(spec.id.clone()));
-        }
         let record = SandboxRecord {
             lower_dirs: layers
                 .iter()
@@ -185,11 +215,32 @@ impl LocalRunner {
             paused: false,
             spec,
         };
+        self.prepare(&record, None)?;
         let id = record.spec.id.clone();
-        let prepared = (|| {
-            for sub in ["upper", "work", "rootfs"] {
-                std::fs::create_dir_all(dir.join(sub))?;
-            }
+        let result = self.boot_and_start(record).await;
+        if result.is_err() {
+            self.remove_sandbox_files(&id);
+        }
+        result
+    }
+
+    /// Makes a sandbox's directory, its volume (empty, or a copy of `copy_of`), its disk quota and its record; on
+    /// failure nothing of it is left. Blocking, but quick (a subvolume snapshot is copy-on-write): the caller holds
+    /// the sandbox's operation lock.
+    fn prepare(&self, record: &SandboxRecord, copy_of: Option<&Path>) -> Result<(), RunnerError> {
+        let id = &record.spec.id;
+        let dir = self.sandbox_dir(id);
+        if dir.exists() {
+            return Err(RunnerError::AlreadyRunning(id.clone()));
+        }
+        let storage = &self.inner.storage;
+        let volume = self.volume_dir(id);
+        let made = (|| -> Result<(), RunnerError> {
+            let io = |action: &'static str, path: &Path| {
+                let path = path.to_path_buf();
+                move |source| RunnerError::Io { action, path, source }
+            };
+            std::fs::create_dir_all(dir.join("rootfs")).map_err(io("creating", &dir))?;
             std::fs::write(
                 dir.join("hosts"),
                 format!(
@@ -197,23 +248,31 @@ impl LocalRunner {
                     record.spec.hostname
                 ),
             )
+            .map_err(io("writing", &dir.join("hosts")))?;
+            match copy_of {
+                Some(source) => storage.clone_volume(source, &volume)?,
+                None => {
+                    storage.create_volume(&volume)?;
+                    for sub in ["upper", "work"] {
+                        std::fs::create_dir(volume.join(sub)).map_err(io("creating", &volume.join(sub)))?;
+                    }
+                }
+            }
+            let quota = record.spec.resources.disk_mb.map(|mb| mb * 1024 * 1024);
+            storage.set_quota(&volume, quota)?;
+            self.write_record(id, record)
         })();
-        if let Err(source) = prepared {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(RunnerError::Io {
-                action: "preparing",
-                path: dir,
-                source,
-            });
+        if made.is_err() {
+            self.remove_sandbox_files(id);
         }
-        let result = match self.write_record(&id, &record) {
-            Ok(()) => self.boot_and_start(record).await,
-            Err(error) => Err(error),
-        };
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
+        made
+    }
+
+    /// Removes a sandbox's directory and volume (logged, not returned: this is the undo of a failed step).
+    fn remove_sandbox_files(&self, id: &str) {
+        if let Err(error) = self.inner.storage.remove_tree(&self.sandbox_dir(id)) {
+            tracing::error!(sandbox = %id, error = %crate::error_chain(&error), "removing a sandbox's files failed");
         }
-        result
     }
 
     /// Boots a sandbox, then starts its template's start command and waits until it is ready; a sandbox whose
@@ -303,12 +362,53 @@ impl LocalRunner {
     /// Turns the writable layer of a stopped sandbox into a layer of the store (moved, not copied); `None` when the
     /// sandbox changed nothing. The layer stays pinned as long as the returned pin lives.
     pub(crate) async fn commit_upper(&self, id: &str) -> Result<Option<(String, LayerPin)>, RunnerError> {
-        let upper = self.sandbox_dir(id).join("upper");
-        let images = self.inner.images.clone();
-        tokio::task::spawn_blocking(move || images.adopt_directory(&upper))
-            .await
-            .expect("committing a layer does not panic")
-            .map_err(RunnerError::from)
+        let runner = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let scratch = runner.capture_layer(&id, false)?;
+            runner.layer_from_capture(scratch)
+        })
+        .await
+        .expect("committing a layer does not panic")
+    }
+
+    /// Puts a sandbox's writable layer into the store's scratch area, as a copy (`keep`: copy-on-write where the
+    /// storage allows) or by moving it (the sandbox is about to be removed). Returns where it is, in overlayfs form:
+    /// finish with [`Self::layer_from_capture`]. Blocking.
+    fn capture_layer(&self, id: &str, keep: bool) -> Result<PathBuf, RunnerError> {
+        let scratch = self.inner.images.scratch_path();
+        let volume = self.volume_dir(id);
+        let (source, is_volume) = if volume.is_dir() {
+            (volume, true)
+        } else {
+            (self.sandbox_dir(id).join("upper"), false)
+        };
+        if keep {
+            self.inner.storage.clone_volume(&source, &scratch)?;
+        } else {
+            std::fs::rename(&source, &scratch).map_err(|source_error| RunnerError::Io {
+                action: "moving into the layer store",
+                path: source.clone(),
+                source: source_error,
+            })?;
+        }
+        if is_volume {
+            if let Err(error) = hoist_upper(&scratch) {
+                let _ = self.inner.storage.remove_tree(&scratch);
+                return Err(RunnerError::Io {
+                    action: "taking the writable layer out of",
+                    path: scratch,
+                    source: error,
+                });
+            }
+        }
+        Ok(scratch)
+    }
+
+    /// Makes a captured writable layer a layer of the store (hashing it for its id); `None` when it is empty.
+    /// Blocking.
+    fn layer_from_capture(&self, scratch: PathBuf) -> Result<Option<(String, LayerPin)>, RunnerError> {
+        Ok(self.inner.images.adopt_directory(scratch)?)
     }
 
     /// Stores a built image under `name`.
@@ -341,7 +441,7 @@ impl LocalRunner {
                         }
                     }
                 }
-                let _ = std::fs::remove_dir_all(entry.path());
+                self.remove_sandbox_files(&id);
                 continue;
             }
             let Ok(mut record) = self.read_record(&id) else {
@@ -460,8 +560,8 @@ impl LocalRunner {
             sandbox_id: id.clone(),
             hostname: record.spec.hostname.clone(),
             lower_dirs: record.lower_dirs.clone(),
-            upper_dir: dir.join("upper"),
-            work_dir: dir.join("work"),
+            upper_dir: self.layer_parent(&id).join("upper"),
+            work_dir: self.layer_parent(&id).join("work"),
             rootfs_dir: dir.join("rootfs"),
             socket_path: socket_path.clone(),
             cgroup_procs: cgroup.procs_files(),
@@ -519,6 +619,7 @@ impl LocalRunner {
         let pidfd = Arc::new(pidfd);
         let live = Arc::new(Live {
             paused: AtomicBool::new(record.paused),
+            resources: Mutex::new(record.spec.resources),
             record,
             pidfd: pidfd.clone(),
             stopping: AtomicBool::new(false),
@@ -627,7 +728,8 @@ impl LocalRunner {
                 ),
             });
         }
-        let mut record = live.record.clone();
+        // The record on disk carries changes made while it ran (resizes).
+        let mut record = self.read_record(id).unwrap_or_else(|_| live.record.clone());
         record.init = None;
         record.paused = false;
         self.write_record(id, &record)?;
@@ -663,7 +765,7 @@ impl LocalRunner {
         if live.paused.load(Ordering::SeqCst) == paused {
             return Ok(());
         }
-        let mut record = live.record.clone();
+        let mut record = self.read_record(id)?;
         let cgroup = self.inner.cgroups.existing(id);
         if paused {
             record.paused = true;
@@ -715,10 +817,64 @@ impl LocalRunner {
         answered(id, agent_client::call(&self.socket_path(id), request).await)
     }
 
+    /// Runs the blocking `work` (a copy of the sandbox's files) with its processes frozen if it runs, so that what
+    /// is copied is one moment's state; returns its result and how long the processes were frozen. A paused or
+    /// stopped sandbox is still already. Called with the sandbox's operation lock held.
+    async fn with_frozen<T: Send + 'static>(
+        &self,
+        id: &str,
+        work: impl FnOnce() -> Result<T, RunnerError> + Send + 'static,
+    ) -> Result<(T, Duration), RunnerError> {
+        let freeze = self.live(id).is_some_and(|live| !live.paused.load(Ordering::SeqCst));
+        let cgroup = self.inner.cgroups.existing(id);
+        let started = std::time::Instant::now();
+        if freeze {
+            cgroup.set_frozen(true).await?;
+        }
+        let result = tokio::task::spawn_blocking(work)
+            .await
+            .expect("copying a sandbox's files does not panic");
+        let mut frozen = Duration::ZERO;
+        if freeze {
+            let thawed = cgroup.set_frozen(false).await;
+            frozen = started.elapsed();
+            if let Err(error) = thawed {
+                tracing::error!(sandbox = %id, %error, "thawing a sandbox after copying its files failed");
+                return Err(error.into());
+            }
+        }
+        Ok((result?, frozen))
+    }
+
     fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.inner.live.lock().expect("live map").get(id).cloned()
     }
 }
+
+/// Turns a captured volume (`upper` and `work` inside) into a layer: `work` goes, the contents of `upper` move up
+/// one level, and the root takes the upper root's mode and owner.
+fn hoist_upper(volume: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::remove_dir_all(volume.join("work")) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    // Renamed first, so that an entry of the upper named `upper` cannot collide with the directory itself.
+    let suffix: u64 = rand::random();
+    let hoisted = volume.join(format!(".nook-upper-{suffix:016x}"));
+    std::fs::rename(volume.join("upper"), &hoisted)?;
+    for entry in std::fs::read_dir(&hoisted)? {
+        let entry = entry?;
+        std::fs::rename(entry.path(), volume.join(entry.file_name()))?;
+    }
+    let root = std::fs::symlink_metadata(&hoisted)?;
+    std::os::unix::fs::lchown(volume, Some(root.uid()), Some(root.gid()))?;
+    std::fs::set_permissions(volume, root.permissions())?;
+    std::fs::remove_dir(&hoisted)
+}
+
+const MIB: u64 = 1024 * 1024;
 
 /// Turns an agent's answer into the runner's result: refusals become [`RunnerError::Process`].
 fn answered<T>(id: &str, answer: Result<agent_client::Answer<T>, ProtocolError>) -> Result<T, RunnerError> {
@@ -756,9 +912,10 @@ async fn next_oom(watcher: &mut Option<crate::cgroups::OomWatcher>) -> std::io::
 impl Runner for LocalRunner {
     fn describe(&self) -> String {
         format!(
-            "local runner at {} ({}, isolation {:?})",
+            "local runner at {} ({}, storage on {}, isolation {:?})",
             self.inner.dir.display(),
             self.inner.cgroups.describe(),
+            self.inner.storage.describe(),
             self.inner.backend.isolation()
         )
     }
@@ -928,6 +1085,159 @@ impl Runner for LocalRunner {
         self.set_paused(id, false).await
     }
 
+    async fn snapshot_sandbox(&self, id: &str, name: &str) -> Result<Image, RunnerError> {
+        nook_api::names::check_image_name(name).map_err(ImageError::InvalidName)?;
+        let lock = self.op_lock(id);
+        let guard = lock.lock().await;
+        let record = self.read_record(id)?;
+        let runner = self.clone();
+        let id_owned = id.to_string();
+        let (scratch, _) = self
+            .with_frozen(id, move || runner.capture_layer(&id_owned, true))
+            .await?;
+        drop(guard);
+        // Hashing the new layer needs no lock: the capture is the snapshot's own copy.
+        let runner = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let layer = runner.layer_from_capture(scratch)?;
+            let mut layers: Vec<String> = record
+                .lower_dirs
+                .iter()
+                .rev()
+                .filter_map(|dir| dir.file_name())
+                .map(|hex| format!("sha256:{}", hex.to_string_lossy()))
+                .collect();
+            if let Some((diff_id, _)) = &layer {
+                layers.push(diff_id.clone());
+            }
+            let image = runner.inner.images.commit_layers(&name, layers, record.image_config)?;
+            drop(layer);
+            Ok(image)
+        })
+        .await
+        .expect("snapshotting does not panic")
+    }
+
+    async fn fork_sandbox(&self, id: &str, forks: Vec<SandboxSpec>) -> Result<Duration, RunnerError> {
+        let lock = self.op_lock(id);
+        let guard = lock.lock().await;
+        let source = self.read_record(id)?;
+        let source_volume = self.volume_dir(id);
+        if !source_volume.is_dir() {
+            return Err(RunnerError::Boot {
+                sandbox_id: id.to_string(),
+                message: "it was made by an earlier nook that kept its files outside a volume, so it cannot be \
+                          forked; snapshot it and create sandboxes from the image instead"
+                    .to_string(),
+            });
+        }
+        let records: Vec<SandboxRecord> = forks
+            .into_iter()
+            .map(|spec| SandboxRecord {
+                spec,
+                lower_dirs: source.lower_dirs.clone(),
+                image_config: source.image_config.clone(),
+                init: None,
+                paused: false,
+            })
+            .collect();
+        let runner = self.clone();
+        let (records, frozen) = self
+            .with_frozen(id, move || {
+                for (index, record) in records.iter().enumerate() {
+                    if let Err(error) = runner.prepare(record, Some(&source_volume)) {
+                        for made in &records[..index] {
+                            runner.remove_sandbox_files(&made.spec.id);
+                        }
+                        return Err(error);
+                    }
+                }
+                Ok(records)
+            })
+            .await?;
+        drop(guard);
+        let ids: Vec<String> = records.iter().map(|record| record.spec.id.clone()).collect();
+        let boots = records.into_iter().map(|record| {
+            let runner = self.clone();
+            async move {
+                let lock = runner.op_lock(&record.spec.id);
+                let _guard = lock.lock().await;
+                runner.boot_and_start(record).await
+            }
+        });
+        let results = futures::future::join_all(boots).await;
+        if let Some(position) = results.iter().position(Result::is_err) {
+            for fork in &ids {
+                if let Err(error) = self.delete_sandbox(fork).await {
+                    tracing::error!(sandbox = %fork, error = %crate::error_chain(&error), "removing a fork after a failed fork");
+                }
+            }
+            return Err(results
+                .into_iter()
+                .nth(position)
+                .expect("found above")
+                .expect_err("an error"));
+        }
+        Ok(frozen)
+    }
+
+    async fn update_resources(&self, id: &str, resources: Resources) -> Result<(), RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let mut record = self.read_record(id)?;
+        let old = record.spec.resources;
+        if resources.disk_mb != old.disk_mb {
+            if let Some(mb) = resources.disk_mb {
+                let upper = self.upper_dir(id);
+                let used = tokio::task::spawn_blocking(move || crate::disk::usage(&upper))
+                    .await
+                    .expect("measuring does not panic")
+                    .map_err(|source| RunnerError::Io {
+                        action: "measuring",
+                        path: self.upper_dir(id),
+                        source,
+                    })?
+                    .used_bytes;
+                if used > mb * MIB {
+                    return Err(RunnerError::BelowUsage(format!(
+                        "a disk quota of {mb} MiB is below the {} MiB the sandbox's files take now; remove files \
+                         first",
+                        used.div_ceil(MIB)
+                    )));
+                }
+            }
+            self.inner
+                .storage
+                .set_quota(&self.volume_dir(id), resources.disk_mb.map(|mb| mb * MIB))?;
+        }
+        if let Some(live) = self.live(id) {
+            let cgroup = self.inner.cgroups.existing(id);
+            if resources.memory_mb < old.memory_mb {
+                let used = cgroup.usage()?.memory_used;
+                if used > resources.memory_mb * MIB {
+                    return Err(RunnerError::BelowUsage(format!(
+                        "memory_mb {} is below the {} MiB the sandbox uses now; free memory inside it first",
+                        resources.memory_mb,
+                        used.div_ceil(MIB)
+                    )));
+                }
+            }
+            cgroup.resize(&resources).map_err(|error| match error {
+                crate::cgroups::CgroupError::Io { ref source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                    RunnerError::BelowUsage(format!(
+                        "the kernel could not reclaim enough of the sandbox's memory to go down to {} MiB",
+                        resources.memory_mb
+                    ))
+                }
+                other => other.into(),
+            })?;
+            *live.resources.lock().expect("resources") = resources;
+        }
+        record.spec.resources = resources;
+        self.write_record(id, &record)
+    }
+
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError> {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
@@ -937,15 +1247,7 @@ impl Runner for LocalRunner {
         let dir = self.sandbox_dir(id);
         tokio::task::spawn_blocking(move || {
             runner.clean_after_exit(&id_owned);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(source) => Err(RunnerError::Io {
-                    action: "removing",
-                    path: dir,
-                    source,
-                }),
-            }
+            runner.inner.storage.remove_tree(&dir)
         })
         .await
         .expect("delete task does not panic")?;
@@ -1099,7 +1401,7 @@ impl Runner for LocalRunner {
         // A paused sandbox has usage too (its memory, no CPU): it is read from the host, not asked of the agent.
         let live = self.present(id)?;
         let cgroup = self.inner.cgroups.existing(id);
-        let upper = self.sandbox_dir(id).join("upper");
+        let upper = self.upper_dir(id);
         let (usage, disk) = tokio::task::spawn_blocking(move || (cgroup.usage(), crate::disk::usage(&upper)))
             .await
             .expect("reading usage does not panic");
@@ -1110,10 +1412,10 @@ impl Runner for LocalRunner {
         })?;
         let disk = disk.map_err(|source| RunnerError::Io {
             action: "measuring",
-            path: self.sandbox_dir(id).join("upper"),
+            path: self.upper_dir(id),
             source,
         })?;
-        let resources = &live.record.spec.resources;
+        let resources = *live.resources.lock().expect("resources");
         let now = chrono::Utc::now();
         Ok(nook_api::SandboxStats {
             at: now,
@@ -1130,7 +1432,7 @@ impl Runner for LocalRunner {
             pids: usage.pids,
             disk_used_bytes: disk.used_bytes,
             disk_used_complete: disk.complete,
-            disk_total_bytes: disk.total_bytes,
+            disk_total_bytes: resources.disk_mb.map_or(disk.total_bytes, |mb| mb * 1024 * 1024),
         })
     }
 

@@ -191,6 +191,11 @@ impl TestServer {
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("runner/sandboxes").join(id)
     }
+
+    /// The writable layer of sandbox `id` (in its volume).
+    pub fn upper_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("fs/upper")
+    }
 }
 
 impl Drop for TestServer {
@@ -206,8 +211,26 @@ impl Drop for TestServer {
     }
 }
 
-/// Removes a stopped server's data directory, without crossing into other filesystems.
+/// Removes a stopped server's data directory, without crossing into other filesystems. The btrfs subvolumes in it
+/// (sandboxes' volumes, layers made from them), which `rm --one-file-system` would not enter, are dropped first.
 fn remove_data_dir(dir: &Path) {
+    let runner = dir.join("runner");
+    let mut volumes: Vec<PathBuf> = Vec::new();
+    for parent in ["sandboxes", "layers/sha256", "layers/tmp"] {
+        for entry in std::fs::read_dir(runner.join(parent)).into_iter().flatten().flatten() {
+            volumes.push(entry.path());
+            volumes.push(entry.path().join("fs"));
+        }
+    }
+    for volume in volumes {
+        if nook_runner::storage::is_subvolume(&volume) {
+            let _ = std::process::Command::new("btrfs")
+                .args(["subvolume", "delete"])
+                .arg(&volume)
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
     let _ = std::process::Command::new("rm")
         .args(["-rf", "--one-file-system"])
         .arg(dir)
@@ -323,6 +346,7 @@ pub async fn create(client: &Client, prefix: &str) -> Sandbox {
             cpu: Some(1.0),
             memory_mb: Some(256),
             pids: Some(256),
+            disk_mb: None,
         },
     )
     .await

@@ -20,10 +20,11 @@ use base64::Engine as _;
 use nook_api::limits::MAX_EXEC_CAPTURE;
 use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
-    ExportRequest, FileInfo, FileList, FindResult, Health, Image, ImageList, ImagePruneResult, MakeDirRequest,
-    MoveRequest, ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest, ReplaceResult,
-    ReplacedFile, Sandbox, SandboxEventList, SandboxList, SandboxState, SandboxStats, SearchMatch, SearchRequest,
-    SearchResult, SetDeadlineRequest, SignalRequest, TagRequest, TransferEvent, WatchEvent, WatchEventKind,
+    ExportRequest, FileInfo, FileList, FindResult, ForkRequest, ForkResult, Health, Image, ImageList, ImagePruneResult,
+    MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest,
+    ReplaceResult, ReplacedFile, ResourceRequest, Sandbox, SandboxEventList, SandboxList, SandboxState, SandboxStats,
+    SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest, SignalRequest, SnapshotRequest, TagRequest,
+    TransferEvent, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -100,6 +101,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
         .route("/v1/sandboxes/{sandbox}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{sandbox}/resume", post(resume_sandbox))
+        .route(
+            "/v1/sandboxes/{sandbox}/resources",
+            axum::routing::patch(update_resources),
+        )
+        .route("/v1/sandboxes/{sandbox}/snapshot", post(snapshot_sandbox))
+        .route("/v1/sandboxes/{sandbox}/fork", post(fork_sandbox))
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
         .route("/v1/sandboxes/{sandbox}/stats", get(sandbox_stats))
         .route("/v1/sandboxes/{sandbox}/exec", post(exec))
@@ -346,6 +353,58 @@ async fn pause_sandbox(State(state): State<AppState>, Path(key): Path<String>) -
     security(("bearer" = [])))]
 async fn resume_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
     Ok(Json(state.control.resume(&key).await?))
+}
+
+#[utoipa::path(patch, path = "/v1/sandboxes/{sandbox}/resources", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    request_body = ResourceRequest,
+    responses((status = 200, description = "The new limits are in force (a running or paused sandbox got them without a \
+               restart); the fields left out are unchanged, `disk_mb: 0` removes the disk quota", body = Sandbox),
+              (status = 400, description = "A limit out of range, or a disk quota where the storage has none", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "`below_usage`: the sandbox uses more than the new limit now; or a state \
+               that cannot be resized", body = ApiError)),
+    security(("bearer" = [])))]
+async fn update_resources(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ResourceRequest>,
+) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.update_resources(&key, request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/snapshot", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    request_body = SnapshotRequest,
+    responses((status = 200, description = "The image made of the sandbox's image and one more layer with what it \
+               changed; a running sandbox was frozen only while its files were captured", body = Image),
+              (status = 400, description = "A malformed image name", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "A state that cannot be snapshotted", body = ApiError)),
+    security(("bearer" = [])))]
+async fn snapshot_sandbox(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<SnapshotRequest>,
+) -> Result<Json<Image>, ApiFailure> {
+    Ok(Json(state.control.snapshot(&key, request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/fork", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    request_body = ForkRequest,
+    responses((status = 200, description = "The forks, running, each with the source's files as they were (copy-on-write) \
+               and `parent` naming the source; the source goes on", body = ForkResult),
+              (status = 400, description = "A count or name out of range", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "A name taken, or a state that cannot be forked", body = ApiError)),
+    security(("bearer" = [])))]
+async fn fork_sandbox(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<ForkRequest>,
+) -> Result<Json<ForkResult>, ApiFailure> {
+    Ok(Json(state.control.fork(&key, request).await?))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/start", tag = "sandboxes",
@@ -1150,7 +1209,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
-        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, set_deadline,
+        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, fork_sandbox, set_deadline,
         sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,

@@ -6,7 +6,7 @@
 //! reconciles the two on start.
 
 use chrono::{DateTime, Utc};
-use nook_api::{Sandbox, SandboxEvent, SandboxState, StateReason};
+use nook_api::{Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
 
 pub mod sqlite;
 
@@ -70,6 +70,15 @@ pub trait Store: Send + Sync + 'static {
     async fn transition(&self, id: &str, transition: Transition) -> Result<Sandbox, StoreError>;
     /// Records OOM kills (the state stays, the reason becomes `oom`) and the event.
     async fn record_oom(&self, id: &str, oom_kills: u64, message: &str) -> Result<Sandbox, StoreError>;
+    /// Records an event that leaves the state as it is (a resize, a snapshot), with its reason as the sandbox's
+    /// `state_reason`; `resources`, when given, become the sandbox's limits in the same write.
+    async fn note(
+        &self,
+        id: &str,
+        reason: StateReason,
+        message: &str,
+        resources: Option<Resources>,
+    ) -> Result<Sandbox, StoreError>;
     /// Sets (or, with `None`, removes) a sandbox's deadline and what it does; returns the updated sandbox.
     async fn set_deadline(
         &self,

@@ -55,6 +55,11 @@ CREATE TABLE api_keys (
 ALTER TABLE sandboxes ADD COLUMN deadline TEXT;
 ALTER TABLE sandboxes ADD COLUMN on_deadline TEXT NOT NULL DEFAULT 'delete';
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER;
+ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;
+CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
+"#,
 ];
 
 /// SQLite-backed [`Store`].
@@ -99,7 +104,7 @@ impl SqliteStore {
 
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
-                               on_deadline";
+                               on_deadline, disk_mb, parent_id";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -121,6 +126,8 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
     let isolation: String = row.get(4)?;
     let deadline: Option<String> = row.get(16)?;
     let on_deadline: String = row.get(17)?;
+    let disk_mb: Option<u64> = row.get(18)?;
+    let parent: Option<String> = row.get(19)?;
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -141,11 +148,13 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
                 cpu: row.get(10)?,
                 memory_mb: row.get(11)?,
                 pids: row.get(12)?,
+                disk_mb,
             },
             oom_kills: row.get(13)?,
             deadline: deadline.as_deref().map(parse_time).transpose()?,
             on_deadline: DeadlineAction::parse(&on_deadline)
                 .ok_or_else(|| StoreError::Corrupt(format!("on_deadline {on_deadline:?}")))?,
+            parent,
             created_at: parse_time(&created)?,
             updated_at: parse_time(&updated)?,
         })
@@ -198,7 +207,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
                 ),
                 params![
                     sandbox.id,
@@ -219,6 +228,8 @@ impl Store for SqliteStore {
                     created,
                     sandbox.deadline.map(time_text),
                     sandbox.on_deadline.as_str(),
+                    sandbox.resources.disk_mb,
+                    sandbox.parent,
                 ],
             );
             match inserted {
@@ -317,6 +328,47 @@ impl Store for SqliteStore {
                 Some(current.state),
                 current.state,
                 StateReason::Oom,
+                message,
+            )?;
+            let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            transaction.commit()?;
+            Ok(updated)
+        })
+    }
+
+    async fn note(
+        &self,
+        id: &str,
+        reason: StateReason,
+        message: &str,
+        resources: Option<Resources>,
+    ) -> Result<Sandbox, StoreError> {
+        self.with(|connection| {
+            let transaction = connection.transaction()?;
+            let current = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
+            let resources = resources.unwrap_or(current.resources);
+            let now = now_text();
+            transaction.execute(
+                "UPDATE sandboxes SET state_reason = ?2, state_message = ?3, updated_at = ?4, cpu = ?5, \
+                 memory_mb = ?6, pids = ?7, disk_mb = ?8 WHERE id = ?1",
+                params![
+                    id,
+                    reason.as_str(),
+                    message,
+                    now,
+                    resources.cpu,
+                    resources.memory_mb,
+                    resources.pids,
+                    resources.disk_mb
+                ],
+            )?;
+            insert_event(
+                &transaction,
+                id,
+                &now,
+                Some(current.state),
+                current.state,
+                reason,
                 message,
             )?;
             let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
@@ -454,10 +506,12 @@ mod tests {
                 cpu: 1.0,
                 memory_mb: 256,
                 pids: 100,
+                disk_mb: None,
             },
             oom_kills: 0,
             deadline: None,
             on_deadline: DeadlineAction::Delete,
+            parent: None,
             created_at: now,
             updated_at: now,
         }

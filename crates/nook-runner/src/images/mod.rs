@@ -292,26 +292,33 @@ impl ImageStore {
         self.commit(name, &digest, layers, size_bytes, config)
     }
 
-    /// Makes the directory `dir` (in overlayfs form: a stopped sandbox's writable layer) a layer of the store by
-    /// moving it in; `None` when it is empty. Overlayfs's own bookkeeping attributes (all but opaque markers) are
-    /// removed first, so the layer is the same whatever kernel wrote it. The layer stays pinned while the pin lives.
-    pub(crate) fn adopt_directory(&self, dir: &Path) -> Result<Option<(String, LayerPin)>, ImageError> {
-        let empty = std::fs::read_dir(dir)
-            .map_err(io_error("reading", dir))?
+    /// A fresh path in the store's scratch area (on the layers' filesystem, so a directory there becomes a layer by a
+    /// rename); nothing is created.
+    pub(crate) fn scratch_path(&self) -> PathBuf {
+        self.root.join("layers/tmp").join(random_suffix())
+    }
+
+    /// Makes `dir`, a directory of the scratch area ([`Self::scratch_path`]) in overlayfs form (a sandbox's writable
+    /// layer), a layer of the store; `None` when it is empty. Overlayfs's own bookkeeping attributes (all but opaque
+    /// markers) are removed first, so the layer is the same whatever kernel wrote it. `dir` is gone afterwards (moved
+    /// into the store, or removed); the layer stays pinned while the pin lives.
+    pub(crate) fn adopt_directory(&self, dir: PathBuf) -> Result<Option<(String, LayerPin)>, ImageError> {
+        let mut layer = TempLayer {
+            dir: Some(dir.clone()),
+            diff_id: String::new(),
+            size_bytes: 0,
+        };
+        let empty = std::fs::read_dir(&dir)
+            .map_err(io_error("reading", &dir))?
             .next()
             .is_none();
         if empty {
             return Ok(None);
         }
-        unpack::strip_overlay_bookkeeping(dir).map_err(io_error("cleaning overlayfs attributes in", dir))?;
-        let (diff_id, size_bytes) = push::layer_digest(dir).map_err(io_error("hashing the layer", dir))?;
-        let tmp = self.root.join("layers/tmp").join(random_suffix());
-        std::fs::rename(dir, &tmp).map_err(io_error("moving", dir))?;
-        let layer = TempLayer {
-            dir: Some(tmp),
-            diff_id: diff_id.clone(),
-            size_bytes,
-        };
+        unpack::strip_overlay_bookkeeping(&dir).map_err(io_error("cleaning overlayfs attributes in", &dir))?;
+        let (diff_id, size_bytes) = push::layer_digest(&dir).map_err(io_error("hashing the layer", &dir))?;
+        layer.diff_id = diff_id.clone();
+        layer.size_bytes = size_bytes;
         let pin = self.adopt(layer)?;
         Ok(Some((diff_id, pin)))
     }
