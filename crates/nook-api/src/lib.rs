@@ -92,6 +92,9 @@ pub enum StateReason {
     Forked,
     /// A snapshot of its files was taken (the image is named in the message).
     Snapshotted,
+    /// It reached its memory limit and the limit was raised on its own (within `memory_max_mb`) instead of a process
+    /// being killed.
+    MemoryGrown,
 }
 
 impl StateReason {
@@ -108,6 +111,7 @@ impl StateReason {
             Self::Resized => "resized",
             Self::Forked => "forked",
             Self::Snapshotted => "snapshotted",
+            Self::MemoryGrown => "memory_grown",
         }
     }
 
@@ -124,6 +128,7 @@ impl StateReason {
             "resized" => Self::Resized,
             "forked" => Self::Forked,
             "snapshotted" => Self::Snapshotted,
+            "memory_grown" => Self::MemoryGrown,
             _ => return None,
         })
     }
@@ -145,9 +150,15 @@ pub struct ResourceRequest {
     /// CPU time as a number of cores (fractions allowed), enforced as a CFS quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<f64>,
-    /// Memory limit in MiB; processes beyond it are OOM-killed inside the sandbox.
+    /// Memory limit in MiB; processes beyond it are OOM-killed inside the sandbox (unless `memory_max_mb` lets it
+    /// grow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
+    /// Auto-grow ceiling in MiB: when the sandbox reaches its memory limit, the limit is raised (in steps, up to this)
+    /// instead of a process being killed, and an event says so. None when omitted (on a resize: unchanged; 0 turns it
+    /// off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_mb: Option<u64>,
     /// Maximum number of processes and threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
@@ -165,6 +176,9 @@ pub struct Resources {
     pub cpu: f64,
     /// Memory limit in MiB.
     pub memory_mb: u64,
+    /// Ceiling up to which the memory limit grows on its own instead of an OOM kill; absent: no auto-grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_mb: Option<u64>,
     /// Maximum number of processes and threads.
     pub pids: u32,
     /// Disk quota of the writable layer in MiB; absent: none.

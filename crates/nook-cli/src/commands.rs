@@ -40,6 +40,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 resources: Some(ResourceRequest {
                     cpu: args.cpu,
                     memory_mb: args.memory,
+                    memory_max_mb: args.memory_max,
                     pids: args.pids,
                     disk_mb: args.disk,
                 }),
@@ -286,6 +287,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             let request = ResourceRequest {
                 cpu: args.cpu,
                 memory_mb: args.memory,
+                memory_max_mb: args.memory_max,
                 pids: args.pids,
                 disk_mb: args.disk,
             };
@@ -815,7 +817,13 @@ fn describe(sandbox: &Sandbox) -> String {
         ("reason", sandbox.state_reason.as_str().to_string()),
         ("message", sandbox.state_message.clone()),
         ("cpu", sandbox.resources.cpu.to_string()),
-        ("memory", format!("{} MiB", sandbox.resources.memory_mb)),
+        (
+            "memory",
+            match sandbox.resources.memory_max_mb {
+                Some(ceiling) => format!("{} MiB (grows up to {ceiling} MiB)", sandbox.resources.memory_mb),
+                None => format!("{} MiB", sandbox.resources.memory_mb),
+            },
+        ),
         ("pids", sandbox.resources.pids.to_string()),
         (
             "disk quota",

@@ -108,6 +108,9 @@ struct CreateArgs {
     /// Memory limit in MiB.
     #[arg(long)]
     memory: Option<u64>,
+    /// Let the memory limit grow on its own up to this many MiB instead of an OOM kill (0 on a resize: off).
+    #[arg(long)]
+    memory_max: Option<u64>,
     /// Process limit.
     #[arg(long)]
     pids: Option<u32>,
@@ -164,6 +167,9 @@ struct ResizeArgs {
     /// Memory limit in MiB.
     #[arg(long)]
     memory: Option<u64>,
+    /// Let the memory limit grow on its own up to this many MiB instead of an OOM kill (0 on a resize: off).
+    #[arg(long)]
+    memory_max: Option<u64>,
     /// Process limit.
     #[arg(long)]
     pids: Option<u32>,

@@ -19,6 +19,7 @@ async fn create_from(client: &Client, image: &str, name: &str) -> Sandbox {
         resources: Some(ResourceRequest {
             cpu: Some(1.0),
             memory_mb: Some(128),
+            memory_max_mb: None,
             pids: Some(64),
             disk_mb: None,
         }),

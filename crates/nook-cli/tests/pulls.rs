@@ -36,6 +36,7 @@ async fn sees_the_layered_files(client: &Client, image: &str) {
             resources: Some(ResourceRequest {
                 cpu: Some(1.0),
                 memory_mb: Some(128),
+                memory_max_mb: None,
                 pids: Some(64),
                 disk_mb: None,
             }),

@@ -34,6 +34,7 @@ async fn cpu_and_memory_change_live() {
         ResourceRequest {
             cpu: Some(0.2),
             memory_mb: Some(128),
+            memory_max_mb: None,
             pids: Some(256),
             disk_mb: None,
         },
@@ -246,6 +247,99 @@ async fn a_disk_quota_stops_only_its_own_writer_and_can_grow() {
     assert!(wrote.stdout.contains("status=0"), "{wrote:?}");
 
     for sandbox in [&limited.id, &neighbour.id] {
+        client.delete_sandbox(sandbox).await.unwrap();
+    }
+}
+
+/// Allocates and touches 300 MiB in 10 MiB steps; prints `done` when it has it all.
+const ALLOCATE_300_MIB: &str = "python3 -c 'chunks = []
+for _ in range(30):
+    b = bytearray(10 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); chunks.append(b)
+print(\"done\")'";
+
+#[tokio::test]
+async fn memory_grows_instead_of_an_oom_kill_up_to_its_ceiling() {
+    let server = shared_server();
+    let client = server.client();
+    let growing = create_with(
+        &client,
+        "grow",
+        ResourceRequest {
+            memory_mb: Some(128),
+            memory_max_mb: Some(512),
+            ..Default::default()
+        },
+    )
+    .await;
+    let result = sh(&client, &growing.id, ALLOCATE_300_MIB).await;
+    assert_eq!(
+        result.stdout.trim(),
+        "done",
+        "the workload did not complete: {result:?}"
+    );
+    let now = client.sandbox(&growing.id).await.unwrap();
+    assert_eq!(now.oom_kills, 0, "{now:?}");
+    assert!(
+        (320..=512).contains(&now.resources.memory_mb),
+        "the limit is {} MiB",
+        now.resources.memory_mb
+    );
+    let events = client.sandbox_events(&growing.id).await.unwrap();
+    let grown: Vec<_> = events
+        .iter()
+        .filter(|event| event.reason == StateReason::MemoryGrown)
+        .collect();
+    assert!(!grown.is_empty(), "{events:?}");
+    assert!(
+        grown[0]
+            .message
+            .contains("reached its 128 MiB memory limit; raised to 192 MiB"),
+        "{}",
+        grown[0].message
+    );
+    let stats = client.sandbox_stats(&growing.id).await.unwrap();
+    assert_eq!(stats.memory_limit_bytes, now.resources.memory_mb << 20);
+
+    // At the ceiling, the kernel's OOM killer acts again, and the message says the ceiling was reached.
+    let capped = create_with(
+        &client,
+        "grow-capped",
+        ResourceRequest {
+            memory_mb: Some(64),
+            memory_max_mb: Some(128),
+            ..Default::default()
+        },
+    )
+    .await;
+    let killed = sh(&client, &capped.id, ALLOCATE_300_MIB).await;
+    // The shell running python reports its SIGKILL as 137.
+    assert!(killed.exit_code == Some(137) && killed.stdout.is_empty(), "{killed:?}");
+    common::eventually(
+        "the OOM kill is recorded",
+        std::time::Duration::from_secs(10),
+        || async { client.sandbox(&capped.id).await.unwrap().oom_kills >= 1 },
+    )
+    .await;
+    let now = client.sandbox(&capped.id).await.unwrap();
+    assert_eq!(now.resources.memory_mb, 128);
+    assert!(
+        now.state_message.contains("the most its memory_max_mb lets it grow to"),
+        "{}",
+        now.state_message
+    );
+    // A ceiling below the limit is refused.
+    let error = client
+        .update_resources(
+            &capped.id,
+            &ResourceRequest {
+                memory_max_mb: Some(100),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some("invalid_request"), "{error}");
+    for sandbox in [&growing.id, &capped.id] {
         client.delete_sandbox(sandbox).await.unwrap();
     }
 }

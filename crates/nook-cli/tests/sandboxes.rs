@@ -419,6 +419,12 @@ async fn memory_hog_is_oom_killed_and_the_reason_recorded() {
     let current = client.sandbox(&sandbox.id).await.unwrap();
     assert_eq!(current.state, SandboxState::Running);
     assert!(current.state_message.contains("64 MiB"), "{}", current.state_message);
+    // The kernel's log names the victim.
+    assert!(
+        current.state_message.contains("the process \"python3\""),
+        "{}",
+        current.state_message
+    );
     let events = client.sandbox_events(&sandbox.id).await.unwrap();
     assert!(events.iter().any(|event| event.reason == StateReason::Oom));
     // The sandbox itself survives: the agent is never the OOM victim.

@@ -129,6 +129,7 @@ impl Builds {
             step_resources: Resources {
                 cpu: host_cpus.clamp(nook_api::limits::MIN_CPU, nook_api::limits::MAX_CPU),
                 memory_mb: STEP_MEMORY_MB.min(host_memory_mb),
+                memory_max_mb: None,
                 pids: STEP_PIDS,
                 disk_mb: None,
             },

@@ -57,6 +57,14 @@ fn describe_resize(old: &Resources, new: &Resources) -> String {
     if old.memory_mb != new.memory_mb {
         changes.push(format!("memory {} → {} MiB", old.memory_mb, new.memory_mb));
     }
+    if old.memory_max_mb != new.memory_max_mb {
+        let ceiling = |mb: Option<u64>| mb.map_or_else(|| "off".to_string(), |mb| format!("{mb} MiB"));
+        changes.push(format!(
+            "memory auto-grow ceiling {} → {}",
+            ceiling(old.memory_max_mb),
+            ceiling(new.memory_max_mb)
+        ));
+    }
     if old.pids != new.pids {
         changes.push(format!("pids {} → {}", old.pids, new.pids));
     }
@@ -134,6 +142,7 @@ impl Control {
         let resources = Resources {
             cpu: wanted.cpu.unwrap_or(DEFAULT_CPU.min(self.host_cpus)),
             memory_mb: wanted.memory_mb.unwrap_or(DEFAULT_MEMORY_MB),
+            memory_max_mb: wanted.memory_max_mb,
             pids: wanted.pids.unwrap_or(DEFAULT_PIDS),
             disk_mb: wanted.disk_mb,
         };
@@ -156,6 +165,15 @@ impl Control {
                 "memory_mb {} is out of range: this host offers {MIN_MEMORY_MB} to {max_memory} MiB",
                 resources.memory_mb
             )));
+        }
+        if let Some(ceiling) = resources.memory_max_mb {
+            if ceiling < resources.memory_mb || ceiling > max_memory {
+                return Err(ApiFailure::invalid(format!(
+                    "memory_max_mb {ceiling} is out of range: it must be at least memory_mb ({}) and at most {max_memory} \
+                     MiB",
+                    resources.memory_mb
+                )));
+            }
         }
         if resources.pids < MIN_PIDS || resources.pids > MAX_PIDS {
             return Err(ApiFailure::invalid(format!(
@@ -354,6 +372,11 @@ impl Control {
         let new = Resources {
             cpu: request.cpu.unwrap_or(old.cpu),
             memory_mb: request.memory_mb.unwrap_or(old.memory_mb),
+            memory_max_mb: match request.memory_max_mb {
+                Some(0) => None,
+                Some(ceiling) => Some(ceiling),
+                None => old.memory_max_mb,
+            },
             pids: request.pids.unwrap_or(old.pids),
             disk_mb: match request.disk_mb {
                 Some(0) => None,
@@ -996,20 +1019,59 @@ impl Control {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 let result = match &event {
-                    RunnerEvent::Oom { sandbox_id, oom_kills } => {
-                        let limit = match control.store.sandbox(sandbox_id).await {
-                            Ok(Some(sandbox)) => sandbox.resources.memory_mb,
-                            _ => 0,
+                    RunnerEvent::Oom {
+                        sandbox_id,
+                        oom_kills,
+                        victim,
+                    } => {
+                        let (limit, ceiling) = match control.store.sandbox(sandbox_id).await {
+                            Ok(Some(sandbox)) => (sandbox.resources.memory_mb, sandbox.resources.memory_max_mb),
+                            _ => (0, None),
+                        };
+                        let process = victim
+                            .as_deref()
+                            .map_or_else(|| "a process".to_string(), |name| format!("the process {name:?}"));
+                        let limit = match ceiling {
+                            Some(ceiling) if ceiling <= limit => {
+                                format!("{limit} MiB memory limit, the most its memory_max_mb lets it grow to")
+                            }
+                            _ => format!("{limit} MiB memory limit"),
                         };
                         let message = format!(
-                            "the kernel killed a process that exceeded the sandbox's {limit} MiB memory limit \
-                             ({oom_kills} OOM kill(s) so far)"
+                            "the kernel killed {process}, which exceeded the sandbox's {limit} ({oom_kills} OOM \
+                             kill(s) so far)"
                         );
                         control
                             .store
                             .record_oom(sandbox_id, *oom_kills, &message)
                             .await
                             .map(|_| ())
+                    }
+                    RunnerEvent::MemoryGrown {
+                        sandbox_id,
+                        from_mb,
+                        to_mb,
+                        ceiling_mb,
+                    } => {
+                        let message = format!(
+                            "the sandbox reached its {from_mb} MiB memory limit; raised to {to_mb} MiB instead of \
+                             killing a process (it may grow up to {ceiling_mb} MiB)"
+                        );
+                        match control.store.sandbox(sandbox_id).await {
+                            Ok(Some(sandbox)) => {
+                                let resources = Resources {
+                                    memory_mb: *to_mb,
+                                    ..sandbox.resources
+                                };
+                                control
+                                    .store
+                                    .note(sandbox_id, StateReason::MemoryGrown, &message, Some(resources))
+                                    .await
+                                    .map(|_| ())
+                            }
+                            Ok(None) => Ok(()),
+                            Err(error) => Err(error),
+                        }
                     }
                     RunnerEvent::InitExited { sandbox_id } => control
                         .store

@@ -70,7 +70,8 @@ fn entry_of(sandbox_id: &str, event: &SandboxEvent) -> LogEntry {
         | StateReason::DeadlinePassed
         | StateReason::Resized
         | StateReason::Forked
-        | StateReason::Snapshotted => Level::Info,
+        | StateReason::Snapshotted
+        | StateReason::MemoryGrown => Level::Info,
     };
     let mut fields = BTreeMap::from([
         ("sandboxID", sandbox_id.to_string()),

@@ -263,6 +263,7 @@ impl SandboxCgroup {
             CgroupHost::V1 { .. } => {
                 let dir = self.controller_dir("memory");
                 write(dir, "memory.limit_in_bytes", &memory.to_string())?;
+                self.set_auto_grow(auto_grows(resources), memory)?;
                 write_if_present(dir, "memory.memsw.limit_in_bytes", &memory.to_string())?;
                 let dir = self.controller_dir("cpu");
                 write(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
@@ -295,6 +296,7 @@ impl SandboxCgroup {
                 write(dir, "memory.max", &memory.to_string())?;
                 write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
                 write(dir, "pids.max", &resources.pids.to_string())?;
+                self.set_auto_grow(auto_grows(resources), memory)?;
             }
             CgroupHost::V1 { .. } => {
                 let dir = self.controller_dir("memory");
@@ -311,9 +313,47 @@ impl SandboxCgroup {
                 }
                 write(self.controller_dir("cpu"), "cpu.cfs_quota_us", &quota.to_string())?;
                 write(self.controller_dir("pids"), "pids.max", &resources.pids.to_string())?;
+                self.set_auto_grow(auto_grows(resources), memory)?;
             }
         }
         Ok(())
+    }
+
+    /// Sets the kernel's side of memory auto-grow for a limit of `memory` bytes. On: on v1 the cgroup's OOM killer is
+    /// disabled, so that a process reaching the limit waits (and the OOM notification wakes the runner, which raises
+    /// the limit) instead of being killed; on v2, `memory.high` is set a step below `memory.max`, so the sandbox is
+    /// throttled and a `high` event wakes the runner before the limit is reached. Off: the kernel's defaults (a
+    /// process waiting on v1 is then OOM-killed at once).
+    pub fn set_auto_grow(&self, enabled: bool, memory: u64) -> Result<(), CgroupError> {
+        match &self.host {
+            CgroupHost::V1 { .. } => write(self.memory_dir(), "memory.oom_control", if enabled { "1" } else { "0" }),
+            CgroupHost::V2 { .. } => {
+                let high = if enabled {
+                    memory.saturating_sub((memory / 8).max(8 << 20)).to_string()
+                } else {
+                    "max".to_string()
+                };
+                write(self.memory_dir(), "memory.high", &high)
+            }
+        }
+    }
+
+    /// Whether the sandbox needs more memory now: on v1, its processes wait at the limit (`under_oom`); on v2, it
+    /// went over `memory.high` since the last look (`high_seen` keeps the count of `high` events looked at).
+    pub fn needs_memory(&self, high_seen: &mut u64) -> bool {
+        match self.host {
+            CgroupHost::V1 { .. } => std::fs::read_to_string(self.memory_dir().join("memory.oom_control"))
+                .is_ok_and(|text| stat_value(&text, "under_oom") == Some(1)),
+            CgroupHost::V2 { .. } => {
+                let high = std::fs::read_to_string(self.memory_dir().join("memory.events"))
+                    .ok()
+                    .and_then(|text| stat_value(&text, "high"))
+                    .unwrap_or(0);
+                let needs = high > *high_seen;
+                *high_seen = high;
+                needs
+            }
+        }
     }
 
     /// The `cgroup.procs` files a process writes its pid into to join the sandbox.
@@ -518,6 +558,13 @@ impl SandboxCgroup {
             CgroupHost::V2 { .. } => OomWatcher::v2(self.memory_dir()),
         }
     }
+}
+
+/// Whether these limits let the memory limit grow on its own.
+fn auto_grows(resources: &Resources) -> bool {
+    resources
+        .memory_max_mb
+        .is_some_and(|ceiling| ceiling > resources.memory_mb)
 }
 
 /// What a sandbox's cgroup accounts now.

@@ -27,6 +27,7 @@ pub mod cgroups;
 pub mod container;
 pub mod disk;
 pub mod images;
+mod kmsg;
 pub mod local;
 pub mod storage;
 mod template_start;
@@ -79,6 +80,20 @@ pub enum RunnerEvent {
         sandbox_id: String,
         /// Kernel's count of OOM kills in its cgroup.
         oom_kills: u64,
+        /// The killed process's command name, as the kernel logged it (absent where the log cannot be read).
+        victim: Option<String>,
+    },
+    /// The sandbox reached its memory limit and, as its `memory_max_mb` allows, the runner raised the limit instead
+    /// of letting the kernel kill a process.
+    MemoryGrown {
+        /// Which sandbox.
+        sandbox_id: String,
+        /// The limit it reached, in MiB.
+        from_mb: u64,
+        /// The new limit, in MiB.
+        to_mb: u64,
+        /// The most it may grow to, in MiB.
+        ceiling_mb: u64,
     },
     /// The sandbox's init exited on its own; the runner has cleaned up and the sandbox is stopped.
     InitExited {

@@ -94,6 +94,9 @@ struct Inner {
     cgroups: CgroupHost,
     backend: Box<dyn IsolationBackend>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Held for every read-modify-write of a sandbox's record (the OOM monitor writes without the operation lock).
+    record_writes: Mutex<()>,
+    oom_victims: Arc<crate::kmsg::OomVictims>,
     op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     events: broadcast::Sender<RunnerEvent>,
 }
@@ -139,6 +142,8 @@ impl LocalRunner {
                 cgroups,
                 backend,
                 live: Mutex::new(HashMap::new()),
+                record_writes: Mutex::new(()),
+                oom_victims: crate::kmsg::OomVictims::start(),
                 op_locks: Mutex::new(HashMap::new()),
                 events,
             }),
@@ -640,12 +645,17 @@ impl LocalRunner {
                 }
             };
             let mut reported = cgroup.oom_kills();
+            let mut high_seen = 0;
             loop {
                 tokio::select! {
                     _ = pidfd.exited() => break,
                     event = next_oom(&mut oom) => {
                         if event.is_err() {
                             oom = None;
+                            continue;
+                        }
+                        if let Some(event) = runner.grow_memory(&id, &cgroup, &live, &mut high_seen) {
+                            let _ = runner.inner.events.send(event);
                             continue;
                         }
                         // cgroup v1 notifies when the OOM begins, before the victim is killed and counted: look
@@ -660,9 +670,11 @@ impl LocalRunner {
                         }
                         if oom_kills > reported {
                             reported = oom_kills;
-                            tracing::warn!(sandbox = %id, oom_kills, "the kernel OOM-killed a process");
+                            let victim = runner.inner.oom_victims.take(&id, Duration::from_millis(500)).await;
+                            tracing::warn!(sandbox = %id, oom_kills, ?victim, "the kernel OOM-killed a process");
                             if !id.starts_with(BUILD_SANDBOX_PREFIX) {
-                                let _ = runner.inner.events.send(RunnerEvent::Oom { sandbox_id: id.clone(), oom_kills });
+                                let victim = victim.map(|victim| victim.name);
+                                let _ = runner.inner.events.send(RunnerEvent::Oom { sandbox_id: id.clone(), oom_kills, victim });
                             }
                         }
                     }
@@ -702,6 +714,41 @@ impl LocalRunner {
         });
     }
 
+    /// Raises a sandbox's memory limit by a step (a quarter, at least 64 MiB), within its `memory_max_mb`, when it
+    /// needs more memory now; at the ceiling the kernel's OOM killer takes over again. Returns the event to report.
+    fn grow_memory(&self, id: &str, cgroup: &SandboxCgroup, live: &Live, high_seen: &mut u64) -> Option<RunnerEvent> {
+        let mut resources = live.resources.lock().expect("resources");
+        let ceiling = resources
+            .memory_max_mb
+            .filter(|ceiling| *ceiling > resources.memory_mb)?;
+        if !cgroup.needs_memory(high_seen) {
+            return None;
+        }
+        let from_mb = resources.memory_mb;
+        let mut grown = *resources;
+        grown.memory_mb = (from_mb + (from_mb / 4).max(64)).min(ceiling);
+        if let Err(error) = cgroup.resize(&grown) {
+            tracing::error!(sandbox = %id, %error, "raising the memory limit failed");
+            return None;
+        }
+        *resources = grown;
+        drop(resources);
+        tracing::info!(sandbox = %id, from_mb, to_mb = grown.memory_mb, "raised the memory limit");
+        let _writing = self.inner.record_writes.lock().expect("record writes");
+        if let Ok(mut record) = self.read_record(id) {
+            record.spec.resources.memory_mb = grown.memory_mb;
+            if let Err(error) = self.write_record(id, &record) {
+                tracing::error!(sandbox = %id, error = %crate::error_chain(&error), "recording a raised memory limit failed");
+            }
+        }
+        Some(RunnerEvent::MemoryGrown {
+            sandbox_id: id.to_string(),
+            from_mb,
+            to_mb: grown.memory_mb,
+            ceiling_mb: ceiling,
+        })
+    }
+
     /// Stops a live sandbox; the caller holds its operation lock.
     async fn stop_locked(&self, id: &str) -> Result<bool, RunnerError> {
         let live = self.inner.live.lock().expect("live map").remove(id);
@@ -729,6 +776,7 @@ impl LocalRunner {
             });
         }
         // The record on disk carries changes made while it ran (resizes).
+        let _writing = self.inner.record_writes.lock().expect("record writes");
         let mut record = self.read_record(id).unwrap_or_else(|_| live.record.clone());
         record.init = None;
         record.paused = false;
@@ -765,26 +813,30 @@ impl LocalRunner {
         if live.paused.load(Ordering::SeqCst) == paused {
             return Ok(());
         }
-        let mut record = self.read_record(id)?;
         let cgroup = self.inner.cgroups.existing(id);
         if paused {
-            record.paused = true;
             // Refuse new agent requests, record, then freeze; undone if the freeze fails.
             live.paused.store(true, Ordering::SeqCst);
-            self.write_record(id, &record)?;
+            self.record_paused(id, true)?;
             if let Err(error) = cgroup.set_frozen(true).await {
                 live.paused.store(false, Ordering::SeqCst);
-                record.paused = false;
-                let _ = self.write_record(id, &record);
+                let _ = self.record_paused(id, false);
                 return Err(error.into());
             }
         } else {
             cgroup.set_frozen(false).await?;
-            record.paused = false;
-            self.write_record(id, &record)?;
+            self.record_paused(id, false)?;
             live.paused.store(false, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Writes whether a sandbox is paused into its record.
+    fn record_paused(&self, id: &str, paused: bool) -> Result<(), RunnerError> {
+        let _writing = self.inner.record_writes.lock().expect("record writes");
+        let mut record = self.read_record(id)?;
+        record.paused = paused;
+        self.write_record(id, &record)
     }
 
     /// The full process spec for a request: the image's environment, then the sandbox's, then the request's.
@@ -1185,8 +1237,7 @@ impl Runner for LocalRunner {
     async fn update_resources(&self, id: &str, resources: Resources) -> Result<(), RunnerError> {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
-        let mut record = self.read_record(id)?;
-        let old = record.spec.resources;
+        let old = self.read_record(id)?.spec.resources;
         if resources.disk_mb != old.disk_mb {
             if let Some(mb) = resources.disk_mb {
                 let upper = self.upper_dir(id);
@@ -1234,6 +1285,8 @@ impl Runner for LocalRunner {
             })?;
             *live.resources.lock().expect("resources") = resources;
         }
+        let _writing = self.inner.record_writes.lock().expect("record writes");
+        let mut record = self.read_record(id)?;
         record.spec.resources = resources;
         self.write_record(id, &record)
     }

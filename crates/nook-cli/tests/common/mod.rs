@@ -345,6 +345,7 @@ pub async fn create(client: &Client, prefix: &str) -> Sandbox {
         ResourceRequest {
             cpu: Some(1.0),
             memory_mb: Some(256),
+            memory_max_mb: None,
             pids: Some(256),
             disk_mb: None,
         },

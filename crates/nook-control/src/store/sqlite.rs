@@ -57,6 +57,7 @@ ALTER TABLE sandboxes ADD COLUMN on_deadline TEXT NOT NULL DEFAULT 'delete';
 "#,
     r#"
 ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER;
+ALTER TABLE sandboxes ADD COLUMN memory_max_mb INTEGER;
 ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;
 CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
 "#,
@@ -104,7 +105,7 @@ impl SqliteStore {
 
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
-                               on_deadline, disk_mb, parent_id";
+                               on_deadline, disk_mb, parent_id, memory_max_mb";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -128,6 +129,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
     let on_deadline: String = row.get(17)?;
     let disk_mb: Option<u64> = row.get(18)?;
     let parent: Option<String> = row.get(19)?;
+    let memory_max_mb: Option<u64> = row.get(20)?;
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -147,6 +149,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
             resources: Resources {
                 cpu: row.get(10)?,
                 memory_mb: row.get(11)?,
+                memory_max_mb,
                 pids: row.get(12)?,
                 disk_mb,
             },
@@ -207,7 +210,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
                 ),
                 params![
                     sandbox.id,
@@ -230,6 +233,7 @@ impl Store for SqliteStore {
                     sandbox.on_deadline.as_str(),
                     sandbox.resources.disk_mb,
                     sandbox.parent,
+                    sandbox.resources.memory_max_mb,
                 ],
             );
             match inserted {
@@ -350,7 +354,7 @@ impl Store for SqliteStore {
             let now = now_text();
             transaction.execute(
                 "UPDATE sandboxes SET state_reason = ?2, state_message = ?3, updated_at = ?4, cpu = ?5, \
-                 memory_mb = ?6, pids = ?7, disk_mb = ?8 WHERE id = ?1",
+                 memory_mb = ?6, pids = ?7, disk_mb = ?8, memory_max_mb = ?9 WHERE id = ?1",
                 params![
                     id,
                     reason.as_str(),
@@ -359,7 +363,8 @@ impl Store for SqliteStore {
                     resources.cpu,
                     resources.memory_mb,
                     resources.pids,
-                    resources.disk_mb
+                    resources.disk_mb,
+                    resources.memory_max_mb
                 ],
             )?;
             insert_event(
@@ -505,6 +510,7 @@ mod tests {
             resources: Resources {
                 cpu: 1.0,
                 memory_mb: 256,
+                memory_max_mb: None,
                 pids: 100,
                 disk_mb: None,
             },
