@@ -361,6 +361,23 @@ pub struct SandboxList {
     pub sandboxes: Vec<Sandbox>,
 }
 
+/// One line of `GET /v1/sandboxes/{sandbox}/events/stream` (NDJSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SandboxEventLine {
+    /// An event, with its number: reconnect with `?after=` that number to miss nothing and see nothing twice.
+    Event {
+        /// The event's number (increasing).
+        seq: u64,
+        /// The event.
+        event: SandboxEvent,
+    },
+    /// Nothing happened for a while; the stream is alive.
+    Keepalive,
+    /// The sandbox was deleted; the stream ends.
+    Deleted,
+}
+
 /// Response of `GET /v1/sandboxes/{sandbox}/events`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SandboxEventList {

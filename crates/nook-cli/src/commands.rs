@@ -83,6 +83,34 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             }
             Ok(0)
         }
+        Command::Events(args) if args.follow => {
+            let mut lines = client.follow_sandbox_events(&args.sandbox, 0).await?;
+            let mut stdout = std::io::stdout();
+            while let Some(line) = lines.next().await {
+                match line? {
+                    nook_api::SandboxEventLine::Event { event, .. } if args.json => {
+                        writeln!(stdout, "{}", serde_json::to_string(&event)?)?;
+                    }
+                    nook_api::SandboxEventLine::Event { event, .. } => {
+                        writeln!(
+                            stdout,
+                            "{}  {:<9} {:<16} {}",
+                            event.at.format("%Y-%m-%d %H:%M:%S"),
+                            event.to_state,
+                            event.reason.as_str(),
+                            event.message
+                        )?;
+                    }
+                    nook_api::SandboxEventLine::Keepalive => continue,
+                    nook_api::SandboxEventLine::Deleted => {
+                        eprintln!("{} was deleted", args.sandbox);
+                        break;
+                    }
+                }
+                stdout.flush()?;
+            }
+            Ok(0)
+        }
         Command::Events(args) => {
             let events = client.sandbox_events(&args.sandbox).await?;
             if args.json {

@@ -61,8 +61,8 @@ enum Command {
     Fork(ForkArgs),
     /// Change a sandbox's CPU, memory, process or disk limits, live.
     Resize(ResizeArgs),
-    /// Show a sandbox's state changes and events.
-    Events(InspectArgs),
+    /// Show a sandbox's state changes and events; `-f` follows new ones as they happen.
+    Events(EventsArgs),
     /// Show what a running sandbox uses now: CPU time, memory, processes, disk.
     Stats(InspectArgs),
     /// List a sandbox's background processes (started with `nook exec -d`).
@@ -217,6 +217,18 @@ struct LsArgs {
     /// Print only ids.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct EventsArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Keep printing events as they happen, until the sandbox is deleted or Ctrl-C.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Print JSON (one object per line when following).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -97,12 +97,14 @@ fn steps(events: &[BuildEvent]) -> Vec<(u32, bool, bool)> {
 }
 
 /// Step sandboxes left in the runner's directory.
-fn step_sandboxes(server: &TestServer) -> Vec<String> {
+/// The step sandboxes of the build `build_id` still on the runner (other tests' builds run beside this one).
+fn step_sandboxes(server: &TestServer, build_id: &str) -> Vec<String> {
+    let prefix = format!("build-{build_id}-");
     std::fs::read_dir(server.data_dir.join("runner/sandboxes"))
         .unwrap()
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("build-"))
+        .filter(|name| name.starts_with(&prefix))
         .collect()
 }
 
@@ -213,7 +215,10 @@ async fn builds_honour_dockerignore_give_their_config_and_rebuild_from_the_cache
     let mut files = app_files("print('v2')\n");
     files.push(("src/another.secret", "changed\n"));
     let (ignored, events) = build(&client, &request("built/app:2"), &files).await;
-    assert_eq!(ignored.image.unwrap().digest, changed.image.unwrap().digest);
+    assert_eq!(
+        ignored.image.as_ref().unwrap().digest,
+        changed.image.as_ref().unwrap().digest
+    );
     assert_eq!(output(&events), "");
 
     // A build argument is part of the RUN's key: a new value runs it again and the sandbox sees it.
@@ -223,7 +228,9 @@ async fn builds_honour_dockerignore_give_their_config_and_rebuild_from_the_cache
     assert_eq!(argued.state, BuildState::Succeeded);
     assert!(output(&events).contains("hi from test"), "{events:#?}");
     client.delete_sandbox(&sandbox.id).await.unwrap();
-    assert!(step_sandboxes(server).is_empty());
+    for build in [&built, &again, &changed, &ignored, &argued] {
+        assert!(step_sandboxes(server, &build.id).is_empty());
+    }
 }
 
 #[tokio::test]
@@ -247,7 +254,7 @@ async fn a_failing_run_is_reported_with_its_output_and_names_nothing() {
     assert!(!output(&events).contains("never"));
     let missing = client.image("built/broken:1").await.unwrap_err();
     assert_eq!(missing.status(), Some(reqwest::StatusCode::NOT_FOUND));
-    assert!(step_sandboxes(server).is_empty());
+    assert!(step_sandboxes(server, &failed.id).is_empty());
 
     // Mistakes found before anything runs fail the request itself, with the line.
     let refused = client
@@ -306,7 +313,8 @@ async fn builds_can_be_cancelled_and_time_out_leaving_nothing() {
         cancelled.error.as_ref().map(|e| e.code.as_str()),
         Some("build_cancelled")
     );
-    assert!(step_sandboxes(server).is_empty(), "{:?}", step_sandboxes(server));
+    let left = step_sandboxes(server, &started.id);
+    assert!(left.is_empty(), "{left:?}");
     assert!(client.image("built/cancelled:1").await.is_err());
 
     let mut timed = request("built/timed:1");
@@ -316,7 +324,7 @@ async fn builds_can_be_cancelled_and_time_out_leaving_nothing() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(timed_out.state, BuildState::Failed);
     assert_eq!(timed_out.error.map(|e| e.code), Some("build_timed_out".to_string()));
-    assert!(step_sandboxes(server).is_empty());
+    assert!(step_sandboxes(server, &timed_out.id).is_empty());
     let listed = client.builds().await.unwrap();
     assert!(listed
         .iter()

@@ -711,3 +711,68 @@ async fn fifty_concurrent_sandboxes_work_and_leave_nothing() {
         assert_eq!(leftovers(server, id), Vec::<String>::new());
     }
 }
+
+#[tokio::test]
+async fn the_event_stream_follows_live_and_resumes_after_a_number() {
+    use nook_api::SandboxEventLine;
+
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "events").await;
+    let mut stream = client.follow_sandbox_events(&sandbox.id, 0).await.unwrap();
+    // The history first: created, then running.
+    let SandboxEventLine::Event { event, .. } = next_line(&mut stream).await else {
+        panic!()
+    };
+    assert_eq!(event.to_state, SandboxState::Creating);
+    let SandboxEventLine::Event {
+        seq: running_seq,
+        event,
+    } = next_line(&mut stream).await
+    else {
+        panic!()
+    };
+    assert_eq!(event.to_state, SandboxState::Running);
+    // Then what happens, as it happens.
+    client.stop_sandbox(&sandbox.id).await.unwrap();
+    let SandboxEventLine::Event {
+        seq: stopped_seq,
+        event,
+    } = next_line(&mut stream).await
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (event.to_state, event.reason),
+        (SandboxState::Stopped, StateReason::Requested)
+    );
+    assert!(stopped_seq > running_seq);
+
+    // A reconnect from a number sees only what followed it.
+    let mut resumed = client.follow_sandbox_events(&sandbox.id, running_seq).await.unwrap();
+    let first = next_line(&mut resumed).await;
+    assert!(
+        matches!(first, SandboxEventLine::Event { seq, .. } if seq == stopped_seq),
+        "{first:?}"
+    );
+
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+    assert_eq!(next_line(&mut stream).await, SandboxEventLine::Deleted);
+    drop(stream);
+}
+
+/// The next line of an event stream that is not a keepalive.
+async fn next_line(
+    stream: &mut (impl futures::Stream<Item = Result<nook_api::SandboxEventLine, nook_client::ClientError>> + Unpin),
+) -> nook_api::SandboxEventLine {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("an event within 20 s")
+            .expect("the stream goes on")
+            .unwrap();
+        if line != nook_api::SandboxEventLine::Keepalive {
+            return line;
+        }
+    }
+}

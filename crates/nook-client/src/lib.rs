@@ -825,6 +825,21 @@ impl Client {
             .await
     }
 
+    /// A sandbox's events from after event number `after` (0: all), then each new one as it is recorded.
+    pub async fn follow_sandbox_events(
+        &self,
+        key: &str,
+        after: u64,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<nook_api::SandboxEventLine, ClientError>> + Send>>, ClientError> {
+        let response = self
+            .send(
+                self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "events", "stream"]))
+                    .query(&[("after", after.to_string())]),
+            )
+            .await?;
+        Ok(self.ndjson::<nook_api::SandboxEventLine>(response))
+    }
+
     /// A build's events from `offset` (log events already seen); with `follow`, until the build ends.
     pub async fn build_events(
         &self,

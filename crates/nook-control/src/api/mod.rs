@@ -22,9 +22,9 @@ use nook_api::{
     ApiError, ChmodRequest, ChownRequest, CreateSandboxRequest, ExecEvent, ExecRequest, ExecResult, ExitStatus,
     ExportRequest, FileInfo, FileList, FindResult, ForkRequest, ForkResult, Health, Image, ImageList, ImagePruneResult,
     MakeDirRequest, MoveRequest, ProcessInfo, ProcessList, PtySize, PullRequest, PushRequest, ReplaceRequest,
-    ReplaceResult, ReplacedFile, ResourceRequest, Sandbox, SandboxEventList, SandboxList, SandboxState, SandboxStats,
-    SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest, SignalRequest, SnapshotRequest, TagRequest,
-    TransferEvent, WatchEvent, WatchEventKind,
+    ReplaceResult, ReplacedFile, ResourceRequest, Sandbox, SandboxEventLine, SandboxEventList, SandboxList,
+    SandboxState, SandboxStats, SearchMatch, SearchRequest, SearchResult, SetDeadlineRequest, SignalRequest,
+    SnapshotRequest, TagRequest, TransferEvent, WatchEvent, WatchEventKind,
 };
 use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/snapshot", post(snapshot_sandbox))
         .route("/v1/sandboxes/{sandbox}/fork", post(fork_sandbox))
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
+        .route("/v1/sandboxes/{sandbox}/events/stream", get(sandbox_event_stream))
         .route("/v1/sandboxes/{sandbox}/stats", get(sandbox_stats))
         .route("/v1/sandboxes/{sandbox}/exec", post(exec))
         .route("/v1/sandboxes/{sandbox}/exec/stream", post(exec_stream))
@@ -415,6 +416,68 @@ async fn fork_sandbox(
     security(("bearer" = [])))]
 async fn start_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
     Ok(Json(state.control.start(&key).await?))
+}
+
+/// Query of `GET /v1/sandboxes/{sandbox}/events/stream`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct EventStreamQuery {
+    /// Only events after the one with this number (0, the default: from the first).
+    #[serde(default)]
+    after: u64,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/events/stream", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), EventStreamQuery),
+    responses((status = 200, description = "NDJSON: the sandbox's events from `after` on, then each new one as it is \
+               recorded, keepalives when quiet, and `deleted` at the end if the sandbox is deleted",
+               body = SandboxEventLine, content_type = "application/x-ndjson"),
+              (status = 404, description = "No such sandbox", body = ApiError)),
+    security(("bearer" = [])))]
+async fn sandbox_event_stream(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(query): Query<EventStreamQuery>,
+) -> Result<Response, ApiFailure> {
+    let sandbox = state.control.resolve(&key).await?;
+    let store = state.control.store().clone();
+    // Subscribed before the first read, so that nothing recorded in between is missed.
+    let changes = store.subscribe();
+    let id = sandbox.id;
+    let lines = futures::stream::unfold(
+        (Some(changes), query.after, true),
+        move |(changes, after, mut read_now)| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                let mut changes = changes?;
+                loop {
+                    if read_now {
+                        let events = store.events_after(&id, after).await.ok()?;
+                        if let Some((last, _)) = events.last() {
+                            let next = *last;
+                            let lines: Vec<SandboxEventLine> = events
+                                .into_iter()
+                                .map(|(seq, event)| SandboxEventLine::Event { seq, event })
+                                .collect();
+                            return Some((lines, (Some(changes), next, false)));
+                        }
+                        if store.sandbox(&id).await.ok()?.is_none() {
+                            return Some((vec![SandboxEventLine::Deleted], (None, after, false)));
+                        }
+                    }
+                    read_now = match tokio::time::timeout(KEEPALIVE, changes.recv()).await {
+                        Err(_) => return Some((vec![SandboxEventLine::Keepalive], (Some(changes), after, false))),
+                        Ok(Ok(changed)) => changed == id,
+                        // Missed notices: read again to be sure.
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
+                    };
+                }
+            }
+        },
+    );
+    Ok(ndjson_lines(futures::StreamExt::flat_map(lines, futures::stream::iter)))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/events", tag = "sandboxes",
@@ -1210,7 +1273,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
         health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, fork_sandbox, set_deadline,
-        sandbox_events, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
+        sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,
         builds::start_build, builds::list_builds, builds::get_build, builds::cancel_build, builds::build_events

@@ -89,7 +89,20 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a sandbox and its events.
     async fn delete_sandbox(&self, id: &str) -> Result<(), StoreError>;
     /// A sandbox's events, oldest first.
-    async fn events(&self, id: &str) -> Result<Vec<SandboxEvent>, StoreError>;
+    async fn events(&self, id: &str) -> Result<Vec<SandboxEvent>, StoreError> {
+        Ok(self
+            .events_after(id, 0)
+            .await?
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect())
+    }
+    /// A sandbox's events after the one numbered `after` (0: all), oldest first, with their numbers (increasing,
+    /// unique across sandboxes).
+    async fn events_after(&self, id: &str, after: u64) -> Result<Vec<(u64, SandboxEvent)>, StoreError>;
+    /// The ids of sandboxes as their records or events change (created, changed state, noted, deleted), after the
+    /// change is committed: a follower re-reads what it needs.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String>;
 
     /// Stores a new API key by its hash.
     async fn insert_api_key(&self, name: &str, key_hash: &str) -> Result<ApiKeyRecord, StoreError>;

@@ -66,6 +66,8 @@ CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
     connection: Mutex<Connection>,
+    /// The id of each sandbox whose events or record just changed (after the write is committed).
+    changed: tokio::sync::broadcast::Sender<String>,
 }
 
 impl SqliteStore {
@@ -94,6 +96,7 @@ impl SqliteStore {
         }
         Ok(Self {
             connection: Mutex::new(connection),
+            changed: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -255,6 +258,7 @@ impl Store for SqliteStore {
                 &sandbox.state_message,
             )?;
             transaction.commit()?;
+            let _ = self.changed.send(sandbox.id.clone());
             Ok(())
         })
     }
@@ -311,6 +315,7 @@ impl Store for SqliteStore {
             )?;
             let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
             transaction.commit()?;
+            let _ = self.changed.send(id.to_string());
             Ok(updated)
         })
     }
@@ -336,6 +341,7 @@ impl Store for SqliteStore {
             )?;
             let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
             transaction.commit()?;
+            let _ = self.changed.send(id.to_string());
             Ok(updated)
         })
     }
@@ -378,6 +384,7 @@ impl Store for SqliteStore {
             )?;
             let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
             transaction.commit()?;
+            let _ = self.changed.send(id.to_string());
             Ok(updated)
         })
     }
@@ -403,18 +410,24 @@ impl Store for SqliteStore {
     async fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         self.with(|connection| {
             connection.execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+            let _ = self.changed.send(id.to_string());
             Ok(())
         })
     }
 
-    async fn events(&self, id: &str) -> Result<Vec<SandboxEvent>, StoreError> {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changed.subscribe()
+    }
+
+    async fn events_after(&self, id: &str, after: u64) -> Result<Vec<(u64, SandboxEvent)>, StoreError> {
         self.with(|connection| {
             let mut statement = connection.prepare(
-                "SELECT at, from_state, to_state, reason, message FROM sandbox_events \
-                 WHERE sandbox_id = ?1 ORDER BY seq",
+                "SELECT at, from_state, to_state, reason, message, seq FROM sandbox_events \
+                 WHERE sandbox_id = ?1 AND seq > ?2 ORDER BY seq",
             )?;
-            let rows = statement.query_map(params![id], |row| {
+            let rows = statement.query_map(params![id, after], |row| {
                 Ok((
+                    row.get::<_, u64>(5)?,
                     row.get::<_, String>(0)?,
                     row.get::<_, Option<String>>(1)?,
                     row.get::<_, String>(2)?,
@@ -424,18 +437,21 @@ impl Store for SqliteStore {
             })?;
             let mut events = Vec::new();
             for row in rows {
-                let (at, from, to, reason, message) = row?;
+                let (seq, at, from, to, reason, message) = row?;
                 let corrupt = |what: &str| StoreError::Corrupt(format!("event {what}"));
-                events.push(SandboxEvent {
-                    at: parse_time(&at)?,
-                    from_state: match from {
-                        Some(from) => Some(SandboxState::parse(&from).ok_or_else(|| corrupt("from_state"))?),
-                        None => None,
+                events.push((
+                    seq,
+                    SandboxEvent {
+                        at: parse_time(&at)?,
+                        from_state: match from {
+                            Some(from) => Some(SandboxState::parse(&from).ok_or_else(|| corrupt("from_state"))?),
+                            None => None,
+                        },
+                        to_state: SandboxState::parse(&to).ok_or_else(|| corrupt("to_state"))?,
+                        reason: StateReason::parse(&reason).ok_or_else(|| corrupt("reason"))?,
+                        message,
                     },
-                    to_state: SandboxState::parse(&to).ok_or_else(|| corrupt("to_state"))?,
-                    reason: StateReason::parse(&reason).ok_or_else(|| corrupt("reason"))?,
-                    message,
-                });
+                ));
             }
             Ok(events)
         })
