@@ -92,6 +92,8 @@ pub enum StateReason {
     Forked,
     /// A snapshot of its files was taken (the image is named in the message).
     Snapshotted,
+    /// Its lifecycle policy stopped it after a time without activity (`lifecycle.idle_stop_s`).
+    Idle,
     /// It reached its memory limit and the limit was raised on its own (within `memory_max_mb`) instead of a process
     /// being killed.
     MemoryGrown,
@@ -112,6 +114,7 @@ impl StateReason {
             Self::Forked => "forked",
             Self::Snapshotted => "snapshotted",
             Self::MemoryGrown => "memory_grown",
+            Self::Idle => "idle",
         }
     }
 
@@ -129,6 +132,7 @@ impl StateReason {
             "forked" => Self::Forked,
             "snapshotted" => Self::Snapshotted,
             "memory_grown" => Self::MemoryGrown,
+            "idle" => Self::Idle,
             _ => return None,
         })
     }
@@ -220,6 +224,20 @@ impl DeadlineAction {
     }
 }
 
+/// What a sandbox does on its own as time passes (besides its deadline). Every automatic change is an event with
+/// its reason. Body of `PUT /v1/sandboxes/{sandbox}/lifecycle` (the fields given are set; 0 turns one off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Stop the sandbox (files kept) after this many seconds without activity: no API call working on it (exec,
+    /// processes, terminal input, files) and under 1% of a core of CPU used. Absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_stop_s: Option<u64>,
+    /// Delete the sandbox once it has been stopped this many seconds. Absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_delete_s: Option<u64>,
+}
+
 /// Body of `PUT /v1/sandboxes/{sandbox}/deadline`: sets, moves or removes a sandbox's deadline.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -261,6 +279,9 @@ pub struct CreateSandboxRequest {
     /// What the deadline does (`delete` when omitted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_deadline: Option<DeadlineAction>,
+    /// What the sandbox does on its own as time passes (idle stop, delete once stopped); nothing when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
 }
 
 /// A sandbox as the API reports it.
@@ -297,6 +318,9 @@ pub struct Sandbox {
     /// What the deadline does.
     #[serde(default)]
     pub on_deadline: DeadlineAction,
+    /// What it does on its own as time passes.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
     /// The sandbox this one was forked from, if it is a fork.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,

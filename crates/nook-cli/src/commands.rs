@@ -47,6 +47,12 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 isolation: None,
                 timeout_s: args.timeout,
                 on_deadline: args.on_deadline,
+                lifecycle: (args.idle_stop.is_some() || args.delete_after_stopped.is_some()).then_some(
+                    nook_api::Lifecycle {
+                        idle_stop_s: args.idle_stop,
+                        stopped_delete_s: args.delete_after_stopped,
+                    },
+                ),
             };
             let sandbox = client.create_sandbox(&request).await?;
             if args.json {
@@ -266,6 +272,22 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 client.resume_sandbox(&key).await
             })
             .await
+        }
+        Command::Lifecycle(args) => {
+            if args.idle_stop.is_none() && args.delete_after_stopped.is_none() {
+                bail!("say what to set: --idle-stop or --delete-after-stopped (0 turns one off)");
+            }
+            let request = nook_api::Lifecycle {
+                idle_stop_s: args.idle_stop,
+                stopped_delete_s: args.delete_after_stopped,
+            };
+            let sandbox = client.set_lifecycle(&args.sandbox, &request).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                eprintln!("{}: {}", sandbox.name, describe_lifecycle(&sandbox.lifecycle));
+            }
+            Ok(0)
         }
         Command::Snapshot(args) => {
             let image = client.snapshot_sandbox(&args.sandbox, &args.image).await?;
@@ -861,12 +883,28 @@ fn describe(sandbox: &Sandbox) -> String {
                 .map_or_else(|| "none".to_string(), |mb| format!("{mb} MiB")),
         ),
         ("parent", sandbox.parent.clone().unwrap_or_else(|| "-".to_string())),
+        ("lifecycle", describe_lifecycle(&sandbox.lifecycle)),
         ("oom kills", sandbox.oom_kills.to_string()),
         ("labels", labels.join(", ")),
         ("created", sandbox.created_at.to_rfc3339()),
         ("updated", sandbox.updated_at.to_rfc3339()),
     ];
     rows.iter().map(|(key, value)| format!("{key:<10} {value}\n")).collect()
+}
+
+fn describe_lifecycle(lifecycle: &nook_api::Lifecycle) -> String {
+    let mut parts = Vec::new();
+    if let Some(idle) = lifecycle.idle_stop_s {
+        parts.push(format!("stops after {idle} s idle"));
+    }
+    if let Some(after) = lifecycle.stopped_delete_s {
+        parts.push(format!("deleted {after} s after it stops"));
+    }
+    if parts.is_empty() {
+        "runs until stopped or deleted".to_string()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn describe_stats(stats: &nook_api::SandboxStats) -> String {

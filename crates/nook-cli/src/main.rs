@@ -43,6 +43,8 @@ enum Command {
     Exec(ExecArgs),
     /// Set, move or remove a sandbox's deadline (when it is deleted or stopped on its own).
     Deadline(DeadlineArgs),
+    /// Set what a sandbox does on its own: stop when idle, delete once stopped for a while.
+    Lifecycle(LifecycleArgs),
     /// Stop sandboxes (files are kept).
     Stop(TargetsArgs),
     /// Start stopped sandboxes.
@@ -123,6 +125,27 @@ struct CreateArgs {
     /// What the deadline does: `delete` (the default) or `stop` (files kept).
     #[arg(long, value_parser = parse_deadline_action)]
     on_deadline: Option<nook_api::DeadlineAction>,
+    /// Stop the sandbox (files kept) after this many seconds without activity.
+    #[arg(long)]
+    idle_stop: Option<u64>,
+    /// Delete the sandbox once it has been stopped this many seconds.
+    #[arg(long)]
+    delete_after_stopped: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct LifecycleArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Stop the sandbox (files kept) after this many seconds without activity (0: never).
+    #[arg(long)]
+    idle_stop: Option<u64>,
+    /// Delete the sandbox once it has been stopped this many seconds (0: never).
+    #[arg(long)]
+    delete_after_stopped: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,

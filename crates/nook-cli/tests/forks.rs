@@ -11,11 +11,31 @@ use std::time::{Duration, Instant};
 use common::{create, eventually, sh, shared_server};
 use nook_api::{ForkRequest, SandboxState, StateReason};
 
-/// Bytes in use on the filesystem that holds `path`, after writing back what the kernel holds in memory.
-fn used_bytes(path: &std::path::Path) -> u64 {
+/// What a sandbox's volume holds on its own (its exclusive extents) and shares with other volumes, in bytes, as
+/// `btrfs filesystem du` counts them from the extents themselves (other tests writing beside this one do not count).
+fn exclusive_and_shared(server: &common::TestServer, id: &str) -> (u64, u64) {
     nix::unistd::sync();
-    let stat = nix::sys::statvfs::statvfs(path).unwrap();
-    (stat.blocks() - stat.blocks_free()) as u64 * stat.fragment_size() as u64
+    let output = std::process::Command::new("btrfs")
+        .args(["filesystem", "du", "-s", "--raw"])
+        .arg(server.sandbox_dir(id).join("fs"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let fields: Vec<u64> = text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    assert_eq!(
+        fields.len(),
+        3,
+        "btrfs filesystem du said: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (fields[1], fields[2])
 }
 
 const MB: u64 = 1_000_000;
@@ -36,7 +56,6 @@ async fn a_fork_of_200_mb_diverges_and_shares_its_disk() {
     assert_eq!(written.exit_code, Some(0), "{written:?}");
     let checksum = written.stdout.trim().to_string();
 
-    let before = used_bytes(&server.data_dir);
     let started = Instant::now();
     let result = client
         .fork_sandbox(
@@ -49,16 +68,20 @@ async fn a_fork_of_200_mb_diverges_and_shares_its_disk() {
         .await
         .unwrap();
     let took = started.elapsed();
-    let grown = used_bytes(&server.data_dir).saturating_sub(before);
     eprintln!(
-        "fork of 200 MB into 2: {took:?} (source frozen {} µs), disk grew by {grown} bytes",
+        "fork of 200 MB into 2: {took:?} (source frozen {} µs)",
         result.frozen_us
     );
     assert_eq!(result.sandboxes.len(), 2);
-    assert!(
-        grown < 20 * MB,
-        "two forks of 200 MB took {grown} bytes of disk: the files were copied, not shared"
-    );
+    // Every copy shares the 200 MB; none holds more than a little metadata of its own.
+    for sandbox in [&source.id, &result.sandboxes[0].id, &result.sandboxes[1].id] {
+        let (exclusive, shared) = exclusive_and_shared(server, sandbox);
+        eprintln!("{sandbox}: {exclusive} bytes of its own, {shared} shared");
+        assert!(
+            exclusive < 2 * MB && shared >= 200 * MB,
+            "{sandbox} holds {exclusive} bytes of its own and shares {shared}: the files were copied, not shared"
+        );
+    }
     assert!(
         result.frozen_us < 2_000_000,
         "the source was frozen {} µs",
@@ -87,7 +110,6 @@ async fn a_fork_of_200_mb_diverges_and_shares_its_disk() {
 
     // The source goes on and every copy diverges on its own: each writes 10 MB of its own.
     let (first, second) = (&result.sandboxes[0], &result.sandboxes[1]);
-    let before = used_bytes(&server.data_dir);
     for (sandbox, text) in [(&source.id, "source"), (&first.id, "first"), (&second.id, "second")] {
         let wrote = sh(
             &client,
@@ -97,12 +119,13 @@ async fn a_fork_of_200_mb_diverges_and_shares_its_disk() {
         .await;
         assert_eq!(wrote.exit_code, Some(0), "{wrote:?}");
     }
-    let grown = used_bytes(&server.data_dir).saturating_sub(before);
-    eprintln!("three sandboxes writing 10 MB each grew the disk by {grown} bytes");
-    assert!(
-        (25 * MB..50 * MB).contains(&grown),
-        "three writers of 10 MB each grew the disk by {grown} bytes"
-    );
+    for sandbox in [&source.id, &first.id, &second.id] {
+        let (exclusive, shared) = exclusive_and_shared(server, sandbox);
+        assert!(
+            (10 * MB..12 * MB).contains(&exclusive) && shared >= 200 * MB,
+            "{sandbox} wrote 10 MB and holds {exclusive} bytes of its own, sharing {shared}"
+        );
+    }
     for (sandbox, text) in [(&source.id, "source"), (&first.id, "first"), (&second.id, "second")] {
         let seen = sh(&client, sandbox, "cat /data/who; ls /data | tr '\\n' ' '").await;
         assert_eq!(

@@ -219,6 +219,15 @@ impl Client {
         .await
     }
 
+    /// Sets a sandbox's lifecycle policy (the fields given; 0 turns one off).
+    pub async fn set_lifecycle(&self, key: &str, request: &nook_api::Lifecycle) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::PUT, self.url_for(&["v1", "sandboxes", key, "lifecycle"]))
+                .json(request),
+        )
+        .await
+    }
+
     /// Pauses a running sandbox (its processes frozen where they are).
     pub async fn pause_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "pause"])))

@@ -42,11 +42,27 @@ pub struct Control {
     host_cpus: f64,
     host_memory_mb: u64,
     deadlines: DeadlineTimer,
+    lifecycles: crate::lifecycle::Lifecycles,
     builds: Builds,
 }
 
 /// How long a deadline that could not act yet (a sandbox still being created, a runner error) waits to try again.
 const DEADLINE_RETRY: chrono::Duration = chrono::Duration::seconds(5);
+
+/// Checks a lifecycle policy's bounds; 0 means off.
+fn check_lifecycle(lifecycle: nook_api::Lifecycle) -> Result<nook_api::Lifecycle, ApiFailure> {
+    let check = |name: &str, value: Option<u64>| match value {
+        Some(0) | None => Ok(None),
+        Some(seconds) if seconds > MAX_TIMEOUT_S => Err(ApiFailure::invalid(format!(
+            "{name} {seconds} is over the most it can be set to, {MAX_TIMEOUT_S} s (ten years)"
+        ))),
+        Some(seconds) => Ok(Some(seconds)),
+    };
+    Ok(nook_api::Lifecycle {
+        idle_stop_s: check("idle_stop_s", lifecycle.idle_stop_s)?,
+        stopped_delete_s: check("stopped_delete_s", lifecycle.stopped_delete_s)?,
+    })
+}
 
 /// "cpu 1 → 2, memory 512 → 1024 MiB": what a resize changed.
 fn describe_resize(old: &Resources, new: &Resources) -> String {
@@ -99,6 +115,7 @@ impl Control {
             host_cpus,
             host_memory_mb,
             deadlines: DeadlineTimer::default(),
+            lifecycles: crate::lifecycle::Lifecycles::default(),
         }
     }
 
@@ -215,6 +232,7 @@ impl Control {
             oom_kills: 0,
             deadline,
             on_deadline: request.on_deadline.unwrap_or_default(),
+            lifecycle: check_lifecycle(request.lifecycle.unwrap_or_default())?,
             parent: None,
             created_at: now,
             updated_at: now,
@@ -474,6 +492,7 @@ impl Control {
                 oom_kills: 0,
                 deadline: None,
                 on_deadline: DeadlineAction::default(),
+                lifecycle: source.lifecycle,
                 parent: Some(source.id.clone()),
                 created_at: now,
                 updated_at: now,
@@ -580,6 +599,7 @@ impl Control {
         self.runner.delete_sandbox(&sandbox.id).await?;
         self.store.delete_sandbox(&sandbox.id).await?;
         self.deadlines.schedule(&sandbox.id, None);
+        self.lifecycles.forget(&sandbox.id);
         Ok(())
     }
 
@@ -597,6 +617,165 @@ impl Control {
         let updated = self.store.set_deadline(&sandbox.id, deadline, action).await?;
         self.deadlines.schedule(&sandbox.id, deadline);
         Ok(updated)
+    }
+
+    /// Sets a sandbox's lifecycle policy: the fields given (0 turns one off), the others kept.
+    pub async fn set_lifecycle(&self, key: &str, request: nook_api::Lifecycle) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        let merge = |new: Option<u64>, old: Option<u64>| match new {
+            Some(0) => None,
+            Some(seconds) => Some(seconds),
+            None => old,
+        };
+        let lifecycle = check_lifecycle(nook_api::Lifecycle {
+            idle_stop_s: merge(request.idle_stop_s, sandbox.lifecycle.idle_stop_s),
+            stopped_delete_s: merge(request.stopped_delete_s, sandbox.lifecycle.stopped_delete_s),
+        })?;
+        // The store's change notice re-plans the sandbox's checks.
+        Ok(self.store.set_lifecycle(&sandbox.id, lifecycle).await?)
+    }
+
+    /// Plans every sandbox's lifecycle checks and keeps them planned: a sandbox's next check is planned again each
+    /// time the store says its record changed, and each check acts or plans the next.
+    pub async fn keep_lifecycles(self: &Arc<Self>) -> Result<(), ApiFailure> {
+        let mut changes = self.store.subscribe();
+        for sandbox in self.store.sandboxes().await? {
+            self.plan_lifecycle(&sandbox);
+        }
+        let control = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(id) => match control.store.sandbox(&id).await {
+                        Ok(Some(sandbox)) => control.plan_lifecycle(&sandbox),
+                        Ok(None) => control.lifecycles.forget(&id),
+                        Err(_) => {}
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(sandboxes) = control.store.sandboxes().await {
+                            for sandbox in sandboxes {
+                                control.plan_lifecycle(&sandbox);
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let control = self.clone();
+        tokio::spawn(async move {
+            let acting = control.clone();
+            control
+                .lifecycles
+                .timer
+                .run(move |id| {
+                    let control = acting.clone();
+                    tokio::spawn(async move { control.lifecycle_due(&id).await });
+                    std::future::ready(())
+                })
+                .await
+        });
+        Ok(())
+    }
+
+    /// When a sandbox's lifecycle policy next needs a look, from its record and its last activity.
+    fn plan_lifecycle(&self, sandbox: &Sandbox) {
+        let seconds = |s: u64| chrono::Duration::seconds(s.min(MAX_TIMEOUT_S) as i64);
+        let next = match sandbox.state {
+            SandboxState::Running => sandbox.lifecycle.idle_stop_s.map(|idle| {
+                let last = self
+                    .lifecycles
+                    .last_call(&sandbox.id)
+                    .map_or(sandbox.updated_at, |call| call.max(sandbox.updated_at));
+                last + seconds(idle)
+            }),
+            SandboxState::Stopped => sandbox
+                .lifecycle
+                .stopped_delete_s
+                .map(|after| sandbox.updated_at + seconds(after)),
+            _ => None,
+        };
+        self.lifecycles.timer.schedule(&sandbox.id, next);
+    }
+
+    /// A sandbox's lifecycle check: stops it when idle, deletes it when stopped long enough, or plans the next look.
+    pub async fn lifecycle_due(&self, id: &str) {
+        let Ok(Some(sandbox)) = self.store.sandbox(id).await else {
+            return;
+        };
+        let now = Utc::now();
+        match (sandbox.state, sandbox.lifecycle) {
+            (
+                SandboxState::Running,
+                nook_api::Lifecycle {
+                    idle_stop_s: Some(idle),
+                    ..
+                },
+            ) => {
+                let idle = chrono::Duration::seconds(idle.min(MAX_TIMEOUT_S) as i64);
+                let last = self
+                    .lifecycles
+                    .last_call(id)
+                    .map_or(sandbox.updated_at, |call| call.max(sandbox.updated_at));
+                if now < last + idle {
+                    self.lifecycles.timer.schedule(id, Some(last + idle));
+                    return;
+                }
+                // No call for the whole window: busy only if its processes worked. The first look takes a reading
+                // and looks again a little later.
+                let cpu = match self.runner.stats(id).await {
+                    Ok(stats) => stats.cpu_used_ns,
+                    Err(_) => return,
+                };
+                match self.lifecycles.cpu_since_last(id, now, cpu) {
+                    None => {
+                        let window = idle.min(crate::lifecycle::CPU_WINDOW);
+                        self.lifecycles.timer.schedule(id, Some(now + window));
+                    }
+                    Some(cores) if cores >= crate::lifecycle::BUSY_CPU => {
+                        self.lifecycles
+                            .timer
+                            .schedule(id, Some(now + idle.min(crate::lifecycle::CPU_WINDOW)));
+                    }
+                    Some(cores) => {
+                        let message = format!(
+                            "stopped after {} s without activity (no API call working on it, {:.1}% of a core used \
+                             meanwhile); its files are kept, start it to go on",
+                            idle.num_seconds(),
+                            cores * 100.0
+                        );
+                        if let Err(failure) = self.stop_running(id, StateReason::Idle, &message).await {
+                            tracing::warn!(sandbox = %id, message = %failure.message, "an idle stop failed");
+                        } else {
+                            tracing::info!(sandbox = %id, "stopped an idle sandbox");
+                        }
+                    }
+                }
+            }
+            (
+                SandboxState::Stopped,
+                nook_api::Lifecycle {
+                    stopped_delete_s: Some(after),
+                    ..
+                },
+            ) => {
+                let due = sandbox.updated_at + chrono::Duration::seconds(after.min(MAX_TIMEOUT_S) as i64);
+                if now < due {
+                    self.lifecycles.timer.schedule(id, Some(due));
+                    return;
+                }
+                match self.delete(id).await {
+                    Ok(()) => {
+                        tracing::info!(sandbox = %id, stopped_for_s = after, "deleted a sandbox stopped past its lifecycle")
+                    }
+                    Err(failure) => {
+                        tracing::warn!(sandbox = %id, message = %failure.message, "a lifecycle delete failed");
+                        self.lifecycles.timer.schedule(id, Some(now + DEADLINE_RETRY));
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Schedules the stored deadlines and acts on them as they pass, from now on (those already passed at once).
@@ -707,6 +886,7 @@ impl Control {
                 ),
             ));
         }
+        self.lifecycles.touch(&sandbox.id);
         Ok(sandbox)
     }
 

@@ -19,6 +19,7 @@ pub mod control;
 pub mod deadlines;
 pub mod error;
 pub mod ids;
+pub mod lifecycle;
 pub mod store;
 
 use control::Control;
@@ -134,6 +135,10 @@ impl Server {
         control.watch_runner();
         control
             .keep_deadlines()
+            .await
+            .map_err(|failure| StartError::Reconcile(failure.message))?;
+        control
+            .keep_lifecycles()
             .await
             .map_err(|failure| StartError::Reconcile(failure.message))?;
 

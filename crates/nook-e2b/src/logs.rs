@@ -71,7 +71,8 @@ fn entry_of(sandbox_id: &str, event: &SandboxEvent) -> LogEntry {
         | StateReason::Resized
         | StateReason::Forked
         | StateReason::Snapshotted
-        | StateReason::MemoryGrown => Level::Info,
+        | StateReason::MemoryGrown
+        | StateReason::Idle => Level::Info,
     };
     let mut fields = BTreeMap::from([
         ("sandboxID", sandbox_id.to_string()),

@@ -879,6 +879,14 @@ impl LocalRunner {
     ) -> Result<(T, Duration), RunnerError> {
         let freeze = self.live(id).is_some_and(|live| !live.paused.load(Ordering::SeqCst));
         let cgroup = self.inner.cgroups.existing(id);
+        if freeze {
+            // What the sandbox wrote is written back while it still runs, so the freeze only covers the rest.
+            let runner = self.clone();
+            let volume = self.layer_parent(id);
+            tokio::task::spawn_blocking(move || runner.inner.storage.flush(&volume))
+                .await
+                .expect("writing back does not panic")?;
+        }
         let started = std::time::Instant::now();
         if freeze {
             cgroup.set_frozen(true).await?;

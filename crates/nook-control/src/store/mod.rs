@@ -79,6 +79,8 @@ pub trait Store: Send + Sync + 'static {
         message: &str,
         resources: Option<Resources>,
     ) -> Result<Sandbox, StoreError>;
+    /// Sets a sandbox's lifecycle policy; returns the updated sandbox.
+    async fn set_lifecycle(&self, id: &str, lifecycle: nook_api::Lifecycle) -> Result<Sandbox, StoreError>;
     /// Sets (or, with `None`, removes) a sandbox's deadline and what it does; returns the updated sandbox.
     async fn set_deadline(
         &self,

@@ -58,6 +58,8 @@ ALTER TABLE sandboxes ADD COLUMN on_deadline TEXT NOT NULL DEFAULT 'delete';
     r#"
 ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER;
 ALTER TABLE sandboxes ADD COLUMN memory_max_mb INTEGER;
+ALTER TABLE sandboxes ADD COLUMN idle_stop_s INTEGER;
+ALTER TABLE sandboxes ADD COLUMN stopped_delete_s INTEGER;
 ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;
 CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
 "#,
@@ -108,7 +110,7 @@ impl SqliteStore {
 
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
-                               on_deadline, disk_mb, parent_id, memory_max_mb";
+                               on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -133,6 +135,10 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
     let disk_mb: Option<u64> = row.get(18)?;
     let parent: Option<String> = row.get(19)?;
     let memory_max_mb: Option<u64> = row.get(20)?;
+    let lifecycle = nook_api::Lifecycle {
+        idle_stop_s: row.get(21)?,
+        stopped_delete_s: row.get(22)?,
+    };
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -160,6 +166,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
             deadline: deadline.as_deref().map(parse_time).transpose()?,
             on_deadline: DeadlineAction::parse(&on_deadline)
                 .ok_or_else(|| StoreError::Corrupt(format!("on_deadline {on_deadline:?}")))?,
+            lifecycle,
             parent,
             created_at: parse_time(&created)?,
             updated_at: parse_time(&updated)?,
@@ -213,7 +220,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
                 ),
                 params![
                     sandbox.id,
@@ -237,6 +244,8 @@ impl Store for SqliteStore {
                     sandbox.resources.disk_mb,
                     sandbox.parent,
                     sandbox.resources.memory_max_mb,
+                    sandbox.lifecycle.idle_stop_s,
+                    sandbox.lifecycle.stopped_delete_s,
                 ],
             );
             match inserted {
@@ -389,6 +398,20 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn set_lifecycle(&self, id: &str, lifecycle: nook_api::Lifecycle) -> Result<Sandbox, StoreError> {
+        self.with(|connection| {
+            let changed = connection.execute(
+                "UPDATE sandboxes SET idle_stop_s = ?2, stopped_delete_s = ?3 WHERE id = ?1",
+                params![id, lifecycle.idle_stop_s, lifecycle.stopped_delete_s],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let _ = self.changed.send(id.to_string());
+            select_one(connection, "id", id)?.ok_or(StoreError::NotFound)
+        })
+    }
+
     async fn set_deadline(
         &self,
         id: &str,
@@ -533,6 +556,7 @@ mod tests {
             oom_kills: 0,
             deadline: None,
             on_deadline: DeadlineAction::Delete,
+            lifecycle: Default::default(),
             parent: None,
             created_at: now,
             updated_at: now,
