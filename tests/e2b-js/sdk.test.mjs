@@ -536,3 +536,47 @@ describe('templates', () => {
     })
   })
 })
+
+describe('snapshots and forks', () => {
+  test('createSnapshot, Sandbox.create from it, listSnapshots, deleteSnapshot and fork', async () => {
+    const path = '/home/user/state.txt'
+    const sbx = await Sandbox.create({ timeoutMs: 120_000 })
+    const made = []
+    try {
+      await sbx.files.write(path, 'first')
+      const snapshot = await sbx.createSnapshot()
+      assert.ok(snapshot.snapshotId)
+      assert.deepEqual(snapshot.names, [snapshot.snapshotId])
+      await sbx.files.write(path, 'second')
+
+      const restored = await Sandbox.create(snapshot.snapshotId, { timeoutMs: 120_000 })
+      made.push(restored)
+      assert.equal(await restored.files.read(path), 'first')
+
+      const paginator = sbx.listSnapshots()
+      const listed = await paginator.nextItems()
+      assert.deepEqual(
+        listed.map((item) => item.snapshotId),
+        [snapshot.snapshotId]
+      )
+      assert.equal(paginator.hasNext, false)
+      assert.equal(await Sandbox.deleteSnapshot(snapshot.snapshotId), true)
+      assert.equal(await Sandbox.deleteSnapshot(snapshot.snapshotId), false)
+
+      const forks = await sbx.fork({ count: 2, timeoutMs: 120_000 })
+      assert.equal(forks.length, 2)
+      for (const fork of forks) {
+        assert.ok(fork instanceof Sandbox, String(fork))
+        made.push(fork)
+        assert.equal(await fork.files.read(path), 'second')
+      }
+      await forks[0].files.write(path, 'the first fork')
+      assert.equal(await forks[1].files.read(path), 'second')
+      assert.equal(await sbx.files.read(path), 'second')
+      assert.equal(await sbx.isRunning(), true)
+    } finally {
+      for (const other of made) await other.kill()
+      await sbx.kill()
+    }
+  })
+})

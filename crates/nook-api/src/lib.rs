@@ -429,6 +429,16 @@ pub struct SandboxStats {
     pub memory_cache_bytes: u64,
     /// Memory limit; processes beyond it are OOM-killed.
     pub memory_limit_bytes: u64,
+    /// The most memory charged to the sandbox at any moment of this run, as the kernel tracked it (page cache
+    /// included: v1 `memory.max_usage_in_bytes`, v2 `memory.peak`).
+    pub memory_peak_bytes: u64,
+    /// Memory in use (as `memory_used_bytes`) on average over this run, from a reading every 10 s (the current
+    /// figure until the first reading).
+    pub memory_average_bytes: u64,
+    /// Bytes received by the sandbox's network interfaces (loopback excluded) during this run.
+    pub network_rx_bytes: u64,
+    /// Bytes sent by the sandbox's network interfaces (loopback excluded) during this run.
+    pub network_tx_bytes: u64,
     /// Processes and threads now.
     pub pids: u64,
     /// Bytes allocated on disk by the sandbox's writable layer (its changes to the image), hard links counted once.

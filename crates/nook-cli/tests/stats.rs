@@ -1,4 +1,4 @@
-//! Sandbox stats (`GET /v1/sandboxes/{sandbox}/stats`) on the real runner: CPU time, memory and disk move when a
+//! Sandbox stats (`GET /v1/sandboxes/{sandbox}/stats`) and metering (`/metrics`) on the real runner: CPU time, memory and disk move when a
 //! sandbox burns CPU, holds memory and writes files, and fall back when it lets go.
 
 mod common;
@@ -124,4 +124,62 @@ async fn stats_follow_cpu_memory_and_disk() {
     client.delete_sandbox(&sandbox.id).await.unwrap();
     let gone = client.sandbox_stats(&sandbox.id).await.unwrap_err();
     assert_eq!(gone.status().map(|s| s.as_u16()), Some(404), "{gone}");
+}
+
+#[tokio::test]
+async fn metering_reports_peak_average_and_prometheus_metrics() {
+    let server = shared_server();
+    let client = server.client();
+    let sandbox = create(&client, "metered").await;
+    // 120 MiB held for a moment, then let go: the peak remembers it, the figure now does not.
+    let held = sh(
+        &client,
+        &sandbox.id,
+        "python3 -c 'b = bytearray(120 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); del b'; \
+         i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+    )
+    .await;
+    assert_eq!(held.exit_code, Some(0), "{held:?}");
+    let stats = client.sandbox_stats(&sandbox.id).await.unwrap();
+    assert!(stats.memory_peak_bytes >= 120 << 20, "{stats:?}");
+    assert!(stats.memory_used_bytes < 60 << 20, "{stats:?}");
+    assert!(stats.memory_average_bytes > 0 && stats.memory_average_bytes < stats.memory_peak_bytes);
+    assert!(stats.cpu_used_ns > 100_000_000, "{stats:?}");
+    assert_eq!((stats.network_rx_bytes, stats.network_tx_bytes), (0, 0));
+
+    let response = reqwest::Client::new()
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&server.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    let line = |family: &str| {
+        let prefix = format!("{family}{{sandbox=\"{}\",name=\"{}\"}} ", sandbox.id, sandbox.name);
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {family} for the sandbox in:\n{text}"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert!(line("nook_sandbox_cpu_seconds_total") > 0.1);
+    assert!(line("nook_sandbox_memory_peak_bytes") >= (120u64 << 20) as f64);
+    assert_eq!(line("nook_sandbox_memory_limit_bytes"), (256u64 << 20) as f64);
+    assert!(text.contains("# TYPE nook_sandboxes gauge"));
+    let running: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("nook_sandboxes{state=\"running\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(running >= 1.0);
+    // Without the key, nothing.
+    let anonymous = reqwest::get(format!("{}/metrics", server.url)).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    client.delete_sandbox(&sandbox.id).await.unwrap();
 }

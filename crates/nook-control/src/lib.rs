@@ -20,6 +20,7 @@ pub mod deadlines;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;
+pub mod metrics;
 pub mod store;
 
 use control::Control;

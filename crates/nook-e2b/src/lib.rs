@@ -33,6 +33,7 @@ pub mod interpreter;
 pub mod logs;
 pub mod metrics;
 pub mod rest;
+pub mod snapshots;
 pub mod templates;
 
 /// The envd version nook reports, which the SDKs gate features on: every feature gated at or below it is
@@ -59,6 +60,8 @@ pub struct E2b {
     pub metrics: Arc<metrics::Metrics>,
     /// Template builds E2B clients asked for.
     pub templates: Arc<templates::TemplateBuilds>,
+    /// Snapshots E2B clients made.
+    pub snapshots: Arc<snapshots::Snapshots>,
 }
 
 /// Why the E2B layer could not start.
@@ -73,6 +76,9 @@ pub enum E2bError {
         #[source]
         source: std::io::Error,
     },
+    /// The snapshot records could not be read.
+    #[error("cannot load the E2B snapshot records")]
+    Snapshots(#[from] snapshots::SnapshotsError),
 }
 
 impl E2b {
@@ -80,6 +86,7 @@ impl E2b {
     pub fn new(control: Arc<Control>, data_dir: &Path) -> Result<Self, E2bError> {
         let path = data_dir.join("e2b-token-secret");
         let secret = load_or_create_secret(&path).map_err(|source| E2bError::Secret { path, source })?;
+        let snapshots = snapshots::Snapshots::open(data_dir)?;
         Ok(Self {
             control: control.clone(),
             secret: Arc::new(secret),
@@ -87,6 +94,7 @@ impl E2b {
             watchers: Arc::new(envd::filesystem::Watchers::default()),
             interpreters: Arc::new(interpreter::Bridges::default()),
             templates: Arc::new(templates::TemplateBuilds::new(data_dir)),
+            snapshots: Arc::new(snapshots),
         })
     }
 

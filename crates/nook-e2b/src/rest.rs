@@ -9,8 +9,9 @@
 //! stopped (files kept, reported `paused`) when it was created with `autoPause`, E2B's pause on timeout. `pause`
 //! pauses a sandbox with its memory (nook's pause: its processes frozen) or, asked for no memory, stops it; a paused
 //! nook sandbox is reported `paused` too, and `connect` resumes it where it was. Errors are E2B's `{"code": <status>, "message"}`. Metrics
-//! ([`crate::metrics`]), logs ([`crate::logs`]) and template builds ([`crate::templates`]) are routed here and served by
-//! their own modules.
+//! ([`crate::metrics`]), logs ([`crate::logs`]), template builds ([`crate::templates`]), and snapshots and forks
+//! ([`crate::snapshots`]) are routed here and served by their own modules. A snapshot's id is the name of its nook
+//! image, so `Sandbox.create(<snapshot id>)` finds it as it finds any template.
 
 use std::collections::BTreeMap;
 
@@ -45,7 +46,7 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// An E2B error from a nook failure.
-struct Failure(ApiFailure);
+pub(crate) struct Failure(pub(crate) ApiFailure);
 
 impl From<ApiFailure> for Failure {
     fn from(failure: ApiFailure) -> Self {
@@ -75,6 +76,9 @@ pub fn router(e2b: E2b) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/resume", post(connect))
         .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/snapshots", post(crate::snapshots::create_snapshot))
+        .route("/sandboxes/{id}/fork", post(crate::snapshots::fork))
+        .route("/snapshots", get(crate::snapshots::list_snapshots))
         .route("/sandboxes/{id}/metrics", get(crate::metrics::metrics))
         .route("/sandboxes/{id}/logs", get(crate::logs::logs_v1))
         .route("/v2/sandboxes/{id}/logs", get(crate::logs::logs_v2))
@@ -131,7 +135,7 @@ struct NewSandbox {
 /// The E2B view of a sandbox: the fields every SDK generation requires, and the detail fields.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct E2bSandbox {
+pub(crate) struct E2bSandbox {
     #[serde(rename = "templateID")]
     template_id: String,
     #[serde(rename = "sandboxID")]
@@ -155,7 +159,8 @@ struct E2bSandbox {
 }
 
 impl E2b {
-    fn describe(&self, sandbox: &Sandbox) -> E2bSandbox {
+    /// The E2B view of a sandbox.
+    pub(crate) fn describe(&self, sandbox: &Sandbox) -> E2bSandbox {
         E2bSandbox {
             template_id: sandbox.image.clone(),
             sandbox_id: sandbox.id.clone(),
@@ -183,10 +188,10 @@ impl E2b {
 }
 
 /// A bad request's message.
-type BadRequest = String;
+pub(crate) type BadRequest = String;
 
 /// The timeout in seconds (E2B's default when absent), within E2B's maximum.
-fn timeout_of(seconds: Option<u64>) -> Result<u64, BadRequest> {
+pub(crate) fn timeout_of(seconds: Option<u64>) -> Result<u64, BadRequest> {
     let seconds = seconds.unwrap_or(DEFAULT_TIMEOUT_S);
     if seconds > MAX_TIMEOUT_S {
         return Err(format!("timeout {seconds} s is over the maximum of {MAX_TIMEOUT_S} s"));
@@ -372,7 +377,7 @@ struct RefreshBody {
 }
 
 /// An optional JSON body: empty means every field at its default.
-fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, BadRequest> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, BadRequest> {
     if body.is_empty() {
         return Ok(T::default());
     }
@@ -524,11 +529,19 @@ async fn get_template(State(e2b): State<E2b>, Path(id): Path<String>) -> Respons
     }
 }
 
-async fn delete_template(Path(id): Path<String>) -> Response {
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        format!("remove template {id} with `nook image rm`; E2B template management is not served yet"),
-    )
+/// `DELETE /templates/{id}`: deletes a snapshot (the SDKs' `delete_snapshot`); other templates are removed with
+/// nook's own API for now. 404 when `id` is neither.
+async fn delete_template(State(e2b): State<E2b>, Path(id): Path<String>) -> Response {
+    if let Some(answer) = crate::snapshots::delete_snapshot(&e2b, &id).await {
+        return answer;
+    }
+    match e2b.control.runner().image(&id).await {
+        Ok(_) => error(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("remove template {id} with `nook image rm`; E2B template management is not served yet"),
+        ),
+        Err(_) => error(StatusCode::NOT_FOUND, format!("template or snapshot {id} not found")),
+    }
 }
 
 #[cfg(test)]

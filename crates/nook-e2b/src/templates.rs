@@ -161,7 +161,7 @@ struct TemplateRequested {
 }
 
 /// `name[:tag]` → (`name`, `tag`): the tag is what follows the last `:` after the last `/`.
-fn split_tag(name: &str) -> (&str, Option<&str>) {
+pub(crate) fn split_tag(name: &str) -> (&str, Option<&str>) {
     let slash = name.rfind('/').map_or(0, |at| at + 1);
     match name[slash..].rfind(':') {
         Some(at) => (&name[..slash + at], Some(&name[slash + at + 1..])),

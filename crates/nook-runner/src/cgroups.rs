@@ -468,6 +468,18 @@ impl SandboxCgroup {
         })
     }
 
+    /// The most memory charged to the cgroup at any moment since it was made (v1 `memory.max_usage_in_bytes`, v2
+    /// `memory.peak`, which kernels before 5.19 lack).
+    pub fn memory_peak(&self) -> Option<u64> {
+        let file = match self.host {
+            CgroupHost::V1 { .. } => "memory.max_usage_in_bytes",
+            CgroupHost::V2 { .. } => "memory.peak",
+        };
+        std::fs::read_to_string(self.memory_dir().join(file))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    }
+
     /// Removes the cgroup's directories. The kernel refuses while processes remain, so this waits briefly for
     /// killed processes to finish exiting before giving up with [`CgroupError::Busy`].
     pub fn remove(&self) -> Result<(), CgroupError> {

@@ -361,6 +361,8 @@ pub trait Runner: Send + Sync + 'static {
     async fn file_call(&self, id: &str, request: nook_agent_proto::Request) -> Result<serde_json::Value, RunnerError>;
     /// What a running sandbox uses now: CPU time, memory, processes, and the disk its writable layer takes.
     async fn stats(&self, id: &str) -> Result<nook_api::SandboxStats, RunnerError>;
+    /// Every running or paused sandbox's usage, cheaply (disk as last measured in the background): for `/metrics`.
+    async fn meters(&self) -> Vec<(String, nook_api::SandboxStats)>;
     /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).
     async fn running_sandboxes(&self) -> Vec<String>;
     /// Events about sandboxes that happen without a request (OOM kills, init exits).

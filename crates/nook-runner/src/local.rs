@@ -46,6 +46,10 @@ use crate::{ByteStream, ExecOptions, ExecStream, Runner, RunnerError, RunnerEven
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a killed init has to finish exiting.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the metering task reads each running sandbox's memory (the kernel keeps a peak, not an average).
+const METER_INTERVAL: Duration = Duration::from_secs(10);
+/// Every how many memory readings the metering task also measures each sandbox's disk.
+const DISK_EVERY: u64 = 6;
 /// Longest Unix socket path the kernel accepts (sun_path minus the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -73,6 +77,16 @@ struct SandboxRecord {
     paused: bool,
 }
 
+/// Readings the metering task keeps for a running sandbox.
+#[derive(Debug, Default, Clone, Copy)]
+struct Meter {
+    /// Sum of its memory readings, and how many there were.
+    memory_sum: u128,
+    memory_readings: u64,
+    /// Its last disk reading.
+    disk: Option<crate::disk::DiskUsage>,
+}
+
 /// A running sandbox.
 struct Live {
     record: SandboxRecord,
@@ -83,6 +97,8 @@ struct Live {
     paused: AtomicBool,
     /// Its limits now (changed by resizes while it runs).
     resources: Mutex<Resources>,
+    /// What the metering task has read of it during this run.
+    meter: Mutex<Meter>,
     exited: watch::Receiver<bool>,
 }
 
@@ -149,6 +165,7 @@ impl LocalRunner {
             }),
         };
         runner.adopt_all().await?;
+        runner.start_metering();
         // Scratch directories of builds a crash interrupted.
         let _ = std::fs::remove_dir_all(runner.inner.dir.join("builds"));
         Ok(runner)
@@ -625,6 +642,7 @@ impl LocalRunner {
         let live = Arc::new(Live {
             paused: AtomicBool::new(record.paused),
             resources: Mutex::new(record.spec.resources),
+            meter: Mutex::new(Meter::default()),
             record,
             pidfd: pidfd.clone(),
             stopping: AtomicBool::new(false),
@@ -712,6 +730,94 @@ impl LocalRunner {
                 let _ = runner.inner.events.send(RunnerEvent::InitExited { sandbox_id: id });
             }
         });
+    }
+
+    /// Reads every running sandbox's memory each [`METER_INTERVAL`] (for its average) and its disk every
+    /// [`DISK_EVERY`] readings (for `/metrics`, which must not walk every sandbox's files on each scrape). The task
+    /// holds only a weak reference: it ends with the runner.
+    fn start_metering(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(METER_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for tick in 0u64.. {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let runner = LocalRunner { inner };
+                let live: Vec<(String, Arc<Live>)> = runner
+                    .inner
+                    .live
+                    .lock()
+                    .expect("live map")
+                    .iter()
+                    .filter(|(id, _)| !id.starts_with(BUILD_SANDBOX_PREFIX))
+                    .map(|(id, live)| (id.clone(), live.clone()))
+                    .collect();
+                let measure_disk = tick % DISK_EVERY == 0;
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (id, live) in live {
+                        let memory = runner
+                            .inner
+                            .cgroups
+                            .existing(&id)
+                            .usage()
+                            .ok()
+                            .map(|usage| usage.memory_used);
+                        let disk = measure_disk
+                            .then(|| crate::disk::usage(&runner.upper_dir(&id)).ok())
+                            .flatten();
+                        let mut meter = live.meter.lock().expect("meter");
+                        if let Some(memory) = memory {
+                            meter.memory_sum += u128::from(memory);
+                            meter.memory_readings += 1;
+                        }
+                        if disk.is_some() {
+                            meter.disk = disk;
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+    }
+
+    /// A live sandbox's usage now; `disk` measured by the caller (or the metering task's last reading).
+    fn stats_of(
+        &self,
+        id: &str,
+        live: &Live,
+        usage: crate::cgroups::CgroupUsage,
+        disk: crate::disk::DiskUsage,
+    ) -> nook_api::SandboxStats {
+        let resources = *live.resources.lock().expect("resources");
+        let meter = *live.meter.lock().expect("meter");
+        let cgroup = self.inner.cgroups.existing(id);
+        let (network_rx_bytes, network_tx_bytes) = live.record.init.map_or((0, 0), |init| network_bytes(init.pid));
+        let now = chrono::Utc::now();
+        nook_api::SandboxStats {
+            at: now,
+            started_at: live
+                .record
+                .init
+                .and_then(|init| started_at(init.start_time))
+                .unwrap_or(now),
+            cpu_used_ns: usage.cpu_ns,
+            cpu_limit: resources.cpu,
+            memory_used_bytes: usage.memory_used,
+            memory_cache_bytes: usage.memory_cache,
+            memory_limit_bytes: usage.memory_limit.unwrap_or(resources.memory_mb * MIB),
+            memory_peak_bytes: cgroup.memory_peak().unwrap_or(usage.memory_used),
+            memory_average_bytes: match meter.memory_readings {
+                0 => usage.memory_used,
+                readings => (meter.memory_sum / u128::from(readings)) as u64,
+            },
+            network_rx_bytes,
+            network_tx_bytes,
+            pids: usage.pids,
+            disk_used_bytes: disk.used_bytes,
+            disk_used_complete: disk.complete,
+            disk_total_bytes: resources.disk_mb.map_or(disk.total_bytes, |mb| mb * MIB),
+        }
     }
 
     /// Raises a sandbox's memory limit by a step (a quarter, at least 64 MiB), within its `memory_max_mb`, when it
@@ -909,6 +1015,25 @@ impl LocalRunner {
     fn live(&self, id: &str) -> Option<Arc<Live>> {
         self.inner.live.lock().expect("live map").get(id).cloned()
     }
+}
+
+/// Bytes received and sent by the interfaces of process `pid`'s network namespace, loopback excluded
+/// (`/proc/<pid>/net/dev`); zeros when it cannot be read.
+fn network_bytes(pid: i32) -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) else {
+        return (0, 0);
+    };
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            if name.trim() == "lo" {
+                return None;
+            }
+            let counters: Vec<u64> = counters.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+            Some((*counters.first()?, *counters.get(8)?))
+        })
+        .fold((0, 0), |(rx, tx), (r, t)| (rx + r, tx + t))
 }
 
 /// Turns a captured volume (`upper` and `work` inside) into a layer: `work` goes, the contents of `upper` move up
@@ -1476,25 +1601,33 @@ impl Runner for LocalRunner {
             path: self.upper_dir(id),
             source,
         })?;
-        let resources = *live.resources.lock().expect("resources");
-        let now = chrono::Utc::now();
-        Ok(nook_api::SandboxStats {
-            at: now,
-            started_at: live
-                .record
-                .init
-                .and_then(|init| started_at(init.start_time))
-                .unwrap_or(now),
-            cpu_used_ns: usage.cpu_ns,
-            cpu_limit: resources.cpu,
-            memory_used_bytes: usage.memory_used,
-            memory_cache_bytes: usage.memory_cache,
-            memory_limit_bytes: usage.memory_limit.unwrap_or(resources.memory_mb * 1024 * 1024),
-            pids: usage.pids,
-            disk_used_bytes: disk.used_bytes,
-            disk_used_complete: disk.complete,
-            disk_total_bytes: resources.disk_mb.map_or(disk.total_bytes, |mb| mb * 1024 * 1024),
+        Ok(self.stats_of(id, &live, usage, disk))
+    }
+
+    async fn meters(&self) -> Vec<(String, nook_api::SandboxStats)> {
+        let live: Vec<(String, Arc<Live>)> = self
+            .inner
+            .live
+            .lock()
+            .expect("live map")
+            .iter()
+            .filter(|(id, _)| !id.starts_with(BUILD_SANDBOX_PREFIX))
+            .map(|(id, live)| (id.clone(), live.clone()))
+            .collect();
+        let runner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            live.into_iter()
+                .filter_map(|(id, live)| {
+                    let usage = runner.inner.cgroups.existing(&id).usage().ok()?;
+                    // The metering task's last disk reading: a scrape never walks sandboxes' files.
+                    let disk = live.meter.lock().expect("meter").disk.unwrap_or_default();
+                    let stats = runner.stats_of(&id, &live, usage, disk);
+                    Some((id, stats))
+                })
+                .collect()
         })
+        .await
+        .expect("metering does not panic")
     }
 
     async fn running_sandboxes(&self) -> Vec<String> {

@@ -137,6 +137,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/replace", post(replace_in_files))
         .route("/v1/sandboxes/{sandbox}/files/chmod", post(chmod_file))
         .route("/v1/sandboxes/{sandbox}/files/chown", post(chown_file))
+        .route("/metrics", get(metrics))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/push", post(push_image))
@@ -433,6 +434,22 @@ async fn fork_sandbox(
     security(("bearer" = [])))]
 async fn start_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
     Ok(Json(state.control.start(&key).await?))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text exposition: sandboxes by state, and each running or paused \
+               sandbox's CPU seconds, memory (now, peak, average, limit), disk, network bytes and processes",
+               body = String, content_type = "text/plain; version=0.0.4")),
+    security(("bearer" = [])))]
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiFailure> {
+    let sandboxes = state.control.store().sandboxes().await?;
+    let meters = state.control.runner().meters().await;
+    let text = crate::metrics::render(&sandboxes, &meters);
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response())
 }
 
 /// Query of `GET /v1/sandboxes/{sandbox}/events/stream`.
@@ -1289,7 +1306,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
-        health, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, fork_sandbox, set_deadline, set_lifecycle,
+        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, fork_sandbox, set_deadline, set_lifecycle,
         sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,
