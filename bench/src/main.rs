@@ -1,7 +1,8 @@
 //! `nook-bench`: measures nook's create→first exec and exec round trip against runc and runsc running the same
 //! root filesystem on the same machine, plus nook's background process start→first output and file upload and
 //! download throughput, image push and pull through a registry on loopback, Dockerfile builds and cached rebuilds,
-//! and prints a markdown report of figures and ratios (never pass/fail).
+//! fork, snapshot and live resize times against the data a sandbox wrote, and prints a markdown report of figures and
+//! ratios (never pass/fail).
 //!
 //! Flow: make a work directory under `--work-dir`; start the bench's own `nook serve` there (fresh data directory,
 //! free loopback port, random admin key) and wait for its health check; run the nook series through the Rust client
@@ -20,6 +21,7 @@ mod nook;
 mod peers;
 mod report;
 mod server;
+mod stateful;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +99,9 @@ struct Args {
     /// Do not run runsc; report it as not installed.
     #[arg(long, conflicts_with = "runsc")]
     no_runsc: bool,
+    /// Timed live resizes (CPU and memory, alternately up and down).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    resizes: u32,
     /// Where the bench makes its work directory (server data, bundles, runtime state); removed at the end.
     #[arg(long, default_value = "/var/tmp")]
     work_dir: PathBuf,
@@ -159,6 +164,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             server_memory: &figures.nook.server_memory,
             images: &figures.nook.images,
             builds: &figures.nook.builds,
+            stateful: &figures.nook.stateful,
             peers: &figures.peers,
         })
     );
@@ -186,6 +192,7 @@ struct NookFigures {
     server_memory: MemoryAroundFiles,
     images: ImageFigures,
     builds: BuildFigures,
+    stateful: stateful::StatefulFigures,
 }
 
 /// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
@@ -207,6 +214,7 @@ fn measure(
         base_image_tar: args.base_image_tar.clone(),
         data_dir: data_dir.clone(),
         log: work.join("server.log"),
+        storage_image: work.join("storage.img"),
     })?;
     let client = Client::new(&server.url, &server.key).context("making the nook client")?;
     let mut sandboxes = Sandboxes::default();
@@ -260,6 +268,7 @@ fn measure(
             );
             let images = images::image_transfers(&client, work, &mut sandboxes, interrupt).await?;
             let builds = builds::build_series(&client, args.rebuilds as usize, interrupt).await?;
+            let stateful = stateful::stateful_series(&client, args.resizes as usize, &mut sandboxes, interrupt).await?;
             anyhow::Ok(NookFigures {
                 version,
                 base_layer,
@@ -273,6 +282,7 @@ fn measure(
                 server_memory: MemoryAroundFiles { before, after },
                 images,
                 builds,
+                stateful,
             })
         })?;
         let peers = peers::bench(

@@ -62,7 +62,7 @@ pub struct Sandboxes {
 }
 
 impl Sandboxes {
-    async fn create(&mut self, client: &Client) -> anyhow::Result<String> {
+    pub async fn create(&mut self, client: &Client) -> anyhow::Result<String> {
         let sandbox = client
             .create_sandbox(&CreateSandboxRequest::default())
             .await

@@ -42,6 +42,8 @@ pub struct Report<'a> {
     pub images: &'a ImageFigures,
     /// Dockerfile builds.
     pub builds: &'a BuildFigures,
+    /// Forks, snapshots and resizes.
+    pub stateful: &'a crate::stateful::StatefulFigures,
     /// The peers.
     pub peers: &'a PeerFigures,
 }
@@ -171,6 +173,33 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         out,
         "| the last COPY's file changed (2 of 4 layer steps run) | 1 | {:.2} | – | – | – | – | – |",
         builds.last_copy_changed_ms
+    )?;
+    writeln!(out)?;
+
+    writeln!(out, "## nook forks, snapshots and live resizes (btrfs storage image)\n")?;
+    writeln!(
+        out,
+        "| data the source wrote | fork ×1 ms | source frozen ms | fork ×10 ms | snapshot ms |"
+    )?;
+    writeln!(out, "|---:|---:|---:|---:|---:|")?;
+    for size in &r.stateful.sizes {
+        writeln!(
+            out,
+            "| {} MB | {:.1} | {:.1} | {:.1} | {:.1} |",
+            size.written_mb, size.fork_one_ms, size.frozen_ms, size.fork_ten_ms, size.snapshot_ms
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| measurement | n | p50 ms | p95 ms | p99 ms | mean ms | min ms | max ms |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    row(
+        out,
+        "live resize (CPU and memory, running sandbox)",
+        Some(&r.stateful.resize),
+        None,
     )?;
     writeln!(out)?;
 

@@ -39,6 +39,8 @@ pub struct ServerOptions {
     pub data_dir: PathBuf,
     /// Where the server's stdout and stderr go.
     pub log: PathBuf,
+    /// The btrfs image file the server keeps its runner's data in (`--storage-image`).
+    pub storage_image: PathBuf,
 }
 
 /// A running `nook serve` child process.
@@ -67,6 +69,8 @@ impl NookServer {
             .arg("--data-dir")
             .arg(&options.data_dir)
             .arg("--no-client-config")
+            .arg("--storage-image")
+            .arg(&options.storage_image)
             .env("NOOK_ADMIN_KEY", &key)
             .env("NOOK_AGENT_BINARY", &options.agent)
             .env("NOOK_BASE_IMAGE_TAR", &options.base_image_tar)
