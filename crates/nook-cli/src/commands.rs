@@ -138,6 +138,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             }
             Ok(0)
         }
+        Command::Top(args) => top(client, args.once || args.json, args.json).await,
         Command::Stats(args) => {
             let stats = client.sandbox_stats(&args.sandbox).await?;
             if args.json {
@@ -890,6 +891,106 @@ fn describe(sandbox: &Sandbox) -> String {
         ("updated", sandbox.updated_at.to_rfc3339()),
     ];
     rows.iter().map(|(key, value)| format!("{key:<10} {value}\n")).collect()
+}
+
+/// One row of `nook top`.
+#[derive(serde::Serialize)]
+struct TopRow {
+    id: String,
+    name: String,
+    state: SandboxState,
+    cpu_percent: f64,
+    cpu_limit: f64,
+    memory_used_bytes: u64,
+    memory_limit_bytes: u64,
+    memory_peak_bytes: u64,
+    disk_used_bytes: u64,
+    pids: u64,
+}
+
+/// `nook top`: every running or paused sandbox's usage, CPU as a share of a core over the interval between two
+/// readings.
+async fn top(client: &Client, once: bool, json: bool) -> anyhow::Result<u8> {
+    let interval = std::time::Duration::from_secs(if once { 1 } else { 2 });
+    let mut previous: std::collections::HashMap<String, nook_api::SandboxStats> = Default::default();
+    loop {
+        let live: Vec<Sandbox> = client
+            .list_sandboxes(None, &Default::default())
+            .await?
+            .into_iter()
+            .filter(|sandbox| matches!(sandbox.state, SandboxState::Running | SandboxState::Paused))
+            .collect();
+        let mut readings = Vec::new();
+        for sandbox in live {
+            // A sandbox that stopped between the list and its reading is left out.
+            if let Ok(stats) = client.sandbox_stats(&sandbox.id).await {
+                readings.push((sandbox, stats));
+            }
+        }
+        let ready = !previous.is_empty() || readings.is_empty();
+        if ready {
+            let rows: Vec<TopRow> = readings
+                .iter()
+                .map(|(sandbox, stats)| {
+                    let cpu_percent = previous.get(&sandbox.id).map_or(0.0, |before| {
+                        let wall = (stats.at - before.at).num_nanoseconds().unwrap_or(0).max(1) as f64;
+                        stats.cpu_used_ns.saturating_sub(before.cpu_used_ns) as f64 / wall * 100.0
+                    });
+                    TopRow {
+                        id: sandbox.id.clone(),
+                        name: sandbox.name.clone(),
+                        state: sandbox.state,
+                        cpu_percent,
+                        cpu_limit: stats.cpu_limit,
+                        memory_used_bytes: stats.memory_used_bytes,
+                        memory_limit_bytes: stats.memory_limit_bytes,
+                        memory_peak_bytes: stats.memory_peak_bytes,
+                        disk_used_bytes: stats.disk_used_bytes,
+                        pids: stats.pids,
+                    }
+                })
+                .collect();
+            if json {
+                print_json(&rows)?;
+            } else {
+                let table_rows: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|row| {
+                        vec![
+                            row.name.clone(),
+                            row.state.to_string(),
+                            format!("{:.1}% of {}", row.cpu_percent, row.cpu_limit * 100.0),
+                            format!(
+                                "{} / {}",
+                                table::bytes(row.memory_used_bytes),
+                                table::bytes(row.memory_limit_bytes)
+                            ),
+                            table::bytes(row.memory_peak_bytes),
+                            table::bytes(row.disk_used_bytes),
+                            row.pids.to_string(),
+                        ]
+                    })
+                    .collect();
+                if !once {
+                    // Clear the screen and go home, as top does.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!(
+                    "{}",
+                    table::render(&["NAME", "STATE", "CPU", "MEMORY", "PEAK", "DISK", "PIDS"], &table_rows)
+                );
+                std::io::stdout().flush()?;
+            }
+            if once {
+                return Ok(0);
+            }
+        }
+        previous = readings
+            .into_iter()
+            .map(|(sandbox, stats)| (sandbox.id, stats))
+            .collect();
+        tokio::time::sleep(interval).await;
+    }
 }
 
 fn describe_lifecycle(lifecycle: &nook_api::Lifecycle) -> String {

@@ -67,6 +67,8 @@ enum Command {
     Events(EventsArgs),
     /// Show what a running sandbox uses now: CPU time, memory, processes, disk.
     Stats(InspectArgs),
+    /// Show every running sandbox's CPU, memory, disk and processes, refreshed every 2 s (Ctrl-C ends it).
+    Top(TopArgs),
     /// List a sandbox's background processes (started with `nook exec -d`).
     Ps(InspectArgs),
     /// Show a background process's output (replayed from its buffer); `-f` follows it until it exits.
@@ -250,6 +252,16 @@ struct EventsArgs {
     #[arg(long, short = 'f')]
     follow: bool,
     /// Print JSON (one object per line when following).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct TopArgs {
+    /// Print one reading (CPU over one second) and exit.
+    #[arg(long)]
+    once: bool,
+    /// Print JSON (implies --once).
     #[arg(long)]
     json: bool,
 }

@@ -402,3 +402,61 @@ fn image_build_packs_the_context_without_what_dockerignore_excludes_and_exits_by
     assert_eq!(refused.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not inside the build context"));
 }
+
+#[test]
+fn stateful_verbs_fork_snapshot_resize_lifecycle_events_and_top() {
+    let server = shared_server();
+    let name = format!("cli-state-{}", &common::rand_suffix()[..8]);
+    ok(
+        server,
+        &["create", "--name", &name, "--memory", "256", "--memory-max", "512"],
+    );
+    ok(server, &["exec", &name, "--", "sh", "-c", "echo kept > /kept"]);
+
+    // fork prints the forks' ids, one per line.
+    let fork_name = format!("{name}-f");
+    let forked = ok(server, &["fork", &name, "--name", &fork_name]);
+    assert_eq!(forked.lines().count(), 1, "{forked}");
+    assert_eq!(ok(server, &["exec", &fork_name, "--", "cat", "/kept"]), "kept\n");
+    let fork: Sandbox = serde_json::from_str(&ok(server, &["inspect", &fork_name, "--json"])).unwrap();
+    let source: Sandbox = serde_json::from_str(&ok(server, &["inspect", &name, "--json"])).unwrap();
+    assert_eq!(fork.parent.as_deref(), Some(source.id.as_str()));
+
+    // snapshot prints the image name; the image makes sandboxes with the files.
+    let image_name = format!("{name}-img");
+    assert_eq!(ok(server, &["snapshot", &name, &image_name]).trim(), image_name);
+    let image: Image = serde_json::from_str(&ok(server, &["image", "inspect", &image_name])).unwrap();
+    assert_eq!(image.name, image_name);
+
+    // resize says what changed; nothing to change is a usage error.
+    let resized = nook(server, &["resize", &name, "--cpu", "0.5", "--memory", "384"]);
+    assert!(resized.status.success());
+    let said = String::from_utf8_lossy(&resized.stderr);
+    assert!(said.contains("memory 256 → 384 MiB") && said.contains("cpu"), "{said}");
+    assert!(!nook(server, &["resize", &name]).status.success());
+    let describe = ok(server, &["inspect", &name]);
+    assert!(describe.contains("384 MiB (grows up to 512 MiB)"), "{describe}");
+
+    // lifecycle, then events with the reasons.
+    ok(server, &["lifecycle", &name, "--idle-stop", "3600"]);
+    assert!(ok(server, &["inspect", &name]).contains("stops after 3600 s idle"));
+    let events = ok(server, &["events", &name]);
+    assert!(
+        events.contains("forked") && events.contains("snapshotted") && events.contains("resized"),
+        "{events}"
+    );
+
+    // top --once --json lists the running sandboxes with their figures.
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&ok(server, &["top", "--once", "--json"])).unwrap();
+    let row = rows
+        .iter()
+        .find(|row| row["name"] == name.as_str())
+        .expect("the sandbox in top");
+    assert_eq!(row["memory_limit_bytes"], 384u64 << 20);
+    assert!(row["cpu_percent"].as_f64().is_some());
+    let table = ok(server, &["top", "--once"]);
+    assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
+
+    ok(server, &["rm", &name, &fork_name]);
+    ok(server, &["image", "rm", &image_name]);
+}
