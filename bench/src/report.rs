@@ -524,8 +524,19 @@ mod tests {
                 unchanged: summary(12.0),
                 last_copy_changed_ms: 400.0,
             },
+            stateful: &crate::stateful::StatefulFigures {
+                sizes: vec![crate::stateful::SizeFigures {
+                    written_mb: 200,
+                    fork_one_ms: 45.0,
+                    frozen_ms: 12.5,
+                    fork_ten_ms: 300.0,
+                    snapshot_ms: 700.0,
+                }],
+                resize: summary(1.5),
+            },
             peers: &peers,
         });
+        assert!(text.contains("| 200 MB | 45.0 | 12.5 | 300.0 | 700.0 |"), "{text}");
         assert!(text.contains("| nook create→first exec | 3 | 50.00 |"), "{text}");
         assert!(
             text.contains(
