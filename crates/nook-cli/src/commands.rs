@@ -268,6 +268,12 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             })
             .await
         }
+        Command::Archive(args) => {
+            each(args.sandboxes, args.json, |key| async move {
+                client.archive_sandbox(&key).await
+            })
+            .await
+        }
         Command::Resume(args) => {
             each(args.sandboxes, args.json, |key| async move {
                 client.resume_sandbox(&key).await

@@ -61,6 +61,8 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Make new sandboxes from a sandbox's files as they are now (copy-on-write); the source goes on.
     Fork(ForkArgs),
+    /// Move stopped sandboxes' files to the archive store, freeing local disk (`nook start` brings them back).
+    Archive(TargetsArgs),
     /// Change a sandbox's CPU, memory, process or disk limits, live.
     Resize(ResizeArgs),
     /// Show a sandbox's state changes and events; `-f` follows new ones as they happen.

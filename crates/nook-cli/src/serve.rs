@@ -63,6 +63,9 @@ struct FileConfig {
     base_image_tar: Option<PathBuf>,
     storage_image: Option<PathBuf>,
     storage_size_gb: Option<u64>,
+    /// Archive archived sandboxes' writable layers to S3-compatible storage instead of DATA_DIR/archive
+    /// (`[archive_s3]` with endpoint, bucket, region, access_key_id, secret_access_key; only in the file).
+    archive_s3: Option<nook_runner::archive::S3Config>,
     /// Registry of image references that name none.
     default_registry: Option<String>,
     /// Registry hosts spoken to over plain HTTP (loopback hosts always are).
@@ -149,6 +152,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             default_registry: file.default_registry,
             ca_certificates: file.registry_ca_certificates,
         },
+        archive_s3: file.archive_s3,
     };
     let server = Server::start(config.clone())
         .await

@@ -247,6 +247,12 @@ impl Client {
         .await
     }
 
+    /// Archives a stopped sandbox (its writable layer goes to the archive store).
+    pub async fn archive_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "archive"])))
+            .await
+    }
+
     /// Makes an image from a sandbox's files.
     pub async fn snapshot_sandbox(&self, key: &str, image: &str) -> Result<nook_api::Image, ClientError> {
         let request = nook_api::SnapshotRequest {

@@ -549,35 +549,66 @@ impl Control {
         .expect("forking does not panic")
     }
 
+    /// Moves a stopped sandbox's writable layer to the archive store, freeing its local disk; starting it brings the
+    /// layer back. Archiving an archived sandbox answers it as it is.
+    pub async fn archive(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let sandbox = self.resolve(key).await?;
+        match sandbox.state {
+            SandboxState::Archived => return Ok(sandbox),
+            SandboxState::Stopped => {}
+            other => {
+                return Err(ApiFailure::conflict(format!(
+                    "sandbox {} is {other}; stop it before archiving it",
+                    sandbox.name
+                )))
+            }
+        }
+        let archived = self.runner.archive_sandbox(&sandbox.id).await?;
+        let message = format!(
+            "archived: its writable layer ({:.1} MiB compressed, {}) is in the archive store; start it to bring it back",
+            archived.bytes as f64 / (1 << 20) as f64,
+            archived.sha256
+        );
+        let change = transition(STOPPED, SandboxState::Archived, StateReason::Requested, &message);
+        Ok(self.store.transition(&sandbox.id, change).await?)
+    }
+
     /// Starts a stopped sandbox.
     pub async fn start(&self, key: &str) -> Result<Sandbox, ApiFailure> {
         let sandbox = self.resolve(key).await?;
-        match sandbox.state {
+        let from = match sandbox.state {
             SandboxState::Running => return Ok(sandbox),
-            SandboxState::Stopped => {}
+            SandboxState::Stopped => STOPPED,
+            // Its writable layer comes back from the archive first.
+            SandboxState::Archived => ARCHIVED,
             other => {
                 return Err(ApiFailure::conflict(format!(
                     "sandbox {} is {other} and cannot be started",
                     sandbox.name
                 )))
             }
-        }
+        };
+        let message = if from == ARCHIVED {
+            "restored from its archive and started by a client"
+        } else {
+            "started by a client"
+        };
         // As for a create: to its end and recorded even if the client goes away.
         let (store, runner) = (self.store.clone(), self.runner.clone());
         tokio::spawn(async move {
             match runner.start_sandbox(&sandbox.id).await {
                 Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
-                    let started = transition(
-                        STOPPED,
-                        SandboxState::Running,
-                        StateReason::Requested,
-                        "started by a client",
-                    );
+                    let started = transition(from, SandboxState::Running, StateReason::Requested, message);
                     Ok(store.transition(&sandbox.id, started).await?)
                 }
                 Err(error) => {
                     let message = crate::error::chain(&error);
-                    let failed = transition(STOPPED, SandboxState::Stopped, StateReason::StartFailed, &message);
+                    // A failed restore leaves it archived; once restored, a failed boot leaves it stopped.
+                    let state = match error {
+                        RunnerError::Archive(_) => sandbox.state,
+                        _ => SandboxState::Stopped,
+                    };
+                    let failed = transition(from, state, StateReason::StartFailed, &message);
                     let _ = store.transition(&sandbox.id, failed).await;
                     Err(ApiFailure::from(error))
                 }
@@ -1281,6 +1312,7 @@ const PAUSED: &[SandboxState] = &[SandboxState::Paused];
 /// States in which a sandbox's processes exist (running, or frozen).
 const LIVE: &[SandboxState] = &[SandboxState::Running, SandboxState::Paused];
 const STOPPED: &[SandboxState] = &[SandboxState::Stopped];
+const ARCHIVED: &[SandboxState] = &[SandboxState::Archived];
 
 fn transition(from: &'static [SandboxState], to: SandboxState, reason: StateReason, message: &str) -> Transition {
     Transition {

@@ -116,6 +116,15 @@ impl From<RunnerError> for ApiFailure {
             RunnerError::NotRunning(_) => Self::new(StatusCode::CONFLICT, "not_running", error.to_string()),
             RunnerError::AlreadyRunning(_) => Self::new(StatusCode::CONFLICT, "already_running", error.to_string()),
             RunnerError::Paused(_) => Self::new(StatusCode::CONFLICT, "paused", error.to_string()),
+            RunnerError::Archive(nook_runner::archive::ArchiveError::Corrupt { .. }) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "archive_corrupt", error.to_string())
+            }
+            RunnerError::Archive(nook_runner::archive::ArchiveError::Io { .. }) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "archive_failed", chain(&error))
+            }
+            RunnerError::Archive(nook_runner::archive::ArchiveError::Store { .. }) => {
+                Self::new(StatusCode::BAD_GATEWAY, "archive_store_failed", chain(&error))
+            }
             RunnerError::BelowUsage(message) => Self::new(StatusCode::CONFLICT, "below_usage", message.clone()),
             RunnerError::Storage(nook_runner::storage::StorageError::NoQuotas { .. }) => {
                 Self::new(StatusCode::BAD_REQUEST, "unsupported", error.to_string())

@@ -45,6 +45,9 @@ pub struct ServerConfig {
     pub admin_key: Option<String>,
     /// How the runner reaches image registries (credentials, plain-HTTP hosts, the default registry).
     pub registries: RegistryConfig,
+    /// Where archived sandboxes' writable layers go: S3-compatible storage, or (when `None`) the directory
+    /// `archive` under the data directory.
+    pub archive_s3: Option<nook_runner::archive::S3Config>,
 }
 
 /// Why the server could not start.
@@ -62,6 +65,9 @@ pub enum StartError {
     /// The database failed.
     #[error("cannot open the database")]
     Store(#[from] store::StoreError),
+    /// The archive store cannot be used.
+    #[error("cannot use the archive store")]
+    Archive(#[from] nook_runner::archive::ArchiveError),
     /// The runner failed.
     #[error("cannot start the runner")]
     Runner(#[from] nook_runner::RunnerError),
@@ -112,6 +118,10 @@ impl Server {
             dir: config.data_dir.join("runner"),
             agent_binary: config.agent_binary.clone(),
             registries: config.registries.clone(),
+            archive: match &config.archive_s3 {
+                Some(s3) => nook_runner::archive::ArchiveStore::s3(s3)?,
+                None => nook_runner::archive::ArchiveStore::local(&config.data_dir.join("archive"))?,
+            },
         })
         .await?;
         tracing::info!("{}", runner.describe());

@@ -22,6 +22,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::{broadcast, mpsc};
 
 pub mod agent_client;
+pub mod archive;
 pub mod build;
 pub mod cgroups;
 pub mod container;
@@ -163,6 +164,9 @@ pub enum RunnerError {
     /// A volume operation failed, or the storage cannot do what was asked (a disk quota without btrfs).
     #[error(transparent)]
     Storage(#[from] storage::StorageError),
+    /// Archiving or restoring a writable layer failed.
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
     /// A new limit is below what the sandbox uses now.
     #[error("{0}")]
     BelowUsage(String),
@@ -300,6 +304,9 @@ pub trait Runner: Send + Sync + 'static {
     /// Changes a sandbox's limits; a running or paused sandbox's at once, without a restart. A memory limit or disk
     /// quota below what it uses now is refused with [`RunnerError::BelowUsage`].
     async fn update_resources(&self, id: &str, resources: Resources) -> Result<(), RunnerError>;
+    /// Moves a stopped sandbox's writable layer to the archive store and frees its local disk; starting it brings the
+    /// layer back (hash checked). Archiving an archived sandbox answers what was recorded.
+    async fn archive_sandbox(&self, id: &str) -> Result<archive::ArchivedLayer, RunnerError>;
     /// Stops (if needed) and removes everything of a sandbox. Removing an unknown sandbox succeeds.
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError>;
     /// Runs a process in a running sandbox and streams it.

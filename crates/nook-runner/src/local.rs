@@ -62,6 +62,8 @@ pub struct LocalRunnerConfig {
     pub agent_binary: PathBuf,
     /// How to reach image registries.
     pub registries: RegistryConfig,
+    /// Where archived writable layers go.
+    pub archive: crate::archive::ArchiveStore,
 }
 
 /// A sandbox's record on disk.
@@ -75,6 +77,9 @@ struct SandboxRecord {
     /// settled the safe way when the sandbox is adopted again).
     #[serde(default)]
     paused: bool,
+    /// Where its writable layer is while it is archived (absent: on local disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    archived: Option<crate::archive::ArchivedLayer>,
 }
 
 /// Readings the metering task keeps for a running sandbox.
@@ -106,6 +111,7 @@ struct Inner {
     dir: PathBuf,
     images: Arc<ImageStore>,
     storage: Storage,
+    archive: crate::archive::ArchiveStore,
     registries: Arc<Registries>,
     cgroups: CgroupHost,
     backend: Box<dyn IsolationBackend>,
@@ -154,6 +160,7 @@ impl LocalRunner {
                 dir: config.dir,
                 images,
                 storage,
+                archive: config.archive,
                 registries,
                 cgroups,
                 backend,
@@ -235,6 +242,7 @@ impl LocalRunner {
             image_config,
             init: None,
             paused: false,
+            archived: None,
             spec,
         };
         self.prepare(&record, None)?;
@@ -288,6 +296,70 @@ impl LocalRunner {
             self.remove_sandbox_files(id);
         }
         made
+    }
+
+    /// Removes a stopped sandbox's writable layer and overlayfs work dir from local disk (its volume, or the
+    /// directories of a sandbox made before volumes). Blocking.
+    fn remove_layer_files(&self, id: &str) -> Result<(), RunnerError> {
+        let volume = self.volume_dir(id);
+        let paths = if volume.is_dir() {
+            vec![volume]
+        } else {
+            vec![self.sandbox_dir(id).join("upper"), self.sandbox_dir(id).join("work")]
+        };
+        for path in paths {
+            self.inner.storage.remove_tree(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Brings an archived sandbox's writable layer back into a fresh volume (hash checked), records it local again,
+    /// then removes the archive. On failure the sandbox stays archived and nothing local is left.
+    async fn restore(&self, record: &mut SandboxRecord) -> Result<(), RunnerError> {
+        let id = record.spec.id.clone();
+        let archived = record.archived.clone().expect("called for archived sandboxes");
+        let restoring = self.sandbox_dir(&id).join("fs.restoring");
+        let runner = self.clone();
+        let (id_owned, restoring_owned) = (id.clone(), restoring.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), RunnerError> {
+            // Left by a crash: an earlier attempt, or the local copy an archive had not removed yet.
+            runner.inner.storage.remove_tree(&restoring_owned)?;
+            runner.remove_layer_files(&id_owned)?;
+            runner.inner.storage.create_volume(&restoring_owned)?;
+            for sub in ["upper", "work"] {
+                std::fs::create_dir(restoring_owned.join(sub)).map_err(|source| RunnerError::Io {
+                    action: "creating",
+                    path: restoring_owned.join(sub),
+                    source,
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .expect("preparing does not panic")?;
+        if let Err(error) = self.inner.archive.download(&archived, &restoring.join("upper")).await {
+            let _ = self.inner.storage.remove_tree(&restoring);
+            return Err(error.into());
+        }
+        let volume = self.volume_dir(&id);
+        std::fs::rename(&restoring, &volume).map_err(|source| RunnerError::Io {
+            action: "moving the restored layer into",
+            path: volume.clone(),
+            source,
+        })?;
+        self.inner
+            .storage
+            .set_quota(&volume, record.spec.resources.disk_mb.map(|mb| mb * MIB))?;
+        {
+            let _writing = self.inner.record_writes.lock().expect("record writes");
+            record.archived = None;
+            self.write_record(&id, record)?;
+        }
+        if let Err(error) = self.inner.archive.remove(&archived.key).await {
+            tracing::warn!(sandbox = %id, error = %crate::error_chain(&error), "removing a restored archive failed; it is left in the store");
+        }
+        tracing::info!(sandbox = %id, bytes = archived.bytes, "restored the writable layer from its archive");
+        Ok(())
     }
 
     /// Removes a sandbox's directory and volume (logged, not returned: this is the undo of a failed step).
@@ -1249,7 +1321,10 @@ impl Runner for LocalRunner {
         if self.live(id).is_some() {
             return Err(RunnerError::AlreadyRunning(id.to_string()));
         }
-        let record = self.read_record(id)?;
+        let mut record = self.read_record(id)?;
+        if record.archived.is_some() {
+            self.restore(&mut record).await?;
+        }
         self.boot_and_start(record).await
     }
 
@@ -1325,6 +1400,7 @@ impl Runner for LocalRunner {
                 image_config: source.image_config.clone(),
                 init: None,
                 paused: false,
+                archived: None,
             })
             .collect();
         let runner = self.clone();
@@ -1424,10 +1500,43 @@ impl Runner for LocalRunner {
         self.write_record(id, &record)
     }
 
+    async fn archive_sandbox(&self, id: &str) -> Result<crate::archive::ArchivedLayer, RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        if self.live(id).is_some() {
+            return Err(RunnerError::AlreadyRunning(id.to_string()));
+        }
+        let record = self.read_record(id)?;
+        if let Some(archived) = record.archived {
+            return Ok(archived);
+        }
+        let upper = self.upper_dir(id);
+        let suffix: u64 = rand::random();
+        let key = format!("sandboxes/{id}/{suffix:016x}.tar.zst");
+        let archived = self.inner.archive.upload(&upper, &key).await?;
+        // Recorded before the local copy goes: a crash in between leaves both.
+        {
+            let _writing = self.inner.record_writes.lock().expect("record writes");
+            let mut record = self.read_record(id)?;
+            record.archived = Some(archived.clone());
+            self.write_record(id, &record)?;
+        }
+        let runner = self.clone();
+        let id_owned = id.to_string();
+        tokio::task::spawn_blocking(move || runner.remove_layer_files(&id_owned))
+            .await
+            .expect("removing does not panic")?;
+        tracing::info!(sandbox = %id, key = %archived.key, bytes = archived.bytes, "archived the writable layer");
+        Ok(archived)
+    }
+
     async fn delete_sandbox(&self, id: &str) -> Result<(), RunnerError> {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
         self.stop_locked(id).await?;
+        if let Some(archived) = self.read_record(id).ok().and_then(|record| record.archived) {
+            self.inner.archive.remove(&archived.key).await?;
+        }
         let runner = self.clone();
         let id_owned = id.to_string();
         let dir = self.sandbox_dir(id);

@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::patch(update_resources),
         )
         .route("/v1/sandboxes/{sandbox}/snapshot", post(snapshot_sandbox))
+        .route("/v1/sandboxes/{sandbox}/archive", post(archive_sandbox))
         .route("/v1/sandboxes/{sandbox}/fork", post(fork_sandbox))
         .route("/v1/sandboxes/{sandbox}/events", get(sandbox_events))
         .route("/v1/sandboxes/{sandbox}/events/stream", get(sandbox_event_stream))
@@ -390,6 +391,18 @@ async fn update_resources(
     ApiJson(request): ApiJson<ResourceRequest>,
 ) -> Result<Json<Sandbox>, ApiFailure> {
     Ok(Json(state.control.update_resources(&key, request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/archive", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "Archived: its writable layer is in the archive store (checksummed) and off \
+               local disk; starting it brings the layer back", body = Sandbox),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "Not stopped", body = ApiError),
+              (status = 500, description = "The archive store failed; the sandbox stays stopped with its files", body = ApiError)),
+    security(("bearer" = [])))]
+async fn archive_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.archive(&key).await?))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/snapshot", tag = "sandboxes",
@@ -1306,7 +1319,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
-        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, fork_sandbox, set_deadline, set_lifecycle,
+        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, archive_sandbox, fork_sandbox, set_deadline, set_lifecycle,
         sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,

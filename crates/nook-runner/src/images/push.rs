@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::registry::{Access, Reference, Registries, RegistryError};
-use super::unpack::get_xattr;
+use super::unpack::{get_xattr, user_xattrs};
 use super::{oci, random_suffix, write_atomically, ImageError, ImageStore};
 
 /// How often upload progress is reported per layer, at most.
@@ -84,6 +84,16 @@ pub fn layer_digest(dir: &Path) -> io::Result<(String, u64)> {
     let size = append_tree(&mut builder, dir, Path::new(""), &mut hard_links)?;
     let (_, diff_id, _) = builder.into_inner()?.finish();
     Ok((diff_id, size))
+}
+
+/// Writes the layer directory `dir` (a layer or a writable layer, in overlayfs form) as a tar in OCI form into `out`;
+/// returns the size of its regular files' data.
+pub(crate) fn write_layer_tar(dir: &Path, out: impl Write) -> io::Result<u64> {
+    let mut builder = tar::Builder::new(out);
+    let mut hard_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let size = append_tree(&mut builder, dir, Path::new(""), &mut hard_links)?;
+    builder.into_inner()?.flush()?;
+    Ok(size)
 }
 
 /// Writes the layer directory `dir` as a gzip tar blob into `out`.
@@ -161,8 +171,19 @@ fn append_tree<W: Write>(
                 }
                 hard_links.insert(inode, name.clone());
             }
+            let mut extensions: Vec<(String, Vec<u8>)> = Vec::new();
             if let Some(capability) = get_xattr(&path, "security.capability")? {
-                builder.append_pax_extensions([("SCHILY.xattr.security.capability", capability.as_slice())])?;
+                extensions.push(("SCHILY.xattr.security.capability".into(), capability));
+            }
+            // User metadata (E2B's `user.e2b.*` among it) travels with the file.
+            for name in user_xattrs(&path)? {
+                if let Some(value) = get_xattr(&path, &name)? {
+                    extensions.push((format!("SCHILY.xattr.{name}"), value));
+                }
+            }
+            if !extensions.is_empty() {
+                builder
+                    .append_pax_extensions(extensions.iter().map(|(key, value)| (key.as_str(), value.as_slice())))?;
             }
             let mut header = header_for(&meta, tar::EntryType::Regular);
             header.set_size(meta.len());

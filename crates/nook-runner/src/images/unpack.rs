@@ -518,17 +518,31 @@ pub(crate) fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> 
     let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let name = CString::new(name).map_err(io::Error::other)?;
     let mut value = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and outlive the call; the buffer is valid for its length.
-    let result = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
-    if result >= 0 {
-        value.truncate(result as usize);
-        return Ok(Some(value));
+    loop {
+        // SAFETY: both strings are NUL-terminated and outlive the call; the buffer is valid for its length.
+        let result = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        if result >= 0 {
+            value.truncate(result as usize);
+            return Ok(Some(value));
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::ENODATA) => return Ok(None),
+            // Larger than the buffer: values are at most 64 KiB (XATTR_SIZE_MAX).
+            Some(libc::ERANGE) if value.len() < 64 * 1024 => value.resize(64 * 1024, 0),
+            _ => return Err(error),
+        }
     }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::ENODATA) => Ok(None),
-        _ => Err(error),
-    }
+}
+
+/// Names of the `user.` extended attributes of `path` itself.
+pub(crate) fn user_xattrs(path: &Path) -> io::Result<Vec<String>> {
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    Ok(list_xattrs(&path)?
+        .into_iter()
+        .filter(|name| name.starts_with(b"user."))
+        .filter_map(|name| String::from_utf8(name).ok())
+        .collect())
 }
 
 /// Names of the extended attributes of `path` itself.
