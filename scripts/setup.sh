@@ -45,6 +45,9 @@ E2B_TEST_PACKAGES=(e2b==2.63.0 e2b-code-interpreter==2.11.5 pytest==8.3.5)
 # e2b-code-interpreter 2.8.1, which conflict with the pins above, so it gets a venv of its own (.venv-agents).
 AGENTS_TEST_PACKAGES=("openai-agents[e2b]==0.24.0" e2b==2.31.0 e2b-code-interpreter==2.8.1 pytest==8.3.5)
 
+# The S3 server the archive tests start on loopback (moto's server mode), in a venv of its own (.venv-s3).
+S3_TEST_PACKAGES=("moto[server]==5.2.6")
+
 # The JavaScript SDK tests (tests/e2b-js) pin the e2b npm package in their package-lock.json. It needs Node.js
 # >= 20.18.1 (its "engines"). A host whose node is missing or older (Debian 12's nodejs is 18.x, which cannot even
 # load the package) gets this Node.js from PyPI, whose wheel carries the official node and npm, in .venv-node.
@@ -140,6 +143,7 @@ main() {
     check_toolchain
     ensure_pinned_venv .venv "the E2B SDK compatibility tests" "${E2B_TEST_PACKAGES[@]}"
     ensure_pinned_venv .venv-agents "the OpenAI Agents SDK provider tests" "${AGENTS_TEST_PACKAGES[@]}"
+    ensure_pinned_venv .venv-s3 "the S3 server of the archive tests" "${S3_TEST_PACKAGES[@]}"
     ensure_node
     ensure_js_test_deps
     log "setup done"

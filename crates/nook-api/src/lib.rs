@@ -94,6 +94,8 @@ pub enum StateReason {
     Snapshotted,
     /// Its lifecycle policy stopped it after a time without activity (`lifecycle.idle_stop_s`).
     Idle,
+    /// Its lifecycle policy archived it after it had been stopped for `lifecycle.stopped_archive_s`.
+    AutoArchived,
     /// It reached its memory limit and the limit was raised on its own (within `memory_max_mb`) instead of a process
     /// being killed.
     MemoryGrown,
@@ -115,6 +117,7 @@ impl StateReason {
             Self::Snapshotted => "snapshotted",
             Self::MemoryGrown => "memory_grown",
             Self::Idle => "idle",
+            Self::AutoArchived => "auto_archived",
         }
     }
 
@@ -133,6 +136,7 @@ impl StateReason {
             "snapshotted" => Self::Snapshotted,
             "memory_grown" => Self::MemoryGrown,
             "idle" => Self::Idle,
+            "auto_archived" => Self::AutoArchived,
             _ => return None,
         })
     }
@@ -233,9 +237,13 @@ pub struct Lifecycle {
     /// processes, terminal input, files) and under 1% of a core of CPU used. Absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_stop_s: Option<u64>,
-    /// Delete the sandbox once it has been stopped this many seconds. Absent: never.
+    /// Delete the sandbox once it has been stopped (or archived) this many seconds. Absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_delete_s: Option<u64>,
+    /// Archive the sandbox (its files to the archive store, off local disk) once it has been stopped this many
+    /// seconds. Absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_archive_s: Option<u64>,
 }
 
 /// Body of `PUT /v1/sandboxes/{sandbox}/deadline`: sets, moves or removes a sandbox's deadline.

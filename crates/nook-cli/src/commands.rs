@@ -47,12 +47,14 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 isolation: None,
                 timeout_s: args.timeout,
                 on_deadline: args.on_deadline,
-                lifecycle: (args.idle_stop.is_some() || args.delete_after_stopped.is_some()).then_some(
-                    nook_api::Lifecycle {
-                        idle_stop_s: args.idle_stop,
-                        stopped_delete_s: args.delete_after_stopped,
-                    },
-                ),
+                lifecycle: (args.idle_stop.is_some()
+                    || args.delete_after_stopped.is_some()
+                    || args.archive_after_stopped.is_some())
+                .then_some(nook_api::Lifecycle {
+                    idle_stop_s: args.idle_stop,
+                    stopped_delete_s: args.delete_after_stopped,
+                    stopped_archive_s: args.archive_after_stopped,
+                }),
             };
             let sandbox = client.create_sandbox(&request).await?;
             if args.json {
@@ -281,12 +283,15 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             .await
         }
         Command::Lifecycle(args) => {
-            if args.idle_stop.is_none() && args.delete_after_stopped.is_none() {
-                bail!("say what to set: --idle-stop or --delete-after-stopped (0 turns one off)");
+            if args.idle_stop.is_none() && args.delete_after_stopped.is_none() && args.archive_after_stopped.is_none() {
+                bail!(
+                    "say what to set: --idle-stop, --archive-after-stopped or --delete-after-stopped (0 turns one off)"
+                );
             }
             let request = nook_api::Lifecycle {
                 idle_stop_s: args.idle_stop,
                 stopped_delete_s: args.delete_after_stopped,
+                stopped_archive_s: args.archive_after_stopped,
             };
             let sandbox = client.set_lifecycle(&args.sandbox, &request).await?;
             if args.json {
@@ -1003,6 +1008,9 @@ fn describe_lifecycle(lifecycle: &nook_api::Lifecycle) -> String {
     let mut parts = Vec::new();
     if let Some(idle) = lifecycle.idle_stop_s {
         parts.push(format!("stops after {idle} s idle"));
+    }
+    if let Some(after) = lifecycle.stopped_archive_s {
+        parts.push(format!("archived {after} s after it stops"));
     }
     if let Some(after) = lifecycle.stopped_delete_s {
         parts.push(format!("deleted {after} s after it stops"));

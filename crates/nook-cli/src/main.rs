@@ -135,6 +135,9 @@ struct CreateArgs {
     /// Delete the sandbox once it has been stopped this many seconds.
     #[arg(long)]
     delete_after_stopped: Option<u64>,
+    /// Archive the sandbox (files to the archive store) once it has been stopped this many seconds.
+    #[arg(long)]
+    archive_after_stopped: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -150,6 +153,9 @@ struct LifecycleArgs {
     /// Delete the sandbox once it has been stopped this many seconds (0: never).
     #[arg(long)]
     delete_after_stopped: Option<u64>,
+    /// Archive the sandbox once it has been stopped this many seconds (0: never).
+    #[arg(long)]
+    archive_after_stopped: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     json: bool,

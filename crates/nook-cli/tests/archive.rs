@@ -116,3 +116,87 @@ async fn a_corrupt_archive_is_refused_and_the_sandbox_stays_archived() {
     client.delete_sandbox(&sandbox.id).await.unwrap();
     assert!(!object.exists());
 }
+
+/// moto's S3 server (from `.venv-s3`, which `scripts/setup.sh` makes) on a loopback port of its own; stopped when
+/// dropped.
+struct S3Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl S3Server {
+    async fn start() -> Self {
+        let program = std::env::var("NOOK_MOTO_SERVER")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv-s3/bin/moto_server").to_string());
+        assert!(
+            std::path::Path::new(&program).exists(),
+            "{program} is missing: scripts/setup.sh installs moto's server into .venv-s3"
+        );
+        let port = common::free_port();
+        let child = std::process::Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        common::eventually(
+            "moto's S3 server answers",
+            std::time::Duration::from_secs(30),
+            || async { reqwest::get(&server.url).await.is_ok() },
+        )
+        .await;
+        server
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn archives_go_to_s3_compatible_storage_and_come_back() {
+    let s3 = S3Server::start().await;
+    let http = reqwest::Client::new();
+    let made = http.put(format!("{}/nook-archives", s3.url)).send().await.unwrap();
+    assert!(made.status().is_success(), "{made:?}");
+    let config = format!(
+        "[archive_s3]\nendpoint = \"{}\"\nbucket = \"nook-archives\"\naccess_key_id = \"test\"\n\
+         secret_access_key = \"test\"\n",
+        s3.url
+    );
+    let server = common::TestServer::start_with_config("archive-s3", &config);
+    let client = server.client();
+    let sandbox = create(&client, "to-s3").await;
+    assert_eq!(sh(&client, &sandbox.id, MAKE_TREE).await.exit_code, Some(0));
+    let before = sh(&client, &sandbox.id, MANIFEST).await;
+    client.stop_sandbox(&sandbox.id).await.unwrap();
+    let archived = client.archive_sandbox(&sandbox.id).await.unwrap();
+    assert_eq!(archived.state, SandboxState::Archived);
+    assert!(!server.sandbox_dir(&sandbox.id).join("fs").exists());
+    let listing = || async {
+        http.get(format!("{}/nook-archives?list-type=2", s3.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let listed = listing().await;
+    assert!(listed.contains(&format!("sandboxes/{}/", sandbox.id)), "{listed}");
+    assert!(!server.data_dir.join("archive/sandboxes").join(&sandbox.id).exists());
+
+    client.start_sandbox(&sandbox.id).await.unwrap();
+    let after = sh(&client, &sandbox.id, MANIFEST).await;
+    assert_eq!(after.stdout, before.stdout, "the files came back different from S3");
+    let listed = listing().await;
+    assert!(!listed.contains(&format!("sandboxes/{}/", sandbox.id)), "{listed}");
+    client.delete_sandbox(&sandbox.id).await.unwrap();
+}

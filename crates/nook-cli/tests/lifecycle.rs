@@ -1,6 +1,6 @@
 //! Lifecycle policies: a sandbox stops on its own after a time without activity (API calls working on it, or its
-//! processes using CPU), recorded with the reason `idle`; a sandbox stopped long enough is deleted; policies are set at
-//! create or later, and checked.
+//! processes using CPU), recorded with the reason `idle`; a sandbox stopped long enough is archived, then deleted;
+//! policies are set at create or later, and checked.
 
 mod common;
 
@@ -22,6 +22,7 @@ async fn an_idle_sandbox_stops_on_its_own_and_a_busy_one_does_not() {
         lifecycle: Some(Lifecycle {
             idle_stop_s: Some(2),
             stopped_delete_s: None,
+            stopped_archive_s: None,
         }),
         ..Default::default()
     };
@@ -72,7 +73,7 @@ async fn an_idle_sandbox_stops_on_its_own_and_a_busy_one_does_not() {
 }
 
 #[tokio::test]
-async fn a_sandbox_stopped_long_enough_is_deleted_and_policies_are_checked() {
+async fn a_sandbox_stopped_long_enough_is_archived_then_deleted_and_policies_are_checked() {
     let server = shared_server();
     let client = server.client();
     let sandbox = common::create(&client, "reaped").await;
@@ -82,21 +83,37 @@ async fn a_sandbox_stopped_long_enough_is_deleted_and_policies_are_checked() {
             &sandbox.id,
             &Lifecycle {
                 idle_stop_s: None,
-                stopped_delete_s: Some(2),
+                stopped_delete_s: Some(5),
+                stopped_archive_s: Some(1),
             },
         )
         .await
         .unwrap();
-    assert_eq!(set.lifecycle.stopped_delete_s, Some(2));
+    assert_eq!(set.lifecycle.stopped_delete_s, Some(5));
     // Running, it stays.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(client.sandbox(&sandbox.id).await.unwrap().state, SandboxState::Running);
+    // Stopped: archived a second later, with the reason on record, then deleted with its archive.
     client.stop_sandbox(&sandbox.id).await.unwrap();
-    eventually("the stopped sandbox is deleted", Duration::from_secs(15), || async {
+    eventually("the stopped sandbox is archived", Duration::from_secs(15), || async {
+        client.sandbox(&sandbox.id).await.unwrap().state == SandboxState::Archived
+    })
+    .await;
+    let archived = client.sandbox(&sandbox.id).await.unwrap();
+    assert_eq!(archived.state_reason, StateReason::AutoArchived);
+    assert!(
+        archived.state_message.contains("archived after 1 s stopped"),
+        "{}",
+        archived.state_message
+    );
+    let archive_dir = server.data_dir.join("archive/sandboxes").join(&sandbox.id);
+    assert_eq!(std::fs::read_dir(&archive_dir).unwrap().count(), 1);
+    eventually("the archived sandbox is deleted", Duration::from_secs(20), || async {
         client.sandbox(&sandbox.id).await.is_err()
     })
     .await;
     assert!(!server.sandbox_dir(&sandbox.id).exists());
+    assert_eq!(std::fs::read_dir(&archive_dir).map_or(0, |entries| entries.count()), 0);
 
     // 0 turns a policy off; out-of-range values are refused.
     let other = common::create(&client, "policy").await;
@@ -106,6 +123,7 @@ async fn a_sandbox_stopped_long_enough_is_deleted_and_policies_are_checked() {
             &Lifecycle {
                 idle_stop_s: Some(u64::MAX),
                 stopped_delete_s: None,
+                stopped_archive_s: None,
             },
         )
         .await
@@ -114,11 +132,13 @@ async fn a_sandbox_stopped_long_enough_is_deleted_and_policies_are_checked() {
     let on = Lifecycle {
         idle_stop_s: Some(3600),
         stopped_delete_s: Some(60),
+        stopped_archive_s: None,
     };
     assert_eq!(client.set_lifecycle(&other.id, &on).await.unwrap().lifecycle, on);
     let off = Lifecycle {
         idle_stop_s: Some(0),
         stopped_delete_s: None,
+        stopped_archive_s: None,
     };
     let now = client.set_lifecycle(&other.id, &off).await.unwrap().lifecycle;
     assert_eq!((now.idle_stop_s, now.stopped_delete_s), (None, Some(60)));

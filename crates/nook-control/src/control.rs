@@ -61,6 +61,7 @@ fn check_lifecycle(lifecycle: nook_api::Lifecycle) -> Result<nook_api::Lifecycle
     Ok(nook_api::Lifecycle {
         idle_stop_s: check("idle_stop_s", lifecycle.idle_stop_s)?,
         stopped_delete_s: check("stopped_delete_s", lifecycle.stopped_delete_s)?,
+        stopped_archive_s: check("stopped_archive_s", lifecycle.stopped_archive_s)?,
     })
 }
 
@@ -661,6 +662,7 @@ impl Control {
         let lifecycle = check_lifecycle(nook_api::Lifecycle {
             idle_stop_s: merge(request.idle_stop_s, sandbox.lifecycle.idle_stop_s),
             stopped_delete_s: merge(request.stopped_delete_s, sandbox.lifecycle.stopped_delete_s),
+            stopped_archive_s: merge(request.stopped_archive_s, sandbox.lifecycle.stopped_archive_s),
         })?;
         // The store's change notice re-plans the sandbox's checks.
         Ok(self.store.set_lifecycle(&sandbox.id, lifecycle).await?)
@@ -720,7 +722,12 @@ impl Control {
                     .map_or(sandbox.updated_at, |call| call.max(sandbox.updated_at));
                 last + seconds(idle)
             }),
-            SandboxState::Stopped => sandbox
+            SandboxState::Stopped => [sandbox.lifecycle.stopped_delete_s, sandbox.lifecycle.stopped_archive_s]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|after| sandbox.updated_at + seconds(after)),
+            SandboxState::Archived => sandbox
                 .lifecycle
                 .stopped_delete_s
                 .map(|after| sandbox.updated_at + seconds(after)),
@@ -785,6 +792,38 @@ impl Control {
             }
             (
                 SandboxState::Stopped,
+                nook_api::Lifecycle {
+                    stopped_archive_s: Some(after),
+                    stopped_delete_s,
+                    ..
+                },
+            ) if stopped_delete_s.is_none_or(|delete| after < delete) => {
+                let due = sandbox.updated_at + chrono::Duration::seconds(after.min(MAX_TIMEOUT_S) as i64);
+                if now < due {
+                    self.lifecycles.timer.schedule(id, Some(due));
+                    return;
+                }
+                let archived = match self.runner.archive_sandbox(id).await {
+                    Ok(archived) => archived,
+                    Err(error) => {
+                        tracing::warn!(sandbox = %id, error = %crate::error::chain(&error), "a lifecycle archive failed");
+                        self.lifecycles.timer.schedule(id, Some(now + DEADLINE_RETRY));
+                        return;
+                    }
+                };
+                let message = format!(
+                    "archived after {after} s stopped: its writable layer ({:.1} MiB compressed, {}) is in the \
+                     archive store; start it to bring it back",
+                    archived.bytes as f64 / (1 << 20) as f64,
+                    archived.sha256
+                );
+                let change = transition(STOPPED, SandboxState::Archived, StateReason::AutoArchived, &message);
+                if let Err(error) = self.store.transition(id, change).await {
+                    tracing::warn!(sandbox = %id, error = %crate::error::chain(&error), "recording a lifecycle archive failed");
+                }
+            }
+            (
+                SandboxState::Stopped | SandboxState::Archived,
                 nook_api::Lifecycle {
                     stopped_delete_s: Some(after),
                     ..

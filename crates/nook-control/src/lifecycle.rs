@@ -4,8 +4,10 @@
 //!   activity. Activity is an API call working on it (exec, processes, terminal input, files: everything that goes
 //!   through [`crate::control::Control`]'s running-sandbox check), noted in memory as it happens, or CPU use: a
 //!   sandbox whose processes used 1% of a core or more since the last look is busy even if nobody calls it.
-//! - **Delete once stopped** (`stopped_delete_s`): a sandbox stopped that long (by a client, its deadline, idleness
-//!   or its init exiting) is deleted.
+//! - **Archive once stopped** (`stopped_archive_s`): a sandbox stopped that long has its files moved to the archive
+//!   store (reason `auto_archived`); starting it brings them back.
+//! - **Delete once stopped** (`stopped_delete_s`): a sandbox stopped (or archived) that long (by a client, its
+//!   deadline, idleness or its init exiting) is deleted.
 //!
 //! One timer ([`DeadlineTimer`]) holds each sandbox's next check; the control plane re-plans a sandbox's check
 //! whenever the store says its record changed, so no transition has to remember to. A check re-reads the sandbox and

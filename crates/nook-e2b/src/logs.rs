@@ -72,7 +72,8 @@ fn entry_of(sandbox_id: &str, event: &SandboxEvent) -> LogEntry {
         | StateReason::Forked
         | StateReason::Snapshotted
         | StateReason::MemoryGrown
-        | StateReason::Idle => Level::Info,
+        | StateReason::Idle
+        | StateReason::AutoArchived => Level::Info,
     };
     let mut fields = BTreeMap::from([
         ("sandboxID", sandbox_id.to_string()),

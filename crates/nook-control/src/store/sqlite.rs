@@ -60,6 +60,7 @@ ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER;
 ALTER TABLE sandboxes ADD COLUMN memory_max_mb INTEGER;
 ALTER TABLE sandboxes ADD COLUMN idle_stop_s INTEGER;
 ALTER TABLE sandboxes ADD COLUMN stopped_delete_s INTEGER;
+ALTER TABLE sandboxes ADD COLUMN stopped_archive_s INTEGER;
 ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;
 CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
 "#,
@@ -110,7 +111,7 @@ impl SqliteStore {
 
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
-                               on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s";
+                               on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -138,6 +139,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
     let lifecycle = nook_api::Lifecycle {
         idle_stop_s: row.get(21)?,
         stopped_delete_s: row.get(22)?,
+        stopped_archive_s: row.get(23)?,
     };
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
@@ -220,7 +222,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
                 ),
                 params![
                     sandbox.id,
@@ -246,6 +248,7 @@ impl Store for SqliteStore {
                     sandbox.resources.memory_max_mb,
                     sandbox.lifecycle.idle_stop_s,
                     sandbox.lifecycle.stopped_delete_s,
+                    sandbox.lifecycle.stopped_archive_s,
                 ],
             );
             match inserted {
@@ -401,8 +404,13 @@ impl Store for SqliteStore {
     async fn set_lifecycle(&self, id: &str, lifecycle: nook_api::Lifecycle) -> Result<Sandbox, StoreError> {
         self.with(|connection| {
             let changed = connection.execute(
-                "UPDATE sandboxes SET idle_stop_s = ?2, stopped_delete_s = ?3 WHERE id = ?1",
-                params![id, lifecycle.idle_stop_s, lifecycle.stopped_delete_s],
+                "UPDATE sandboxes SET idle_stop_s = ?2, stopped_delete_s = ?3, stopped_archive_s = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    lifecycle.idle_stop_s,
+                    lifecycle.stopped_delete_s,
+                    lifecycle.stopped_archive_s
+                ],
             )?;
             if changed == 0 {
                 return Err(StoreError::NotFound);
