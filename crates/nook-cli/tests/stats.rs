@@ -135,8 +135,7 @@ async fn metering_reports_peak_average_and_prometheus_metrics() {
     let held = sh(
         &client,
         &sandbox.id,
-        "python3 -c 'b = bytearray(120 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); del b'; \
-         i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+        "python3 -c 'b = bytearray(120 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); del b; sum(range(10**6))'",
     )
     .await;
     assert_eq!(held.exit_code, Some(0), "{held:?}");
@@ -144,7 +143,7 @@ async fn metering_reports_peak_average_and_prometheus_metrics() {
     assert!(stats.memory_peak_bytes >= 120 << 20, "{stats:?}");
     assert!(stats.memory_used_bytes < 60 << 20, "{stats:?}");
     assert!(stats.memory_average_bytes > 0 && stats.memory_average_bytes < stats.memory_peak_bytes);
-    assert!(stats.cpu_used_ns > 100_000_000, "{stats:?}");
+    assert!(stats.cpu_used_ns > 20_000_000, "{stats:?}");
     assert_eq!((stats.network_rx_bytes, stats.network_tx_bytes), (0, 0));
 
     let response = reqwest::Client::new()
@@ -167,7 +166,7 @@ async fn metering_reports_peak_average_and_prometheus_metrics() {
             .parse::<f64>()
             .unwrap()
     };
-    assert!(line("nook_sandbox_cpu_seconds_total") > 0.1);
+    assert!(line("nook_sandbox_cpu_seconds_total") > 0.02);
     assert!(line("nook_sandbox_memory_peak_bytes") >= (120u64 << 20) as f64);
     assert_eq!(line("nook_sandbox_memory_limit_bytes"), (256u64 << 20) as f64);
     assert!(text.contains("# TYPE nook_sandboxes gauge"));
