@@ -179,14 +179,20 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
     writeln!(out, "## nook forks, snapshots and live resizes (btrfs storage image)\n")?;
     writeln!(
         out,
-        "| data the source wrote | fork ×1 ms | source frozen ms | fork ×10 ms | snapshot ms |"
+        "| data the source wrote | fork ×1 ms | source frozen ms | fork ×10 ms | snapshot ms | archive ms | restore + start ms |"
     )?;
-    writeln!(out, "|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|")?;
     for size in &r.stateful.sizes {
         writeln!(
             out,
-            "| {} MB | {:.1} | {:.1} | {:.1} | {:.1} |",
-            size.written_mb, size.fork_one_ms, size.frozen_ms, size.fork_ten_ms, size.snapshot_ms
+            "| {} MB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            size.written_mb,
+            size.fork_one_ms,
+            size.frozen_ms,
+            size.fork_ten_ms,
+            size.snapshot_ms,
+            size.archive_ms,
+            size.restore_start_ms
         )?;
     }
     writeln!(out)?;
@@ -531,12 +537,17 @@ mod tests {
                     frozen_ms: 12.5,
                     fork_ten_ms: 300.0,
                     snapshot_ms: 700.0,
+                    archive_ms: 900.0,
+                    restore_start_ms: 1100.0,
                 }],
                 resize: summary(1.5),
             },
             peers: &peers,
         });
-        assert!(text.contains("| 200 MB | 45.0 | 12.5 | 300.0 | 700.0 |"), "{text}");
+        assert!(
+            text.contains("| 200 MB | 45.0 | 12.5 | 300.0 | 700.0 | 900.0 | 1100.0 |"),
+            "{text}"
+        );
         assert!(text.contains("| nook create→first exec | 3 | 50.00 |"), "{text}");
         assert!(
             text.contains(

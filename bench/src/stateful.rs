@@ -1,5 +1,5 @@
-//! Stateful operations against the data a sandbox wrote: fork (one and ten copies) and snapshot time for 0, 50 and
-//! 200 MB written, how long the source was frozen for each fork, and live resize latency.
+//! Stateful operations against the data a sandbox wrote: fork (one and ten copies), snapshot, archive and restore
+//! time for 0, 50 and 200 MB written, how long the source was frozen for each fork, and live resize latency.
 //!
 //! The bench's server keeps its data on btrfs (`--storage-image`), where forks and snapshots are copy-on-write; each
 //! size gets a fresh source that writes random data (so nothing is deduplicated or compressible) before it is
@@ -31,6 +31,10 @@ pub struct SizeFigures {
     pub fork_ten_ms: f64,
     /// `POST …/snapshot`, until the image was stored (its new layer hashed), in ms.
     pub snapshot_ms: f64,
+    /// `POST …/archive` of the stopped source (to the local archive directory), in ms.
+    pub archive_ms: f64,
+    /// `POST …/start` of the archived source: restored, hash checked, booted, in ms.
+    pub restore_start_ms: f64,
 }
 
 /// Everything this series measured.
@@ -91,6 +95,16 @@ pub async fn stateful_series(
         client.snapshot_sandbox(&source, &image).await.context("snapshotting")?;
         let snapshot_ms = t0.elapsed().as_secs_f64() * 1000.0;
         client.remove_image(&image).await.context("removing the snapshot")?;
+        client
+            .stop_sandbox(&source)
+            .await
+            .context("stopping before the archive")?;
+        let t0 = Instant::now();
+        client.archive_sandbox(&source).await.context("archiving")?;
+        let archive_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let t0 = Instant::now();
+        client.start_sandbox(&source).await.context("restoring and starting")?;
+        let restore_start_ms = t0.elapsed().as_secs_f64() * 1000.0;
         sandboxes.delete(client, &source).await?;
         sizes.push(SizeFigures {
             written_mb,
@@ -98,6 +112,8 @@ pub async fn stateful_series(
             frozen_ms: one.frozen_us as f64 / 1000.0,
             fork_ten_ms,
             snapshot_ms,
+            archive_ms,
+            restore_start_ms,
         });
     }
 
