@@ -288,8 +288,11 @@ impl LocalRunner {
                     }
                 }
             }
-            let quota = record.spec.resources.disk_mb.map(|mb| mb * 1024 * 1024);
-            storage.set_quota(&volume, quota)?;
+            // A new volume (or snapshot) has no limit of its own; quotas are switched on only when one is asked for,
+            // because btrfs accounts every write of the filesystem once they are on.
+            if let Some(mb) = record.spec.resources.disk_mb {
+                storage.set_quota(&volume, Some(mb * MIB))?;
+            }
             self.write_record(id, record)
         })();
         if made.is_err() {
@@ -347,9 +350,9 @@ impl LocalRunner {
             path: volume.clone(),
             source,
         })?;
-        self.inner
-            .storage
-            .set_quota(&volume, record.spec.resources.disk_mb.map(|mb| mb * MIB))?;
+        if let Some(mb) = record.spec.resources.disk_mb {
+            self.inner.storage.set_quota(&volume, Some(mb * MIB))?;
+        }
         {
             let _writing = self.inner.record_writes.lock().expect("record writes");
             record.archived = None;

@@ -283,6 +283,10 @@ impl Storage {
             });
         }
         let volume = open_dir(path)?;
+        if bytes.is_none() && !self.quotas_enabled.load(Ordering::SeqCst) && !quotas_on(&volume) {
+            // No quota to remove: quotas were never switched on.
+            return Ok(());
+        }
         if !self.quotas_enabled.load(Ordering::SeqCst) {
             let mut args = QuotaCtlArgs {
                 cmd: QUOTA_CTL_ENABLE,
@@ -386,6 +390,47 @@ pub fn mount_image(image: &Path, size_bytes: u64, mount_point: &Path) -> Result<
     Ok(())
 }
 
+/// Whether btrfs quotas are on for the filesystem of `volume` (its sysfs entry says so).
+fn quotas_on(volume: &std::fs::File) -> bool {
+    // The filesystem's UUID names its directory under /sys/fs/btrfs; quotas add a `qgroups` directory there.
+    #[repr(C)]
+    struct FsInfoArgs {
+        max_id: u64,
+        num_devices: u64,
+        fsid: [u8; 16],
+        nodesize: u32,
+        sectorsize: u32,
+        clone_alignment: u32,
+        csum_type: u16,
+        csum_size: u16,
+        flags: u64,
+        generation: u64,
+        metadata_uuid: [u8; 16],
+        reserved: [u8; 944],
+    }
+    const _: () = assert!(
+        std::mem::size_of::<FsInfoArgs>() == 1024,
+        "btrfs_ioctl_fs_info_args is 1024 bytes"
+    );
+    const BTRFS_IOC_FS_INFO: u64 = btrfs_ioctl(IOC_READ, 31, std::mem::size_of::<FsInfoArgs>());
+    // SAFETY: all-zero is a valid value of this plain-data struct.
+    let mut args: FsInfoArgs = unsafe { std::mem::zeroed() };
+    // SAFETY: the request number matches the argument type (`btrfs_ioctl_fs_info_args`), which lives across the call.
+    if unsafe { libc::ioctl(volume.as_raw_fd(), BTRFS_IOC_FS_INFO as _, &mut args) } < 0 {
+        return true;
+    }
+    let hex = hex::encode(args.fsid);
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    Path::new("/sys/fs/btrfs").join(uuid).join("qgroups").exists()
+}
+
 /// Whether `path` is the root of a btrfs subvolume (checked without following a symlink).
 pub fn is_subvolume(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
@@ -450,6 +495,7 @@ mod tests {
         assert_eq!(BTRFS_IOC_SNAP_CREATE_V2, 0x5000_9417);
         assert_eq!(BTRFS_IOC_QUOTA_CTL, 0xC010_9428);
         assert_eq!(BTRFS_IOC_QGROUP_LIMIT, 0x8030_942B);
+        assert_eq!(btrfs_ioctl(IOC_READ, 31, 1024), 0x8400_941F);
     }
 
     /// Volumes, clones and removal on whatever filesystem holds the temporary directory (btrfs under
