@@ -970,7 +970,7 @@ async fn top(client: &Client, once: bool, json: bool) -> anyhow::Result<u8> {
                         vec![
                             row.name.clone(),
                             row.state.to_string(),
-                            format!("{:.1}% of {}", row.cpu_percent, row.cpu_limit * 100.0),
+                            format!("{:.1}% / {:.0}%", row.cpu_percent, row.cpu_limit * 100.0),
                             format!(
                                 "{} / {}",
                                 table::bytes(row.memory_used_bytes),
