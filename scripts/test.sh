@@ -9,6 +9,7 @@
 # The tests get, in their environment:
 #   NOOK_AGENT_BINARY    the static agent binary (target/x86_64-unknown-linux-gnu/debug/nook-agent)
 #   NOOK_BASE_IMAGE_TAR  the base image tar
+#   NOOK_MOTO_SERVER     moto's S3 server (.venv-s3/bin/moto_server), which the archive tests start on loopback
 #   TMPDIR               a directory on btrfs (an image file mounted at TEST_STORAGE_DIR), where the tests' servers
 #                        keep their data, as `nook serve --storage-image` keeps a real one's
 set -euo pipefail
@@ -95,6 +96,7 @@ main() {
     agent="$(agent_binary_path debug)"
     ensure_btrfs_mount "$TEST_STORAGE_IMAGE" 64G "$TEST_STORAGE_DIR"
     export TMPDIR="$TEST_STORAGE_DIR"
+    export NOOK_MOTO_SERVER="$root/.venv-s3/bin/moto_server"
 
     run_tests "$agent" "$tar" "$@" || status=$?
     if [[ $status -eq 0 ]]; then

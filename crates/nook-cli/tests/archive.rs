@@ -126,8 +126,11 @@ struct S3Server {
 
 impl S3Server {
     async fn start() -> Self {
-        let program = std::env::var("NOOK_MOTO_SERVER")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv-s3/bin/moto_server").to_string());
+        // Set by scripts/test.sh; otherwise found from the package directory cargo runs tests in.
+        let program = std::env::var("NOOK_MOTO_SERVER").unwrap_or_else(|_| {
+            let dir = std::env::current_dir().expect("a working directory");
+            dir.join("../../.venv-s3/bin/moto_server").display().to_string()
+        });
         assert!(
             std::path::Path::new(&program).exists(),
             "{program} is missing: scripts/setup.sh installs moto's server into .venv-s3"
