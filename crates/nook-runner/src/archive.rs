@@ -170,7 +170,7 @@ impl ArchiveStore {
         let upload = self.store.put_multipart(&location).await.map_err(self.failed())?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         // Packed and compressed on a blocking thread, handed over in chunks; the hash covers exactly the bytes sent.
-        let (sender, mut chunks) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let (sender, mut chunks) = tokio::sync::mpsc::channel::<Bytes>(4);
         let upper = upper.to_path_buf();
         let packer = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
             let out = HashingChannel {
@@ -187,22 +187,11 @@ impl ArchiveStore {
         });
         let mut failure = None;
         while let Some(chunk) = chunks.recv().await {
-            match chunk {
-                Ok(chunk) => {
-                    if let Err(error) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                        failure = Some(self.failed()(error));
-                        break;
-                    }
-                    writer.write(&chunk);
-                }
-                Err(source) => {
-                    failure = Some(ArchiveError::Io {
-                        action: "packing",
-                        source,
-                    });
-                    break;
-                }
+            if let Err(error) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                failure = Some(self.failed()(error));
+                break;
             }
+            writer.write(&chunk);
         }
         drop(chunks);
         let packed = packer.await.expect("packing does not panic");
@@ -278,7 +267,7 @@ impl ArchiveStore {
 
 /// Hands what is written to an async reader in chunks of about a MiB, hashing it on the way.
 struct HashingChannel {
-    sender: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    sender: tokio::sync::mpsc::Sender<Bytes>,
     hasher: Sha256,
     count: u64,
     buffer: Vec<u8>,
@@ -301,7 +290,7 @@ impl std::io::Write for HashingChannel {
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(1 << 20)));
         self.sender
-            .blocking_send(Ok(chunk))
+            .blocking_send(chunk)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
     }
 }

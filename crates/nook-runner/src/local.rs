@@ -819,15 +819,7 @@ impl LocalRunner {
                 ticks.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let runner = LocalRunner { inner };
-                let live: Vec<(String, Arc<Live>)> = runner
-                    .inner
-                    .live
-                    .lock()
-                    .expect("live map")
-                    .iter()
-                    .filter(|(id, _)| !id.starts_with(BUILD_SANDBOX_PREFIX))
-                    .map(|(id, live)| (id.clone(), live.clone()))
-                    .collect();
+                let live = runner.client_sandboxes();
                 let measure_disk = tick % DISK_EVERY == 0;
                 let _ = tokio::task::spawn_blocking(move || {
                     for (id, live) in live {
@@ -1085,6 +1077,18 @@ impl LocalRunner {
             }
         }
         Ok((result?, frozen))
+    }
+
+    /// The live sandboxes clients made (build steps left out).
+    fn client_sandboxes(&self) -> Vec<(String, Arc<Live>)> {
+        self.inner
+            .live
+            .lock()
+            .expect("live map")
+            .iter()
+            .filter(|(id, _)| !id.starts_with(BUILD_SANDBOX_PREFIX))
+            .map(|(id, live)| (id.clone(), live.clone()))
+            .collect()
     }
 
     fn live(&self, id: &str) -> Option<Arc<Live>> {
@@ -1717,15 +1721,7 @@ impl Runner for LocalRunner {
     }
 
     async fn meters(&self) -> Vec<(String, nook_api::SandboxStats)> {
-        let live: Vec<(String, Arc<Live>)> = self
-            .inner
-            .live
-            .lock()
-            .expect("live map")
-            .iter()
-            .filter(|(id, _)| !id.starts_with(BUILD_SANDBOX_PREFIX))
-            .map(|(id, live)| (id.clone(), live.clone()))
-            .collect();
+        let live = self.client_sandboxes();
         let runner = self.clone();
         tokio::task::spawn_blocking(move || {
             live.into_iter()

@@ -160,19 +160,7 @@ impl Storage {
         if !self.btrfs {
             return std::fs::create_dir(path).map_err(io_error("creating", path));
         }
-        let (parent, name) = split(path)?;
-        let mut args = VolArgs {
-            fd: 0,
-            name: [0; VOL_NAME_MAX + 1],
-        };
-        copy_name(&mut args.name, name, path)?;
-        let parent_dir = open_dir(parent)?;
-        // SAFETY: the request number matches the argument type (`btrfs_ioctl_vol_args`), which lives across the call.
-        let result = unsafe { libc::ioctl(parent_dir.as_raw_fd(), BTRFS_IOC_SUBVOL_CREATE as _, &mut args) };
-        if result < 0 {
-            return Err(io_error("creating the subvolume", path)(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        subvolume_call(path, BTRFS_IOC_SUBVOL_CREATE, "creating the subvolume")
     }
 
     /// Makes `target` (which must not exist) a copy of the volume `source`: a writable copy-on-write snapshot on
@@ -251,19 +239,7 @@ impl Storage {
     }
 
     fn destroy_subvolume(&self, path: &Path) -> Result<(), StorageError> {
-        let (parent, name) = split(path)?;
-        let mut args = VolArgs {
-            fd: 0,
-            name: [0; VOL_NAME_MAX + 1],
-        };
-        copy_name(&mut args.name, name, path)?;
-        let parent_dir = open_dir(parent)?;
-        // SAFETY: the request number matches the argument type (`btrfs_ioctl_vol_args`), which lives across the call.
-        let result = unsafe { libc::ioctl(parent_dir.as_raw_fd(), BTRFS_IOC_SNAP_DESTROY as _, &mut args) };
-        if result < 0 {
-            return Err(io_error("removing the subvolume", path)(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        subvolume_call(path, BTRFS_IOC_SNAP_DESTROY, "removing the subvolume")
     }
 
     /// Limits what the volume at `path` may hold to `bytes` (`None`: no limit). Writes beyond it fail with `EDQUOT`
@@ -452,6 +428,22 @@ fn filesystem_name(dir: &Path) -> String {
         })
         .max_by_key(|(length, _)| *length)
         .map_or_else(|| "an unknown filesystem".to_string(), |(_, kind)| kind)
+}
+
+/// An ioctl that takes a `btrfs_ioctl_vol_args` naming `path` in its parent directory (create, destroy).
+fn subvolume_call(path: &Path, request: u64, action: &'static str) -> Result<(), StorageError> {
+    let (parent, name) = split(path)?;
+    let mut args = VolArgs {
+        fd: 0,
+        name: [0; VOL_NAME_MAX + 1],
+    };
+    copy_name(&mut args.name, name, path)?;
+    let parent_dir = open_dir(parent)?;
+    // SAFETY: both requests passed here take a `btrfs_ioctl_vol_args`, which lives across the call.
+    if unsafe { libc::ioctl(parent_dir.as_raw_fd(), request as _, &mut args) } < 0 {
+        return Err(io_error(action, path)(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn split(path: &Path) -> Result<(&Path, &std::ffi::OsStr), StorageError> {
