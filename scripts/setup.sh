@@ -18,6 +18,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #   docker-registry              the registry the pull tests start on loopback (CNCF distribution)
 #   openssl                      the test CA and certificate of the HTTPS registry in the pull tests
 #   btrfs-progs                  mkfs.btrfs for the storage image (copy-on-write forks and snapshots, disk quotas)
+#   nftables                     nft, which loads the sandboxes' egress rules into the kernel
 NOOK_PACKAGES=(
     mmdebstrap
     iproute2
@@ -36,6 +37,7 @@ NOOK_PACKAGES=(
     docker-registry
     openssl
     btrfs-progs
+    nftables
 )
 
 # The official E2B SDK the compatibility tests drive, pinned so that a new release cannot change a test run.

@@ -36,6 +36,9 @@ pub struct BootSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// Generated `/etc/hosts` to bind-mount over the image's, if any.
     pub hosts_file: Option<PathBuf>,
+    /// Generated `/etc/resolv.conf` (naming the runner's resolver) to bind-mount over the image's, if any.
+    #[serde(default)]
+    pub resolv_conf: Option<PathBuf>,
     /// Set `no_new_privs`, so that setuid binaries cannot raise privileges.
     pub no_new_privs: bool,
 }

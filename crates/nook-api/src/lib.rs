@@ -12,6 +12,9 @@ use utoipa::ToSchema;
 
 pub mod limits;
 pub mod names;
+pub mod network;
+
+pub use network::{EgressAction, EgressMode, EgressRule, NetworkPolicy};
 
 /// The lifecycle state of a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -88,6 +91,8 @@ pub enum StateReason {
     DeadlinePassed,
     /// Its limits (CPU, memory, processes, disk) were changed; the message says from what to what.
     Resized,
+    /// A client changed its network policy.
+    NetworkChanged,
     /// It was made as a fork of another sandbox (named in the message and in `parent`).
     Forked,
     /// A snapshot of its files was taken (the image is named in the message).
@@ -113,6 +118,7 @@ impl StateReason {
             Self::LostOnRestart => "lost_on_restart",
             Self::DeadlinePassed => "deadline_passed",
             Self::Resized => "resized",
+            Self::NetworkChanged => "network_changed",
             Self::Forked => "forked",
             Self::Snapshotted => "snapshotted",
             Self::MemoryGrown => "memory_grown",
@@ -132,6 +138,7 @@ impl StateReason {
             "lost_on_restart" => Self::LostOnRestart,
             "deadline_passed" => Self::DeadlinePassed,
             "resized" => Self::Resized,
+            "network_changed" => Self::NetworkChanged,
             "forked" => Self::Forked,
             "snapshotted" => Self::Snapshotted,
             "memory_grown" => Self::MemoryGrown,
@@ -290,6 +297,9 @@ pub struct CreateSandboxRequest {
     /// What the sandbox does on its own as time passes (idle stop, delete once stopped); nothing when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    /// What the sandbox may reach on the network (any public address when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
 }
 
 /// A sandbox as the API reports it.
@@ -332,6 +342,12 @@ pub struct Sandbox {
     /// The sandbox this one was forked from, if it is a fork.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// What it may reach on the network.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    /// Its IPv4 address while it runs with a network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// When the sandbox was created.
     pub created_at: DateTime<Utc>,
     /// When the sandbox last changed state.

@@ -55,6 +55,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                     stopped_delete_s: args.delete_after_stopped,
                     stopped_archive_s: args.archive_after_stopped,
                 }),
+                network: args.egress.given().then(|| args.egress.policy()).transpose()?,
             };
             let sandbox = client.create_sandbox(&request).await?;
             if args.json {
@@ -298,6 +299,16 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 print_json(&sandbox)?;
             } else {
                 eprintln!("{}: {}", sandbox.name, describe_lifecycle(&sandbox.lifecycle));
+            }
+            Ok(0)
+        }
+        Command::Network(args) => {
+            let sandbox = client.set_network(&args.sandbox, &args.egress.policy()?).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                let address = sandbox.address.as_deref().unwrap_or("no address");
+                eprintln!("{} ({address}): {}", sandbox.name, sandbox.network.summary());
             }
             Ok(0)
         }

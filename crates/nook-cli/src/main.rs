@@ -45,6 +45,8 @@ enum Command {
     Deadline(DeadlineArgs),
     /// Set what a sandbox does on its own: stop when idle, delete once stopped for a while.
     Lifecycle(LifecycleArgs),
+    /// Replace a sandbox's network policy, in force at once (no flags: any public address).
+    Network(NetworkArgs),
     /// Stop sandboxes (files are kept).
     Stop(TargetsArgs),
     /// Start stopped sandboxes.
@@ -138,6 +140,86 @@ struct CreateArgs {
     /// Archive the sandbox (files to the archive store) once it has been stopped this many seconds.
     #[arg(long)]
     archive_after_stopped: Option<u64>,
+    #[command(flatten)]
+    egress: EgressArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A network policy on the command line.
+#[derive(Debug, Clone, clap::Args)]
+struct EgressArgs {
+    /// No network at all: only loopback.
+    #[arg(long, conflicts_with_all = ["allow", "deny", "default_deny"])]
+    no_network: bool,
+    /// Allow `TO[:PORT,...]`: an IPv4 address or CIDR block, a domain or `*.domain` (repeatable). Private and
+    /// link-local blocks open only to a rule inside them.
+    #[arg(long, value_name = "TO[:PORTS]")]
+    allow: Vec<String>,
+    /// Deny `TO[:PORT,...]` (repeatable); deny rules come before allow rules.
+    #[arg(long, value_name = "TO[:PORTS]")]
+    deny: Vec<String>,
+    /// Refuse whatever no --allow names (without it, any public address is allowed after the deny rules).
+    #[arg(long)]
+    default_deny: bool,
+}
+
+impl EgressArgs {
+    /// Whether any network flag was given.
+    fn given(&self) -> bool {
+        self.no_network || self.default_deny || !self.allow.is_empty() || !self.deny.is_empty()
+    }
+
+    /// The policy the flags describe.
+    fn policy(&self) -> anyhow::Result<nook_api::NetworkPolicy> {
+        use nook_api::{EgressAction, EgressMode, EgressRule, NetworkPolicy};
+        if self.no_network {
+            return Ok(NetworkPolicy::none());
+        }
+        let rule = |action: EgressAction, text: &String| -> anyhow::Result<EgressRule> {
+            let (to, ports) = match text.split_once(':') {
+                Some((to, ports)) => (
+                    to,
+                    ports
+                        .split(',')
+                        .map(|port| port.trim().parse::<u16>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| anyhow::anyhow!("{text:?}: ports are numbers separated by commas"))?,
+                ),
+                None => (text.as_str(), Vec::new()),
+            };
+            Ok(EgressRule {
+                action,
+                to: to.to_string(),
+                ports,
+            })
+        };
+        let mut rules = Vec::new();
+        for text in &self.deny {
+            rules.push(rule(EgressAction::Deny, text)?);
+        }
+        for text in &self.allow {
+            rules.push(rule(EgressAction::Allow, text)?);
+        }
+        Ok(NetworkPolicy {
+            egress: if self.default_deny {
+                EgressMode::Rules
+            } else {
+                EgressMode::AllowAll
+            },
+            rules,
+            default: None,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct NetworkArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    #[command(flatten)]
+    egress: EgressArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use nook_control::{RegistryConfig, RegistryCredentials};
 use nook_control::{Server, ServerConfig};
+use nook_runner::network::{NetworkConfig, Subnet};
 use serde::Deserialize;
 
 use crate::client_config::{self, ClientConfig};
@@ -42,10 +43,18 @@ pub struct ServeArgs {
     /// Size of a new storage image, in GiB (sparse: disk is used as data is written) [default: 64].
     #[arg(long, env = "NOOK_STORAGE_SIZE_GB")]
     storage_size_gb: Option<u64>,
+    /// The block sandboxes get their addresses from; its first address is their gateway and resolver
+    /// [default: 10.89.0.0/16].
+    #[arg(long, env = "NOOK_NETWORK_SUBNET")]
+    network_subnet: Option<String>,
+    /// Give sandboxes no network at all (loopback only), and touch neither nftables nor forwarding.
+    #[arg(long)]
+    no_network: bool,
     /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar,
-    /// storage_image, storage_size_gb), and the
-    /// registry settings: default_registry, insecure_registries, registry_ca_certificates, [[registry_credentials]]
-    /// host/username/password.
+    /// storage_image, storage_size_gb), the registry settings: default_registry, insecure_registries,
+    /// registry_ca_certificates, [[registry_credentials]] host/username/password; and `[network]` with subnet,
+    /// upstream_dns (resolvers the sandboxes' resolver asks; the host's by default) and `[network.dns_records]`
+    /// (names the resolver answers itself: `"db.internal" = ["10.0.0.5"]`).
     #[arg(long, env = "NOOK_CONFIG")]
     config: Option<PathBuf>,
     /// Do not write the client config file for the local user.
@@ -77,6 +86,54 @@ struct FileConfig {
     /// PEM files of CA certificates to trust for registries, besides the system's.
     #[serde(default)]
     registry_ca_certificates: Vec<PathBuf>,
+    /// Sandbox networking.
+    #[serde(default)]
+    network: FileNetworkConfig,
+}
+
+/// The config file's `[network]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNetworkConfig {
+    /// As `--network-subnet`.
+    subnet: Option<String>,
+    /// Resolvers asked for names the runner does not answer itself (`"192.0.2.53:53"` or an address).
+    upstream_dns: Option<Vec<String>>,
+    /// Names answered by the runner's resolver itself.
+    #[serde(default)]
+    dns_records: std::collections::BTreeMap<String, Vec<std::net::Ipv4Addr>>,
+}
+
+/// The network configuration from the flags and the file.
+fn network_config(
+    no_network: bool,
+    subnet: Option<String>,
+    file: FileNetworkConfig,
+) -> anyhow::Result<Option<NetworkConfig>> {
+    if no_network {
+        return Ok(None);
+    }
+    let mut config = NetworkConfig::with_defaults();
+    if let Some(subnet) = subnet.as_ref().or(file.subnet.as_ref()) {
+        config.subnet = Subnet::parse(subnet).map_err(|why| anyhow::anyhow!("network subnet {subnet}: {why}"))?;
+    }
+    if let Some(servers) = file.upstream_dns {
+        config.upstream_dns = servers
+            .iter()
+            .map(|server| {
+                server
+                    .parse::<SocketAddr>()
+                    .or_else(|_| {
+                        server
+                            .parse::<std::net::IpAddr>()
+                            .map(|address| SocketAddr::new(address, 53))
+                    })
+                    .with_context(|| format!("network.upstream_dns: {server:?} is not an address"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    config.dns_records = file.dns_records;
+    Ok(Some(config))
 }
 
 fn read_file_config(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
@@ -140,6 +197,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             .context("nook serve could not prepare its storage image")?;
     }
     let admin_key = std::env::var("NOOK_ADMIN_KEY").ok().filter(|key| !key.is_empty());
+    let network = network_config(args.no_network, args.network_subnet, file.network)?;
     let config = ServerConfig {
         listen,
         data_dir,
@@ -153,6 +211,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             ca_certificates: file.registry_ca_certificates,
         },
         archive_s3: file.archive_s3,
+        network,
     };
     let server = Server::start(config.clone())
         .await

@@ -228,6 +228,15 @@ impl Client {
         .await
     }
 
+    /// Replaces a sandbox's network policy (in force at once for a running sandbox).
+    pub async fn set_network(&self, key: &str, policy: &nook_api::NetworkPolicy) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::PUT, self.url_for(&["v1", "sandboxes", key, "network"]))
+                .json(policy),
+        )
+        .await
+    }
+
     /// Pauses a running sandbox (its processes frozen where they are).
     pub async fn pause_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "pause"])))

@@ -156,6 +156,9 @@ impl Control {
             check_value("label", key, value)?;
         }
         check_env(&request.env)?;
+        if let Some(policy) = &request.network {
+            policy.check().map_err(ApiFailure::invalid)?;
+        }
         let wanted = request.resources.clone().unwrap_or_default();
         let resources = Resources {
             cpu: wanted.cpu.unwrap_or(DEFAULT_CPU.min(self.host_cpus)),
@@ -235,6 +238,8 @@ impl Control {
             on_deadline: request.on_deadline.unwrap_or_default(),
             lifecycle: check_lifecycle(request.lifecycle.unwrap_or_default())?,
             parent: None,
+            network: request.network.clone().unwrap_or_default(),
+            address: None,
             created_at: now,
             updated_at: now,
         };
@@ -246,11 +251,12 @@ impl Control {
             image: image_name,
             resources,
             env: request.env,
+            network: sandbox.network.clone(),
         };
         // The runner's part and its record run to their end in a task of their own, so that a client that goes away
         // mid-create (a template's readiness check can take a while) leaves no sandbox stuck in `creating`.
         let (store, runner) = (self.store.clone(), self.runner.clone());
-        tokio::spawn(async move {
+        let sandbox = tokio::spawn(async move {
             match runner.create_sandbox(spec).await {
                 Ok(()) => {
                     let started = transition(CREATING, SandboxState::Running, StateReason::Requested, "started");
@@ -275,7 +281,8 @@ impl Control {
             }
         })
         .await
-        .expect("creating a sandbox does not panic")
+        .expect("creating a sandbox does not panic")?;
+        Ok(self.with_address(sandbox).await)
     }
 
     /// Finds a sandbox by id or name.
@@ -289,17 +296,34 @@ impl Control {
                 "{key:?} is neither a sandbox id nor a valid sandbox name"
             )));
         };
-        found.ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))
+        let sandbox = found.ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))?;
+        Ok(self.with_address(sandbox).await)
+    }
+
+    /// The sandbox with its address filled in while it has one (an in-memory lookup on the runner).
+    async fn with_address(&self, mut sandbox: Sandbox) -> Sandbox {
+        if matches!(sandbox.state, SandboxState::Running | SandboxState::Paused) {
+            sandbox.address = self
+                .runner
+                .address(&sandbox.id)
+                .await
+                .map(|address| address.to_string());
+        }
+        sandbox
     }
 
     /// Lists sandboxes matching a filter.
     pub async fn list(&self, filter: &SandboxFilter) -> Result<Vec<Sandbox>, ApiFailure> {
         let all = self.store.sandboxes().await?;
-        Ok(all
+        let mut listed = Vec::new();
+        for sandbox in all
             .into_iter()
             .filter(|sandbox| filter.state.is_none_or(|state| sandbox.state == state))
             .filter(|sandbox| filter.labels.iter().all(|(k, v)| sandbox.labels.get(k) == Some(v)))
-            .collect())
+        {
+            listed.push(self.with_address(sandbox).await);
+        }
+        Ok(listed)
     }
 
     /// Stops a running sandbox; its files stay.
@@ -415,6 +439,35 @@ impl Control {
             .await?)
     }
 
+    /// Sets a sandbox's network policy: a running or paused sandbox's is in force at once (a switch to or from
+    /// `none` removes or adds its interface); a stopped one's at its next start.
+    pub async fn set_network(&self, key: &str, policy: nook_api::NetworkPolicy) -> Result<Sandbox, ApiFailure> {
+        policy.check().map_err(ApiFailure::invalid)?;
+        let sandbox = self.resolve(key).await?;
+        if !matches!(
+            sandbox.state,
+            SandboxState::Running | SandboxState::Paused | SandboxState::Stopped | SandboxState::Archived
+        ) {
+            return Err(ApiFailure::conflict(format!(
+                "sandbox {} is {}; its network policy cannot change now",
+                sandbox.name, sandbox.state
+            )));
+        }
+        if policy == sandbox.network {
+            return Ok(sandbox);
+        }
+        if sandbox.state != SandboxState::Archived {
+            self.runner.update_network(&sandbox.id, policy.clone()).await?;
+        }
+        self.store.set_network(&sandbox.id, &policy).await?;
+        let message = format!("network policy: {}", policy.summary());
+        let updated = self
+            .store
+            .note(&sandbox.id, StateReason::NetworkChanged, &message, None)
+            .await?;
+        Ok(self.with_address(updated).await)
+    }
+
     /// Makes image `request.image` from a sandbox's files (a running one is frozen for the moment of the capture).
     pub async fn snapshot(&self, key: &str, request: nook_api::SnapshotRequest) -> Result<nook_api::Image, ApiFailure> {
         check_image_name(&request.image).map_err(ApiFailure::invalid)?;
@@ -495,6 +548,8 @@ impl Control {
                 on_deadline: DeadlineAction::default(),
                 lifecycle: source.lifecycle,
                 parent: Some(source.id.clone()),
+                network: source.network.clone(),
+                address: None,
                 created_at: now,
                 updated_at: now,
             };
@@ -515,6 +570,7 @@ impl Control {
                 image: fork.image.clone(),
                 resources: fork.resources,
                 env: fork.env.clone(),
+                network: fork.network.clone(),
             })
             .collect();
         // To its end and recorded even if the client goes away, as for a create.
@@ -596,7 +652,7 @@ impl Control {
         };
         // As for a create: to its end and recorded even if the client goes away.
         let (store, runner) = (self.store.clone(), self.runner.clone());
-        tokio::spawn(async move {
+        let sandbox = tokio::spawn(async move {
             match runner.start_sandbox(&sandbox.id).await {
                 Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
                     let started = transition(from, SandboxState::Running, StateReason::Requested, message);
@@ -616,7 +672,8 @@ impl Control {
             }
         })
         .await
-        .expect("starting a sandbox does not panic")
+        .expect("starting a sandbox does not panic")?;
+        Ok(self.with_address(sandbox).await)
     }
 
     /// Deletes a sandbox and all its files, whatever its state (except while it is still being created).

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     /// Where archived sandboxes' writable layers go: S3-compatible storage, or (when `None`) the directory
     /// `archive` under the data directory.
     pub archive_s3: Option<nook_runner::archive::S3Config>,
+    /// How sandboxes are networked; `None`: loopback only.
+    pub network: Option<nook_runner::network::NetworkConfig>,
 }
 
 /// Why the server could not start.
@@ -122,6 +124,7 @@ impl Server {
                 Some(s3) => nook_runner::archive::ArchiveStore::s3(s3)?,
                 None => nook_runner::archive::ArchiveStore::local(&config.data_dir.join("archive"))?,
             },
+            network: config.network.clone(),
         })
         .await?;
         tracing::info!("{}", runner.describe());

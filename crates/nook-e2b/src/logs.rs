@@ -69,6 +69,7 @@ fn entry_of(sandbox_id: &str, event: &SandboxEvent) -> LogEntry {
         StateReason::Requested
         | StateReason::DeadlinePassed
         | StateReason::Resized
+        | StateReason::NetworkChanged
         | StateReason::Forked
         | StateReason::Snapshotted
         | StateReason::MemoryGrown

@@ -127,9 +127,54 @@ struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
     #[serde(default, rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
+    /// Egress lists.
+    #[serde(default)]
+    network: Option<E2bNetwork>,
     /// Pause instead of kill when the timeout passes (the OpenAI Agents SDK's provider asks for it by default).
     #[serde(default)]
     auto_pause: Option<bool>,
+}
+
+/// E2B's network settings that nook enforces.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct E2bNetwork {
+    /// Destinations (addresses, blocks, domains) allowed; they win over the denied ones.
+    #[serde(default)]
+    allow_out: Vec<String>,
+    /// Addresses and blocks denied.
+    #[serde(default)]
+    deny_out: Vec<String>,
+}
+
+/// The nook policy for E2B's settings: the allowed destinations first (they take precedence), then the denied
+/// ones, then everything denied if internet access is off; any public address otherwise.
+fn network_policy(internet: Option<bool>, network: Option<E2bNetwork>) -> Option<nook_api::NetworkPolicy> {
+    use nook_api::{EgressAction, EgressMode, EgressRule, NetworkPolicy};
+    let network = network.unwrap_or_default();
+    let internet = internet.unwrap_or(true);
+    if internet && network.allow_out.is_empty() && network.deny_out.is_empty() {
+        return None;
+    }
+    let rule = |action, to: &String| EgressRule {
+        action,
+        to: to.clone(),
+        ports: Vec::new(),
+    };
+    let mut rules: Vec<EgressRule> = network
+        .allow_out
+        .iter()
+        .map(|to| rule(EgressAction::Allow, to))
+        .collect();
+    rules.extend(network.deny_out.iter().map(|to| rule(EgressAction::Deny, to)));
+    if !internet {
+        rules.push(rule(EgressAction::Deny, &"0.0.0.0/0".to_string()));
+    }
+    Some(NetworkPolicy {
+        egress: EgressMode::AllowAll,
+        rules,
+        default: None,
+    })
 }
 
 /// The E2B view of a sandbox: the fields every SDK generation requires, and the detail fields.
@@ -213,9 +258,7 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
         Ok(timeout) => timeout,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    if request.allow_internet_access == Some(true) {
-        tracing::debug!("allow_internet_access requested; nook sandboxes have no network egress yet");
-    }
+    let network = network_policy(request.allow_internet_access, request.network);
     // The code-interpreter SDKs ask for their own template; nook's base image carries what it needs.
     let interpreter = crate::interpreter::TEMPLATES.contains(&request.template_id.as_str());
     let image = if interpreter {
@@ -233,6 +276,7 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
         } else {
             DeadlineAction::Delete
         }),
+        network,
         ..Default::default()
     };
     match e2b.control.create(create).await {

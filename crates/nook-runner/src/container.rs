@@ -45,6 +45,8 @@ pub struct BootRequest {
     pub cgroup_procs: Vec<PathBuf>,
     /// Generated `/etc/hosts`.
     pub hosts_file: Option<PathBuf>,
+    /// Generated `/etc/resolv.conf`.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// The init process of a booted sandbox.
@@ -131,6 +133,7 @@ impl IsolationBackend for ContainerBackend {
             agent_binary: self.agent_binary.clone(),
             cgroup_procs: request.cgroup_procs.clone(),
             hosts_file: request.hosts_file.clone(),
+            resolv_conf: request.resolv_conf.clone(),
             no_new_privs: self.no_new_privs,
         };
 

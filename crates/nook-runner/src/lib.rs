@@ -30,6 +30,7 @@ pub mod disk;
 pub mod images;
 mod kmsg;
 pub mod local;
+pub mod network;
 pub mod storage;
 mod template_start;
 
@@ -49,6 +50,9 @@ pub struct SandboxSpec {
     pub resources: Resources,
     /// Environment for every process, on top of the image's.
     pub env: BTreeMap<String, String>,
+    /// What it may reach on the network.
+    #[serde(default)]
+    pub network: nook_api::NetworkPolicy,
 }
 
 /// A process to run in a sandbox, as the control plane asks for it.
@@ -167,6 +171,9 @@ pub enum RunnerError {
     /// Archiving or restoring a writable layer failed.
     #[error(transparent)]
     Archive(#[from] archive::ArchiveError),
+    /// Setting up a sandbox's network failed.
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     /// A new limit is below what the sandbox uses now.
     #[error("{0}")]
     BelowUsage(String),
@@ -304,6 +311,11 @@ pub trait Runner: Send + Sync + 'static {
     /// Changes a sandbox's limits; a running or paused sandbox's at once, without a restart. A memory limit or disk
     /// quota below what it uses now is refused with [`RunnerError::BelowUsage`].
     async fn update_resources(&self, id: &str, resources: Resources) -> Result<(), RunnerError>;
+    /// Sets a sandbox's network policy; a running or paused sandbox's is in force for its next packet (a switch to
+    /// or from `none` removes or adds its interface).
+    async fn update_network(&self, id: &str, policy: nook_api::NetworkPolicy) -> Result<(), RunnerError>;
+    /// A running sandbox's IPv4 address, if it has a network interface.
+    async fn address(&self, id: &str) -> Option<std::net::Ipv4Addr>;
     /// Moves a stopped sandbox's writable layer to the archive store and frees its local disk; starting it brings the
     /// layer back (hash checked). Archiving an archived sandbox answers what was recorded.
     async fn archive_sandbox(&self, id: &str) -> Result<archive::ArchivedLayer, RunnerError>;

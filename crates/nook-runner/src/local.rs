@@ -39,6 +39,7 @@ use crate::container::{
 };
 use crate::images::registry::{Registries, RegistryConfig};
 use crate::images::{write_atomically, ImageError, ImageStore, LayerPin};
+use crate::network::{Attachment, Network};
 use crate::storage::Storage;
 use crate::{ByteStream, ExecOptions, ExecStream, Runner, RunnerError, RunnerEvent, SandboxSpec};
 
@@ -64,6 +65,8 @@ pub struct LocalRunnerConfig {
     pub registries: RegistryConfig,
     /// Where archived writable layers go.
     pub archive: crate::archive::ArchiveStore,
+    /// How sandboxes are networked; without it they have only loopback.
+    pub network: Option<crate::network::NetworkConfig>,
 }
 
 /// A sandbox's record on disk.
@@ -80,6 +83,9 @@ struct SandboxRecord {
     /// Where its writable layer is while it is archived (absent: on local disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     archived: Option<crate::archive::ArchivedLayer>,
+    /// Its place on the network while it runs with an interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    network: Option<Attachment>,
 }
 
 /// Readings the metering task keeps for a running sandbox.
@@ -104,6 +110,8 @@ struct Live {
     resources: Mutex<Resources>,
     /// What the metering task has read of it during this run.
     meter: Mutex<Meter>,
+    /// Its place on the network now (policy changes may add or remove its interface).
+    network: Mutex<Option<Attachment>>,
     exited: watch::Receiver<bool>,
 }
 
@@ -119,6 +127,7 @@ struct Inner {
     /// Held for every read-modify-write of a sandbox's record (the OOM monitor writes without the operation lock).
     record_writes: Mutex<()>,
     oom_victims: Arc<crate::kmsg::OomVictims>,
+    network: Option<Arc<Network>>,
     op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     events: broadcast::Sender<RunnerEvent>,
 }
@@ -154,6 +163,10 @@ impl LocalRunner {
         let registries = Arc::new(Registries::new(config.registries).map_err(ImageError::from)?);
         let cgroups = CgroupHost::detect()?;
         let backend = Box::new(ContainerBackend::new(&config.agent_binary)?);
+        let network = match config.network {
+            Some(network) => Some(Network::open(network).await?),
+            None => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let runner = Self {
             inner: Arc::new(Inner {
@@ -167,6 +180,7 @@ impl LocalRunner {
                 live: Mutex::new(HashMap::new()),
                 record_writes: Mutex::new(()),
                 oom_victims: crate::kmsg::OomVictims::start(),
+                network,
                 op_locks: Mutex::new(HashMap::new()),
                 events,
             }),
@@ -243,6 +257,7 @@ impl LocalRunner {
             init: None,
             paused: false,
             archived: None,
+            network: None,
             spec,
         };
         self.prepare(&record, None)?;
@@ -560,6 +575,11 @@ impl LocalRunner {
                             self.write_record(&id, &record)?;
                         }
                     }
+                    if let (Some(network), Some(attachment)) = (&self.inner.network, record.network) {
+                        if let Err(error) = network.adopt(&id, attachment, &record.spec.network) {
+                            tracing::error!(sandbox = %id, %error, "the adopted sandbox's egress policy could not be loaded");
+                        }
+                    }
                     self.watch(record, pidfd, cgroup);
                     tracing::info!(sandbox = %id, pid = init.pid, "re-adopted running sandbox");
                     continue;
@@ -568,6 +588,7 @@ impl LocalRunner {
             tracing::warn!(sandbox = %id, "the sandbox's init is gone; cleaning up its leftovers");
             self.clean_after_exit(&id);
             record.init = None;
+            record.network = None;
             self.write_record(&id, &record)?;
         }
         Ok(())
@@ -619,6 +640,17 @@ impl LocalRunner {
     /// Removes what a sandbox's run leaves on the host: any process still in its cgroup, the cgroup, the socket.
     /// Blocking (it may wait for killed processes to finish exiting): call from a blocking thread.
     fn clean_after_exit(&self, id: &str) {
+        if let Some(network) = &self.inner.network {
+            let _writing = self.inner.record_writes.lock().expect("record writes");
+            if let Ok(mut record) = self.read_record(id) {
+                if let Some(attachment) = record.network.take() {
+                    network.detach(attachment);
+                    if let Err(error) = self.write_record(id, &record) {
+                        tracing::error!(sandbox = %id, error = %crate::error_chain(&error), "recording that the sandbox left the network failed");
+                    }
+                }
+            }
+        }
         let cgroup = self.inner.cgroups.existing(id);
         if cgroup.exists() {
             cgroup.kill_all();
@@ -652,6 +684,14 @@ impl LocalRunner {
                 source: std::io::Error::other("the path is too long for a Unix socket; use a shorter --data-dir"),
             });
         }
+        if let Some(network) = &self.inner.network {
+            let path = dir.join("resolv.conf");
+            std::fs::write(&path, network.resolv_conf()).map_err(|source| RunnerError::Io {
+                action: "writing",
+                path,
+                source,
+            })?;
+        }
         let cgroup = self.inner.cgroups.create(&id, &record.spec.resources)?;
         let request = BootRequest {
             sandbox_id: id.clone(),
@@ -663,6 +703,7 @@ impl LocalRunner {
             socket_path: socket_path.clone(),
             cgroup_procs: cgroup.procs_files(),
             hosts_file: Some(dir.join("hosts")),
+            resolv_conf: self.inner.network.is_some().then(|| dir.join("resolv.conf")),
         };
         let init = match self.inner.backend.boot(&request).await {
             Ok(init) => init,
@@ -680,6 +721,11 @@ impl LocalRunner {
             source,
         });
         let recorded = pidfd.and_then(|pidfd| self.write_record(&id, &record).map(|()| pidfd));
+        // The network is made while the agent starts; nothing runs in the sandbox before the agent answers.
+        let recorded = match recorded {
+            Ok(pidfd) => self.attach_network(&mut record, init.pid).await.map(|()| pidfd),
+            Err(error) => Err(error),
+        };
         let ready = match recorded {
             Ok(pidfd) => match tokio::time::timeout(AGENT_READY_TIMEOUT, agent_client::ping(&socket_path)).await {
                 Ok(Ok(_)) => Ok(pidfd),
@@ -703,10 +749,29 @@ impl LocalRunner {
                 kill_and_reap(init.pid).await;
                 self.clean_after_exit_async(&id).await;
                 record.init = None;
+                record.network = None;
                 let _ = self.write_record(&id, &record);
                 Err(error)
             }
         }
+    }
+
+    /// Gives a booting sandbox its interface and policy (none for a `none` policy or a runner without a network)
+    /// and records where it is, so that its address is freed whatever happens next.
+    async fn attach_network(&self, record: &mut SandboxRecord, pid: i32) -> Result<(), RunnerError> {
+        let Some(network) = self.inner.network.clone() else {
+            return Ok(());
+        };
+        if record.spec.network.egress == nook_api::EgressMode::None {
+            return Ok(());
+        }
+        let id = record.spec.id.clone();
+        let policy = record.spec.network.clone();
+        let attachment = tokio::task::spawn_blocking(move || network.attach(&id, pid, &policy))
+            .await
+            .expect("attaching does not panic")?;
+        record.network = Some(attachment);
+        self.write_record(&record.spec.id, record)
     }
 
     /// Registers a running sandbox and starts its monitor task.
@@ -718,6 +783,7 @@ impl LocalRunner {
             paused: AtomicBool::new(record.paused),
             resources: Mutex::new(record.spec.resources),
             meter: Mutex::new(Meter::default()),
+            network: Mutex::new(record.network),
             record,
             pidfd: pidfd.clone(),
             stopping: AtomicBool::new(false),
@@ -952,6 +1018,7 @@ impl LocalRunner {
         let _writing = self.inner.record_writes.lock().expect("record writes");
         let mut record = self.read_record(id).unwrap_or_else(|_| live.record.clone());
         record.init = None;
+        record.network = None;
         record.paused = false;
         self.write_record(id, &record)?;
         Ok(true)
@@ -1408,6 +1475,7 @@ impl Runner for LocalRunner {
                 init: None,
                 paused: false,
                 archived: None,
+                network: None,
             })
             .collect();
         let runner = self.clone();
@@ -1505,6 +1573,55 @@ impl Runner for LocalRunner {
         let mut record = self.read_record(id)?;
         record.spec.resources = resources;
         self.write_record(id, &record)
+    }
+
+    async fn update_network(&self, id: &str, policy: nook_api::NetworkPolicy) -> Result<(), RunnerError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let mut record = self.read_record(id)?;
+        if let (Some(network), Some(live)) = (self.inner.network.clone(), self.live(id)) {
+            let attachment = record.network;
+            let wanted = policy.egress != nook_api::EgressMode::None;
+            match (attachment, wanted) {
+                (Some(attachment), true) => {
+                    let (network, id, policy) = (network.clone(), id.to_string(), policy.clone());
+                    tokio::task::spawn_blocking(move || network.apply(&id, attachment, &policy))
+                        .await
+                        .expect("applying a policy does not panic")?;
+                }
+                (Some(attachment), false) => {
+                    tokio::task::spawn_blocking(move || network.detach(attachment))
+                        .await
+                        .expect("detaching does not panic");
+                    record.network = None;
+                }
+                (None, true) => {
+                    let Some(pid) = live.record.init.map(|init| init.pid) else {
+                        return Err(RunnerError::NotRunning(id.to_string()));
+                    };
+                    let (network, id, policy) = (network.clone(), id.to_string(), policy.clone());
+                    let attachment = tokio::task::spawn_blocking(move || network.attach(&id, pid, &policy))
+                        .await
+                        .expect("attaching does not panic")?;
+                    record.network = Some(attachment);
+                }
+                (None, false) => {}
+            }
+        }
+        if let Some(live) = self.live(id) {
+            *live.network.lock().expect("network") = record.network;
+        }
+        let _writing = self.inner.record_writes.lock().expect("record writes");
+        let network = record.network;
+        let mut record = self.read_record(id)?;
+        record.network = network;
+        record.spec.network = policy;
+        self.write_record(id, &record)
+    }
+
+    async fn address(&self, id: &str) -> Option<std::net::Ipv4Addr> {
+        let attachment = *self.live(id)?.network.lock().expect("network");
+        attachment.map(|attachment| attachment.address)
     }
 
     async fn archive_sandbox(&self, id: &str) -> Result<crate::archive::ArchivedLayer, RunnerError> {

@@ -124,6 +124,10 @@ fn build_and_exec(spec: &BootSpec) -> Result<Infallible, BootError> {
         Some(path) => Some(mounts::DetachedMount::clone_file(path, "the hosts file")?),
         None => None,
     };
+    let resolv_conf = match &spec.resolv_conf {
+        Some(path) => Some(mounts::DetachedMount::clone_file(path, "the resolver configuration")?),
+        None => None,
+    };
     mounts::mount_overlay(spec)?;
     // Everything else is mounted after the pivot, where symbolic links in the image resolve inside the image and
     // cannot point the runtime at host paths.
@@ -132,7 +136,10 @@ fn build_and_exec(spec: &BootSpec) -> Result<Infallible, BootError> {
     mounts::populate_dev()?;
     mounts::attach_agent(agent)?;
     if let Some(hosts) = hosts {
-        mounts::attach_hosts(hosts)?;
+        mounts::attach_etc_file(hosts, "/etc/hosts")?;
+    }
+    if let Some(resolv_conf) = resolv_conf {
+        mounts::attach_etc_file(resolv_conf, "/etc/resolv.conf")?;
     }
     mounts::mask_kernel_paths()?;
 

@@ -329,15 +329,15 @@ pub fn attach_agent(agent: DetachedMount) -> Result<(), BootError> {
     remount_bind(target, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV)
 }
 
-/// Binds the generated hosts file over the image's /etc/hosts, creating that if the image has none. The sandbox may
-/// edit it, as in Docker.
-pub fn attach_hosts(hosts: DetachedMount) -> Result<(), BootError> {
-    let target = Path::new("/etc/hosts");
-    if !exists(target).step(|| "looking for /etc/hosts")? {
+/// Binds a file the runner generated (`/etc/hosts`, `/etc/resolv.conf`) over the image's, creating that if the image
+/// has none. The sandbox may edit it, as in Docker.
+pub fn attach_etc_file(file: DetachedMount, target: &str) -> Result<(), BootError> {
+    let target = Path::new(target);
+    if !exists(target).step(|| format!("looking for {}", target.display()))? {
         ensure_dir(Path::new("/etc"))?;
         create_empty_file(target)?;
     }
-    hosts.attach(target)?;
+    file.attach(target)?;
     remount_bind(target, NOSUID_NODEV_NOEXEC)
 }
 

@@ -99,8 +99,14 @@ impl TestServer {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nook"));
         command.arg("serve");
         let config = data_dir.join("config.toml");
+        let configured_subnet = std::fs::read_to_string(&config).is_ok_and(|text| text.contains("subnet"));
         if config.exists() {
             command.arg("--config").arg(config);
+        }
+        if !configured_subnet {
+            // Servers run side by side: each gets a subnet of its own, the same again for the same data directory
+            // (a restart test adopts its sandboxes' addresses).
+            command.arg("--network-subnet").arg(test_subnet(&data_dir));
         }
         let child = command
             .arg("--listen")
@@ -198,12 +204,45 @@ impl TestServer {
     }
 }
 
+/// The sandbox subnet of the test server with this data directory: a /24 in 10.100.0.0/14 picked by a hash of the
+/// path.
+pub fn test_subnet(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut hasher);
+    let hash = hasher.finish();
+    format!("10.{}.{}.0/24", 100 + (hash % 4), (hash >> 8) % 256)
+}
+
+/// Removes what a server's network left on the host (its table and gateway interface), once its sandboxes are gone.
+fn remove_network(data_dir: &Path) {
+    let subnet = test_subnet(data_dir);
+    let Ok(parsed) = nook_runner::network::Subnet::parse(&subnet) else {
+        return;
+    };
+    let address = u32::from(parsed.address);
+    let _ = std::process::Command::new("nft")
+        .args([
+            "delete",
+            "table",
+            "inet",
+            &format!("nook_{address:08x}{:02}", parsed.prefix),
+        ])
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::process::Command::new("ip")
+        .args(["link", "delete", &format!("nook{address:08x}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
         // Sandboxes outlive their server by design; a test that failed before deleting its sandboxes must not leave
         // them running on the machine.
         kill_leftover_sandboxes(&self.data_dir);
+        remove_network(&self.data_dir);
         // The data directory holds a copy of the base image (over a GiB): kept only to explain a failing test.
         if !std::thread::panicking() {
             remove_data_dir(&self.data_dir);

@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{sandbox}/deadline", axum::routing::put(set_deadline))
         .route("/v1/sandboxes/{sandbox}/lifecycle", axum::routing::put(set_lifecycle))
+        .route("/v1/sandboxes/{sandbox}/network", axum::routing::put(set_network))
         .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
         .route("/v1/sandboxes/{sandbox}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{sandbox}/resume", post(resume_sandbox))
@@ -352,6 +353,23 @@ async fn set_lifecycle(
     ApiJson(request): ApiJson<nook_api::Lifecycle>,
 ) -> Result<Json<Sandbox>, ApiFailure> {
     Ok(Json(state.control.set_lifecycle(&key, request).await?))
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{sandbox}/network", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    request_body = nook_api::NetworkPolicy,
+    responses((status = 200, description = "The policy replaces the old one, in force for a running sandbox's next \
+               packet; the sandbox as it is now", body = Sandbox),
+              (status = 400, description = "A malformed rule (the message names it)", body = ApiError),
+              (status = 404, description = "No such sandbox", body = ApiError),
+              (status = 409, description = "The sandbox is being created or deleted", body = ApiError)),
+    security(("bearer" = [])))]
+async fn set_network(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiJson(request): ApiJson<nook_api::NetworkPolicy>,
+) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.set_network(&key, request).await?))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/pause", tag = "sandboxes",
@@ -1319,7 +1337,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
-        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, archive_sandbox, fork_sandbox, set_deadline, set_lifecycle,
+        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, archive_sandbox, fork_sandbox, set_deadline, set_lifecycle, set_network,
         sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,

@@ -81,6 +81,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Sandbox, StoreError>;
     /// Sets a sandbox's lifecycle policy; returns the updated sandbox.
     async fn set_lifecycle(&self, id: &str, lifecycle: nook_api::Lifecycle) -> Result<Sandbox, StoreError>;
+    /// Sets a sandbox's network policy; returns the updated sandbox.
+    async fn set_network(&self, id: &str, policy: &nook_api::NetworkPolicy) -> Result<Sandbox, StoreError>;
     /// Sets (or, with `None`, removes) a sandbox's deadline and what it does; returns the updated sandbox.
     async fn set_deadline(
         &self,

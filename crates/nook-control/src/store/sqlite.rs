@@ -64,6 +64,9 @@ ALTER TABLE sandboxes ADD COLUMN stopped_archive_s INTEGER;
 ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;
 CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN network TEXT;
+"#,
 ];
 
 /// SQLite-backed [`Store`].
@@ -111,7 +114,8 @@ impl SqliteStore {
 
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
-                               on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s";
+                               on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s, \
+                               network";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -141,6 +145,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
         stopped_delete_s: row.get(22)?,
         stopped_archive_s: row.get(23)?,
     };
+    let network: Option<String> = row.get(24)?;
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -170,6 +175,11 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
                 .ok_or_else(|| StoreError::Corrupt(format!("on_deadline {on_deadline:?}")))?,
             lifecycle,
             parent,
+            network: match network {
+                Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("network: {e}")))?,
+                None => Default::default(),
+            },
+            address: None,
             created_at: parse_time(&created)?,
             updated_at: parse_time(&updated)?,
         })
@@ -222,7 +232,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
                 ),
                 params![
                     sandbox.id,
@@ -249,6 +259,7 @@ impl Store for SqliteStore {
                     sandbox.lifecycle.idle_stop_s,
                     sandbox.lifecycle.stopped_delete_s,
                     sandbox.lifecycle.stopped_archive_s,
+                    serde_json::to_string(&sandbox.network).expect("a policy serializes"),
                 ],
             );
             match inserted {
@@ -420,6 +431,20 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn set_network(&self, id: &str, policy: &nook_api::NetworkPolicy) -> Result<Sandbox, StoreError> {
+        self.with(|connection| {
+            let changed = connection.execute(
+                "UPDATE sandboxes SET network = ?2 WHERE id = ?1",
+                params![id, serde_json::to_string(policy).expect("a policy serializes")],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let _ = self.changed.send(id.to_string());
+            select_one(connection, "id", id)?.ok_or(StoreError::NotFound)
+        })
+    }
+
     async fn set_deadline(
         &self,
         id: &str,
@@ -566,6 +591,16 @@ mod tests {
             on_deadline: DeadlineAction::Delete,
             lifecycle: Default::default(),
             parent: None,
+            network: nook_api::NetworkPolicy {
+                egress: nook_api::EgressMode::Rules,
+                rules: vec![nook_api::EgressRule {
+                    action: nook_api::EgressAction::Allow,
+                    to: "*.example.test".into(),
+                    ports: vec![443],
+                }],
+                default: None,
+            },
+            address: None,
             created_at: now,
             updated_at: now,
         }

@@ -646,6 +646,8 @@ impl Builder<'_> {
             image: format!("build of {}", self.spec.name),
             resources: self.spec.resources,
             env: BTreeMap::new(),
+            // Steps reach what any sandbox may by default (package mirrors, registries), nothing private.
+            network: Default::default(),
         };
         self.runner
             .create_from_layers(spec, &self.layers, self.config.clone())
