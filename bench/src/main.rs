@@ -155,6 +155,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             machine: &machine,
             nook_version: &figures.nook.version,
             create: &figures.nook.create,
+            create_no_network: &figures.nook.create_no_network,
             exec: &figures.nook.exec,
             pauses: &figures.nook.pauses,
             processes: &figures.nook.processes,
@@ -183,6 +184,7 @@ struct NookFigures {
     /// The base image's unpacked layer, which the peers run on.
     base_layer: PathBuf,
     create: CreateFigures,
+    create_no_network: CreateFigures,
     exec: Summary,
     pauses: PauseFigures,
     processes: Summary,
@@ -231,7 +233,16 @@ fn measure(
             let version = client.health().await.context("asking nook for its version")?.version;
             let base_layer = base_layer_dir(&client, &data_dir).await?;
             let create =
-                nook::create_to_first_exec(&client, args.sandboxes as usize, &mut sandboxes, interrupt).await?;
+                nook::create_to_first_exec(&client, args.sandboxes as usize, None, &mut sandboxes, interrupt).await?;
+            eprintln!("the same without a network interface...");
+            let create_no_network = nook::create_to_first_exec(
+                &client,
+                args.sandboxes as usize,
+                Some(nook_api::NetworkPolicy::none()),
+                &mut sandboxes,
+                interrupt,
+            )
+            .await?;
             let exec = nook::exec_round_trip(&client, args.execs as usize, &mut sandboxes, interrupt).await?;
             let pauses = nook::pause_resume(&client, args.pauses as usize, &mut sandboxes, interrupt).await?;
             let processes =
@@ -273,6 +284,7 @@ fn measure(
                 version,
                 base_layer,
                 create,
+                create_no_network,
                 exec,
                 pauses,
                 processes,

@@ -63,10 +63,12 @@ pub struct Sandboxes {
 
 impl Sandboxes {
     pub async fn create(&mut self, client: &Client) -> anyhow::Result<String> {
-        let sandbox = client
-            .create_sandbox(&CreateSandboxRequest::default())
-            .await
-            .context("creating a sandbox")?;
+        self.create_with(client, &CreateSandboxRequest::default()).await
+    }
+
+    /// Creates a sandbox from this request.
+    pub async fn create_with(&mut self, client: &Client, request: &CreateSandboxRequest) -> anyhow::Result<String> {
+        let sandbox = client.create_sandbox(request).await.context("creating a sandbox")?;
         self.live.push(sandbox.id.clone());
         Ok(sandbox.id)
     }
@@ -134,10 +136,12 @@ pub async fn exec_true(client: &Client, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `n` times (after one warm-up): create a sandbox, exec `true`, delete it (not timed).
+/// `n` times (after one warm-up): create a sandbox with this network policy (the default when `None`: an interface
+/// and any public address), exec `true`, delete it (not timed).
 pub async fn create_to_first_exec(
     client: &Client,
     n: usize,
+    network: Option<nook_api::NetworkPolicy>,
     sandboxes: &mut Sandboxes,
     interrupt: &Interrupt,
 ) -> anyhow::Result<CreateFigures> {
@@ -152,7 +156,11 @@ pub async fn create_to_first_exec(
             eprintln!("creating sandbox {i}/{n}...");
         }
         let t0 = Instant::now();
-        let id = sandboxes.create(client).await?;
+        let request = CreateSandboxRequest {
+            network: network.clone(),
+            ..Default::default()
+        };
+        let id = sandboxes.create_with(client, &request).await?;
         let created = Instant::now();
         exec_true(client, &id).await?;
         let t1 = Instant::now();

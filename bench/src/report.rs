@@ -22,8 +22,10 @@ pub struct Report<'a> {
     pub machine: &'a MachineFacts,
     /// nook's version, as its health endpoint states it.
     pub nook_version: &'a str,
-    /// nook create→first exec.
+    /// nook create→first exec (with the default network: an interface, NAT, the resolver).
     pub create: &'a CreateFigures,
+    /// The same with network `none` (loopback only), to show what networking costs.
+    pub create_no_network: &'a CreateFigures,
     /// nook exec round trip.
     pub exec: &'a Summary,
     /// nook pause and resume.
@@ -65,6 +67,12 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     row(out, "nook create→first exec", Some(&r.create.total), None)?;
+    row(
+        out,
+        "nook create→first exec, no network interface",
+        Some(&r.create_no_network.total),
+        None,
+    )?;
     row(out, "nook exec round trip", Some(r.exec), None)?;
     row(out, "nook pause (every process frozen)", Some(&r.pauses.pause), None)?;
     row(out, "nook resume (every process thawed)", Some(&r.pauses.resume), None)?;
@@ -497,6 +505,7 @@ mod tests {
             machine: &machine,
             nook_version: "0.1.0",
             create: &create,
+            create_no_network: &create,
             exec: &exec,
             pauses: &PauseFigures {
                 pause: summary(3.0),
