@@ -1,10 +1,24 @@
 //! Validation of identifiers that clients choose or send: sandbox ids and names, image names, label keys and
-//! environment variable names. Each check returns a sentence saying what is wrong, ready for an error message.
+//! environment variable names. Each check returns a sentence saying what is wrong, ready for an error message. Also
+//! the text form of UUIDs, which nook both reads (btrfs filesystem ids) and hands out (E2B's ids).
 
 /// Prefix of every sandbox id.
 pub const SANDBOX_ID_PREFIX: &str = "sb-";
 /// Number of random characters after the prefix.
 pub const SANDBOX_ID_RANDOM_LEN: usize = 20;
+
+/// 16 bytes in the canonical UUID form: 8-4-4-4-12 lowercase hex digits.
+pub fn uuid_text(bytes: [u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
 
 /// True when `text` has the exact shape of a sandbox id (`sb-` and 20 lowercase letters or digits).
 pub fn is_sandbox_id(text: &str) -> bool {
@@ -100,6 +114,12 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuids_have_the_canonical_form() {
+        let bytes: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(uuid_text(bytes), "00112233-4455-6677-8899-aabbccddeeff");
+    }
 
     #[test]
     fn sandbox_ids_have_one_shape() {

@@ -256,7 +256,7 @@ impl Control {
         // The runner's part and its record run to their end in a task of their own, so that a client that goes away
         // mid-create (a template's readiness check can take a while) leaves no sandbox stuck in `creating`.
         let (store, runner) = (self.store.clone(), self.runner.clone());
-        let sandbox = tokio::spawn(async move {
+        tokio::spawn(async move {
             match runner.create_sandbox(spec).await {
                 Ok(()) => {
                     let started = transition(CREATING, SandboxState::Running, StateReason::Requested, "started");
@@ -281,8 +281,7 @@ impl Control {
             }
         })
         .await
-        .expect("creating a sandbox does not panic")?;
-        Ok(self.with_address(sandbox).await)
+        .expect("creating a sandbox does not panic")
     }
 
     /// Finds a sandbox by id or name.
@@ -296,12 +295,11 @@ impl Control {
                 "{key:?} is neither a sandbox id nor a valid sandbox name"
             )));
         };
-        let sandbox = found.ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))?;
-        Ok(self.with_address(sandbox).await)
+        found.ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))
     }
 
     /// The sandbox with its address filled in while it has one (an in-memory lookup on the runner).
-    async fn with_address(&self, mut sandbox: Sandbox) -> Sandbox {
+    pub async fn with_address(&self, mut sandbox: Sandbox) -> Sandbox {
         if matches!(sandbox.state, SandboxState::Running | SandboxState::Paused) {
             sandbox.address = self
                 .runner
@@ -315,15 +313,11 @@ impl Control {
     /// Lists sandboxes matching a filter.
     pub async fn list(&self, filter: &SandboxFilter) -> Result<Vec<Sandbox>, ApiFailure> {
         let all = self.store.sandboxes().await?;
-        let mut listed = Vec::new();
-        for sandbox in all
+        Ok(all
             .into_iter()
             .filter(|sandbox| filter.state.is_none_or(|state| sandbox.state == state))
             .filter(|sandbox| filter.labels.iter().all(|(k, v)| sandbox.labels.get(k) == Some(v)))
-        {
-            listed.push(self.with_address(sandbox).await);
-        }
-        Ok(listed)
+            .collect())
     }
 
     /// Stops a running sandbox; its files stay.
@@ -461,11 +455,10 @@ impl Control {
         }
         self.store.set_network(&sandbox.id, &policy).await?;
         let message = format!("network policy: {}", policy.summary());
-        let updated = self
+        Ok(self
             .store
             .note(&sandbox.id, StateReason::NetworkChanged, &message, None)
-            .await?;
-        Ok(self.with_address(updated).await)
+            .await?)
     }
 
     /// Makes image `request.image` from a sandbox's files (a running one is frozen for the moment of the capture).
@@ -652,7 +645,7 @@ impl Control {
         };
         // As for a create: to its end and recorded even if the client goes away.
         let (store, runner) = (self.store.clone(), self.runner.clone());
-        let sandbox = tokio::spawn(async move {
+        tokio::spawn(async move {
             match runner.start_sandbox(&sandbox.id).await {
                 Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
                     let started = transition(from, SandboxState::Running, StateReason::Requested, message);
@@ -672,8 +665,7 @@ impl Control {
             }
         })
         .await
-        .expect("starting a sandbox does not panic")?;
-        Ok(self.with_address(sandbox).await)
+        .expect("starting a sandbox does not panic")
     }
 
     /// Deletes a sandbox and all its files, whatever its state (except while it is still being created).

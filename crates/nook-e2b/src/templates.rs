@@ -212,16 +212,7 @@ pub(crate) async fn request_template(State(e2b): State<E2b>, Json(request): Json
 
 /// A random id shaped like the UUIDs E2B hands out.
 fn uuid_like() -> String {
-    let bytes: [u8; 16] = rand::random();
-    let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    nook_api::names::uuid_text(rand::random())
 }
 
 fn is_files_hash(hash: &str) -> bool {

@@ -248,39 +248,27 @@ impl SandboxCgroup {
         }
     }
 
-    /// Writes the limits.
+    /// Writes the limits of a new cgroup: what is set once (no swap, the CPU period, the device rules), then the
+    /// limits a resize changes.
     pub fn apply(&self, resources: &Resources) -> Result<(), CgroupError> {
-        let memory = resources.memory_mb * 1024 * 1024;
-        let quota = ((resources.cpu * CPU_PERIOD_US as f64).round() as u64).max(1000);
         match &self.host {
-            CgroupHost::V2 { .. } => {
-                let dir = &self.dirs[0];
-                write(dir, "memory.max", &memory.to_string())?;
-                write_if_present(dir, "memory.swap.max", "0")?;
-                write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
-                write(dir, "pids.max", &resources.pids.to_string())?;
-            }
-            CgroupHost::V1 { .. } => {
-                let dir = self.controller_dir("memory");
-                write(dir, "memory.limit_in_bytes", &memory.to_string())?;
-                self.set_auto_grow(auto_grows(resources), memory)?;
-                write_if_present(dir, "memory.memsw.limit_in_bytes", &memory.to_string())?;
-                let dir = self.controller_dir("cpu");
-                write(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
-                write(self.controller_dir("pids"), "pids.max", &resources.pids.to_string())?;
-                if let CgroupHost::V1 { mounts } = &self.host {
-                    if mounts.contains_key("devices") {
-                        let dir = self.controller_dir("devices");
-                        write(dir, "devices.deny", "a")?;
-                        for rule in ALLOWED_DEVICES {
-                            write(dir, "devices.allow", rule)?;
-                        }
+            CgroupHost::V2 { .. } => write_if_present(&self.dirs[0], "memory.swap.max", "0")?,
+            CgroupHost::V1 { mounts } => {
+                write(
+                    self.controller_dir("cpu"),
+                    "cpu.cfs_period_us",
+                    &CPU_PERIOD_US.to_string(),
+                )?;
+                if mounts.contains_key("devices") {
+                    let dir = self.controller_dir("devices");
+                    write(dir, "devices.deny", "a")?;
+                    for rule in ALLOWED_DEVICES {
+                        write(dir, "devices.allow", rule)?;
                     }
                 }
             }
         }
-        Ok(())
+        self.resize(resources)
     }
 
     /// Changes the CPU, memory and pids limits of a live cgroup (nothing else is rewritten, so its processes never

@@ -640,15 +640,11 @@ impl LocalRunner {
     /// Removes what a sandbox's run leaves on the host: any process still in its cgroup, the cgroup, the socket.
     /// Blocking (it may wait for killed processes to finish exiting): call from a blocking thread.
     fn clean_after_exit(&self, id: &str) {
-        if let Some(network) = &self.inner.network {
-            let _writing = self.inner.record_writes.lock().expect("record writes");
-            if let Ok(mut record) = self.read_record(id) {
-                if let Some(attachment) = record.network.take() {
-                    network.detach(attachment);
-                    if let Err(error) = self.write_record(id, &record) {
-                        tracing::error!(sandbox = %id, error = %crate::error_chain(&error), "recording that the sandbox left the network failed");
-                    }
-                }
+        // The callers clear the record's attachment when they clear its init; a second detach of the same one does
+        // nothing, because the network frees an address only for the sandbox that holds it.
+        if let (Some(network), Ok(record)) = (&self.inner.network, self.read_record(id)) {
+            if let Some(attachment) = record.network {
+                network.detach(id, attachment);
             }
         }
         let cgroup = self.inner.cgroups.existing(id);
@@ -865,6 +861,7 @@ impl LocalRunner {
             let _ = tokio::task::spawn_blocking(move || cleanup.clean_after_exit(&cleanup_id)).await;
             if let Ok(mut record) = runner.read_record(&id) {
                 record.init = None;
+                record.network = None;
                 let _ = runner.write_record(&id, &record);
             }
             if !id.starts_with(BUILD_SANDBOX_PREFIX) {
@@ -1590,7 +1587,8 @@ impl Runner for LocalRunner {
                         .expect("applying a policy does not panic")?;
                 }
                 (Some(attachment), false) => {
-                    tokio::task::spawn_blocking(move || network.detach(attachment))
+                    let id = id.to_string();
+                    tokio::task::spawn_blocking(move || network.detach(&id, attachment))
                         .await
                         .expect("detaching does not panic");
                     record.network = None;

@@ -395,15 +395,7 @@ fn quotas_on(volume: &std::fs::File) -> bool {
     if unsafe { libc::ioctl(volume.as_raw_fd(), BTRFS_IOC_FS_INFO as _, &mut args) } < 0 {
         return true;
     }
-    let hex = hex::encode(args.fsid);
-    let uuid = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    );
+    let uuid = nook_api::names::uuid_text(args.fsid);
     Path::new("/sys/fs/btrfs").join(uuid).join("qgroups").exists()
 }
 

@@ -216,22 +216,15 @@ pub fn test_subnet(data_dir: &Path) -> String {
 
 /// Removes what a server's network left on the host (its table and gateway interface), once its sandboxes are gone.
 fn remove_network(data_dir: &Path) {
-    let subnet = test_subnet(data_dir);
-    let Ok(parsed) = nook_runner::network::Subnet::parse(&subnet) else {
+    let Ok(subnet) = nook_runner::network::Subnet::parse(&test_subnet(data_dir)) else {
         return;
     };
-    let address = u32::from(parsed.address);
     let _ = std::process::Command::new("nft")
-        .args([
-            "delete",
-            "table",
-            "inet",
-            &format!("nook_{address:08x}{:02}", parsed.prefix),
-        ])
+        .args(["delete", "table", "inet", &subnet.table_name()])
         .stderr(Stdio::null())
         .status();
     let _ = std::process::Command::new("ip")
-        .args(["link", "delete", &format!("nook{address:08x}")])
+        .args(["link", "delete", &subnet.gateway_interface()])
         .stderr(Stdio::null())
         .status();
 }

@@ -252,7 +252,10 @@ async fn create_sandbox(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<CreateSandboxRequest>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiFailure> {
-    Ok((StatusCode::CREATED, Json(state.control.create(request).await?)))
+    Ok((
+        StatusCode::CREATED,
+        reported(&state, state.control.create(request).await).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
@@ -285,9 +288,17 @@ async fn list_sandboxes(
             other => return Err(ApiFailure::invalid(format!("unknown query parameter {other:?}"))),
         }
     }
-    Ok(Json(SandboxList {
-        sandboxes: state.control.list(&filter).await?,
-    }))
+    let mut sandboxes = Vec::new();
+    for sandbox in state.control.list(&filter).await? {
+        sandboxes.push(state.control.with_address(sandbox).await);
+    }
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+/// A sandbox as the API reports it: with its address while it has one (an in-memory lookup, done only for answers
+/// that carry a sandbox, never on the way to an exec or a file call).
+async fn reported(state: &AppState, sandbox: Result<Sandbox, ApiFailure>) -> Result<Json<Sandbox>, ApiFailure> {
+    Ok(Json(state.control.with_address(sandbox?).await))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{sandbox}", tag = "sandboxes",
@@ -296,7 +307,7 @@ async fn list_sandboxes(
               (status = 404, description = "No such sandbox", body = ApiError)),
     security(("bearer" = [])))]
 async fn get_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.resolve(&key).await?))
+    reported(&state, state.control.resolve(&key).await).await
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{sandbox}", tag = "sandboxes",
@@ -316,7 +327,7 @@ async fn delete_sandbox(State(state): State<AppState>, Path(key): Path<String>) 
               (status = 409, description = "Cannot be stopped in its state", body = ApiError)),
     security(("bearer" = [])))]
 async fn stop_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.stop(&key).await?))
+    reported(&state, state.control.stop(&key).await).await
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{sandbox}/deadline", tag = "sandboxes",
@@ -352,7 +363,7 @@ async fn set_lifecycle(
     Path(key): Path<String>,
     ApiJson(request): ApiJson<nook_api::Lifecycle>,
 ) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.set_lifecycle(&key, request).await?))
+    reported(&state, state.control.set_lifecycle(&key, request).await).await
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{sandbox}/network", tag = "sandboxes",
@@ -369,7 +380,7 @@ async fn set_network(
     Path(key): Path<String>,
     ApiJson(request): ApiJson<nook_api::NetworkPolicy>,
 ) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.set_network(&key, request).await?))
+    reported(&state, state.control.set_network(&key, request).await).await
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/pause", tag = "sandboxes",
@@ -380,7 +391,7 @@ async fn set_network(
               (status = 409, description = "Not running", body = ApiError)),
     security(("bearer" = [])))]
 async fn pause_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.pause(&key).await?))
+    reported(&state, state.control.pause(&key).await).await
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/resume", tag = "sandboxes",
@@ -390,7 +401,7 @@ async fn pause_sandbox(State(state): State<AppState>, Path(key): Path<String>) -
               (status = 409, description = "Not paused (a stopped sandbox is started instead)", body = ApiError)),
     security(("bearer" = [])))]
 async fn resume_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.resume(&key).await?))
+    reported(&state, state.control.resume(&key).await).await
 }
 
 #[utoipa::path(patch, path = "/v1/sandboxes/{sandbox}/resources", tag = "sandboxes",
@@ -408,7 +419,7 @@ async fn update_resources(
     Path(key): Path<String>,
     ApiJson(request): ApiJson<ResourceRequest>,
 ) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.update_resources(&key, request).await?))
+    reported(&state, state.control.update_resources(&key, request).await).await
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/archive", tag = "sandboxes",
@@ -420,7 +431,7 @@ async fn update_resources(
               (status = 500, description = "The archive store failed; the sandbox stays stopped with its files", body = ApiError)),
     security(("bearer" = [])))]
 async fn archive_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.archive(&key).await?))
+    reported(&state, state.control.archive(&key).await).await
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/snapshot", tag = "sandboxes",
@@ -464,7 +475,7 @@ async fn fork_sandbox(
               (status = 409, description = "Cannot be started in its state", body = ApiError)),
     security(("bearer" = [])))]
 async fn start_sandbox(State(state): State<AppState>, Path(key): Path<String>) -> Result<Json<Sandbox>, ApiFailure> {
-    Ok(Json(state.control.start(&key).await?))
+    reported(&state, state.control.start(&key).await).await
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "system",

@@ -35,6 +35,15 @@ pub struct Names {
 }
 
 impl Names {
+    /// The runner's own records (names in any case, with or without the root's dot) over these upstream resolvers.
+    pub fn new(upstream: Vec<SocketAddr>, records: BTreeMap<String, Vec<Ipv4Addr>>) -> Self {
+        let records = records
+            .into_iter()
+            .map(|(name, addresses)| (normalise(&name), addresses))
+            .collect();
+        Self { records, upstream }
+    }
+
     /// The runner's own addresses for `name`, if it has any.
     fn own(&self, name: &str) -> Option<&Vec<Ipv4Addr>> {
         self.records.get(&normalise(name))
@@ -109,34 +118,16 @@ pub struct Resolver {
     socket: Arc<UdpSocket>,
     directory: Arc<Directory>,
     names: Arc<Names>,
-    decisions: tokio::sync::broadcast::Sender<EgressDecision>,
 }
 
 impl Resolver {
     /// Binds the resolver's socket.
-    pub async fn bind(
-        address: SocketAddr,
-        directory: Arc<Directory>,
-        upstream: Vec<SocketAddr>,
-        records: BTreeMap<String, Vec<Ipv4Addr>>,
-        decisions: tokio::sync::broadcast::Sender<EgressDecision>,
-    ) -> io::Result<Self> {
-        let socket = Arc::new(UdpSocket::bind(address).await?);
-        let records = records
-            .into_iter()
-            .map(|(name, addresses)| (normalise(&name), addresses))
-            .collect();
+    pub async fn bind(address: SocketAddr, directory: Arc<Directory>, names: Arc<Names>) -> io::Result<Self> {
         Ok(Self {
-            socket,
+            socket: Arc::new(UdpSocket::bind(address).await?),
             directory,
-            names: Arc::new(Names { records, upstream }),
-            decisions,
+            names,
         })
-    }
-
-    /// The name lookup the resolver uses, for the egress proxy.
-    pub fn names(&self) -> Arc<Names> {
-        self.names.clone()
     }
 
     /// Answers queries until the runtime ends; each query is answered on its own task, so a slow upstream holds up
@@ -155,9 +146,8 @@ impl Resolver {
             let socket = self.socket.clone();
             let directory = self.directory.clone();
             let names = self.names.clone();
-            let decisions = self.decisions.clone();
             tokio::spawn(async move {
-                if let Some(answer) = answer(&query, peer, &directory, &names, &decisions).await {
+                if let Some(answer) = answer(&query, peer, &directory, &names).await {
                     let _ = socket.send_to(&answer, peer).await;
                 }
             });
@@ -166,13 +156,7 @@ impl Resolver {
 }
 
 /// The answer to one query, or nothing for a datagram that is not a query.
-async fn answer(
-    bytes: &[u8],
-    peer: SocketAddr,
-    directory: &Directory,
-    names: &Names,
-    decisions: &tokio::sync::broadcast::Sender<EgressDecision>,
-) -> Option<Vec<u8>> {
+async fn answer(bytes: &[u8], peer: SocketAddr, directory: &Directory, names: &Names) -> Option<Vec<u8>> {
     let query = Message::from_vec(bytes).ok()?;
     if query.metadata.message_type != MessageType::Query {
         return None;
@@ -198,7 +182,7 @@ async fn answer(
     let name = normalise(&question.name().to_ascii());
     let (action, rule) = sandbox.policy.domain_decision(&name, None);
     let allowed = action == EgressAction::Allow;
-    let _ = decisions.send(EgressDecision {
+    EgressDecision {
         sandbox_id: sandbox.id.clone(),
         host: name.clone(),
         port: None,
@@ -211,7 +195,8 @@ async fn answer(
             (true, None) => "no rule names it; the policy allows the rest".into(),
             (false, None) => "no rule allows the name".into(),
         },
-    });
+    }
+    .log();
     if !allowed {
         return reply(ResponseCode::NXDomain, Vec::new());
     }
@@ -247,13 +232,11 @@ mod tests {
     async fn ask(resolver_names: &Names, directory: &Directory, name: &str, from: Ipv4Addr) -> Message {
         let mut query = Message::new(7, MessageType::Query, OpCode::Query);
         query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-        let (decisions, _) = tokio::sync::broadcast::channel(8);
         let bytes = answer(
             &query.to_vec().unwrap(),
             SocketAddr::new(from.into(), 5353),
             directory,
             resolver_names,
-            &decisions,
         )
         .await
         .unwrap();
@@ -262,10 +245,10 @@ mod tests {
 
     #[tokio::test]
     async fn names_are_answered_by_policy() {
-        let names = Names {
-            records: BTreeMap::from([("web.test".to_string(), vec![Ipv4Addr::new(198, 51, 100, 2)])]),
-            upstream: Vec::new(),
-        };
+        let names = Names::new(
+            Vec::new(),
+            BTreeMap::from([("Web.Test.".to_string(), vec![Ipv4Addr::new(198, 51, 100, 2)])]),
+        );
         let directory = Directory::default();
         let sandbox = Ipv4Addr::new(10, 89, 0, 2);
         directory.insert(

@@ -93,9 +93,20 @@ impl Subnet {
         u32::from(address) & self.mask() == u32::from(self.address)
     }
 
-    /// A short name unique to the block, for the runner's table and interface.
-    fn tag(self) -> String {
-        format!("{:08x}{:02}", u32::from(self.address), self.prefix)
+    /// The name of the runner's nftables table (`inet` family) for this block.
+    pub fn table_name(self) -> String {
+        format!("nook_{:08x}{:02}", u32::from(self.address), self.prefix)
+    }
+
+    /// The name of the host interface that holds the gateway address.
+    pub fn gateway_interface(self) -> String {
+        format!("nook{:08x}", u32::from(self.address))
+    }
+
+    /// The index of a sandbox address within the block (0 for the first after the gateway).
+    fn index(self, address: Ipv4Addr) -> Option<u32> {
+        (self.contains(address) && u32::from(address) >= u32::from(self.address) + 2)
+            .then(|| u32::from(address) - u32::from(self.address) - 2)
     }
 }
 
@@ -210,7 +221,8 @@ impl Directory {
     }
 }
 
-/// An egress decision the resolver or the proxy made, for the audit log.
+/// An egress decision the resolver or the proxy made. Logged (target `nook::egress`: denials at info, the rest at
+/// debug) until the audit log stores them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressDecision {
     /// The sandbox.
@@ -229,9 +241,24 @@ pub struct EgressDecision {
     pub reason: String,
 }
 
+impl EgressDecision {
+    /// Logs the decision.
+    pub fn log(&self) {
+        let port = self.port.map(|port| port.to_string()).unwrap_or_default();
+        let rule = self.rule.map_or_else(|| "default".to_string(), |rule| rule.to_string());
+        if self.allowed {
+            tracing::debug!(target: "nook::egress", sandbox = %self.sandbox_id, host = %self.host, %port,
+                %rule, by = self.by, reason = %self.reason, "egress allowed");
+        } else {
+            tracing::info!(target: "nook::egress", sandbox = %self.sandbox_id, host = %self.host, %port,
+                %rule, by = self.by, reason = %self.reason, "egress denied");
+        }
+    }
+}
+
 struct Addresses {
-    /// Sandbox addresses in use (by index into the subnet).
-    used: HashSet<u32>,
+    /// Sandbox addresses in use (by index into the subnet), and the sandbox holding each.
+    used: HashMap<u32, String>,
     /// Where the next search for a free address starts, so that a freed address is not reused at once.
     next: u32,
     /// Addresses that have a policy chain in the table.
@@ -242,11 +269,9 @@ struct Addresses {
 pub struct Network {
     subnet: Subnet,
     table: String,
-    gateway_interface: String,
     host: Mutex<Netlink>,
     addresses: Mutex<Addresses>,
     directory: Arc<Directory>,
-    decisions: tokio::sync::broadcast::Sender<EgressDecision>,
 }
 
 impl fmt::Debug for Network {
@@ -261,9 +286,8 @@ impl Network {
     pub async fn open(config: NetworkConfig) -> Result<Arc<Self>, NetworkError> {
         let subnet = config.subnet;
         let gateway = subnet.gateway();
-        let tag = subnet.tag();
-        let table = format!("nook_{tag}");
-        let gateway_interface = format!("nook{:08x}", u32::from(subnet.address));
+        let table = subnet.table_name();
+        let gateway_interface = subnet.gateway_interface();
         let mut host = Netlink::open().map_err(system("opening a netlink socket"))?;
         host.ensure_addressed_device(&gateway_interface)
             .map_err(system(format!("creating the gateway interface {gateway_interface}")))?;
@@ -279,39 +303,25 @@ impl Network {
         nft::load(&nft::base_table(&table, subnet, gateway, PROXY_PORT))?;
 
         let directory = Arc::new(Directory::default());
-        let (decisions, _) = tokio::sync::broadcast::channel(1024);
-        let resolver = dns::Resolver::bind(
-            SocketAddr::new(gateway.into(), 53),
-            directory.clone(),
-            config.upstream_dns.clone(),
-            config.dns_records.clone(),
-            decisions.clone(),
-        )
-        .await
-        .map_err(system(format!("starting the sandboxes' resolver on {gateway}:53")))?;
-        let names = resolver.names();
+        let names = Arc::new(dns::Names::new(config.upstream_dns, config.dns_records));
+        let resolver = dns::Resolver::bind(SocketAddr::new(gateway.into(), 53), directory.clone(), names.clone())
+            .await
+            .map_err(system(format!("starting the sandboxes' resolver on {gateway}:53")))?;
         tokio::spawn(resolver.serve());
-        let proxy = proxy::EgressProxy::bind(
-            SocketAddr::new(gateway.into(), PROXY_PORT),
-            directory.clone(),
-            names,
-            decisions.clone(),
-        )
-        .await
-        .map_err(system(format!("starting the egress proxy on {gateway}:{PROXY_PORT}")))?;
+        let proxy = proxy::EgressProxy::bind(SocketAddr::new(gateway.into(), PROXY_PORT), directory.clone(), names)
+            .await
+            .map_err(system(format!("starting the egress proxy on {gateway}:{PROXY_PORT}")))?;
         tokio::spawn(proxy.serve());
         Ok(Arc::new(Self {
             subnet,
             table,
-            gateway_interface,
             host: Mutex::new(host),
             addresses: Mutex::new(Addresses {
-                used: HashSet::new(),
+                used: HashMap::new(),
                 next: 0,
                 chained: HashSet::new(),
             }),
             directory,
-            decisions,
         }))
     }
 
@@ -330,22 +340,17 @@ impl Network {
         format!("nameserver {}\noptions ndots:0\n", self.gateway())
     }
 
-    /// Egress decisions as the resolver and the proxy make them.
-    pub fn decisions(&self) -> tokio::sync::broadcast::Receiver<EgressDecision> {
-        self.decisions.subscribe()
-    }
-
     /// Gives the sandbox whose init is `pid` its interface, address and policy. Blocking (a few netlink calls, and
     /// one `nft` run when the policy has rules of its own). On failure nothing of it is left.
     pub fn attach(&self, sandbox_id: &str, pid: i32, policy: &NetworkPolicy) -> Result<Attachment, NetworkError> {
         let attachment = Attachment {
-            address: self.allocate()?,
+            address: self.allocate(sandbox_id)?,
         };
         let attached = self
             .configure(pid, attachment)
             .and_then(|()| self.apply(sandbox_id, attachment, policy));
         if let Err(error) = attached {
-            self.detach(attachment);
+            self.detach(sandbox_id, attachment);
             return Err(error);
         }
         Ok(attachment)
@@ -354,9 +359,9 @@ impl Network {
     /// Takes back a sandbox that kept running while the runner was away: its address is in use again and its
     /// policy is loaded again (the table was replaced when the runner started).
     pub fn adopt(&self, sandbox_id: &str, attachment: Attachment, policy: &NetworkPolicy) -> Result<(), NetworkError> {
-        if self.subnet.contains(attachment.address) {
-            let index = u32::from(attachment.address) - u32::from(self.subnet.address) - 2;
-            self.addresses.lock().expect("addresses").used.insert(index);
+        if let Some(index) = self.subnet.index(attachment.address) {
+            let mut addresses = self.addresses.lock().expect("addresses");
+            addresses.used.insert(index, sandbox_id.to_string());
         }
         self.apply(sandbox_id, attachment, policy)
     }
@@ -387,12 +392,22 @@ impl Network {
     }
 
     /// Takes a sandbox off the network: its policy, its host interface (if its namespace still holds it) and its
-    /// address. Blocking; errors are logged, since nothing can be done about them here. An address whose chain
-    /// could not be removed is not handed out again.
-    pub fn detach(&self, attachment: Attachment) {
+    /// address. Only the sandbox holding the address can: a second detach of the same attachment, after the address
+    /// went to another sandbox, does nothing. Blocking; errors are logged, since nothing can be done about them
+    /// here. An address whose chain could not be removed is not handed out again.
+    pub fn detach(&self, sandbox_id: &str, attachment: Attachment) {
         let address = attachment.address;
+        let Some(index) = self.subnet.index(address) else {
+            return;
+        };
+        let chained = {
+            let addresses = self.addresses.lock().expect("addresses");
+            if addresses.used.get(&index).map(String::as_str) != Some(sandbox_id) {
+                return;
+            }
+            addresses.chained.contains(&address)
+        };
         self.directory.remove(address);
-        let chained = self.addresses.lock().expect("addresses").chained.contains(&address);
         let mut reusable = true;
         if chained {
             match nft::load(&nft::remove_policy(&self.table, address)) {
@@ -409,19 +424,18 @@ impl Network {
         if let Err(error) = self.host.lock().expect("netlink").delete(&interface) {
             tracing::warn!(%interface, %error, "a sandbox's host interface could not be removed");
         }
-        if reusable && self.subnet.contains(address) {
-            let index = u32::from(address) - u32::from(self.subnet.address) - 2;
+        if reusable {
             self.addresses.lock().expect("addresses").used.remove(&index);
         }
     }
 
-    fn allocate(&self) -> Result<Ipv4Addr, NetworkError> {
+    fn allocate(&self, sandbox_id: &str) -> Result<Ipv4Addr, NetworkError> {
         let mut addresses = self.addresses.lock().expect("addresses");
         let capacity = self.subnet.capacity();
         for step in 0..capacity {
             let index = (addresses.next + step) % capacity;
-            if !addresses.used.contains(&index) {
-                addresses.used.insert(index);
+            if !addresses.used.contains_key(&index) {
+                addresses.used.insert(index, sandbox_id.to_string());
                 addresses.next = (index + 1) % capacity;
                 return Ok(self.subnet.host(index));
             }
@@ -460,14 +474,6 @@ impl Network {
     }
 }
 
-impl Drop for Network {
-    fn drop(&mut self) {
-        // The table and gateway stay while sandboxes may still run (they outlive the runner); only the netlink
-        // socket goes with it.
-        tracing::debug!(table = %self.table, gateway = %self.gateway_interface, "network closed");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +486,10 @@ mod tests {
         assert_eq!(subnet.capacity(), 65533);
         assert!(subnet.contains(Ipv4Addr::new(10, 89, 200, 3)));
         assert!(!subnet.contains(Ipv4Addr::new(10, 90, 0, 3)));
+        assert_eq!(subnet.index(Ipv4Addr::new(10, 89, 0, 2)), Some(0));
+        assert_eq!(subnet.index(Ipv4Addr::new(10, 89, 0, 1)), None);
+        assert_eq!(subnet.table_name(), "nook_0a59000016");
+        assert_eq!(subnet.gateway_interface(), "nook0a590000");
         assert!(Subnet::parse("10.89.0.1/16").is_err());
         assert!(Subnet::parse("10.89.0.0/30").is_err());
         assert!(Subnet::parse("10.89.0.0").is_err());

@@ -13,7 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nook_api::EgressAction;
+use nook_api::network::EgressTarget;
+use nook_api::{EgressAction, NetworkPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -32,28 +33,20 @@ pub struct EgressProxy {
     listener: TcpListener,
     directory: Arc<Directory>,
     names: Arc<Names>,
-    decisions: tokio::sync::broadcast::Sender<EgressDecision>,
 }
 
 impl EgressProxy {
     /// Binds the proxy's socket.
-    pub async fn bind(
-        address: SocketAddr,
-        directory: Arc<Directory>,
-        names: Arc<Names>,
-        decisions: tokio::sync::broadcast::Sender<EgressDecision>,
-    ) -> io::Result<Self> {
+    pub async fn bind(address: SocketAddr, directory: Arc<Directory>, names: Arc<Names>) -> io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(address).await?,
             directory,
             names,
-            decisions,
         })
     }
 
     /// Serves connections until the runtime ends, each on its own task.
     pub async fn serve(self) {
-        let shared = Arc::new((self.directory, self.names, self.decisions));
         loop {
             let (client, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -62,10 +55,9 @@ impl EgressProxy {
                     continue;
                 }
             };
-            let shared = shared.clone();
+            let (directory, names) = (self.directory.clone(), self.names.clone());
             tokio::spawn(async move {
-                let (directory, names, decisions) = &*shared;
-                if let Err(error) = relay(client, peer, directory, names, decisions).await {
+                if let Err(error) = relay(client, peer, &directory, &names).await {
                     tracing::debug!(%peer, %error, "an egress proxy connection ended with an error");
                 }
             });
@@ -74,13 +66,7 @@ impl EgressProxy {
 }
 
 /// Judges one connection and, if allowed, relays it.
-async fn relay(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    directory: &Directory,
-    names: &Names,
-    decisions: &tokio::sync::broadcast::Sender<EgressDecision>,
-) -> io::Result<()> {
+async fn relay(mut client: TcpStream, peer: SocketAddr, directory: &Directory, names: &Names) -> io::Result<()> {
     let SocketAddr::V4(peer) = peer else {
         return Ok(());
     };
@@ -88,106 +74,88 @@ async fn relay(
         return Ok(());
     };
     let original = original_destination(&client)?;
-    let port = original.port();
     let mut head = Vec::with_capacity(1024);
     let name = tokio::time::timeout(HEAD_TIMEOUT, read_name(&mut client, &mut head))
         .await
         .unwrap_or(Ok(None))?;
-    let decide = |allowed: bool, host: String, rule: Option<usize>, reason: String| {
-        let _ = decisions.send(EgressDecision {
-            sandbox_id: sandbox.id.clone(),
-            host,
-            port: Some(port),
-            allowed,
-            rule: rule.map(|index| index + 1),
-            by: "proxy",
-            reason,
-        });
+    let (destination, rule, reason) = judge(&sandbox.policy, name.as_deref(), original, names).await;
+    let mut decision = EgressDecision {
+        sandbox_id: sandbox.id,
+        host: name.unwrap_or_else(|| original.ip().to_string()),
+        port: Some(original.port()),
+        allowed: destination.is_some(),
+        rule: rule.map(|index| index + 1),
+        by: "proxy",
+        reason,
     };
-    let Some(name) = name else {
-        // No name to judge: only an address rule can allow it.
-        let (action, rule) = sandbox.policy.decide(None, *original.ip(), port);
-        let allowed = action == EgressAction::Allow && rule.is_some();
-        decide(
-            allowed,
-            original.ip().to_string(),
-            rule,
-            if allowed {
-                "an address rule allows it".into()
-            } else {
-                "the connection named no host (neither TLS SNI nor HTTP Host) and no address rule allows it".into()
-            },
-        );
-        if allowed {
-            let mut upstream = TcpStream::connect(original).await?;
-            upstream.write_all(&head).await?;
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-        }
+    let Some(destination) = destination else {
+        decision.log();
         return Ok(());
     };
-    let (action, rule) = sandbox.policy.decide(Some(&name), *original.ip(), port);
-    if action == EgressAction::Deny {
-        let reason = match rule {
-            Some(_) => "a rule denies the connection".into(),
-            None => "no rule allows the name".into(),
-        };
-        decide(false, name, rule, reason);
-        return Ok(());
-    }
-    let by_name = rule.is_some_and(|index| {
-        sandbox.policy.rules[index]
-            .target()
-            .is_some_and(|target| !matches!(target, nook_api::network::EgressTarget::Block(..)))
-    });
-    let address = if by_name || rule.is_none() {
-        // Allowed for its name: go where the name leads, not where the sandbox dialled.
-        let addresses = match names.resolve(&name).await {
-            Ok(addresses) => addresses,
-            Err(error) => {
-                decide(false, name, rule, format!("the name does not resolve: {error}"));
-                return Ok(());
-            }
-        };
-        match addresses
-            .into_iter()
-            .find(|address| sandbox.policy.opens_address(*address))
-        {
-            Some(address) => address,
-            None => {
-                decide(
-                    false,
-                    name,
-                    rule,
-                    "the name resolves only to addresses the policy does not open".into(),
-                );
-                return Ok(());
-            }
-        }
-    } else {
-        *original.ip()
-    };
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((address, port))).await {
+    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
-            decide(
-                false,
-                name,
-                rule,
-                format!("connecting to {address}:{port} failed: {error}"),
-            );
+            decision.allowed = false;
+            decision.reason = format!("connecting to {destination} failed: {error}");
+            decision.log();
             return Ok(());
         }
         Err(_) => {
-            decide(false, name, rule, format!("connecting to {address}:{port} timed out"));
+            decision.allowed = false;
+            decision.reason = format!("connecting to {destination} timed out");
+            decision.log();
             return Ok(());
         }
     };
-    decide(true, name, rule, format!("relayed to {address}:{port}"));
+    decision.log();
     upstream.set_nodelay(true)?;
     client.set_nodelay(true)?;
     upstream.write_all(&head).await?;
     tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
     Ok(())
+}
+
+/// Where a connection to `original` that asked for `name` may go (none: refused), the rule that decided, and why.
+/// An address rule sends it where it was going; a name (by a rule or the policy's default) sends it where the name
+/// leads, never to a restricted address a rule does not open.
+async fn judge(
+    policy: &NetworkPolicy,
+    name: Option<&str>,
+    original: SocketAddrV4,
+    names: &Names,
+) -> (Option<SocketAddrV4>, Option<usize>, String) {
+    let port = original.port();
+    let (action, rule) = policy.decide(name, *original.ip(), port);
+    // Without a name only an address rule can let a connection through.
+    if action == EgressAction::Deny || (name.is_none() && rule.is_none()) {
+        let why = match (rule, name) {
+            (Some(_), _) => "a rule denies the connection",
+            (None, Some(_)) => "no rule allows the name",
+            (None, None) => {
+                "the connection named no host (neither TLS SNI nor HTTP Host) and no address rule allows it"
+            }
+        };
+        return (None, rule, why.into());
+    }
+    let by_address = rule.is_some_and(|index| matches!(policy.rules[index].target(), Some(EgressTarget::Block(..))));
+    let Some(name) = name.filter(|_| !by_address) else {
+        return (Some(original), rule, "an address rule allows it".into());
+    };
+    match names.resolve(name).await {
+        Ok(addresses) => match addresses.into_iter().find(|address| policy.opens_address(*address)) {
+            Some(address) => (
+                Some(SocketAddrV4::new(address, port)),
+                rule,
+                format!("relayed to {address}:{port}"),
+            ),
+            None => (
+                None,
+                rule,
+                "the name resolves only to addresses the policy does not open".into(),
+            ),
+        },
+        Err(error) => (None, rule, format!("the name does not resolve: {error}")),
+    }
 }
 
 /// Where the sandbox was connecting before the kernel redirected it here.
