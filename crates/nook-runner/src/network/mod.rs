@@ -434,8 +434,8 @@ impl Network {
         let capacity = self.subnet.capacity();
         for step in 0..capacity {
             let index = (addresses.next + step) % capacity;
-            if !addresses.used.contains_key(&index) {
-                addresses.used.insert(index, sandbox_id.to_string());
+            if let std::collections::hash_map::Entry::Vacant(free) = addresses.used.entry(index) {
+                free.insert(sandbox_id.to_string());
                 addresses.next = (index + 1) % capacity;
                 return Ok(self.subnet.host(index));
             }
