@@ -24,7 +24,7 @@ use crate::builds::Builds;
 use crate::deadlines::DeadlineTimer;
 use crate::error::ApiFailure;
 use crate::ids;
-use crate::store::{Store, StoreError, Transition};
+use crate::store::{Change, Store, StoreError, Transition};
 
 /// Filters for listing sandboxes.
 #[derive(Debug, Clone, Default)]
@@ -429,7 +429,15 @@ impl Control {
         let message = describe_resize(&old, &new);
         Ok(self
             .store
-            .note(&sandbox.id, StateReason::Resized, &message, Some(new))
+            .note(
+                &sandbox.id,
+                StateReason::Resized,
+                &message,
+                Change {
+                    resources: Some(new),
+                    ..Change::default()
+                },
+            )
             .await?)
     }
 
@@ -453,11 +461,14 @@ impl Control {
         if sandbox.state != SandboxState::Archived {
             self.runner.update_network(&sandbox.id, policy.clone()).await?;
         }
-        self.store.set_network(&sandbox.id, &policy).await?;
         let message = format!("network policy: {}", policy.summary());
+        let change = Change {
+            network: Some(policy),
+            ..Change::default()
+        };
         Ok(self
             .store
-            .note(&sandbox.id, StateReason::NetworkChanged, &message, None)
+            .note(&sandbox.id, StateReason::NetworkChanged, &message, change)
             .await?)
     }
 
@@ -477,7 +488,7 @@ impl Control {
         let image = self.runner.snapshot_sandbox(&sandbox.id, &request.image).await?;
         let message = format!("snapshot taken as image {} ({})", image.name, image.digest);
         self.store
-            .note(&sandbox.id, StateReason::Snapshotted, &message, None)
+            .note(&sandbox.id, StateReason::Snapshotted, &message, Change::default())
             .await?;
         Ok(image)
     }
@@ -579,7 +590,9 @@ impl Control {
                     }
                     let names: Vec<&str> = forks.iter().map(|fork| fork.name.as_str()).collect();
                     let note = format!("forked into {}", names.join(", "));
-                    let _ = store.note(&source_id, StateReason::Forked, &note, None).await;
+                    let _ = store
+                        .note(&source_id, StateReason::Forked, &note, Change::default())
+                        .await;
                     Ok(nook_api::ForkResult {
                         sandboxes,
                         frozen_us: frozen.as_micros() as u64,
@@ -776,13 +789,34 @@ impl Control {
                 .flatten()
                 .min()
                 .map(|after| sandbox.updated_at + seconds(after)),
-            SandboxState::Archived => sandbox
-                .lifecycle
-                .stopped_delete_s
-                .map(|after| sandbox.updated_at + seconds(after)),
+            // Counted from the stop before the archive, which only the events know: the check finds it and plans
+            // the delete.
+            SandboxState::Archived => sandbox.lifecycle.stopped_delete_s.map(|_| sandbox.updated_at),
             _ => None,
         };
         self.lifecycles.timer.schedule(&sandbox.id, next);
+    }
+
+    /// When a stopped or archived sandbox stopped: its last change of state, or for an archived one (archiving is a
+    /// change of state too) the stop before it, from its events.
+    async fn stopped_since(&self, sandbox: &Sandbox) -> chrono::DateTime<Utc> {
+        if sandbox.state != SandboxState::Archived {
+            return sandbox.updated_at;
+        }
+        self.store
+            .events(&sandbox.id)
+            .await
+            .ok()
+            .and_then(|events| {
+                events
+                    .iter()
+                    .rev()
+                    .find(|event| {
+                        event.to_state == SandboxState::Stopped && event.from_state != Some(SandboxState::Stopped)
+                    })
+                    .map(|event| event.at)
+            })
+            .unwrap_or(sandbox.updated_at)
     }
 
     /// A sandbox's lifecycle check: stops it when idle, deletes it when stopped long enough, or plans the next look.
@@ -810,9 +844,14 @@ impl Control {
                 }
                 // No call for the whole window: busy only if its processes worked. The first look takes a reading
                 // and looks again a little later.
-                let cpu = match self.runner.stats(id).await {
-                    Ok(stats) => stats.cpu_used_ns,
-                    Err(_) => return,
+                let cpu = match self.runner.cpu_time(id).await {
+                    Ok(cpu) => cpu,
+                    Err(error) => {
+                        // Stopped meanwhile (the store's notice re-plans it), or a read that failed: look again.
+                        tracing::debug!(sandbox = %id, error = %crate::error::chain(&error), "no CPU reading");
+                        self.lifecycles.timer.schedule(id, Some(now + DEADLINE_RETRY));
+                        return;
+                    }
                 };
                 match self.lifecycles.cpu_since_last(id, now, cpu) {
                     None => {
@@ -878,7 +917,8 @@ impl Control {
                     ..
                 },
             ) => {
-                let due = sandbox.updated_at + chrono::Duration::seconds(after.min(MAX_TIMEOUT_S) as i64);
+                let due =
+                    self.stopped_since(&sandbox).await + chrono::Duration::seconds(after.min(MAX_TIMEOUT_S) as i64);
                 if now < due {
                     self.lifecycles.timer.schedule(id, Some(due));
                     return;
@@ -1342,7 +1382,15 @@ impl Control {
                         );
                         control
                             .store
-                            .record_oom(sandbox_id, *oom_kills, &message)
+                            .note(
+                                sandbox_id,
+                                StateReason::Oom,
+                                &message,
+                                Change {
+                                    oom_kills: Some(*oom_kills),
+                                    ..Change::default()
+                                },
+                            )
                             .await
                             .map(|_| ())
                     }
@@ -1356,19 +1404,16 @@ impl Control {
                             "the sandbox reached its {from_mb} MiB memory limit; raised to {to_mb} MiB instead of \
                              killing a process (it may grow up to {ceiling_mb} MiB)"
                         );
-                        match control.store.sandbox(sandbox_id).await {
-                            Ok(Some(sandbox)) => {
-                                let resources = Resources {
-                                    memory_mb: *to_mb,
-                                    ..sandbox.resources
-                                };
-                                control
-                                    .store
-                                    .note(sandbox_id, StateReason::MemoryGrown, &message, Some(resources))
-                                    .await
-                                    .map(|_| ())
-                            }
-                            Ok(None) => Ok(()),
+                        let change = Change {
+                            memory_mb: Some(*to_mb),
+                            ..Change::default()
+                        };
+                        match control
+                            .store
+                            .note(sandbox_id, StateReason::MemoryGrown, &message, change)
+                            .await
+                        {
+                            Ok(_) | Err(StoreError::NotFound) => Ok(()),
                             Err(error) => Err(error),
                         }
                     }

@@ -73,8 +73,13 @@ impl Lifecycles {
         });
         let previous = entry.cpu.replace((now, cpu_ns));
         let (at, before) = previous?;
+        // A reading from long ago says nothing of the last window, and one above the counter now is from an earlier
+        // run (the kernel's count starts again with the sandbox's cgroup): either way, measure from this one.
+        if now - at > CPU_WINDOW * 2 || cpu_ns < before {
+            return None;
+        }
         let wall_ns = (now - at).num_nanoseconds()?.max(1) as f64;
-        Some(cpu_ns.saturating_sub(before) as f64 / wall_ns)
+        Some((cpu_ns - before) as f64 / wall_ns)
     }
 
     /// Forgets a deleted sandbox.
@@ -101,6 +106,15 @@ mod tests {
             .cpu_since_last("sb-x", start + Duration::seconds(12), 1_000 + 1_000_000_000 + 1_000_000)
             .unwrap();
         assert!(idle < BUSY_CPU, "{idle}");
+        // Stale or from an earlier run: no figure, and the next one measures from the new reading.
+        let later = start + Duration::seconds(12) + CPU_WINDOW * 3;
+        assert_eq!(lifecycles.cpu_since_last("sb-x", later, 2_000_000_000), None);
+        let restarted = later + Duration::seconds(1);
+        assert_eq!(lifecycles.cpu_since_last("sb-x", restarted, 5_000), None);
+        let measured = lifecycles
+            .cpu_since_last("sb-x", restarted + Duration::seconds(1), 5_000 + 100_000_000)
+            .unwrap();
+        assert!((measured - 0.1).abs() < 1e-6, "{measured}");
         assert_eq!(lifecycles.last_call("sb-x"), None);
         lifecycles.touch("sb-x");
         assert!(lifecycles.last_call("sb-x").is_some());

@@ -380,6 +380,8 @@ pub trait Runner: Send + Sync + 'static {
     async fn file_call(&self, id: &str, request: nook_agent_proto::Request) -> Result<serde_json::Value, RunnerError>;
     /// What a running sandbox uses now: CPU time, memory, processes, and the disk its writable layer takes.
     async fn stats(&self, id: &str) -> Result<nook_api::SandboxStats, RunnerError>;
+    /// The CPU time a running sandbox's processes have used in this run, in nanoseconds (a cgroup read, no more).
+    async fn cpu_time(&self, id: &str) -> Result<u64, RunnerError>;
     /// Every running or paused sandbox's usage, cheaply (disk as last measured in the background): for `/metrics`.
     async fn meters(&self) -> Vec<(String, nook_api::SandboxStats)>;
     /// Ids of the sandboxes whose processes are running now (including those re-adopted after a restart).

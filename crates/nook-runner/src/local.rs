@@ -1835,6 +1835,11 @@ impl Runner for LocalRunner {
         Ok(self.stats_of(id, &live, usage, disk))
     }
 
+    async fn cpu_time(&self, id: &str) -> Result<u64, RunnerError> {
+        self.present(id)?;
+        Ok(self.inner.cgroups.existing(id).usage()?.cpu_ns)
+    }
+
     async fn meters(&self) -> Vec<(String, nook_api::SandboxStats)> {
         let live = self.client_sandboxes();
         let runner = self.clone();

@@ -41,6 +41,19 @@ pub struct ApiKeyRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// What a [`Store::note`] changes in a sandbox's record besides its reason and message.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Change {
+    /// New limits.
+    pub resources: Option<Resources>,
+    /// A new memory limit alone (the runner raised it), kept with whatever else a resize set meanwhile.
+    pub memory_mb: Option<u64>,
+    /// The kernel's OOM-kill count.
+    pub oom_kills: Option<u64>,
+    /// A new network policy.
+    pub network: Option<nook_api::NetworkPolicy>,
+}
+
 /// A state change to record. It applies only if the sandbox is in one of `from` (compare-and-set), so that two
 /// requests racing on one sandbox cannot overwrite each other's outcome.
 #[derive(Debug, Clone)]
@@ -68,21 +81,12 @@ pub trait Store: Send + Sync + 'static {
     async fn sandboxes(&self) -> Result<Vec<Sandbox>, StoreError>;
     /// Moves a sandbox to a new state and records the event; returns the updated sandbox.
     async fn transition(&self, id: &str, transition: Transition) -> Result<Sandbox, StoreError>;
-    /// Records OOM kills (the state stays, the reason becomes `oom`) and the event.
-    async fn record_oom(&self, id: &str, oom_kills: u64, message: &str) -> Result<Sandbox, StoreError>;
-    /// Records an event that leaves the state as it is (a resize, a snapshot), with its reason as the sandbox's
-    /// `state_reason`; `resources`, when given, become the sandbox's limits in the same write.
-    async fn note(
-        &self,
-        id: &str,
-        reason: StateReason,
-        message: &str,
-        resources: Option<Resources>,
-    ) -> Result<Sandbox, StoreError>;
+    /// Records an event that leaves the state as it is (a resize, an OOM kill, a snapshot), with its reason as the
+    /// sandbox's `state_reason`, and applies `change` to the record in the same write (read and changed inside the
+    /// write, so two notes never undo each other). `updated_at` stays: it says when the state last changed.
+    async fn note(&self, id: &str, reason: StateReason, message: &str, change: Change) -> Result<Sandbox, StoreError>;
     /// Sets a sandbox's lifecycle policy; returns the updated sandbox.
     async fn set_lifecycle(&self, id: &str, lifecycle: nook_api::Lifecycle) -> Result<Sandbox, StoreError>;
-    /// Sets a sandbox's network policy; returns the updated sandbox.
-    async fn set_network(&self, id: &str, policy: &nook_api::NetworkPolicy) -> Result<Sandbox, StoreError>;
     /// Sets (or, with `None`, removes) a sandbox's deadline and what it does; returns the updated sandbox.
     async fn set_deadline(
         &self,

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use nook_api::{DeadlineAction, Isolation, Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{ApiKeyRecord, Store, StoreError, Transition};
+use super::{ApiKeyRecord, Change, Store, StoreError, Transition};
 
 /// Schema migrations, applied in order; never edit one that has shipped, append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -343,63 +343,35 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn record_oom(&self, id: &str, oom_kills: u64, message: &str) -> Result<Sandbox, StoreError> {
+    async fn note(&self, id: &str, reason: StateReason, message: &str, change: Change) -> Result<Sandbox, StoreError> {
         self.with(|connection| {
             let transaction = connection.transaction()?;
             let current = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
-            let now = now_text();
+            let mut resources = change.resources.unwrap_or(current.resources);
+            if let Some(memory_mb) = change.memory_mb {
+                resources.memory_mb = memory_mb;
+            }
+            let network = change.network.as_ref().unwrap_or(&current.network);
             transaction.execute(
-                "UPDATE sandboxes SET state_reason = 'oom', state_message = ?2, oom_kills = ?3, updated_at = ?4 \
-                 WHERE id = ?1",
-                params![id, message, oom_kills, now],
-            )?;
-            insert_event(
-                &transaction,
-                id,
-                &now,
-                Some(current.state),
-                current.state,
-                StateReason::Oom,
-                message,
-            )?;
-            let updated = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
-            transaction.commit()?;
-            let _ = self.changed.send(id.to_string());
-            Ok(updated)
-        })
-    }
-
-    async fn note(
-        &self,
-        id: &str,
-        reason: StateReason,
-        message: &str,
-        resources: Option<Resources>,
-    ) -> Result<Sandbox, StoreError> {
-        self.with(|connection| {
-            let transaction = connection.transaction()?;
-            let current = select_one(&transaction, "id", id)?.ok_or(StoreError::NotFound)?;
-            let resources = resources.unwrap_or(current.resources);
-            let now = now_text();
-            transaction.execute(
-                "UPDATE sandboxes SET state_reason = ?2, state_message = ?3, updated_at = ?4, cpu = ?5, \
-                 memory_mb = ?6, pids = ?7, disk_mb = ?8, memory_max_mb = ?9 WHERE id = ?1",
+                "UPDATE sandboxes SET state_reason = ?2, state_message = ?3, cpu = ?4, memory_mb = ?5, pids = ?6, \
+                 disk_mb = ?7, memory_max_mb = ?8, oom_kills = ?9, network = ?10 WHERE id = ?1",
                 params![
                     id,
                     reason.as_str(),
                     message,
-                    now,
                     resources.cpu,
                     resources.memory_mb,
                     resources.pids,
                     resources.disk_mb,
-                    resources.memory_max_mb
+                    resources.memory_max_mb,
+                    change.oom_kills.unwrap_or(current.oom_kills),
+                    serde_json::to_string(network).expect("a policy serializes"),
                 ],
             )?;
             insert_event(
                 &transaction,
                 id,
-                &now,
+                &now_text(),
                 Some(current.state),
                 current.state,
                 reason,
@@ -422,20 +394,6 @@ impl Store for SqliteStore {
                     lifecycle.stopped_delete_s,
                     lifecycle.stopped_archive_s
                 ],
-            )?;
-            if changed == 0 {
-                return Err(StoreError::NotFound);
-            }
-            let _ = self.changed.send(id.to_string());
-            select_one(connection, "id", id)?.ok_or(StoreError::NotFound)
-        })
-    }
-
-    async fn set_network(&self, id: &str, policy: &nook_api::NetworkPolicy) -> Result<Sandbox, StoreError> {
-        self.with(|connection| {
-            let changed = connection.execute(
-                "UPDATE sandboxes SET network = ?2 WHERE id = ?1",
-                params![id, serde_json::to_string(policy).expect("a policy serializes")],
             )?;
             if changed == 0 {
                 return Err(StoreError::NotFound);
@@ -623,13 +581,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(running.state, SandboxState::Running);
-        let oom = store.record_oom("sb-1", 2, "killed").await.unwrap();
+        let oom_kills = Change {
+            oom_kills: Some(2),
+            ..Change::default()
+        };
+        let oom = store.note("sb-1", StateReason::Oom, "killed", oom_kills).await.unwrap();
         assert_eq!(
             (oom.state, oom.state_reason, oom.oom_kills),
             (SandboxState::Running, StateReason::Oom, 2)
         );
+        // A note is an event, not a state change: `updated_at` stays (lifecycle clocks count from it).
+        assert_eq!(oom.updated_at, running.updated_at);
+        // A memory limit raised alone keeps the rest of the limits as they are in the record.
+        let resized = Resources {
+            cpu: 0.5,
+            ..running.resources
+        };
+        let resize = Change {
+            resources: Some(resized),
+            ..Change::default()
+        };
+        store.note("sb-1", StateReason::Resized, "cpu", resize).await.unwrap();
+        let grown = Change {
+            memory_mb: Some(512),
+            ..Change::default()
+        };
+        let grown = store
+            .note("sb-1", StateReason::MemoryGrown, "grown", grown)
+            .await
+            .unwrap();
+        assert_eq!((grown.resources.cpu, grown.resources.memory_mb), (0.5, 512));
+        assert_eq!(grown.network, running.network);
         let events = store.events("sb-1").await.unwrap();
-        assert_eq!(events.len(), 3);
+        assert_eq!(events.len(), 5);
         assert_eq!(events[1].from_state, Some(SandboxState::Creating));
         assert_eq!(store.sandbox_by_name("one").await.unwrap().unwrap().labels["team"], "a");
         store.delete_sandbox("sb-1").await.unwrap();
