@@ -367,6 +367,12 @@ pub struct ForkRequest {
     /// Labels of the forks (the source's when omitted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// Seconds from the fork until each fork's deadline (at most ten years); none when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// What each fork's deadline does (`delete` when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deadline: Option<DeadlineAction>,
 }
 
 /// Response of `POST /v1/sandboxes/{sandbox}/fork`.

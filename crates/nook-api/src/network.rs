@@ -263,7 +263,7 @@ fn name_matches(target: EgressTarget<'_>, name: &str) -> bool {
 pub fn inside_restricted(address: Ipv4Addr, prefix: u8) -> bool {
     RESTRICTED_BLOCKS
         .iter()
-        .any(|&(block, block_prefix)| prefix >= block_prefix && same_prefix(address, block, block_prefix))
+        .any(|&(block, block_prefix)| prefix >= block_prefix && in_block(address, block, block_prefix))
 }
 
 /// Whether the address is in one of the [`RESTRICTED_BLOCKS`].
@@ -273,16 +273,7 @@ pub fn is_restricted(address: Ipv4Addr) -> bool {
 
 /// Whether `address` lies in the block `block`/`prefix`.
 pub fn in_block(address: Ipv4Addr, block: Ipv4Addr, prefix: u8) -> bool {
-    same_prefix(address, block, prefix)
-}
-
-fn same_prefix(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    };
-    u32::from(a) & mask == u32::from(b) & mask
+    u32::from(address) & mask(prefix) == u32::from(block) & mask(prefix)
 }
 
 /// Parses a rule's `to`.
@@ -327,6 +318,7 @@ pub fn parse_target(to: &str) -> Result<EgressTarget<'_>, String> {
     })
 }
 
+/// The netmask of a prefix length, as a number.
 fn mask(prefix: u8) -> u32 {
     if prefix == 0 {
         0

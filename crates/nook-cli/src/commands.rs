@@ -37,13 +37,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 name: args.name,
                 labels: pairs(args.labels),
                 env: pairs(args.env),
-                resources: Some(ResourceRequest {
-                    cpu: args.cpu,
-                    memory_mb: args.memory,
-                    memory_max_mb: args.memory_max,
-                    pids: args.pids,
-                    disk_mb: args.disk,
-                }),
+                resources: Some(args.resources.request()),
                 isolation: None,
                 timeout_s: args.timeout,
                 on_deadline: args.on_deadline,
@@ -334,6 +328,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                 count: args.count,
                 names: args.names,
                 labels: (!labels.is_empty()).then_some(labels),
+                ..Default::default()
             };
             let result = client.fork_sandbox(&args.sandbox, &request).await?;
             if args.json {
@@ -357,15 +352,9 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             Ok(0)
         }
         Command::Resize(args) => {
-            let request = ResourceRequest {
-                cpu: args.cpu,
-                memory_mb: args.memory,
-                memory_max_mb: args.memory_max,
-                pids: args.pids,
-                disk_mb: args.disk,
-            };
+            let request = args.resources.request();
             if request == ResourceRequest::default() {
-                bail!("say what to change: --cpu, --memory, --pids or --disk");
+                bail!("say what to change: --cpu, --memory, --memory-max, --pids or --disk");
             }
             let sandbox = client.update_resources(&args.sandbox, &request).await?;
             if args.json {

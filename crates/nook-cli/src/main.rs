@@ -110,21 +110,8 @@ struct CreateArgs {
     /// Environment variable `KEY=value` (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_pair)]
     env: Vec<(String, String)>,
-    /// CPU cores (fractions allowed).
-    #[arg(long)]
-    cpu: Option<f64>,
-    /// Memory limit in MiB.
-    #[arg(long)]
-    memory: Option<u64>,
-    /// Let the memory limit grow on its own up to this many MiB instead of an OOM kill (0 on a resize: off).
-    #[arg(long)]
-    memory_max: Option<u64>,
-    /// Process limit.
-    #[arg(long)]
-    pids: Option<u32>,
-    /// Disk quota of the sandbox's writable layer in MiB (needs btrfs storage).
-    #[arg(long)]
-    disk: Option<u64>,
+    #[command(flatten)]
+    resources: ResourceArgs,
     /// Seconds until the sandbox's deadline (none by default: it lives until deleted).
     #[arg(long)]
     timeout: Option<u64>,
@@ -276,6 +263,16 @@ struct ForkArgs {
 struct ResizeArgs {
     /// Sandbox id or name.
     sandbox: String,
+    #[command(flatten)]
+    resources: ResourceArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A sandbox's limits on the command line (at create, or what a resize changes).
+#[derive(Debug, clap::Args)]
+struct ResourceArgs {
     /// CPU cores (fractions allowed).
     #[arg(long)]
     cpu: Option<f64>,
@@ -288,12 +285,22 @@ struct ResizeArgs {
     /// Process limit.
     #[arg(long)]
     pids: Option<u32>,
-    /// Disk quota in MiB (0 removes it).
+    /// Disk quota of the sandbox's writable layer in MiB (needs btrfs storage; 0 on a resize removes it).
     #[arg(long)]
     disk: Option<u64>,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+impl ResourceArgs {
+    /// The request the flags describe (the fields not given are absent).
+    fn request(&self) -> nook_api::ResourceRequest {
+        nook_api::ResourceRequest {
+            cpu: self.cpu,
+            memory_mb: self.memory,
+            memory_max_mb: self.memory_max,
+            pids: self.pids,
+            disk_mb: self.disk,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]

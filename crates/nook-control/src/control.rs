@@ -148,13 +148,7 @@ impl Control {
         if let Some(image) = &request.image {
             check_image_name(image).map_err(ApiFailure::invalid)?;
         }
-        if request.labels.len() > MAX_LABELS {
-            return Err(ApiFailure::invalid(format!("at most {MAX_LABELS} labels are allowed")));
-        }
-        for (key, value) in &request.labels {
-            check_label_key(key).map_err(ApiFailure::invalid)?;
-            check_value("label", key, value)?;
-        }
+        check_labels(&request.labels)?;
         check_env(&request.env)?;
         if let Some(policy) = &request.network {
             policy.check().map_err(ApiFailure::invalid)?;
@@ -245,14 +239,7 @@ impl Control {
         };
         self.store.insert_sandbox(&sandbox).await?;
         self.deadlines.schedule(&id, deadline);
-        let spec = SandboxSpec {
-            id: id.clone(),
-            hostname: name,
-            image: image_name,
-            resources,
-            env: request.env,
-            network: sandbox.network.clone(),
-        };
+        let spec = spec_of(&sandbox);
         // The runner's part and its record run to their end in a task of their own, so that a client that goes away
         // mid-create (a template's readiness check can take a while) leaves no sandbox stuck in `creating`.
         let (store, runner) = (self.store.clone(), self.runner.clone());
@@ -511,14 +498,9 @@ impl Control {
         for name in &request.names {
             check_sandbox_name(name).map_err(ApiFailure::invalid)?;
         }
+        let deadline = request.timeout_s.map(deadline_in).transpose()?;
         if let Some(labels) = &request.labels {
-            if labels.len() > MAX_LABELS {
-                return Err(ApiFailure::invalid(format!("at most {MAX_LABELS} labels are allowed")));
-            }
-            for (key, value) in labels {
-                check_label_key(key).map_err(ApiFailure::invalid)?;
-                check_value("label", key, value)?;
-            }
+            check_labels(labels)?;
         }
         let source = self.resolve(key).await?;
         if !matches!(
@@ -532,7 +514,7 @@ impl Control {
         }
         let message = format!("forked from {} ({})", source.name, source.id);
         let now = Utc::now();
-        let mut forks = Vec::new();
+        let mut forks: Vec<Sandbox> = Vec::new();
         for index in 0..count as usize {
             let id = ids::sandbox_id();
             let fork = Sandbox {
@@ -548,8 +530,8 @@ impl Control {
                 env: source.env.clone(),
                 resources: source.resources,
                 oom_kills: 0,
-                deadline: None,
-                on_deadline: DeadlineAction::default(),
+                deadline,
+                on_deadline: request.on_deadline.unwrap_or_default(),
                 lifecycle: source.lifecycle,
                 parent: Some(source.id.clone()),
                 network: source.network.clone(),
@@ -559,24 +541,14 @@ impl Control {
             };
             if let Err(error) = self.store.insert_sandbox(&fork).await {
                 for made in &forks {
-                    let made: &Sandbox = made;
                     let _ = self.store.delete_sandbox(&made.id).await;
                 }
                 return Err(error.into());
             }
+            self.deadlines.schedule(&fork.id, deadline);
             forks.push(fork);
         }
-        let specs: Vec<SandboxSpec> = forks
-            .iter()
-            .map(|fork| SandboxSpec {
-                id: fork.id.clone(),
-                hostname: fork.name.clone(),
-                image: fork.image.clone(),
-                resources: fork.resources,
-                env: fork.env.clone(),
-                network: fork.network.clone(),
-            })
-            .collect();
+        let specs: Vec<SandboxSpec> = forks.iter().map(spec_of).collect();
         // To its end and recorded even if the client goes away, as for a create.
         let (store, runner) = (self.store.clone(), self.runner.clone());
         let source_id = source.id.clone();
@@ -586,7 +558,15 @@ impl Control {
                     let mut sandboxes = Vec::new();
                     for fork in &forks {
                         let started = transition(CREATING, SandboxState::Running, StateReason::Forked, &message);
-                        sandboxes.push(store.transition(&fork.id, started).await?);
+                        match store.transition(&fork.id, started).await {
+                            Ok(sandbox) => sandboxes.push(sandbox),
+                            // Deleted while it was being made (as in a create): what the runner built goes too, and
+                            // the other forks are recorded all the same.
+                            Err(error) => {
+                                tracing::warn!(sandbox = %fork.id, error = %crate::error::chain(&error), "a fork changed while it was made");
+                                let _ = runner.delete_sandbox(&fork.id).await;
+                            }
+                        }
                     }
                     let names: Vec<&str> = forks.iter().map(|fork| fork.name.as_str()).collect();
                     let note = format!("forked into {}", names.join(", "));
@@ -626,14 +606,20 @@ impl Control {
                 )))
             }
         }
-        let archived = self.runner.archive_sandbox(&sandbox.id).await?;
+        self.archive_stopped(&sandbox.id, StateReason::Requested, "archived")
+            .await
+    }
+
+    /// Archives a stopped sandbox and records it, the event's message starting with `what`.
+    async fn archive_stopped(&self, id: &str, reason: StateReason, what: &str) -> Result<Sandbox, ApiFailure> {
+        let archived = self.runner.archive_sandbox(id).await?;
         let message = format!(
-            "archived: its writable layer ({:.1} MiB compressed, {}) is in the archive store; start it to bring it back",
+            "{what}: its writable layer ({:.1} MiB compressed, {}) is in the archive store; start it to bring it back",
             archived.bytes as f64 / (1 << 20) as f64,
             archived.sha256
         );
-        let change = transition(STOPPED, SandboxState::Archived, StateReason::Requested, &message);
-        Ok(self.store.transition(&sandbox.id, change).await?)
+        let change = transition(STOPPED, SandboxState::Archived, reason, &message);
+        Ok(self.store.transition(id, change).await?)
     }
 
     /// Starts a stopped sandbox.
@@ -891,23 +877,10 @@ impl Control {
                     self.lifecycles.timer.schedule(id, Some(due));
                     return;
                 }
-                let archived = match self.runner.archive_sandbox(id).await {
-                    Ok(archived) => archived,
-                    Err(error) => {
-                        tracing::warn!(sandbox = %id, error = %crate::error::chain(&error), "a lifecycle archive failed");
-                        self.lifecycles.timer.schedule(id, Some(now + DEADLINE_RETRY));
-                        return;
-                    }
-                };
-                let message = format!(
-                    "archived after {after} s stopped: its writable layer ({:.1} MiB compressed, {}) is in the \
-                     archive store; start it to bring it back",
-                    archived.bytes as f64 / (1 << 20) as f64,
-                    archived.sha256
-                );
-                let change = transition(STOPPED, SandboxState::Archived, StateReason::AutoArchived, &message);
-                if let Err(error) = self.store.transition(id, change).await {
-                    tracing::warn!(sandbox = %id, error = %crate::error::chain(&error), "recording a lifecycle archive failed");
+                let what = format!("archived after {after} s stopped");
+                if let Err(failure) = self.archive_stopped(id, StateReason::AutoArchived, &what).await {
+                    tracing::warn!(sandbox = %id, message = %failure.message, "a lifecycle archive failed");
+                    self.lifecycles.timer.schedule(id, Some(now + DEADLINE_RETRY));
                 }
             }
             (
@@ -1541,6 +1514,29 @@ fn check_value(what: &str, key: &str, value: &str) -> Result<(), ApiFailure> {
     }
     if value.contains('\0') {
         return Err(ApiFailure::invalid(format!("{what} {key:?} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// What the runner needs to build a sandbox recorded in the store.
+fn spec_of(sandbox: &Sandbox) -> SandboxSpec {
+    SandboxSpec {
+        id: sandbox.id.clone(),
+        hostname: sandbox.name.clone(),
+        image: sandbox.image.clone(),
+        resources: sandbox.resources,
+        env: sandbox.env.clone(),
+        network: sandbox.network.clone(),
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiFailure> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiFailure::invalid(format!("at most {MAX_LABELS} labels are allowed")));
+    }
+    for (key, value) in labels {
+        check_label_key(key).map_err(ApiFailure::invalid)?;
+        check_value("label", key, value)?;
     }
     Ok(())
 }

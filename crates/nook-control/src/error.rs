@@ -126,6 +126,9 @@ impl From<RunnerError> for ApiFailure {
                 Self::new(StatusCode::BAD_GATEWAY, "archive_store_failed", chain(&error))
             }
             RunnerError::BelowUsage(message) => Self::new(StatusCode::CONFLICT, "below_usage", message.clone()),
+            RunnerError::Network(nook_runner::network::NetworkError::Disabled) => {
+                Self::new(StatusCode::BAD_REQUEST, "unsupported", error.to_string())
+            }
             RunnerError::Network(nook_runner::network::NetworkError::Exhausted(_)) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "network_exhausted", error.to_string())
             }

@@ -256,8 +256,7 @@ impl From<&SnapshotRecord> for SnapshotInfo {
 
 /// A new id for a snapshot made without a name.
 fn generated_id() -> String {
-    let bytes: [u8; 10] = rand::random();
-    format!("{GENERATED_PREFIX}{}", hex::encode(bytes))
+    nook_control::ids::random_id(GENERATED_PREFIX)
 }
 
 /// Checks a snapshot name given by a client.
@@ -512,19 +511,10 @@ struct ForkBody {
     count: Option<i64>,
 }
 
-/// One entry of the fork answer: the fork, or why it failed.
+/// One entry of the fork answer (E2B's shape also has entries for forks that failed; nook makes all or none).
 #[derive(Debug, Serialize)]
-#[serde(untagged)]
-enum ForkOutcome {
-    Made { sandbox: Box<E2bSandbox> },
-    Failed { error: ForkError },
-}
-
-/// A fork's error, in E2B's shape.
-#[derive(Debug, Serialize)]
-struct ForkError {
-    code: u16,
-    message: String,
+struct ForkOutcome {
+    sandbox: Box<E2bSandbox>,
 }
 
 /// `POST /sandboxes/{id}/fork`.
@@ -548,51 +538,28 @@ pub(crate) async fn fork(State(e2b): State<E2b>, UrlPath(id): UrlPath<String>, b
         Ok(source) => source,
         Err(failure) => return not_found_or(failure, &id),
     };
-    // To its end even if the client goes away, so that no fork is left without its deadline.
-    let task = {
-        let e2b = e2b.clone();
-        tokio::spawn(async move {
-            let request = ForkRequest {
-                count: Some(count as u32),
-                names: Vec::new(),
-                labels: None,
-            };
-            let forked = e2b.control.fork(&source.id, request).await?;
-            let mut outcomes = Vec::new();
-            for fork in forked.sandboxes {
-                // A fork lives as long as a sandbox created with this timeout, and ends as its source would.
-                match e2b
-                    .control
-                    .set_deadline(&fork.id, Some(timeout), Some(source.on_deadline))
-                    .await
-                {
-                    Ok(fork) => {
-                        e2b.metrics.track(&fork.id);
-                        outcomes.push(ForkOutcome::Made {
-                            sandbox: Box::new(e2b.describe(&fork)),
-                        });
-                    }
-                    Err(failure) => {
-                        if let Err(problem) = e2b.control.delete(&fork.id).await {
-                            tracing::warn!(fork = %fork.id, error = %problem.message,
-                                "a fork whose deadline could not be set could not be deleted");
-                        }
-                        outcomes.push(ForkOutcome::Failed {
-                            error: ForkError {
-                                code: failure.status.as_u16(),
-                                message: failure.message,
-                            },
-                        });
-                    }
-                }
-            }
-            Ok::<_, ApiFailure>(outcomes)
-        })
+    // A fork lives as long as a sandbox created with this timeout, and ends as its source would.
+    let request = ForkRequest {
+        count: Some(count as u32),
+        timeout_s: Some(timeout),
+        on_deadline: Some(source.on_deadline),
+        ..Default::default()
     };
-    match task.await {
-        Ok(Ok(outcomes)) => (StatusCode::CREATED, Json(outcomes)).into_response(),
-        Ok(Err(failure)) => not_found_or(failure, &id),
-        Err(problem) => Failure(ApiFailure::internal("forking failed", &problem)).into_response(),
+    match e2b.control.fork(&source.id, request).await {
+        Ok(forked) => {
+            let outcomes: Vec<ForkOutcome> = forked
+                .sandboxes
+                .iter()
+                .map(|fork| {
+                    e2b.metrics.track(&fork.id);
+                    ForkOutcome {
+                        sandbox: Box::new(e2b.describe(fork)),
+                    }
+                })
+                .collect();
+            (StatusCode::CREATED, Json(outcomes)).into_response()
+        }
+        Err(failure) => not_found_or(failure, &id),
     }
 }
 

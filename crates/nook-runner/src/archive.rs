@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+use crate::images::unpack::HashingReader;
+
 /// Bytes per uploaded part (S3's parts must be at least 5 MiB, but the last).
-pub const PART_BYTES: usize = 16 << 20;
+const PART_BYTES: usize = 16 << 20;
 /// Parts in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
 /// zstd level: fast, since archiving is bounded by reading the layer, not by the wire.
@@ -152,11 +154,6 @@ impl ArchiveStore {
         })
     }
 
-    /// A phrase naming the store.
-    pub fn describe(&self) -> &str {
-        &self.description
-    }
-
     fn failed(&self) -> impl FnOnce(object_store::Error) -> ArchiveError + '_ {
         move |source| ArchiveError::Store {
             store: self.description.clone(),
@@ -194,19 +191,22 @@ impl ArchiveStore {
             writer.write(&chunk);
         }
         drop(chunks);
-        let packed = packer.await.expect("packing does not panic");
-        let failure = failure.or_else(|| {
-            packed.as_ref().err().map(|error| ArchiveError::Io {
+        let packed = match (failure, packer.await.expect("packing does not panic")) {
+            (Some(error), _) => Err(error),
+            (None, Err(source)) => Err(ArchiveError::Io {
                 action: "packing",
-                source: std::io::Error::new(error.kind(), error.to_string()),
-            })
-        });
-        if let Some(error) = failure {
-            let _ = writer.abort().await;
-            return Err(error);
-        }
+                source,
+            }),
+            (None, Ok(packed)) => Ok(packed),
+        };
+        let (sha256, bytes) = match packed {
+            Ok(packed) => packed,
+            Err(error) => {
+                let _ = writer.abort().await;
+                return Err(error);
+            }
+        };
         writer.finish().await.map_err(self.failed())?;
-        let (sha256, bytes) = packed.expect("checked above");
         Ok(ArchivedLayer {
             key: key.to_string(),
             sha256,
@@ -226,15 +226,11 @@ impl ArchiveStore {
         let reader = SyncIoBridge::new(StreamReader::new(stream));
         let upper = upper.to_path_buf();
         let (found, unpacked) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            let mut hashing = HashingRead {
-                inner: reader,
-                hasher: Sha256::new(),
-                count: 0,
-            };
+            let mut hashing = HashingReader::new(reader);
             let unpacked = crate::images::unpack::unpack_layer(&mut hashing, &upper).map_err(std::io::Error::other);
             // Everything stored is hashed, also after a failure: a damaged archive is reported as such.
             std::io::copy(&mut hashing, &mut std::io::sink())?;
-            Ok((format!("sha256:{}", hex::encode(hashing.hasher.finalize())), unpacked))
+            Ok((hashing.finish(), unpacked))
         })
         .await
         .expect("unpacking does not panic")
@@ -292,21 +288,5 @@ impl std::io::Write for HashingChannel {
         self.sender
             .blocking_send(chunk)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
-    }
-}
-
-/// A reader that hashes what passes through it.
-struct HashingRead<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-}
-
-impl<R: std::io::Read> std::io::Read for HashingRead<R> {
-    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        let read = self.inner.read(buffer)?;
-        self.hasher.update(&buffer[..read]);
-        self.count += read as u64;
-        Ok(read)
     }
 }

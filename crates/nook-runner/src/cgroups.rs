@@ -28,7 +28,7 @@ use nook_api::Resources;
 use tokio::io::unix::AsyncFd;
 
 /// Name of the directory that holds all of nook's sandbox cgroups in each hierarchy.
-const PARENT: &str = "nook";
+pub(crate) const PARENT: &str = "nook";
 
 /// Devices a sandbox may open where the v1 devices controller exists (defence in depth: sandboxes also lack
 /// `CAP_MKNOD` and their root is mounted `nodev`): null, zero, full, random, urandom, tty, ptmx and the pts.

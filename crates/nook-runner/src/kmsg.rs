@@ -115,7 +115,10 @@ fn parse_record(record: &str) -> Option<(String, Victim)> {
             _ => {}
         }
     }
-    let sandbox = memcg?.strip_prefix("/nook/")?.split('/').next()?;
+    let sandbox = memcg?
+        .strip_prefix(&format!("/{}/", crate::cgroups::PARENT))?
+        .split('/')
+        .next()?;
     if sandbox.is_empty() {
         return None;
     }

@@ -218,11 +218,6 @@ impl LocalRunner {
         self.layer_parent(id).join("upper")
     }
 
-    /// The storage that holds the runner's sandboxes (for `nook doctor`-style reports).
-    pub fn storage(&self) -> &Storage {
-        &self.inner.storage
-    }
-
     /// Imports an image from a local file without going through HTTP (used for the built-in `base` image).
     pub async fn import_image_file(&self, name: &str, path: &Path, config: ImageConfig) -> Result<Image, RunnerError> {
         let file = std::fs::File::open(path).map_err(|source| RunnerError::Io {
@@ -716,10 +711,16 @@ impl LocalRunner {
             path: dir.clone(),
             source,
         });
-        let recorded = pidfd.and_then(|pidfd| self.write_record(&id, &record).map(|()| pidfd));
-        // The network is made while the agent starts; nothing runs in the sandbox before the agent answers.
-        let recorded = match recorded {
-            Ok(pidfd) => self.attach_network(&mut record, init.pid).await.map(|()| pidfd),
+        // The network is made while the agent starts (nothing runs in the sandbox before the agent answers), and is
+        // recorded in the same write as the init.
+        let recorded = match pidfd {
+            Ok(pidfd) => match self.attach_network(&record.spec, init.pid).await {
+                Ok(attachment) => {
+                    record.network = attachment;
+                    self.write_record(&id, &record).map(|()| pidfd)
+                }
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
         };
         let ready = match recorded {
@@ -743,31 +744,36 @@ impl LocalRunner {
             }
             Err(error) => {
                 kill_and_reap(init.pid).await;
+                // The attachment may be in memory only (its record write failed); detaching twice is harmless.
+                if let (Some(network), Some(attachment)) = (self.inner.network.clone(), record.network.take()) {
+                    let id = id.clone();
+                    let _ = tokio::task::spawn_blocking(move || network.detach(&id, attachment)).await;
+                }
                 self.clean_after_exit_async(&id).await;
                 record.init = None;
-                record.network = None;
                 let _ = self.write_record(&id, &record);
                 Err(error)
             }
         }
     }
 
-    /// Gives a booting sandbox its interface and policy (none for a `none` policy or a runner without a network)
-    /// and records where it is, so that its address is freed whatever happens next.
-    async fn attach_network(&self, record: &mut SandboxRecord, pid: i32) -> Result<(), RunnerError> {
-        let Some(network) = self.inner.network.clone() else {
-            return Ok(());
-        };
-        if record.spec.network.egress == nook_api::EgressMode::None {
-            return Ok(());
+    /// Gives a booting sandbox its interface and policy: none for a `none` policy; on a runner without a network,
+    /// only loopback for the default policy, and a refusal for one that asks for more.
+    async fn attach_network(&self, spec: &SandboxSpec, pid: i32) -> Result<Option<Attachment>, RunnerError> {
+        if spec.network.egress == nook_api::EgressMode::None {
+            return Ok(None);
         }
-        let id = record.spec.id.clone();
-        let policy = record.spec.network.clone();
+        let Some(network) = self.inner.network.clone() else {
+            if spec.network != nook_api::NetworkPolicy::default() {
+                return Err(crate::network::NetworkError::Disabled.into());
+            }
+            return Ok(None);
+        };
+        let (id, policy) = (spec.id.clone(), spec.network.clone());
         let attachment = tokio::task::spawn_blocking(move || network.attach(&id, pid, &policy))
             .await
             .expect("attaching does not panic")?;
-        record.network = Some(attachment);
-        self.write_record(&record.spec.id, record)
+        Ok(Some(attachment))
     }
 
     /// Registers a running sandbox and starts its monitor task.
@@ -796,6 +802,7 @@ impl LocalRunner {
                 Ok(watcher) => Some(watcher),
                 Err(error) => {
                     tracing::warn!(sandbox = %id, %error, "OOM kills in this sandbox will not be reported");
+                    without_auto_grow(&id, &cgroup, &live);
                     None
                 }
             };
@@ -807,6 +814,7 @@ impl LocalRunner {
                     event = next_oom(&mut oom) => {
                         if event.is_err() {
                             oom = None;
+                            without_auto_grow(&id, &cgroup, &live);
                             continue;
                         }
                         if let Some(event) = runner.grow_memory(&id, &cgroup, &live, &mut high_seen) {
@@ -1179,6 +1187,15 @@ fn network_bytes(pid: i32) -> (u64, u64) {
         .fold((0, 0), |(rx, tx), (r, t)| (rx + r, tx + t))
 }
 
+/// Turns memory auto-grow off for a sandbox whose OOM notifications cannot be followed: nobody would raise its limit,
+/// and with the OOM killer held off (v1) its processes would wait at the limit for ever.
+fn without_auto_grow(id: &str, cgroup: &SandboxCgroup, live: &Live) {
+    let memory = live.resources.lock().expect("resources").memory_mb * MIB;
+    if let Err(error) = cgroup.set_auto_grow(false, memory) {
+        tracing::error!(sandbox = %id, %error, "turning memory auto-grow off failed");
+    }
+}
+
 /// Turns a captured volume (`upper` and `work` inside) into a layer: `work` goes, the contents of `upper` move up
 /// one level, and the root takes the upper root's mode and owner.
 fn hoist_upper(volume: &Path) -> std::io::Result<()> {
@@ -1519,42 +1536,44 @@ impl Runner for LocalRunner {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
         let old = self.read_record(id)?.spec.resources;
-        if resources.disk_mb != old.disk_mb {
-            if let Some(mb) = resources.disk_mb {
-                let upper = self.upper_dir(id);
-                let used = tokio::task::spawn_blocking(move || crate::disk::usage(&upper))
-                    .await
-                    .expect("measuring does not panic")
-                    .map_err(|source| RunnerError::Io {
-                        action: "measuring",
-                        path: self.upper_dir(id),
-                        source,
-                    })?
-                    .used_bytes;
-                if used > mb * MIB {
-                    return Err(RunnerError::BelowUsage(format!(
-                        "a disk quota of {mb} MiB is below the {} MiB the sandbox's files take now; remove files \
-                         first",
-                        used.div_ceil(MIB)
-                    )));
-                }
+        let live = self.live(id);
+        let cgroup = self.inner.cgroups.existing(id);
+        // Every check first, so that a refused change changes nothing.
+        let new_quota = resources.disk_mb != old.disk_mb;
+        if let (true, Some(mb)) = (new_quota, resources.disk_mb) {
+            if !self.inner.storage.is_btrfs() {
+                // Refused with the reason, before any file is measured.
+                self.inner.storage.set_quota(&self.volume_dir(id), Some(mb * MIB))?;
             }
-            self.inner
-                .storage
-                .set_quota(&self.volume_dir(id), resources.disk_mb.map(|mb| mb * MIB))?;
+            let upper = self.upper_dir(id);
+            let used = tokio::task::spawn_blocking(move || crate::disk::usage(&upper))
+                .await
+                .expect("measuring does not panic")
+                .map_err(|source| RunnerError::Io {
+                    action: "measuring",
+                    path: self.upper_dir(id),
+                    source,
+                })?
+                .used_bytes;
+            if used > mb * MIB {
+                return Err(RunnerError::BelowUsage(format!(
+                    "a disk quota of {mb} MiB is below the {} MiB the sandbox's files take now; remove files first",
+                    used.div_ceil(MIB)
+                )));
+            }
         }
-        if let Some(live) = self.live(id) {
-            let cgroup = self.inner.cgroups.existing(id);
-            if resources.memory_mb < old.memory_mb {
-                let used = cgroup.usage()?.memory_used;
-                if used > resources.memory_mb * MIB {
-                    return Err(RunnerError::BelowUsage(format!(
-                        "memory_mb {} is below the {} MiB the sandbox uses now; free memory inside it first",
-                        resources.memory_mb,
-                        used.div_ceil(MIB)
-                    )));
-                }
+        if live.is_some() && resources.memory_mb < old.memory_mb {
+            let used = cgroup.usage()?.memory_used;
+            if used > resources.memory_mb * MIB {
+                return Err(RunnerError::BelowUsage(format!(
+                    "memory_mb {} is below the {} MiB the sandbox uses now; free memory inside it first",
+                    resources.memory_mb,
+                    used.div_ceil(MIB)
+                )));
             }
+        }
+        // Then the cgroup (which the kernel may still refuse to shrink), then the quota.
+        if let Some(live) = &live {
             cgroup.resize(&resources).map_err(|error| match error {
                 crate::cgroups::CgroupError::Io { ref source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
                     RunnerError::BelowUsage(format!(
@@ -1566,6 +1585,11 @@ impl Runner for LocalRunner {
             })?;
             *live.resources.lock().expect("resources") = resources;
         }
+        if new_quota {
+            self.inner
+                .storage
+                .set_quota(&self.volume_dir(id), resources.disk_mb.map(|mb| mb * MIB))?;
+        }
         let _writing = self.inner.record_writes.lock().expect("record writes");
         let mut record = self.read_record(id)?;
         record.spec.resources = resources;
@@ -1576,6 +1600,9 @@ impl Runner for LocalRunner {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
         let mut record = self.read_record(id)?;
+        if self.inner.network.is_none() && policy.egress != nook_api::EgressMode::None {
+            return Err(crate::network::NetworkError::Disabled.into());
+        }
         if let (Some(network), Some(live)) = (self.inner.network.clone(), self.live(id)) {
             let attachment = record.network;
             let wanted = policy.egress != nook_api::EgressMode::None;

@@ -352,7 +352,7 @@ impl ImageStore {
 
     /// A fresh, empty directory for unpacking a layer, removed unless adopted.
     fn temp_layer(&self) -> Result<TempLayer, ImageError> {
-        let dir = self.root.join("layers/tmp").join(random_suffix());
+        let dir = self.scratch_path();
         std::fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
         Ok(TempLayer {
             dir: Some(dir),

@@ -167,6 +167,12 @@ pub enum NetworkError {
         /// What nft said.
         message: String,
     },
+    /// The runner was started without sandbox networking.
+    #[error(
+        "this runner gives sandboxes no network (nook serve --no-network): only the policy `none` can be set; restart \
+         it without --no-network for egress rules"
+    )]
+    Disabled,
     /// Every sandbox address of the subnet is in use.
     #[error("no sandbox address is free in {0} (give the runner a larger --network-subnet)")]
     Exhausted(Subnet),
