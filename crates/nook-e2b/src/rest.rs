@@ -584,7 +584,10 @@ async fn delete_template(State(e2b): State<E2b>, Path(id): Path<String>) -> Resp
             StatusCode::NOT_IMPLEMENTED,
             format!("remove template {id} with `nook image rm`; E2B template management is not served yet"),
         ),
-        Err(_) => error(StatusCode::NOT_FOUND, format!("template or snapshot {id} not found")),
+        Err(nook_runner::RunnerError::Image(nook_runner::images::ImageError::NotFound(_))) => {
+            error(StatusCode::NOT_FOUND, format!("template or snapshot {id} not found"))
+        }
+        Err(problem) => Failure(ApiFailure::from(problem)).into_response(),
     }
 }
 

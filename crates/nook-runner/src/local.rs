@@ -807,7 +807,9 @@ impl LocalRunner {
                 }
             };
             let mut reported = cgroup.oom_kills();
+            // Events from before (an adopted sandbox's) are not a call for more memory now.
             let mut high_seen = 0;
+            cgroup.needs_memory(&mut high_seen);
             loop {
                 tokio::select! {
                     _ = pidfd.exited() => break,
@@ -867,10 +869,14 @@ impl LocalRunner {
             let cleanup = runner.clone();
             let cleanup_id = id.clone();
             let _ = tokio::task::spawn_blocking(move || cleanup.clean_after_exit(&cleanup_id)).await;
-            if let Ok(mut record) = runner.read_record(&id) {
-                record.init = None;
-                record.network = None;
-                let _ = runner.write_record(&id, &record);
+            {
+                let _writing = runner.inner.record_writes.lock().expect("record writes");
+                if let Ok(mut record) = runner.read_record(&id) {
+                    record.init = None;
+                    record.network = None;
+                    record.paused = false;
+                    let _ = runner.write_record(&id, &record);
+                }
             }
             if !id.starts_with(BUILD_SANDBOX_PREFIX) {
                 let _ = runner.inner.events.send(RunnerEvent::InitExited { sandbox_id: id });

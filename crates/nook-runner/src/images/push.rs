@@ -79,10 +79,9 @@ impl<W> HashingWriter<W> {
 /// The diff id (the sha256 of the tar [`export_layer`] writes, uncompressed) of the layer directory `dir`, and the
 /// size of its regular files' data; nothing is written anywhere.
 pub fn layer_digest(dir: &Path) -> io::Result<(String, u64)> {
-    let mut builder = tar::Builder::new(HashingWriter::new(io::sink()));
-    let mut hard_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let size = append_tree(&mut builder, dir, Path::new(""), &mut hard_links)?;
-    let (_, diff_id, _) = builder.into_inner()?.finish();
+    let mut hashing = HashingWriter::new(io::sink());
+    let size = write_layer_tar(dir, &mut hashing)?;
+    let (_, diff_id, _) = hashing.finish();
     Ok((diff_id, size))
 }
 
@@ -100,11 +99,9 @@ pub(crate) fn write_layer_tar(dir: &Path, out: impl Write) -> io::Result<u64> {
 pub fn export_layer(dir: &Path, out: &Path) -> io::Result<ExportedLayer> {
     let file = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
     let compressed = HashingWriter::new(file);
-    let gzip = flate2::write::GzEncoder::new(compressed, flate2::Compression::fast());
-    let mut builder = tar::Builder::new(HashingWriter::new(gzip));
-    let mut hard_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    append_tree(&mut builder, dir, Path::new(""), &mut hard_links)?;
-    let (gzip, diff_id, _) = builder.into_inner()?.finish();
+    let mut tar = HashingWriter::new(flate2::write::GzEncoder::new(compressed, flate2::Compression::fast()));
+    write_layer_tar(dir, &mut tar)?;
+    let (gzip, diff_id, _) = tar.finish();
     let (mut file, blob_digest, blob_size) = gzip.finish()?.finish();
     file.flush()?;
     file.into_inner().map_err(|error| error.into_error())?.sync_all()?;
