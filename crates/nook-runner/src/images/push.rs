@@ -112,6 +112,24 @@ pub fn export_layer(dir: &Path, out: &Path) -> io::Result<ExportedLayer> {
     })
 }
 
+/// Writes the pax records of the next entry's extended attributes, if it has any: its file capability and its
+/// `user.` metadata (E2B's `user.e2b.*` among it), on files and directories alike.
+fn append_xattrs<W: Write>(builder: &mut tar::Builder<W>, path: &Path) -> io::Result<()> {
+    let mut extensions: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Some(capability) = get_xattr(path, "security.capability")? {
+        extensions.push(("SCHILY.xattr.security.capability".into(), capability));
+    }
+    for name in user_xattrs(path)? {
+        if let Some(value) = get_xattr(path, &name)? {
+            extensions.push((format!("SCHILY.xattr.{name}"), value));
+        }
+    }
+    if !extensions.is_empty() {
+        builder.append_pax_extensions(extensions.iter().map(|(key, value)| (key.as_str(), value.as_slice())))?;
+    }
+    Ok(())
+}
+
 fn header_for(meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(kind);
@@ -140,6 +158,7 @@ fn append_tree<W: Write>(
         let meta = std::fs::symlink_metadata(&path)?;
         let kind = meta.file_type();
         if kind.is_dir() {
+            append_xattrs(builder, &path)?;
             let mut header = header_for(&meta, tar::EntryType::Directory);
             builder.append_data(&mut header, &name, io::empty())?;
             if get_xattr(&path, "trusted.overlay.opaque")?.as_deref() == Some(b"y") {
@@ -168,20 +187,7 @@ fn append_tree<W: Write>(
                 }
                 hard_links.insert(inode, name.clone());
             }
-            let mut extensions: Vec<(String, Vec<u8>)> = Vec::new();
-            if let Some(capability) = get_xattr(&path, "security.capability")? {
-                extensions.push(("SCHILY.xattr.security.capability".into(), capability));
-            }
-            // User metadata (E2B's `user.e2b.*` among it) travels with the file.
-            for name in user_xattrs(&path)? {
-                if let Some(value) = get_xattr(&path, &name)? {
-                    extensions.push((format!("SCHILY.xattr.{name}"), value));
-                }
-            }
-            if !extensions.is_empty() {
-                builder
-                    .append_pax_extensions(extensions.iter().map(|(key, value)| (key.as_str(), value.as_slice())))?;
-            }
+            append_xattrs(builder, &path)?;
             let mut header = header_for(&meta, tar::EntryType::Regular);
             header.set_size(meta.len());
             builder.append_data(&mut header, &name, std::fs::File::open(&path)?)?;
@@ -569,6 +575,7 @@ mod tests {
         )
         .unwrap();
         super::super::unpack::set_xattr(&root.join("etc/opaque"), "trusted.overlay.opaque", b"y").unwrap();
+        super::super::unpack::set_xattr(&root.join("etc"), "user.e2b.note", b"a directory's metadata").unwrap();
         let out = tempfile::tempdir().unwrap();
         let blob = out.path().join("blob");
         let exported = export_layer(root, &blob).unwrap();
@@ -588,6 +595,10 @@ mod tests {
         assert_eq!(
             get_xattr(&copy.join("etc/opaque"), "trusted.overlay.opaque").unwrap(),
             Some(b"y".to_vec())
+        );
+        assert_eq!(
+            get_xattr(&copy.join("etc"), "user.e2b.note").unwrap(),
+            Some(b"a directory's metadata".to_vec())
         );
         // The same tree exports to the same bytes.
         let again = export_layer(root, &out.path().join("again")).unwrap();
