@@ -22,7 +22,9 @@
  * Interrupts (SIGINT): the cell's synchronous part runs inside a vm script with `breakOnSigint`, which stops even a
  * busy loop; a cell waiting on a promise is abandoned by the SIGINT listener. Either way the reply is a
  * KeyboardInterrupt error and the context lives on (an abandoned cell's pending callbacks may still run later). A
- * busy loop after an `await` cannot be stopped from inside; the kernel kills node after a grace period.
+ * busy loop after an `await` cannot be stopped from inside; the kernel kills node after a grace period. A SIGINT
+ * that comes after its cell ended (the kernel repeats an interrupt a cell is slow to answer) waits in the event loop;
+ * each cell first lets the loop turn once, with no cell to abandon, so such a signal never reaches the next cell.
  *
  * `require` resolves from the current working directory, so it finds node's built-in modules and the packages
  * installed where the cell runs. Exceptions thrown outside any cell (in a timer, say) are printed to stderr.
@@ -98,6 +100,7 @@ const KEYBOARD_INTERRUPT = {
 
 /** Runs one cell; returns its reply. */
 async function runCell(code) {
+  await new Promise(setImmediate); // signals that came between cells are handled (and dropped) here
   let evaluation;
   globalThis[HANDOFF] = () => {
     evaluation = post('Runtime.evaluate', { expression: code, replMode: true, objectGroup: 'cell' });
