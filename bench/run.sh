@@ -5,7 +5,7 @@
 #        (nook-bench --help lists them all: also --processes, --file-mib, --file-runs, --runsc, --work-dir...)
 #
 # Steps, each idempotent:
-#   1. install runc (Debian main) and a current runsc (bookworm-backports: main's 2022 runsc has no systrap
+#   1. install runc and wrk (Debian main) and a current runsc (bookworm-backports: main's 2022 runsc has no systrap
 #      platform). The backports source is derived from the host's own deb822 sources, so it uses the same mirror;
 #      if that fails the bench runs without runsc and reports it as unavailable.
 #   2. scripts/build.sh --release (builds nook, the static agent and nook-bench).
@@ -119,6 +119,7 @@ main() {
     cd "$ROOT"
 
     apt_install_missing runc
+    apt_install_missing wrk
     install_runsc
 
     "$ROOT/scripts/build.sh" --release >&2

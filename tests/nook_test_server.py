@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Sandbox ports are `{port}-{id}.nook.test` (the SDKs' get_host); tests send that as the Host to the server's address.
+PREVIEW_DOMAIN = "nook.test"
 
 
 def _free_port() -> int:
@@ -56,7 +58,7 @@ class Server:
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
                 [nook, "serve", "--listen", self.url.removeprefix("http://"), "--data-dir", self.data,
-                 "--no-client-config"],
+                 "--no-client-config", "--preview-domain", PREVIEW_DOMAIN],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -19,6 +19,7 @@ mod interrupt;
 mod machine;
 mod nook;
 mod peers;
+mod preview;
 mod report;
 mod server;
 mod stateful;
@@ -99,6 +100,9 @@ struct Args {
     /// Do not run runsc; report it as not installed.
     #[arg(long, conflicts_with = "runsc")]
     no_runsc: bool,
+    /// Timed requests each way (straight to a sandbox, through the preview proxy) in the preview series.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    preview_requests: u32,
     /// Timed live resizes (CPU and memory, alternately up and down).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     resizes: u32,
@@ -166,6 +170,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             images: &figures.nook.images,
             builds: &figures.nook.builds,
             stateful: &figures.nook.stateful,
+            preview: &figures.nook.preview,
             peers: &figures.peers,
         })
     );
@@ -195,6 +200,7 @@ struct NookFigures {
     images: ImageFigures,
     builds: BuildFigures,
     stateful: stateful::StatefulFigures,
+    preview: preview::PreviewFigures,
 }
 
 /// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
@@ -280,6 +286,14 @@ fn measure(
             let images = images::image_transfers(&client, work, &mut sandboxes, interrupt).await?;
             let builds = builds::build_series(&client, args.rebuilds as usize, interrupt).await?;
             let stateful = stateful::stateful_series(&client, args.resizes as usize, &mut sandboxes, interrupt).await?;
+            let preview = preview::preview_series(
+                &client,
+                &server.url,
+                args.preview_requests as usize,
+                &mut sandboxes,
+                interrupt,
+            )
+            .await?;
             anyhow::Ok(NookFigures {
                 version,
                 base_layer,
@@ -295,6 +309,7 @@ fn measure(
                 images,
                 builds,
                 stateful,
+                preview,
             })
         })?;
         let peers = peers::bench(

@@ -46,6 +46,8 @@ pub struct Report<'a> {
     pub builds: &'a BuildFigures,
     /// Forks, snapshots and resizes.
     pub stateful: &'a crate::stateful::StatefulFigures,
+    /// The preview proxy.
+    pub preview: &'a crate::preview::PreviewFigures,
     /// The peers.
     pub peers: &'a PeerFigures,
 }
@@ -215,6 +217,58 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         Some(&r.stateful.resize),
         None,
     )?;
+    writeln!(out)?;
+
+    let preview = r.preview;
+    writeln!(out, "## Preview proxy (HTTP to a Node.js server in a sandbox)\n")?;
+    writeln!(
+        out,
+        "| measurement | n | p50 ms | p95 ms | p99 ms | mean ms | min ms | max ms |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    row(
+        out,
+        "GET straight to the sandbox's address",
+        preview.direct.as_ref(),
+        None,
+    )?;
+    row(
+        out,
+        "GET through the preview proxy (path, token)",
+        Some(&preview.proxied),
+        None,
+    )?;
+    writeln!(out)?;
+    if let Some(direct) = &preview.direct {
+        writeln!(
+            out,
+            "The proxy adds {:.2} ms at the median, one request at a time.\n",
+            preview.proxied.p50 - direct.p50
+        )?;
+    }
+    writeln!(
+        out,
+        "| under load ({}) | requests/s | p50 ms | p99 ms |",
+        preview.load_settings
+    )?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    for (what, load) in [
+        ("straight to the sandbox", &preview.direct_load),
+        ("through the preview proxy", &preview.proxied_load),
+    ] {
+        match load {
+            Ok(load) => writeln!(
+                out,
+                "| {what} | {:.0} | {:.2} | {:.2} |",
+                load.requests_per_s, load.p50_ms, load.p99_ms
+            )?,
+            Err(why) => writeln!(
+                out,
+                "| {what} | not measured: {} | | |",
+                why.lines().next().unwrap_or("")
+            )?,
+        }
+    }
     writeln!(out)?;
 
     writeln!(out, "## Ratios (p50)\n")?;
@@ -550,6 +604,17 @@ mod tests {
                     restore_start_ms: 1100.0,
                 }],
                 resize: summary(1.5),
+            },
+            preview: &crate::preview::PreviewFigures {
+                direct: Some(summary(0.2)),
+                proxied: summary(0.5),
+                direct_load: Ok(crate::preview::Load {
+                    requests_per_s: 9000.0,
+                    p50_ms: 1.0,
+                    p99_ms: 3.0,
+                }),
+                proxied_load: Err("wrk could not run".into()),
+                load_settings: "wrk".into(),
             },
             peers: &peers,
         });

@@ -13,8 +13,12 @@ use utoipa::ToSchema;
 pub mod limits;
 pub mod names;
 pub mod network;
+pub mod preview;
 
 pub use network::{EgressAction, EgressMode, EgressRule, NetworkPolicy};
+pub use preview::{
+    PortAccess, PreviewLink, PreviewLinkList, PreviewLinkRequest, PreviewSettings, PreviewSettingsRequest,
+};
 
 /// The lifecycle state of a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -93,6 +97,10 @@ pub enum StateReason {
     Resized,
     /// A client changed its network policy.
     NetworkChanged,
+    /// A client changed who may reach its ports (public ports, wake on request, rotated tokens).
+    PreviewChanged,
+    /// A preview request woke it (resumed or started it) because its `preview.wake_on_request` is on.
+    WokenByRequest,
     /// It was made as a fork of another sandbox (named in the message and in `parent`).
     Forked,
     /// A snapshot of its files was taken (the image is named in the message).
@@ -119,6 +127,8 @@ impl StateReason {
             Self::DeadlinePassed => "deadline_passed",
             Self::Resized => "resized",
             Self::NetworkChanged => "network_changed",
+            Self::PreviewChanged => "preview_changed",
+            Self::WokenByRequest => "woken_by_request",
             Self::Forked => "forked",
             Self::Snapshotted => "snapshotted",
             Self::MemoryGrown => "memory_grown",
@@ -139,6 +149,8 @@ impl StateReason {
             "deadline_passed" => Self::DeadlinePassed,
             "resized" => Self::Resized,
             "network_changed" => Self::NetworkChanged,
+            "preview_changed" => Self::PreviewChanged,
+            "woken_by_request" => Self::WokenByRequest,
             "forked" => Self::Forked,
             "snapshotted" => Self::Snapshotted,
             "memory_grown" => Self::MemoryGrown,
@@ -300,6 +312,9 @@ pub struct CreateSandboxRequest {
     /// What the sandbox may reach on the network (any public address when omitted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkPolicy>,
+    /// Who may reach its ports through the preview proxy (every port private when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewSettings>,
 }
 
 /// A sandbox as the API reports it.
@@ -348,6 +363,9 @@ pub struct Sandbox {
     /// Its IPv4 address while it runs with a network interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Who may reach its ports through the preview proxy.
+    #[serde(default)]
+    pub preview: PreviewSettings,
     /// When the sandbox was created.
     pub created_at: DateTime<Utc>,
     /// When the sandbox last changed state.

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, ResourceRequest, Sandbox, SandboxState};
 use nook_client::Client;
 
-use crate::{client_config, pairs, progress, table, Command, ImageCommand};
+use crate::{client_config, pairs, progress, table, Command, ImageCommand, PreviewCommand};
 
 /// Runs one command; returns the process exit code.
 pub async fn run(command: Command) -> anyhow::Result<u8> {
@@ -50,6 +50,11 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
                     stopped_archive_s: args.archive_after_stopped,
                 }),
                 network: args.egress.given().then(|| args.egress.policy()).transpose()?,
+                preview: (!args.public_ports.is_empty() || args.wake_on_request).then(|| nook_api::PreviewSettings {
+                    public_ports: args.public_ports.clone(),
+                    wake_on_request: args.wake_on_request,
+                    ..Default::default()
+                }),
             };
             let sandbox = client.create_sandbox(&request).await?;
             if args.json {
@@ -306,6 +311,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             }
             Ok(0)
         }
+        Command::Preview(command) => preview_command(client, command).await,
         Command::Snapshot(args) => {
             let image = client.snapshot_sandbox(&args.sandbox, &args.image).await?;
             if args.json {
@@ -896,6 +902,8 @@ fn describe(sandbox: &Sandbox) -> String {
         ),
         ("parent", sandbox.parent.clone().unwrap_or_else(|| "-".to_string())),
         ("lifecycle", describe_lifecycle(&sandbox.lifecycle)),
+        ("network", sandbox.network.summary()),
+        ("preview", describe_preview(&sandbox.preview)),
         ("oom kills", sandbox.oom_kills.to_string()),
         ("labels", labels.join(", ")),
         ("created", sandbox.created_at.to_rfc3339()),
@@ -1022,6 +1030,22 @@ fn describe_lifecycle(lifecycle: &nook_api::Lifecycle) -> String {
     }
 }
 
+fn describe_preview(preview: &nook_api::PreviewSettings) -> String {
+    let ports = if preview.all_ports_public {
+        "every port public".to_string()
+    } else if preview.public_ports.is_empty() {
+        "every port private (token or signed link)".to_string()
+    } else {
+        let ports: Vec<String> = preview.public_ports.iter().map(u16::to_string).collect();
+        format!("public ports {}, the others private", ports.join(", "))
+    };
+    if preview.wake_on_request {
+        format!("{ports}; a request wakes it")
+    } else {
+        ports
+    }
+}
+
 fn describe_stats(stats: &nook_api::SandboxStats) -> String {
     let disk = if stats.disk_used_complete {
         table::bytes(stats.disk_used_bytes)
@@ -1059,4 +1083,99 @@ fn describe_stats(stats: &nook_api::SandboxStats) -> String {
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+async fn preview_command(client: &Client, command: PreviewCommand) -> anyhow::Result<u8> {
+    match command {
+        PreviewCommand::Url(args) => {
+            let access = client.port_access(&args.sandbox, args.port).await?;
+            if args.json {
+                print_json(&access)?;
+            } else {
+                let access_word = if access.public { "public" } else { "token" };
+                let rows: Vec<Vec<String>> = access
+                    .url
+                    .iter()
+                    .chain(std::iter::once(&access.path_url))
+                    .map(|url| vec![access.port.to_string(), access_word.to_string(), url.clone()])
+                    .collect();
+                print!("{}", table::render(&["PORT", "ACCESS", "URL"], &rows));
+                println!("token: {}", access.token);
+                eprintln!(
+                    "send the token in the Nook-Preview-Token header or the {} query parameter",
+                    nook_api::preview::TOKEN_QUERY
+                );
+            }
+            Ok(0)
+        }
+        PreviewCommand::Link(args) => {
+            let link = client.make_preview_link(&args.sandbox, args.port, args.expires).await?;
+            if args.json {
+                print_json(&link)?;
+            } else {
+                println!(
+                    "{}",
+                    link.url.as_ref().or(link.path_url.as_ref()).map_or("", String::as_str)
+                );
+                eprintln!(
+                    "link {} works until {} (nook preview revoke {} {} ends it sooner)",
+                    link.id, link.expires_at, args.sandbox, link.id
+                );
+            }
+            Ok(0)
+        }
+        PreviewCommand::Links(args) => {
+            let links = client.preview_links(&args.sandbox).await?;
+            if args.json {
+                print_json(&links)?;
+            } else {
+                let now = chrono::Utc::now();
+                let mut rows = Vec::new();
+                for link in &links.links {
+                    let status = if link.revoked_at.is_some() {
+                        "revoked"
+                    } else if link.expires_at <= now {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    rows.push(vec![
+                        link.id.clone(),
+                        link.port.to_string(),
+                        link.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        status.to_string(),
+                    ]);
+                }
+                print!("{}", table::render(&["ID", "PORT", "EXPIRES", "STATUS"], &rows));
+            }
+            Ok(0)
+        }
+        PreviewCommand::Revoke(args) => {
+            let link = client.revoke_preview_link(&args.sandbox, &args.link).await?;
+            eprintln!("revoked {} (port {})", link.id, link.port);
+            Ok(0)
+        }
+        PreviewCommand::Set(args) => {
+            let current = client.sandbox(&args.sandbox).await?;
+            let public_ports = (!args.public.is_empty() || !args.private.is_empty()).then(|| {
+                let mut ports: Vec<u16> = current.preview.public_ports.clone();
+                ports.extend(&args.public);
+                ports.retain(|port| !args.private.contains(port));
+                ports
+            });
+            let request = nook_api::PreviewSettingsRequest {
+                public_ports,
+                all_ports_public: args.all_public,
+                wake_on_request: args.wake_on_request,
+                rotate_tokens: args.rotate,
+            };
+            let sandbox = client.set_preview(&args.sandbox, &request).await?;
+            if args.json {
+                print_json(&sandbox)?;
+            } else {
+                eprintln!("{}: {}", sandbox.name, sandbox.state_message);
+            }
+            Ok(0)
+        }
+    }
 }

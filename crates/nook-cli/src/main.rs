@@ -47,6 +47,9 @@ enum Command {
     Lifecycle(LifecycleArgs),
     /// Replace a sandbox's network policy, in force at once (no flags: any public address).
     Network(NetworkArgs),
+    /// Reach a sandbox's ports from outside: URLs and tokens, signed links, public ports.
+    #[command(subcommand)]
+    Preview(PreviewCommand),
     /// Stop sandboxes (files are kept).
     Stop(TargetsArgs),
     /// Start stopped sandboxes.
@@ -129,9 +132,105 @@ struct CreateArgs {
     archive_after_stopped: Option<u64>,
     #[command(flatten)]
     egress: EgressArgs,
+    /// A port anyone may reach through the preview proxy without a token (repeatable).
+    #[arg(long = "public-port", value_name = "PORT")]
+    public_ports: Vec<u16>,
+    /// A preview request to the sandbox while it is paused or stopped resumes or starts it.
+    #[arg(long)]
+    wake_on_request: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `nook preview …`.
+#[derive(Debug, clap::Subcommand)]
+enum PreviewCommand {
+    /// Show a port's preview URLs and token.
+    Url(PortArgs),
+    /// Make a signed link to a port that works until it expires (1s to 24h) or is revoked.
+    Link(LinkArgs),
+    /// List a sandbox's signed links.
+    Links(InspectArgs),
+    /// Revoke a signed link at once.
+    Revoke(RevokeArgs),
+    /// Change who may reach a sandbox's ports, and whether a request wakes it.
+    Set(PreviewSetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PortArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Port inside the sandbox.
+    port: u16,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct LinkArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Port inside the sandbox.
+    port: u16,
+    /// How long the link works: seconds, or a number with s, m or h.
+    #[arg(long, default_value = "1h", value_parser = parse_duration_s)]
+    expires: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RevokeArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Link id (`lnk-…`).
+    link: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct PreviewSetArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// Make a port public: reachable without a token (repeatable).
+    #[arg(long = "public", value_name = "PORT")]
+    public: Vec<u16>,
+    /// Make a port private again (repeatable).
+    #[arg(long = "private", value_name = "PORT")]
+    private: Vec<u16>,
+    /// Make every port public (`false` to go back to the listed ones).
+    #[arg(long, value_name = "BOOL")]
+    all_public: Option<bool>,
+    /// Wake the sandbox on a preview request while it is paused or stopped.
+    #[arg(long, value_name = "BOOL")]
+    wake_on_request: Option<bool>,
+    /// Revoke every token and signed link made so far.
+    #[arg(long)]
+    rotate: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A duration in seconds: `90`, `90s`, `15m`, `2h`.
+fn parse_duration_s(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write 90, 90s, 15m or 2h"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?} is not a duration: the unit is s, m or h")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// A network policy on the command line.

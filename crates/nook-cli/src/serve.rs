@@ -50,8 +50,12 @@ pub struct ServeArgs {
     /// Give sandboxes no network at all (loopback only), and touch neither nftables nor forwarding.
     #[arg(long)]
     no_network: bool,
+    /// DNS suffix whose names `{port}-{sandbox}.DOMAIN` reach sandboxes' ports (point a wildcard record of it at
+    /// nook; `*.localhost` reaches loopback without one). Ports are always reachable by path, /preview/{sandbox}/{port}/.
+    #[arg(long, env = "NOOK_PREVIEW_DOMAIN")]
+    preview_domain: Option<String>,
     /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar,
-    /// storage_image, storage_size_gb), the registry settings: default_registry, insecure_registries,
+    /// storage_image, storage_size_gb, preview_domain), the registry settings: default_registry, insecure_registries,
     /// registry_ca_certificates, [[registry_credentials]] host/username/password; and `[network]` with subnet,
     /// upstream_dns (resolvers the sandboxes' resolver asks; the host's by default) and `[network.dns_records]`
     /// (names the resolver answers itself: `"db.internal" = ["10.0.0.5"]`).
@@ -72,6 +76,7 @@ struct FileConfig {
     base_image_tar: Option<PathBuf>,
     storage_image: Option<PathBuf>,
     storage_size_gb: Option<u64>,
+    preview_domain: Option<String>,
     /// Archive archived sandboxes' writable layers to S3-compatible storage instead of DATA_DIR/archive
     /// (`[archive_s3]` with endpoint, bucket, region, access_key_id, secret_access_key; only in the file).
     archive_s3: Option<nook_runner::archive::S3Config>,
@@ -212,12 +217,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         },
         archive_s3: file.archive_s3,
         network,
+        preview_domain: args
+            .preview_domain
+            .or(file.preview_domain)
+            .map(|domain| preview_domain(&domain))
+            .transpose()?,
     };
     let server = Server::start(config.clone())
         .await
         .context("nook serve could not start")?;
     // E2B's REST API and sandbox protocol, on the same address.
-    let e2b = nook_e2b::E2b::new(server.control(), &config.data_dir).context("nook serve could not start")?;
+    let e2b = nook_e2b::E2b::new(server.control(), server.previews(), &config.data_dir)
+        .context("nook serve could not start")?;
     let server = server.wrap_router(|router| e2b.wrap(router));
     let url = format!("http://{}", client_address(server.local_addr));
     tracing::info!(%url, data_dir = %config.data_dir.display(), "nook is serving");
@@ -238,6 +249,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     server.run(shutdown_signal()).await.context("serving failed")?;
     tracing::info!("stopped serving; sandboxes keep running and are adopted on the next start");
     Ok(0)
+}
+
+/// A preview domain, checked: DNS labels of letters, digits and hyphens, lowercased, no port.
+fn preview_domain(text: &str) -> anyhow::Result<String> {
+    let domain = text.trim_matches('.').to_ascii_lowercase();
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+    };
+    if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(valid_label) {
+        anyhow::bail!(
+            "--preview-domain {text:?} is not a DNS name: give a suffix such as preview.example.com (no scheme, no port)"
+        );
+    }
+    Ok(domain)
 }
 
 /// The address a local client should use: loopback when listening on all interfaces.

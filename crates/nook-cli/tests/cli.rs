@@ -460,3 +460,56 @@ fn stateful_verbs_fork_snapshot_resize_lifecycle_events_and_top() {
     ok(server, &["rm", &name, &fork_name]);
     ok(server, &["image", "rm", &image_name]);
 }
+
+#[test]
+fn preview_verbs_show_urls_make_and_revoke_links_and_set_access() {
+    let server = shared_server();
+    let name = format!("cli-preview-{}", &common::rand_suffix()[..8]);
+    ok(server, &["create", "--name", &name, "--public-port", "3000"]);
+
+    // url: a table with the path URL, then the token.
+    let url = ok(server, &["preview", "url", &name, "8080"]);
+    assert!(url.lines().next().unwrap().starts_with("PORT"), "{url}");
+    assert!(url.contains("/preview/sb-") && url.contains("token: "), "{url}");
+    let access: nook_api::PortAccess =
+        serde_json::from_str(&ok(server, &["preview", "url", &name, "3000", "--json"])).unwrap();
+    assert!(access.public);
+
+    // link prints the URL; links lists it; revoke marks it.
+    let link_url = ok(server, &["preview", "link", &name, "8080", "--expires", "10m"]);
+    assert!(link_url.contains("nook_link=lnk-"), "{link_url}");
+    let links: nook_api::PreviewLinkList =
+        serde_json::from_str(&ok(server, &["preview", "links", &name, "--json"])).unwrap();
+    assert_eq!(links.links.len(), 1);
+    let lifetime = links.links[0].expires_at - links.links[0].created_at;
+    assert!((599..=601).contains(&lifetime.num_seconds()), "{lifetime}");
+    ok(server, &["preview", "revoke", &name, &links.links[0].id]);
+    let table = ok(server, &["preview", "links", &name]);
+    assert!(table.contains("revoked"), "{table}");
+    assert!(!nook(server, &["preview", "link", &name, "8080", "--expires", "2d"])
+        .status
+        .success());
+
+    // set: ports made public and private, wake on request, rotation; each change is an event.
+    ok(
+        server,
+        &[
+            "preview",
+            "set",
+            &name,
+            "--public",
+            "8080",
+            "--private",
+            "3000",
+            "--wake-on-request",
+            "true",
+            "--rotate",
+        ],
+    );
+    let sandbox: Sandbox = serde_json::from_str(&ok(server, &["inspect", &name, "--json"])).unwrap();
+    assert_eq!(sandbox.preview.public_ports, vec![8080]);
+    assert!(sandbox.preview.wake_on_request);
+    assert_eq!(sandbox.preview.token_generation, 1);
+    assert!(ok(server, &["events", &name]).contains("preview_changed"));
+    ok(server, &["rm", &name]);
+}

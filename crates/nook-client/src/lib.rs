@@ -237,6 +237,56 @@ impl Client {
         .await
     }
 
+    /// Changes who may reach a sandbox's ports.
+    pub async fn set_preview(
+        &self,
+        key: &str,
+        request: &nook_api::PreviewSettingsRequest,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::PUT, self.url_for(&["v1", "sandboxes", key, "preview"]))
+                .json(request),
+        )
+        .await
+    }
+
+    /// A port's preview URLs and token.
+    pub async fn port_access(&self, key: &str, port: u16) -> Result<nook_api::PortAccess, ClientError> {
+        let port = port.to_string();
+        self.json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "ports", &port])))
+            .await
+    }
+
+    /// Makes a signed link to a port that works for `expires_in_s` seconds.
+    pub async fn make_preview_link(
+        &self,
+        key: &str,
+        port: u16,
+        expires_in_s: u64,
+    ) -> Result<nook_api::PreviewLink, ClientError> {
+        let port = port.to_string();
+        self.json(
+            self.request(
+                Method::POST,
+                self.url_for(&["v1", "sandboxes", key, "ports", &port, "links"]),
+            )
+            .json(&nook_api::PreviewLinkRequest { expires_in_s }),
+        )
+        .await
+    }
+
+    /// A sandbox's signed links.
+    pub async fn preview_links(&self, key: &str) -> Result<nook_api::PreviewLinkList, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "sandboxes", key, "links"])))
+            .await
+    }
+
+    /// Revokes a signed link.
+    pub async fn revoke_preview_link(&self, key: &str, link: &str) -> Result<nook_api::PreviewLink, ClientError> {
+        self.json(self.request(Method::DELETE, self.url_for(&["v1", "sandboxes", key, "links", link])))
+            .await
+    }
+
     /// Pauses a running sandbox (its processes frozen where they are).
     pub async fn pause_sandbox(&self, key: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "pause"])))

@@ -135,6 +135,11 @@ impl Control {
         Ok(self.store.api_key_by_hash(&crate::ids::hash_key(key)).await?.is_some())
     }
 
+    /// Notes work on a sandbox on a client's behalf (a preview request), which keeps its idle timer from firing.
+    pub fn note_activity(&self, id: &str) {
+        self.lifecycles.touch(id);
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -152,6 +157,9 @@ impl Control {
         check_env(&request.env)?;
         if let Some(policy) = &request.network {
             policy.check().map_err(ApiFailure::invalid)?;
+        }
+        if let Some(preview) = &request.preview {
+            preview.check().map_err(ApiFailure::invalid)?;
         }
         let wanted = request.resources.clone().unwrap_or_default();
         let resources = Resources {
@@ -234,6 +242,7 @@ impl Control {
             parent: None,
             network: request.network.clone().unwrap_or_default(),
             address: None,
+            preview: request.preview.clone().unwrap_or_default(),
             created_at: now,
             updated_at: now,
         };
@@ -536,6 +545,7 @@ impl Control {
                 parent: Some(source.id.clone()),
                 network: source.network.clone(),
                 address: None,
+                preview: source.preview.clone(),
                 created_at: now,
                 updated_at: now,
             };

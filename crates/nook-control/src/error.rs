@@ -125,6 +125,7 @@ impl From<RunnerError> for ApiFailure {
             RunnerError::Archive(nook_runner::archive::ArchiveError::Store { .. }) => {
                 Self::new(StatusCode::BAD_GATEWAY, "archive_store_failed", chain(&error))
             }
+            RunnerError::PortClosed { .. } => Self::new(StatusCode::BAD_GATEWAY, "port_closed", error.to_string()),
             RunnerError::BelowUsage(message) => Self::new(StatusCode::CONFLICT, "below_usage", message.clone()),
             RunnerError::Network(nook_runner::network::NetworkError::Disabled) => {
                 Self::new(StatusCode::BAD_REQUEST, "unsupported", error.to_string())

@@ -21,6 +21,7 @@ pub mod error;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
+pub mod preview;
 pub mod store;
 
 use control::Control;
@@ -50,6 +51,9 @@ pub struct ServerConfig {
     pub archive_s3: Option<nook_runner::archive::S3Config>,
     /// How sandboxes are networked; `None`: loopback only.
     pub network: Option<nook_runner::network::NetworkConfig>,
+    /// The DNS suffix under which `{port}-{sandbox}.{domain}` reaches a sandbox's port (a wildcard record of it
+    /// points at nook); without it, ports are reached by path, or by host with a sandbox id under any domain.
+    pub preview_domain: Option<String>,
 }
 
 /// Why the server could not start.
@@ -76,6 +80,15 @@ pub enum StartError {
     /// Reconciling with the runner failed.
     #[error("cannot reconcile the store with the runner: {0}")]
     Reconcile(String),
+    /// The signing secret could not be read or made.
+    #[error("cannot read or create the secret {path}")]
+    Secret {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The address could not be bound.
     #[error("cannot listen on {address}")]
     Listen {
@@ -92,6 +105,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     control: Arc<Control>,
+    previews: Arc<preview::Previews>,
     /// The admin key generated on this start, if one was (show it once; only its hash is stored).
     pub generated_admin_key: Option<String>,
     /// Where it listens.
@@ -166,13 +180,25 @@ impl Server {
             address: config.listen,
             source,
         })?;
+        let secret_path = config.data_dir.join("preview-secret");
+        let secret = ids::load_or_create_secret(&secret_path).map_err(|source| StartError::Secret {
+            path: secret_path,
+            source,
+        })?;
+        let previews = Arc::new(preview::Previews::new(
+            control.clone(),
+            secret,
+            config.preview_domain.clone(),
+        ));
         let router = api::router(api::AppState {
             control: control.clone(),
+            previews: previews.clone(),
         });
         Ok(Self {
             listener,
             router,
             control,
+            previews,
             generated_admin_key,
             local_addr,
         })
@@ -181,6 +207,11 @@ impl Server {
     /// The control plane's operations, for API surfaces layered on top (E2B compatibility).
     pub fn control(&self) -> Arc<Control> {
         self.control.clone()
+    }
+
+    /// The preview proxy, for API surfaces that route sandbox traffic themselves (E2B's sandbox hosts).
+    pub fn previews(&self) -> Arc<preview::Previews> {
+        self.previews.clone()
     }
 
     /// Replaces the router with `wrap(router)`: how other API surfaces add their routes and layers.
@@ -198,9 +229,8 @@ impl Server {
                 tracing::warn!(%error, "could not set TCP_NODELAY on a connection");
             }
         });
-        axum::serve(listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, service).with_graceful_shutdown(shutdown).await
     }
 }
 

@@ -6,7 +6,9 @@
 //! - sandbox traffic, recognised by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers the SDKs send when
 //!   `E2B_SANDBOX_URL` is set, or by a `{port}-{sandboxId}.{domain}` Host: port 49983 is envd ([`envd`]), served by
 //!   nook on top of its own agent; port 49999 is the code interpreter ([`interpreter`]), Jupyter kernels driven
-//!   inside the sandbox; other ports are answered with a clear error until sandbox networking exists;
+//!   inside the sandbox; every other port goes to nook's preview proxy, admitted by the sandbox's traffic access
+//!   token (`e2b-traffic-access-token`) or by nook's own preview rules (E2B sandboxes' ports are public unless
+//!   created with `allowPublicTraffic: false`);
 //!   a signed `/files` URL (the SDKs' `download_url` / `upload_url`) that carries neither is addressed to the
 //!   sandbox whose access token made its signature;
 //! - nook's native API under `/v1/`, untouched.
@@ -42,6 +44,8 @@ pub mod templates;
 pub const ENVD_VERSION: &str = "0.6.4";
 /// The port of envd inside an E2B sandbox.
 pub const ENVD_PORT: u16 = 49983;
+/// The header that carries a sandbox's traffic access token to its ports.
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
 /// The default user of E2B sandboxes, as in E2B's base template.
 pub const DEFAULT_USER: &str = "user";
 
@@ -50,6 +54,8 @@ pub const DEFAULT_USER: &str = "user";
 pub struct E2b {
     /// nook's operations.
     pub control: Arc<Control>,
+    /// nook's preview proxy, which serves every sandbox port but envd's and the interpreter's.
+    pub previews: Arc<nook_control::preview::Previews>,
     /// Secret the per-sandbox access tokens are derived from.
     secret: Arc<[u8; 32]>,
     /// Polling file watchers of envd's `CreateWatcher`.
@@ -83,12 +89,18 @@ pub enum E2bError {
 
 impl E2b {
     /// The E2B layer over `control`, keeping its token secret in `data_dir`.
-    pub fn new(control: Arc<Control>, data_dir: &Path) -> Result<Self, E2bError> {
+    pub fn new(
+        control: Arc<Control>,
+        previews: Arc<nook_control::preview::Previews>,
+        data_dir: &Path,
+    ) -> Result<Self, E2bError> {
         let path = data_dir.join("e2b-token-secret");
-        let secret = load_or_create_secret(&path).map_err(|source| E2bError::Secret { path, source })?;
+        let secret =
+            nook_control::ids::load_or_create_secret(&path).map_err(|source| E2bError::Secret { path, source })?;
         let snapshots = snapshots::Snapshots::open(data_dir)?;
         Ok(Self {
             control: control.clone(),
+            previews,
             secret: Arc::new(secret),
             metrics: Arc::new(metrics::Metrics::new(control.runner().clone())),
             watchers: Arc::new(envd::filesystem::Watchers::default()),
@@ -165,15 +177,17 @@ async fn route_sandbox_traffic(
         ENVD_PORT => ports.envd,
         interpreter::INTERPRETER_PORT => ports.interpreter,
         port => {
-            return rest::error(
-                axum::http::StatusCode::BAD_GATEWAY,
-                format!(
-                    "port {port} of sandbox {} is not reachable through nook yet: only envd ({ENVD_PORT}) and the \
-                     code interpreter ({}) are served",
-                    target.sandbox,
-                    interpreter::INTERPRETER_PORT
-                ),
-            )
+            let token = request.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+            let trusted = token
+                .as_ref()
+                .and_then(|token| token.to_str().ok())
+                .is_some_and(|token| same_secret(token, &e2b.traffic_access_token(&target.sandbox)));
+            let destination = nook_control::preview::Destination {
+                sandbox: target.sandbox,
+                port,
+                prefix: None,
+            };
+            return e2b.previews.forward(destination, request, trusted).await;
         }
     };
     let sandbox = match e2b.control.resolve(&target.sandbox).await {
@@ -240,31 +254,6 @@ fn sandbox_target(headers: &HeaderMap) -> Option<SandboxTarget> {
         sandbox: sandbox.to_string(),
         port,
     })
-}
-
-fn load_or_create_secret(path: &Path) -> std::io::Result<[u8; 32]> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    match std::fs::read(path) {
-        Ok(bytes) if bytes.len() == 32 => return Ok(bytes.try_into().expect("32 bytes")),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "the secret file does not hold 32 bytes",
-            ))
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error),
-    }
-    let secret: [u8; 32] = rand::random();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(&secret)?;
-    file.sync_all()?;
-    Ok(secret)
 }
 
 /// Compares two secrets in time independent of where they differ.

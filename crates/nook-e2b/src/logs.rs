@@ -70,6 +70,8 @@ fn entry_of(sandbox_id: &str, event: &SandboxEvent) -> LogEntry {
         | StateReason::DeadlinePassed
         | StateReason::Resized
         | StateReason::NetworkChanged
+        | StateReason::PreviewChanged
+        | StateReason::WokenByRequest
         | StateReason::Forked
         | StateReason::Snapshotted
         | StateReason::MemoryGrown

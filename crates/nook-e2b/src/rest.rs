@@ -145,6 +145,9 @@ struct E2bNetwork {
     /// Addresses and blocks denied.
     #[serde(default)]
     deny_out: Vec<String>,
+    /// Whether the sandbox's ports accept requests without its traffic access token (E2B's default: yes).
+    #[serde(default)]
+    allow_public_traffic: Option<bool>,
 }
 
 /// The nook policy for E2B's settings: the allowed destinations first (they take precedence), then the denied
@@ -214,7 +217,8 @@ impl E2b {
             envd_access_token: self.access_token(&sandbox.id),
             traffic_access_token: self.traffic_access_token(&sandbox.id),
             alias: sandbox.image.clone(),
-            domain: None,
+            // With a preview domain, the SDKs' `get_host(port)` names the port's preview host.
+            domain: self.previews.domain().map(str::to_string),
             started_at: sandbox.created_at,
             end_at: sandbox
                 .deadline
@@ -258,6 +262,11 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
         Ok(timeout) => timeout,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
+    let public_ports = request
+        .network
+        .as_ref()
+        .and_then(|network| network.allow_public_traffic)
+        .unwrap_or(true);
     let network = network_policy(request.allow_internet_access, request.network);
     // The code-interpreter SDKs ask for their own template; nook's base image carries what it needs.
     let interpreter = crate::interpreter::TEMPLATES.contains(&request.template_id.as_str());
@@ -277,6 +286,10 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
             DeadlineAction::Delete
         }),
         network,
+        preview: Some(nook_api::PreviewSettings {
+            all_ports_public: public_ports,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     match e2b.control.create(create).await {

@@ -177,6 +177,17 @@ pub enum RunnerError {
     /// A new limit is below what the sandbox uses now.
     #[error("{0}")]
     BelowUsage(String),
+    /// Nothing accepted a connection to a port inside the sandbox.
+    #[error("nothing in sandbox {sandbox_id} accepts connections on port {port}")]
+    PortClosed {
+        /// Which sandbox.
+        sandbox_id: String,
+        /// Which port.
+        port: u16,
+        /// The connect error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file operation on the runner's own state failed.
     #[error("{action} {path} failed")]
     Io {
@@ -316,6 +327,9 @@ pub trait Runner: Send + Sync + 'static {
     async fn update_network(&self, id: &str, policy: nook_api::NetworkPolicy) -> Result<(), RunnerError>;
     /// A running sandbox's IPv4 address, if it has a network interface.
     async fn address(&self, id: &str) -> Option<std::net::Ipv4Addr>;
+    /// A TCP connection to `port` on the loopback interface of a running sandbox's own network (so servers bound
+    /// to 127.0.0.1 are reached too, and sandboxes without an interface as well): how the preview proxy reaches it.
+    async fn connect_port(&self, id: &str, port: u16) -> Result<tokio::net::TcpStream, RunnerError>;
     /// Moves a stopped sandbox's writable layer to the archive store and frees its local disk; starting it brings the
     /// layer back (hash checked). Archiving an archived sandbox answers what was recorded.
     async fn archive_sandbox(&self, id: &str) -> Result<archive::ArchivedLayer, RunnerError>;

@@ -1655,6 +1655,46 @@ impl Runner for LocalRunner {
         attachment.map(|attachment| attachment.address)
     }
 
+    async fn connect_port(&self, id: &str, port: u16) -> Result<tokio::net::TcpStream, RunnerError> {
+        let live = self.live(id).ok_or_else(|| RunnerError::NotRunning(id.to_string()))?;
+        if live.paused.load(Ordering::SeqCst) {
+            return Err(RunnerError::Paused(id.to_string()));
+        }
+        let pid = live
+            .record
+            .init
+            .map(|init| init.pid)
+            .ok_or_else(|| RunnerError::NotRunning(id.to_string()))?;
+        let namespace_path = format!("/proc/{pid}/ns/net");
+        let namespace = std::fs::File::open(&namespace_path).map_err(|source| RunnerError::Io {
+            action: "opening the network namespace",
+            path: namespace_path.into(),
+            source,
+        })?;
+        // The socket is made inside the sandbox's namespace (and stays there); connecting to loopback completes or
+        // is refused at once, so the thread never waits on the network.
+        let connected = tokio::task::spawn_blocking(move || {
+            crate::network::netlink::in_namespace(namespace, move || {
+                let stream = std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))?;
+                stream.set_nonblocking(true)?;
+                stream.set_nodelay(true)?;
+                Ok(stream)
+            })
+        })
+        .await
+        .expect("connecting does not panic");
+        let stream = connected.map_err(|source| RunnerError::PortClosed {
+            sandbox_id: id.to_string(),
+            port,
+            source,
+        })?;
+        tokio::net::TcpStream::from_std(stream).map_err(|source| RunnerError::PortClosed {
+            sandbox_id: id.to_string(),
+            port,
+            source,
+        })
+    }
+
     async fn archive_sandbox(&self, id: &str) -> Result<crate::archive::ArchivedLayer, RunnerError> {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;

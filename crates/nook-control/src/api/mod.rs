@@ -34,6 +34,7 @@ use crate::control::{Control, SandboxFilter};
 use crate::error::ApiFailure;
 
 mod builds;
+mod preview;
 mod terminal;
 mod transfer;
 
@@ -44,6 +45,8 @@ pub use transfer::write_form_part;
 pub struct AppState {
     /// The operations.
     pub control: Arc<Control>,
+    /// The preview proxy and its access settings.
+    pub previews: Arc<crate::preview::Previews>,
 }
 
 /// The wire form of one item of a runner's output stream (`None`: the stream ended without a final item).
@@ -100,6 +103,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/deadline", axum::routing::put(set_deadline))
         .route("/v1/sandboxes/{sandbox}/lifecycle", axum::routing::put(set_lifecycle))
         .route("/v1/sandboxes/{sandbox}/network", axum::routing::put(set_network))
+        .route(
+            "/v1/sandboxes/{sandbox}/preview",
+            axum::routing::put(preview::set_preview),
+        )
+        .route("/v1/sandboxes/{sandbox}/ports/{port}", get(preview::port_access))
+        .route("/v1/sandboxes/{sandbox}/ports/{port}/links", post(preview::make_link))
+        .route("/v1/sandboxes/{sandbox}/links", get(preview::list_links))
+        .route(
+            "/v1/sandboxes/{sandbox}/links/{link}",
+            axum::routing::delete(preview::revoke_link),
+        )
         .route("/v1/sandboxes/{sandbox}/start", post(start_sandbox))
         .route("/v1/sandboxes/{sandbox}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{sandbox}/resume", post(resume_sandbox))
@@ -172,11 +186,20 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    // Sandbox ports by path; by host, ahead of every route (any path may be a sandbox app's).
+    let previews = Router::new()
+        .route("/preview/{*rest}", axum::routing::any(crate::preview::route_by_path))
+        .with_state(state.previews.clone());
     Router::new()
         .route("/v1/health", get(health))
         .merge(authenticated)
         .fallback(|| async { ApiFailure::not_found("no such API route") })
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(previews)
+        .layer(axum::middleware::from_fn_with_state(
+            state.previews.clone(),
+            crate::preview::route_by_host,
+        ))
 }
 
 /// Checks `Authorization: Bearer <key>` against the stored key hashes.
@@ -1349,6 +1372,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
         health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, archive_sandbox, fork_sandbox, set_deadline, set_lifecycle, set_network,
+        preview::set_preview, preview::port_access, preview::make_link, preview::list_links, preview::revoke_link,
         sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
         move_file, watch_files, find_files, search_files, replace_in_files, chmod_file, chown_file, list_images, get_image, import_image, pull_image, push_image, prune_images, tag_image, remove_image, export_image,
@@ -1362,6 +1386,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "exec", description = "Running processes in sandboxes"),
         (name = "processes", description = "Background processes that outlive connections, with output replay"),
         (name = "files", description = "Files in sandboxes, streamed both ways"),
+        (name = "preview", description = "Reaching sandboxes' ports from outside: tokens, signed links, public ports"),
         (name = "images", description = "Images in the content-addressed store"),
         (name = "builds", description = "Images built from Dockerfiles, with cached steps and live logs"),
     )

@@ -52,6 +52,8 @@ pub struct Change {
     pub oom_kills: Option<u64>,
     /// A new network policy.
     pub network: Option<nook_api::NetworkPolicy>,
+    /// New preview settings.
+    pub preview: Option<nook_api::PreviewSettings>,
 }
 
 /// A state change to record. It applies only if the sandbox is in one of `from` (compare-and-set), so that two
@@ -118,4 +120,14 @@ pub trait Store: Send + Sync + 'static {
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// How many keys exist.
     async fn api_key_count(&self) -> Result<u64, StoreError>;
+
+    /// Records a signed preview link (its signature is not stored: it is derived again when checked). Links of
+    /// the same sandbox that expired over a day ago are dropped in the same write.
+    async fn insert_preview_link(&self, link: &nook_api::PreviewLink) -> Result<(), StoreError>;
+    /// A preview link by id.
+    async fn preview_link(&self, id: &str) -> Result<Option<nook_api::PreviewLink>, StoreError>;
+    /// A sandbox's preview links, newest first.
+    async fn preview_links(&self, sandbox_id: &str) -> Result<Vec<nook_api::PreviewLink>, StoreError>;
+    /// Marks a sandbox's link revoked (now, unless it already was); returns it.
+    async fn revoke_preview_link(&self, sandbox_id: &str, id: &str) -> Result<nook_api::PreviewLink, StoreError>;
 }

@@ -67,6 +67,18 @@ CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
     r#"
 ALTER TABLE sandboxes ADD COLUMN network TEXT;
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN preview TEXT;
+CREATE TABLE preview_links (
+    id          TEXT PRIMARY KEY,
+    sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+    port        INTEGER NOT NULL,
+    expires_at  TEXT NOT NULL,
+    revoked_at  TEXT,
+    created_at  TEXT NOT NULL
+);
+CREATE INDEX preview_links_by_sandbox ON preview_links(sandbox_id, created_at);
+"#,
 ];
 
 /// SQLite-backed [`Store`].
@@ -115,7 +127,7 @@ impl SqliteStore {
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
                                on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s, \
-                               network";
+                               network, preview";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -146,6 +158,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
         stopped_archive_s: row.get(23)?,
     };
     let network: Option<String> = row.get(24)?;
+    let preview: Option<String> = row.get(25)?;
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -180,6 +193,10 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
                 None => Default::default(),
             },
             address: None,
+            preview: match preview {
+                Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("preview: {e}")))?,
+                None => Default::default(),
+            },
             created_at: parse_time(&created)?,
             updated_at: parse_time(&updated)?,
         })
@@ -232,7 +249,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
                 ),
                 params![
                     sandbox.id,
@@ -260,6 +277,7 @@ impl Store for SqliteStore {
                     sandbox.lifecycle.stopped_delete_s,
                     sandbox.lifecycle.stopped_archive_s,
                     serde_json::to_string(&sandbox.network).expect("a policy serializes"),
+                    serde_json::to_string(&sandbox.preview).expect("preview settings serialize"),
                 ],
             );
             match inserted {
@@ -352,9 +370,10 @@ impl Store for SqliteStore {
                 resources.memory_mb = memory_mb;
             }
             let network = change.network.as_ref().unwrap_or(&current.network);
+            let preview = change.preview.as_ref().unwrap_or(&current.preview);
             transaction.execute(
                 "UPDATE sandboxes SET state_reason = ?2, state_message = ?3, cpu = ?4, memory_mb = ?5, pids = ?6, \
-                 disk_mb = ?7, memory_max_mb = ?8, oom_kills = ?9, network = ?10 WHERE id = ?1",
+                 disk_mb = ?7, memory_max_mb = ?8, oom_kills = ?9, network = ?10, preview = ?11 WHERE id = ?1",
                 params![
                     id,
                     reason.as_str(),
@@ -366,6 +385,7 @@ impl Store for SqliteStore {
                     resources.memory_max_mb,
                     change.oom_kills.unwrap_or(current.oom_kills),
                     serde_json::to_string(network).expect("a policy serializes"),
+                    serde_json::to_string(preview).expect("preview settings serialize"),
                 ],
             )?;
             insert_event(
@@ -516,6 +536,96 @@ impl Store for SqliteStore {
     async fn api_key_count(&self) -> Result<u64, StoreError> {
         self.with(|connection| Ok(connection.query_row("SELECT COUNT(*) FROM api_keys", [], |row| row.get(0))?))
     }
+
+    async fn insert_preview_link(&self, link: &nook_api::PreviewLink) -> Result<(), StoreError> {
+        self.with(|connection| {
+            let transaction = connection.transaction()?;
+            let stale = time_text(Utc::now() - chrono::Duration::days(1));
+            transaction.execute(
+                "DELETE FROM preview_links WHERE sandbox_id = ?1 AND expires_at < ?2",
+                params![link.sandbox, stale],
+            )?;
+            transaction.execute(
+                "INSERT INTO preview_links (id, sandbox_id, port, expires_at, revoked_at, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+                params![
+                    link.id,
+                    link.sandbox,
+                    link.port,
+                    time_text(link.expires_at),
+                    time_text(link.created_at)
+                ],
+            )?;
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    async fn preview_link(&self, id: &str) -> Result<Option<nook_api::PreviewLink>, StoreError> {
+        self.with(|connection| {
+            connection
+                .query_row(
+                    &format!("SELECT {LINK_COLUMNS} FROM preview_links WHERE id = ?1"),
+                    params![id],
+                    link_from_row,
+                )
+                .optional()?
+                .transpose()
+        })
+    }
+
+    async fn preview_links(&self, sandbox_id: &str) -> Result<Vec<nook_api::PreviewLink>, StoreError> {
+        self.with(|connection| {
+            let mut statement = connection.prepare(&format!(
+                "SELECT {LINK_COLUMNS} FROM preview_links WHERE sandbox_id = ?1 ORDER BY created_at DESC, id"
+            ))?;
+            let rows = statement.query_map(params![sandbox_id], link_from_row)?;
+            let mut links = Vec::new();
+            for row in rows {
+                links.push(row??);
+            }
+            Ok(links)
+        })
+    }
+
+    async fn revoke_preview_link(&self, sandbox_id: &str, id: &str) -> Result<nook_api::PreviewLink, StoreError> {
+        self.with(|connection| {
+            connection.execute(
+                "UPDATE preview_links SET revoked_at = ?3 WHERE id = ?1 AND sandbox_id = ?2 AND revoked_at IS NULL",
+                params![id, sandbox_id, now_text()],
+            )?;
+            connection
+                .query_row(
+                    &format!("SELECT {LINK_COLUMNS} FROM preview_links WHERE id = ?1 AND sandbox_id = ?2"),
+                    params![id, sandbox_id],
+                    link_from_row,
+                )
+                .optional()?
+                .ok_or(StoreError::NotFound)?
+        })
+    }
+}
+
+const LINK_COLUMNS: &str = "id, sandbox_id, port, expires_at, revoked_at, created_at";
+
+fn link_from_row(row: &Row<'_>) -> rusqlite::Result<Result<nook_api::PreviewLink, StoreError>> {
+    let expires: String = row.get(3)?;
+    let revoked: Option<String> = row.get(4)?;
+    let created: String = row.get(5)?;
+    let (id, sandbox, port) = (row.get(0)?, row.get(1)?, row.get(2)?);
+    let build = || -> Result<nook_api::PreviewLink, StoreError> {
+        Ok(nook_api::PreviewLink {
+            id,
+            sandbox,
+            port,
+            url: None,
+            path_url: None,
+            expires_at: parse_time(&expires)?,
+            revoked_at: revoked.as_deref().map(parse_time).transpose()?,
+            created_at: parse_time(&created)?,
+        })
+    };
+    Ok(build())
 }
 
 #[cfg(test)]
@@ -559,6 +669,7 @@ mod tests {
                 default: None,
             },
             address: None,
+            preview: Default::default(),
             created_at: now,
             updated_at: now,
         }
