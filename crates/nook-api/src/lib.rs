@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub mod audit;
 pub mod limits;
 pub mod names;
 pub mod network;

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, ResourceRequest, Sandbox, SandboxState};
 use nook_client::Client;
 
-use crate::{client_config, pairs, progress, table, Command, ImageCommand, PreviewCommand};
+use crate::{client_config, pairs, progress, table, AuditArgs, Command, ImageCommand, PreviewCommand};
 
 /// Runs one command; returns the process exit code.
 pub async fn run(command: Command) -> anyhow::Result<u8> {
@@ -312,6 +312,7 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
             Ok(0)
         }
         Command::Preview(command) => preview_command(client, command).await,
+        Command::Audit(args) => audit_command(client, args).await,
         Command::Snapshot(args) => {
             let image = client.snapshot_sandbox(&args.sandbox, &args.image).await?;
             if args.json {
@@ -1178,4 +1179,65 @@ async fn preview_command(client: &Client, command: PreviewCommand) -> anyhow::Re
             Ok(0)
         }
     }
+}
+
+async fn audit_command(client: &Client, args: AuditArgs) -> anyhow::Result<u8> {
+    let mut query = nook_api::audit::AuditQuery {
+        kind: args.kind.as_deref().and_then(nook_api::audit::AuditKind::parse),
+        sandbox: args.sandbox.clone(),
+        allowed: args.denied.then_some(false),
+        since: args
+            .since
+            .map(|seconds| chrono::Utc::now() - chrono::Duration::seconds(seconds as i64)),
+        after: None,
+        before: None,
+        newest_first: false,
+        limit: args.limit,
+    };
+    if args.jsonl {
+        let mut events = client.export_audit(&query).await?;
+        let mut out = std::io::stdout().lock();
+        while let Some(event) = events.next().await {
+            writeln!(out, "{}", serde_json::to_string(&event?)?)?;
+        }
+        return Ok(0);
+    }
+    // The newest `limit` events, shown oldest first.
+    query.limit = Some(args.limit.unwrap_or(50).clamp(1, nook_api::audit::MAX_AUDIT_PAGE));
+    query.newest_first = true;
+    let mut kept = client.audit(&query).await?.events;
+    kept.reverse();
+    if args.json {
+        print_json(&kept)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = kept
+        .iter()
+        .map(|event| {
+            let what = match &event.target {
+                Some(target) => format!("{} {target}", event.action),
+                None => event.action.clone(),
+            };
+            let mut result = event.outcome.clone();
+            if let Some(rule) = event.rule {
+                result.push_str(&format!(" (rule {rule})"));
+            }
+            if let Some(reason) = &event.reason {
+                result.push_str(&format!(": {reason}"));
+            }
+            vec![
+                event.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                event.kind.as_str().to_string(),
+                event.actor.clone().unwrap_or_else(|| "-".into()),
+                event.sandbox.clone().unwrap_or_else(|| "-".into()),
+                what,
+                result,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(&["TIME", "KIND", "WHO", "SANDBOX", "WHAT", "RESULT"], &rows)
+    );
+    Ok(0)
 }

@@ -47,6 +47,8 @@ enum Command {
     Lifecycle(LifecycleArgs),
     /// Replace a sandbox's network policy, in force at once (no flags: any public address).
     Network(NetworkArgs),
+    /// Show the audit log: API calls (who, what, which sandbox, the result) and egress decisions.
+    Audit(AuditArgs),
     /// Reach a sandbox's ports from outside: URLs and tokens, signed links, public ports.
     #[command(subcommand)]
     Preview(PreviewCommand),
@@ -141,6 +143,31 @@ struct CreateArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    /// Only `api` calls or `egress` decisions.
+    #[arg(long, value_parser = ["api", "egress"])]
+    kind: Option<String>,
+    /// Only events about this sandbox (its id; API calls as they named it).
+    #[arg(long)]
+    sandbox: Option<String>,
+    /// Only refused calls and denied traffic.
+    #[arg(long)]
+    denied: bool,
+    /// Only events of the last DURATION (90s, 15m, 2h).
+    #[arg(long, value_parser = parse_duration_s)]
+    since: Option<u64>,
+    /// The most events to show (the latest of them are the last lines) [default: 50; with --jsonl all].
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Print JSON (one page).
+    #[arg(long, conflicts_with = "jsonl")]
+    json: bool,
+    /// Export every matching event as JSON lines.
+    #[arg(long)]
+    jsonl: bool,
 }
 
 /// `nook preview …`.

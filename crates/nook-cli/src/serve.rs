@@ -54,8 +54,11 @@ pub struct ServeArgs {
     /// nook; `*.localhost` reaches loopback without one). Ports are always reachable by path, /preview/{sandbox}/{port}/.
     #[arg(long, env = "NOOK_PREVIEW_DOMAIN")]
     preview_domain: Option<String>,
+    /// How many days the audit log keeps API calls and egress decisions [default: 30].
+    #[arg(long, env = "NOOK_AUDIT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    audit_retention_days: Option<u32>,
     /// TOML config file with the same keys as the flags (listen, data_dir, agent_binary, base_image_tar,
-    /// storage_image, storage_size_gb, preview_domain), the registry settings: default_registry, insecure_registries,
+    /// storage_image, storage_size_gb, preview_domain, audit_retention_days), the registry settings: default_registry, insecure_registries,
     /// registry_ca_certificates, [[registry_credentials]] host/username/password; and `[network]` with subnet,
     /// upstream_dns (resolvers the sandboxes' resolver asks; the host's by default) and `[network.dns_records]`
     /// (names the resolver answers itself: `"db.internal" = ["10.0.0.5"]`).
@@ -77,6 +80,7 @@ struct FileConfig {
     storage_image: Option<PathBuf>,
     storage_size_gb: Option<u64>,
     preview_domain: Option<String>,
+    audit_retention_days: Option<u32>,
     /// Archive archived sandboxes' writable layers to S3-compatible storage instead of DATA_DIR/archive
     /// (`[archive_s3]` with endpoint, bucket, region, access_key_id, secret_access_key; only in the file).
     archive_s3: Option<nook_runner::archive::S3Config>,
@@ -222,6 +226,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             .or(file.preview_domain)
             .map(|domain| preview_domain(&domain))
             .transpose()?,
+        audit_retention_days: args
+            .audit_retention_days
+            .or(file.audit_retention_days)
+            .unwrap_or(nook_control::audit::DEFAULT_RETENTION_DAYS),
     };
     let server = Server::start(config.clone())
         .await

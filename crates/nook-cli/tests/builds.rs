@@ -56,7 +56,12 @@ async fn build(client: &Client, request: &BuildRequest, files: &[(&str, &str)]) 
         .start_build(request, reqwest::Body::from(context(files)))
         .await
         .unwrap_or_else(|error| panic!("starting the build of {} failed: {error}", request.name));
-    assert_eq!(started.state, BuildState::Building);
+    // An unchanged rebuild is all cache hits: it may be over (milliseconds) before the answer is written.
+    assert!(
+        matches!(started.state, BuildState::Building | BuildState::Succeeded),
+        "{:?}",
+        started.state
+    );
     let events = follow(client, &started.id).await;
     (client.build(&started.id).await.unwrap(), events)
 }

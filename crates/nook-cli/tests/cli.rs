@@ -511,5 +511,25 @@ fn preview_verbs_show_urls_make_and_revoke_links_and_set_access() {
     assert!(sandbox.preview.wake_on_request);
     assert_eq!(sandbox.preview.token_generation, 1);
     assert!(ok(server, &["events", &name]).contains("preview_changed"));
+
+    // audit: the calls above, as a table and as JSON lines.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let table = loop {
+        let table = ok(server, &["audit", "--sandbox", &name, "--kind", "api"]);
+        if table.contains("PUT /v1/sandboxes/{sandbox}/preview") || std::time::Instant::now() > deadline {
+            break table;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        table.starts_with("TIME") && table.contains("PUT /v1/sandboxes/{sandbox}/preview"),
+        "{table}"
+    );
+    let lines = ok(server, &["audit", "--sandbox", &name, "--jsonl"]);
+    let exported: Vec<nook_api::audit::AuditEvent> =
+        lines.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert!(exported
+        .iter()
+        .any(|event| event.action == "POST /v1/sandboxes/{sandbox}/ports/{port}/links" && event.outcome == "201"));
     ok(server, &["rm", &name]);
 }

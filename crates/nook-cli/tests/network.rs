@@ -461,5 +461,43 @@ async fn domain_rules_judge_the_name_asked_for_not_the_address_dialled() {
     assert_ne!(code, 0, "{stdout}");
     // Without a name (a raw address) nothing gets through.
     assert_ne!(fetch(&client, &sandbox.id, "", "http://198.51.100.20/").await.0, 0);
+
+    // Each decision is in the audit log: the resolver's and the proxy's, allowed and denied, with rule and reason.
+    let query = nook_api::audit::AuditQuery {
+        kind: Some(nook_api::audit::AuditKind::Egress),
+        sandbox: Some(sandbox.id.clone()),
+        ..Default::default()
+    };
+    let decided =
+        |by: &'static str, target: &'static str, allowed: bool| {
+            let (client, query) = (client.clone(), query.clone());
+            async move {
+                client.audit(&query).await.unwrap().events.iter().any(|event| {
+                    event.action == by && event.target.as_deref() == Some(target) && event.allowed == allowed
+                })
+            }
+        };
+    common::eventually("the decisions are recorded", Duration::from_secs(10), || {
+        decided("proxy", "good.test:80", true)
+    })
+    .await;
+    assert!(decided("dns", "good.test", true).await);
+    assert!(decided("dns", "evil.test", false).await);
+    assert!(decided("proxy", "evil.test:80", false).await);
+    let events = client.audit(&query).await.unwrap().events;
+    let denied = events
+        .iter()
+        .find(|event| event.action == "dns" && event.target.as_deref() == Some("evil.test"))
+        .unwrap();
+    assert_eq!(denied.outcome, "denied");
+    assert!(
+        denied.reason.as_deref().unwrap().contains("no rule allows"),
+        "{denied:?}"
+    );
+    let allowed = events
+        .iter()
+        .find(|event| event.action == "dns" && event.target.as_deref() == Some("good.test"))
+        .unwrap();
+    assert_eq!(allowed.rule, Some(1));
     client.delete_sandbox(&sandbox.id).await.unwrap();
 }

@@ -914,6 +914,26 @@ impl Client {
         Ok(self.ndjson::<nook_api::SandboxEventLine>(response))
     }
 
+    /// One page of the audit log.
+    pub async fn audit(&self, query: &nook_api::audit::AuditQuery) -> Result<nook_api::audit::AuditPage, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "audit"])).query(query))
+            .await
+    }
+
+    /// Every matching audit event, streamed as the server reads them.
+    pub async fn export_audit(
+        &self,
+        query: &nook_api::audit::AuditQuery,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<nook_api::audit::AuditEvent, ClientError>> + Send>>, ClientError> {
+        let response = self
+            .send(
+                self.request(Method::GET, self.url_for(&["v1", "audit", "export"]))
+                    .query(query),
+            )
+            .await?;
+        Ok(self.ndjson::<nook_api::audit::AuditEvent>(response))
+    }
+
     /// A build's events from `offset` (log events already seen); with `follow`, until the build ends.
     pub async fn build_events(
         &self,

@@ -43,6 +43,7 @@ pub struct Control {
     host_memory_mb: u64,
     deadlines: DeadlineTimer,
     lifecycles: crate::lifecycle::Lifecycles,
+    audit: Arc<crate::audit::AuditLog>,
     builds: Builds,
 }
 
@@ -117,6 +118,7 @@ impl Control {
             host_memory_mb,
             deadlines: DeadlineTimer::default(),
             lifecycles: crate::lifecycle::Lifecycles::default(),
+            audit: Arc::default(),
         }
     }
 
@@ -132,7 +134,35 @@ impl Control {
 
     /// Whether `key` is one of the API keys (only their hashes are stored).
     pub async fn api_key_is_valid(&self, key: &str) -> Result<bool, ApiFailure> {
-        Ok(self.store.api_key_by_hash(&crate::ids::hash_key(key)).await?.is_some())
+        Ok(self.authenticate(key).await?.is_some())
+    }
+
+    /// The API key `key` is, if it is one (only their hashes are stored).
+    pub async fn authenticate(&self, key: &str) -> Result<Option<crate::store::ApiKeyRecord>, ApiFailure> {
+        Ok(self.store.api_key_by_hash(&crate::ids::hash_key(key)).await?)
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Arc<crate::audit::AuditLog> {
+        &self.audit
+    }
+
+    /// Starts storing the audit log (kept `retention_days`), egress decisions included.
+    pub fn start_audit(self: &Arc<Self>, retention_days: u32) {
+        self.audit.start(self.store.clone(), retention_days);
+        let Some(mut decisions) = self.runner.egress_decisions() else {
+            return;
+        };
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            loop {
+                match decisions.recv().await {
+                    Ok(decision) => audit.record(crate::audit::egress_event(&decision)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => audit.note_dropped(missed),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
     }
 
     /// Notes work on a sandbox on a client's behalf (a preview request), which keeps its idle timer from firing.

@@ -14,6 +14,7 @@ pub use nook_runner::images::registry::{RegistryConfig, RegistryCredentials};
 use nook_runner::{LocalRunner, LocalRunnerConfig, Runner};
 
 pub mod api;
+pub mod audit;
 pub mod builds;
 pub mod control;
 pub mod deadlines;
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     /// The DNS suffix under which `{port}-{sandbox}.{domain}` reaches a sandbox's port (a wildcard record of it
     /// points at nook); without it, ports are reached by path, or by host with a sandbox id under any domain.
     pub preview_domain: Option<String>,
+    /// How many days audit events are kept.
+    pub audit_retention_days: u32,
 }
 
 /// Why the server could not start.
@@ -161,6 +164,7 @@ impl Server {
             .await
             .map_err(|failure| StartError::Reconcile(failure.message))?;
         control.watch_runner();
+        control.start_audit(config.audit_retention_days);
         control
             .keep_deadlines()
             .await
@@ -229,7 +233,12 @@ impl Server {
                 tracing::warn!(%error, "could not set TCP_NODELAY on a connection");
             }
         });
-        let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
+        // Outermost, so that every API surface's calls are recorded (each marks its responses when it authenticates).
+        let router = self.router.layer(axum::middleware::from_fn_with_state(
+            self.control.audit().clone(),
+            audit::record_calls,
+        ));
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(listener, service).with_graceful_shutdown(shutdown).await
     }
 }

@@ -23,6 +23,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use nook_api::{CreateSandboxRequest, DeadlineAction, Sandbox, SandboxState};
+use nook_control::audit::Audited;
 use nook_control::control::SandboxFilter;
 use nook_control::error::ApiFailure;
 use serde::{Deserialize, Serialize};
@@ -101,15 +102,21 @@ pub fn router(e2b: E2b) -> Router {
         .with_state(e2b)
 }
 
-/// Checks `X-API-Key` against nook's API keys.
+/// Checks `X-API-Key` against nook's API keys, and marks the response for the audit log with who called.
 async fn authenticate(State(e2b): State<E2b>, request: Request, next: Next) -> Response {
     let key = request.headers().get("x-api-key").and_then(|value| value.to_str().ok());
-    let Some(key) = key else {
-        return error(StatusCode::UNAUTHORIZED, "send a nook API key in the X-API-Key header");
+    let refused = |message: &str, request: &Request| {
+        Audited::of("unauthenticated".into(), request).mark(error(StatusCode::UNAUTHORIZED, message))
     };
-    match e2b.control.api_key_is_valid(key.trim()).await {
-        Ok(true) => next.run(request).await,
-        Ok(false) => error(StatusCode::UNAUTHORIZED, "the API key is not valid"),
+    let Some(key) = key else {
+        return refused("send a nook API key in the X-API-Key header", &request);
+    };
+    match e2b.control.authenticate(key.trim()).await {
+        Ok(Some(record)) => {
+            let audited = Audited::of(format!("{} ({})", record.id, record.name), &request);
+            audited.mark(next.run(request).await)
+        }
+        Ok(None) => refused("the API key is not valid", &request),
         Err(failure) => Failure(failure).into_response(),
     }
 }

@@ -402,6 +402,8 @@ pub trait Runner: Send + Sync + 'static {
     async fn running_sandboxes(&self) -> Vec<String>;
     /// Events about sandboxes that happen without a request (OOM kills, init exits).
     fn subscribe(&self) -> broadcast::Receiver<RunnerEvent>;
+    /// Follows the egress decisions (by name) of the runner's resolver and egress proxy; `None` without networking.
+    fn egress_decisions(&self) -> Option<broadcast::Receiver<network::EgressDecision>>;
 }
 
 /// Builds an [`ExecStream`] from channels; used by runner implementations and test doubles.

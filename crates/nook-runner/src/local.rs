@@ -1948,6 +1948,10 @@ impl Runner for LocalRunner {
     fn subscribe(&self) -> broadcast::Receiver<RunnerEvent> {
         self.inner.events.subscribe()
     }
+
+    fn egress_decisions(&self) -> Option<broadcast::Receiver<crate::network::EgressDecision>> {
+        self.inner.network.as_ref().map(|network| network.egress_decisions())
+    }
 }
 
 #[cfg(test)]

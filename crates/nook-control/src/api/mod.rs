@@ -30,9 +30,11 @@ use nook_runner::ExecOutput;
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
+use crate::audit::Audited;
 use crate::control::{Control, SandboxFilter};
 use crate::error::ApiFailure;
 
+mod audit;
 mod builds;
 mod preview;
 mod terminal;
@@ -154,6 +156,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/chmod", post(chmod_file))
         .route("/v1/sandboxes/{sandbox}/files/chown", post(chown_file))
         .route("/metrics", get(metrics))
+        .route("/v1/audit", get(audit::list_audit))
+        .route("/v1/audit/export", get(audit::export_audit))
         .route("/v1/images", get(list_images))
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/push", post(push_image))
@@ -202,7 +206,8 @@ pub fn router(state: AppState) -> Router {
         ))
 }
 
-/// Checks `Authorization: Bearer <key>` against the stored key hashes.
+/// Checks `Authorization: Bearer <key>` against the stored key hashes, and marks the response for the audit log
+/// with who called.
 async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let key = request
         .headers()
@@ -210,20 +215,37 @@ async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Re
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(key) = key else {
-        return ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "this API needs an `Authorization: Bearer <API key>` header",
-        )
-        .into_response();
+    let refused = |message: &str, request: &Request| {
+        Audited::of("unauthenticated".into(), request)
+            .mark(ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthenticated", message).into_response())
     };
-    match state.control.api_key_is_valid(key).await {
-        Ok(true) => next.run(request).await,
-        Ok(false) => {
-            ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the API key is not valid").into_response()
+    let Some(key) = key else {
+        return refused("this API needs an `Authorization: Bearer <API key>` header", &request);
+    };
+    match state.control.authenticate(key).await {
+        Ok(Some(record)) => {
+            let audited = Audited::of(format!("{} ({})", record.id, record.name), &request);
+            audited.mark(next.run(request).await)
         }
+        Ok(None) => refused("the API key is not valid", &request),
         Err(failure) => failure.into_response(),
+    }
+}
+
+/// A query string whose rejections use nook's error shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiFailure::invalid(format!(
+                "the query string is not valid: {}",
+                rejection.body_text()
+            ))),
+        }
     }
 }
 
@@ -1372,6 +1394,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "nook API", description = "Sandboxes for AI agents: native v1 API."),
     paths(
         health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, archive_sandbox, fork_sandbox, set_deadline, set_lifecycle, set_network,
+        audit::list_audit, audit::export_audit,
         preview::set_preview, preview::port_access, preview::make_link, preview::list_links, preview::revoke_link,
         sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
@@ -1386,6 +1409,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "exec", description = "Running processes in sandboxes"),
         (name = "processes", description = "Background processes that outlive connections, with output replay"),
         (name = "files", description = "Files in sandboxes, streamed both ways"),
+        (name = "audit", description = "Every API call and egress decision, recorded"),
         (name = "preview", description = "Reaching sandboxes' ports from outside: tokens, signed links, public ports"),
         (name = "images", description = "Images in the content-addressed store"),
         (name = "builds", description = "Images built from Dockerfiles, with cached steps and live logs"),

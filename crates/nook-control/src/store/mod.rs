@@ -121,6 +121,17 @@ pub trait Store: Send + Sync + 'static {
     /// How many keys exist.
     async fn api_key_count(&self) -> Result<u64, StoreError>;
 
+    /// Stores audit events (numbered in order by the store).
+    async fn insert_audit(&self, events: &[nook_api::audit::AuditEvent]) -> Result<(), StoreError>;
+    /// Audit events matching `query` (its `limit` is ignored: `limit` says how many), oldest first.
+    async fn audit_events(
+        &self,
+        query: &nook_api::audit::AuditQuery,
+        limit: u32,
+    ) -> Result<Vec<nook_api::audit::AuditEvent>, StoreError>;
+    /// Removes audit events older than `before`; returns how many.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Records a signed preview link (its signature is not stored: it is derived again when checked). Links of
     /// the same sandbox that expired over a day ago are dropped in the same write.
     async fn insert_preview_link(&self, link: &nook_api::PreviewLink) -> Result<(), StoreError>;

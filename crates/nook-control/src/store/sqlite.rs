@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
+use nook_api::audit::{AuditEvent, AuditKind, AuditQuery};
 use nook_api::{DeadlineAction, Isolation, Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -78,6 +79,25 @@ CREATE TABLE preview_links (
     created_at  TEXT NOT NULL
 );
 CREATE INDEX preview_links_by_sandbox ON preview_links(sandbox_id, created_at);
+"#,
+    r#"
+CREATE TABLE audit_events (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at           TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    actor        TEXT,
+    client       TEXT,
+    sandbox      TEXT,
+    action       TEXT NOT NULL,
+    target       TEXT,
+    outcome      TEXT NOT NULL,
+    allowed      INTEGER NOT NULL,
+    rule         INTEGER,
+    reason       TEXT,
+    duration_ms  REAL
+);
+CREATE INDEX audit_events_by_time ON audit_events(at);
+CREATE INDEX audit_events_by_sandbox ON audit_events(sandbox, seq);
 "#,
 ];
 
@@ -537,6 +557,77 @@ impl Store for SqliteStore {
         self.with(|connection| Ok(connection.query_row("SELECT COUNT(*) FROM api_keys", [], |row| row.get(0))?))
     }
 
+    async fn insert_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        self.with(|connection| {
+            let transaction = connection.transaction()?;
+            {
+                let mut insert = transaction.prepare_cached(&format!(
+                    "INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+                     ?11, ?12)"
+                ))?;
+                for event in events {
+                    insert.execute(params![
+                        time_text(event.at),
+                        event.kind.as_str(),
+                        event.actor,
+                        event.client,
+                        event.sandbox,
+                        event.action,
+                        event.target,
+                        event.outcome,
+                        event.allowed,
+                        event.rule,
+                        event.reason,
+                        event.duration_ms,
+                    ])?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    async fn audit_events(&self, query: &AuditQuery, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        self.with(|connection| {
+            let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > ?1");
+            let mut values: Vec<rusqlite::types::Value> = vec![(query.after.unwrap_or(0) as i64).into()];
+            let mut bind = |sql: &mut String, clause: &str, value: rusqlite::types::Value| {
+                values.push(value);
+                sql.push_str(&format!(" AND {clause} ?{}", values.len()));
+            };
+            if let Some(kind) = query.kind {
+                bind(&mut sql, "kind =", kind.as_str().to_string().into());
+            }
+            if let Some(sandbox) = &query.sandbox {
+                bind(&mut sql, "sandbox =", sandbox.clone().into());
+            }
+            if let Some(allowed) = query.allowed {
+                bind(&mut sql, "allowed =", i64::from(allowed).into());
+            }
+            if let Some(since) = query.since {
+                bind(&mut sql, "at >=", time_text(since).into());
+            }
+            if let Some(before) = query.before {
+                bind(&mut sql, "seq <", (before as i64).into());
+            }
+            let order = if query.newest_first { "DESC" } else { "ASC" };
+            sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
+            let mut statement = connection.prepare(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), audit_from_row)?;
+            let mut events = Vec::new();
+            for row in rows {
+                events.push(row??);
+            }
+            Ok(events)
+        })
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.with(|connection| {
+            Ok(connection.execute("DELETE FROM audit_events WHERE at < ?1", params![time_text(before)])? as u64)
+        })
+    }
+
     async fn insert_preview_link(&self, link: &nook_api::PreviewLink) -> Result<(), StoreError> {
         self.with(|connection| {
             let transaction = connection.transaction()?;
@@ -604,6 +695,37 @@ impl Store for SqliteStore {
                 .ok_or(StoreError::NotFound)?
         })
     }
+}
+
+const AUDIT_COLUMNS: &str =
+    "seq, at, kind, actor, client, sandbox, action, target, outcome, allowed, rule, reason, duration_ms";
+
+fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<Result<AuditEvent, StoreError>> {
+    let at: String = row.get(1)?;
+    let kind: String = row.get(2)?;
+    let event = AuditEvent {
+        seq: row.get(0)?,
+        at: Utc::now(),
+        kind: AuditKind::Api,
+        actor: row.get(3)?,
+        client: row.get(4)?,
+        sandbox: row.get(5)?,
+        action: row.get(6)?,
+        target: row.get(7)?,
+        outcome: row.get(8)?,
+        allowed: row.get(9)?,
+        rule: row.get(10)?,
+        reason: row.get(11)?,
+        duration_ms: row.get(12)?,
+    };
+    let build = move || -> Result<AuditEvent, StoreError> {
+        Ok(AuditEvent {
+            at: parse_time(&at)?,
+            kind: AuditKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?,
+            ..event
+        })
+    };
+    Ok(build())
 }
 
 const LINK_COLUMNS: &str = "id, sandbox_id, port, expires_at, revoked_at, created_at";

@@ -18,6 +18,7 @@ use axum::Router;
 use base64::Engine as _;
 use nook_agent_proto::AccountInfo;
 use nook_api::Sandbox;
+use nook_control::audit::Audited;
 use sha2::Digest as _;
 
 use crate::{same_secret, E2b, DEFAULT_USER};
@@ -112,14 +113,19 @@ async fn check_access_token(
         }
         None => Err("unauthorized access: send the sandbox's envdAccessToken in X-Access-Token".into()),
     };
+    let sandbox = target.sandbox.id.clone();
     match verdict {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            let audited = Audited::for_sandbox("envd access token", &request, &sandbox);
+            audited.mark(next.run(request).await)
+        }
         Err(message) => {
+            let audited = Audited::for_sandbox("unauthenticated", &request, &sandbox);
             let response = (
                 StatusCode::UNAUTHORIZED,
                 axum::Json(serde_json::json!({ "code": 401, "message": message })),
             );
-            refuse_unread(request, response.into_response()).await
+            audited.mark(refuse_unread(request, response.into_response()).await)
         }
     }
 }

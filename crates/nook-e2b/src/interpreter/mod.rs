@@ -12,6 +12,7 @@
 //! Requests must carry the sandbox's `X-Access-Token` (the SDKs send it on `/execute`) or its
 //! `E2B-Traffic-Access-Token` (sent on every request once the API handed one out, which nook's does).
 
+use nook_control::audit::Audited;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -68,13 +69,20 @@ fn failure_response(failure: BridgeFailure) -> Response {
 
 /// Requires the sandbox's envd access token or traffic access token.
 async fn check_token(State(e2b): State<E2b>, request: Request, next: Next) -> Response {
-    match token_given(&e2b, &request) {
-        Some(true) => next.run(request).await,
-        Some(false) => text(
+    let sandbox = request
+        .extensions()
+        .get::<Target>()
+        .map(|target| target.sandbox.id.clone());
+    match (token_given(&e2b, &request), sandbox) {
+        (Some(true), Some(sandbox)) => {
+            let audited = Audited::for_sandbox("sandbox access token", &request, &sandbox);
+            audited.mark(next.run(request).await)
+        }
+        (Some(false), Some(sandbox)) => Audited::for_sandbox("unauthenticated", &request, &sandbox).mark(text(
             StatusCode::UNAUTHORIZED,
             "unauthorized: send the sandbox's X-Access-Token or E2B-Traffic-Access-Token".into(),
-        ),
-        None => StatusCode::NOT_FOUND.into_response(),
+        )),
+        _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
 

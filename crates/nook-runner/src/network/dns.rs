@@ -182,7 +182,7 @@ async fn answer(bytes: &[u8], peer: SocketAddr, directory: &Directory, names: &N
     let name = normalise(&question.name().to_ascii());
     let (action, rule) = sandbox.policy.domain_decision(&name, None);
     let allowed = action == EgressAction::Allow;
-    EgressDecision {
+    let decision = EgressDecision {
         sandbox_id: sandbox.id.clone(),
         host: name.clone(),
         port: None,
@@ -195,8 +195,8 @@ async fn answer(bytes: &[u8], peer: SocketAddr, directory: &Directory, names: &N
             (true, None) => "no rule names it; the policy allows the rest".into(),
             (false, None) => "no rule allows the name".into(),
         },
-    }
-    .log();
+    };
+    directory.report(&decision);
     if !allowed {
         return reply(ResponseCode::NXDomain, Vec::new());
     }

@@ -198,10 +198,24 @@ impl Attachment {
 }
 
 /// What the resolver and the proxy need to know of each sandbox, by address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Directory {
     by_address: RwLock<HashMap<Ipv4Addr, SandboxEntry>>,
+    /// Every egress decision, for the audit log.
+    decisions: tokio::sync::broadcast::Sender<EgressDecision>,
 }
+
+impl Default for Directory {
+    fn default() -> Self {
+        Self {
+            by_address: RwLock::default(),
+            decisions: tokio::sync::broadcast::channel(DECISION_QUEUE).0,
+        }
+    }
+}
+
+/// How many egress decisions may wait for the audit log before the oldest are dropped.
+const DECISION_QUEUE: usize = 8192;
 
 /// One sandbox in the [`Directory`].
 #[derive(Debug, Clone)]
@@ -213,6 +227,17 @@ pub struct SandboxEntry {
 }
 
 impl Directory {
+    /// Logs an egress decision and passes it to whoever follows them (the audit log).
+    pub fn report(&self, decision: &EgressDecision) {
+        decision.log();
+        let _ = self.decisions.send(decision.clone());
+    }
+
+    /// Follows the egress decisions made from now on.
+    pub fn decisions(&self) -> tokio::sync::broadcast::Receiver<EgressDecision> {
+        self.decisions.subscribe()
+    }
+
     /// The sandbox at `address`.
     pub fn lookup(&self, address: Ipv4Addr) -> Option<SandboxEntry> {
         self.by_address.read().expect("directory").get(&address).cloned()
@@ -227,8 +252,8 @@ impl Directory {
     }
 }
 
-/// An egress decision the resolver or the proxy made. Logged (target `nook::egress`: denials at info, the rest at
-/// debug) until the audit log stores them.
+/// An egress decision the resolver or the proxy made: logged (target `nook::egress`: denials at info, the rest at
+/// debug) and stored by the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressDecision {
     /// The sandbox.
@@ -329,6 +354,11 @@ impl Network {
             }),
             directory,
         }))
+    }
+
+    /// Follows the egress decisions of the resolver and the proxy from now on.
+    pub fn egress_decisions(&self) -> tokio::sync::broadcast::Receiver<EgressDecision> {
+        self.directory.decisions()
     }
 
     /// The runner's subnet.

@@ -89,7 +89,7 @@ async fn relay(mut client: TcpStream, peer: SocketAddr, directory: &Directory, n
         reason,
     };
     let Some(destination) = destination else {
-        decision.log();
+        directory.report(&decision);
         return Ok(());
     };
     let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination)).await {
@@ -97,17 +97,17 @@ async fn relay(mut client: TcpStream, peer: SocketAddr, directory: &Directory, n
         Ok(Err(error)) => {
             decision.allowed = false;
             decision.reason = format!("connecting to {destination} failed: {error}");
-            decision.log();
+            directory.report(&decision);
             return Ok(());
         }
         Err(_) => {
             decision.allowed = false;
             decision.reason = format!("connecting to {destination} timed out");
-            decision.log();
+            directory.report(&decision);
             return Ok(());
         }
     };
-    decision.log();
+    directory.report(&decision);
     upstream.set_nodelay(true)?;
     client.set_nodelay(true)?;
     upstream.write_all(&head).await?;
