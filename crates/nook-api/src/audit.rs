@@ -73,6 +73,9 @@ pub struct AuditEvent {
     /// How long an API call took to answer, in milliseconds (streams: until their headers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
+    /// The tenant the caller or the sandbox belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// The query of `GET /v1/audit` and `GET /v1/audit/export`.
@@ -86,6 +89,9 @@ pub struct AuditQuery {
     /// Only events about this sandbox (as recorded: the id, or the name a call used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
+    /// Only events of this tenant (the operator's keys only; other keys see their own tenant's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Only allowed (`true`) or only refused and failed (`false`) events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed: Option<bool>,

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod names;
 pub mod network;
 pub mod preview;
+pub mod tenancy;
 
 pub use network::{EgressAction, EgressMode, EgressRule, NetworkPolicy};
 pub use preview::{
@@ -367,10 +368,17 @@ pub struct Sandbox {
     /// Who may reach its ports through the preview proxy.
     #[serde(default)]
     pub preview: PreviewSettings,
+    /// The tenant it belongs to.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// When the sandbox was created.
     pub created_at: DateTime<Utc>,
     /// When the sandbox last changed state.
     pub updated_at: DateTime<Utc>,
+}
+
+fn default_tenant() -> String {
+    tenancy::DEFAULT_TENANT.to_string()
 }
 
 /// Body of `POST /v1/sandboxes/{sandbox}/fork`.

@@ -11,7 +11,9 @@ use futures::StreamExt;
 use nook_api::{CreateSandboxRequest, ExecEvent, ExecRequest, ExitStatus, ResourceRequest, Sandbox, SandboxState};
 use nook_client::Client;
 
-use crate::{client_config, pairs, progress, table, AuditArgs, Command, ImageCommand, PreviewCommand};
+use crate::{
+    client_config, pairs, progress, table, AuditArgs, Command, ImageCommand, KeyCommand, PreviewCommand, TenantCommand,
+};
 
 /// Runs one command; returns the process exit code.
 pub async fn run(command: Command) -> anyhow::Result<u8> {
@@ -313,6 +315,33 @@ async fn client_command(client: &Client, command: Command) -> anyhow::Result<u8>
         }
         Command::Preview(command) => preview_command(client, command).await,
         Command::Audit(args) => audit_command(client, args).await,
+        Command::Tenant(command) => tenant_command(client, command).await,
+        Command::Key(command) => key_command(client, command).await,
+        Command::Token(args) => {
+            let verbs = args
+                .verbs
+                .iter()
+                .map(|verb| nook_api::tenancy::Verb::parse(verb).expect("clap checked the verb"))
+                .collect();
+            let request = nook_api::tenancy::CapabilityRequest {
+                verbs,
+                expires_in_s: args.expires,
+            };
+            let token = client.capability_token(&args.sandbox, &request).await?;
+            if args.json {
+                print_json(&token)?;
+            } else {
+                println!("{}", token.token);
+                let verbs: Vec<&str> = token.verbs.iter().map(|verb| verb.as_str()).collect();
+                eprintln!(
+                    "grants {} on {} until {}",
+                    verbs.join(", "),
+                    token.sandbox,
+                    token.expires_at
+                );
+            }
+            Ok(0)
+        }
         Command::Snapshot(args) => {
             let image = client.snapshot_sandbox(&args.sandbox, &args.image).await?;
             if args.json {
@@ -1185,6 +1214,7 @@ async fn audit_command(client: &Client, args: AuditArgs) -> anyhow::Result<u8> {
     let mut query = nook_api::audit::AuditQuery {
         kind: args.kind.as_deref().and_then(nook_api::audit::AuditKind::parse),
         sandbox: args.sandbox.clone(),
+        tenant: args.tenant.clone(),
         allowed: args.denied.then_some(false),
         since: args
             .since
@@ -1239,5 +1269,138 @@ async fn audit_command(client: &Client, args: AuditArgs) -> anyhow::Result<u8> {
         "{}",
         table::render(&["TIME", "KIND", "WHO", "SANDBOX", "WHAT", "RESULT"], &rows)
     );
+    Ok(0)
+}
+
+fn quota_of(args: &crate::TenantArgs) -> nook_api::tenancy::TenantQuota {
+    nook_api::tenancy::TenantQuota {
+        sandboxes: args.max_sandboxes,
+        cpu: args.max_cpu,
+        memory_mb: args.max_memory,
+    }
+}
+
+fn describe_quota(quota: &nook_api::tenancy::TenantQuota) -> String {
+    let mut parts = Vec::new();
+    if let Some(sandboxes) = quota.sandboxes {
+        parts.push(format!("{sandboxes} sandboxes"));
+    }
+    if let Some(cpu) = quota.cpu {
+        parts.push(format!("{cpu} cores"));
+    }
+    if let Some(memory) = quota.memory_mb {
+        parts.push(format!("{memory} MiB"));
+    }
+    if parts.is_empty() {
+        "unlimited".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+async fn tenant_command(client: &Client, command: TenantCommand) -> anyhow::Result<u8> {
+    match command {
+        TenantCommand::Create(args) => {
+            let request = nook_api::tenancy::CreateTenantRequest {
+                name: args.name.clone(),
+                quota: quota_of(&args),
+            };
+            let tenant = client.create_tenant(&request).await?;
+            if args.json {
+                print_json(&tenant)?;
+            } else {
+                eprintln!("tenant {} made (quota: {})", tenant.name, describe_quota(&tenant.quota));
+            }
+        }
+        TenantCommand::Ls(args) => {
+            let tenants = client.tenants().await?;
+            if args.json {
+                print_json(&tenants)?;
+            } else {
+                let rows: Vec<Vec<String>> = tenants
+                    .tenants
+                    .iter()
+                    .map(|tenant| {
+                        vec![
+                            tenant.name.clone(),
+                            describe_quota(&tenant.quota),
+                            table::age(tenant.created_at),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table::render(&["NAME", "QUOTA", "CREATED"], &rows));
+            }
+        }
+        TenantCommand::Quota(args) => {
+            let tenant = client.set_tenant_quota(&args.name, &quota_of(&args)).await?;
+            if args.json {
+                print_json(&tenant)?;
+            } else {
+                eprintln!("tenant {}: quota {}", tenant.name, describe_quota(&tenant.quota));
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn key_command(client: &Client, command: KeyCommand) -> anyhow::Result<u8> {
+    match command {
+        KeyCommand::Create(args) => {
+            let request = nook_api::tenancy::CreateKeyRequest {
+                name: args.name,
+                scope: nook_api::tenancy::Scope::parse(&args.scope).expect("clap checked the scope"),
+                tenant: args.tenant,
+                expires_in_s: args.expires,
+            };
+            let created = client.create_key(&request).await?;
+            if args.json {
+                print_json(&created)?;
+            } else {
+                println!("{}", created.key);
+                eprintln!(
+                    "key {} ({}, {} scope, tenant {}): shown once; only its hash is kept",
+                    created.info.id,
+                    created.info.name,
+                    created.info.scope.as_str(),
+                    created.info.tenant
+                );
+            }
+        }
+        KeyCommand::Ls(args) => {
+            let keys = client.keys().await?;
+            if args.json {
+                print_json(&keys)?;
+            } else {
+                let now = chrono::Utc::now();
+                let rows: Vec<Vec<String>> = keys
+                    .keys
+                    .iter()
+                    .map(|key| {
+                        let status = if key.revoked_at.is_some() {
+                            "revoked".to_string()
+                        } else {
+                            match key.expires_at {
+                                Some(at) if at <= now => "expired".to_string(),
+                                Some(at) => format!("until {}", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                                None => "active".to_string(),
+                            }
+                        };
+                        vec![
+                            key.id.clone(),
+                            key.name.clone(),
+                            key.tenant.clone(),
+                            key.scope.as_str().to_string(),
+                            status,
+                        ]
+                    })
+                    .collect();
+                print!("{}", table::render(&["ID", "NAME", "TENANT", "SCOPE", "STATUS"], &rows));
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            let key = client.revoke_key(&id).await?;
+            eprintln!("revoked {} ({})", key.id, key.name);
+        }
+    }
     Ok(0)
 }

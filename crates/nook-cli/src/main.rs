@@ -47,6 +47,14 @@ enum Command {
     Lifecycle(LifecycleArgs),
     /// Replace a sandbox's network policy, in force at once (no flags: any public address).
     Network(NetworkArgs),
+    /// Tenants and their quotas (the operator's).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// API keys: make (shown once), list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Make a capability token: chosen verbs on one sandbox, until it expires (for a sub-agent or an end user).
+    Token(TokenArgs),
     /// Show the audit log: API calls (who, what, which sandbox, the result) and egress decisions.
     Audit(AuditArgs),
     /// Reach a sandbox's ports from outside: URLs and tokens, signed links, public ports.
@@ -153,6 +161,9 @@ struct AuditArgs {
     /// Only events about this sandbox (its id; API calls as they named it).
     #[arg(long)]
     sandbox: Option<String>,
+    /// Only events of this tenant (the operator; other keys see their own tenant's).
+    #[arg(long)]
+    tenant: Option<String>,
     /// Only refused calls and denied traffic.
     #[arg(long)]
     denied: bool,
@@ -168,6 +179,89 @@ struct AuditArgs {
     /// Export every matching event as JSON lines.
     #[arg(long)]
     jsonl: bool,
+}
+
+/// `nook tenant …`.
+#[derive(Debug, clap::Subcommand)]
+enum TenantCommand {
+    /// Make a tenant.
+    Create(TenantArgs),
+    /// List the tenants with their quotas.
+    Ls(JsonArgs),
+    /// Replace a tenant's quota (limits left out are lifted).
+    Quota(TenantArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TenantArgs {
+    /// Tenant name.
+    name: String,
+    /// The most sandboxes it may have.
+    #[arg(long)]
+    max_sandboxes: Option<u64>,
+    /// The most cores its running sandboxes may have in all.
+    #[arg(long)]
+    max_cpu: Option<f64>,
+    /// The most memory its running sandboxes may have in all, in MiB.
+    #[arg(long)]
+    max_memory: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct JsonArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `nook key …`.
+#[derive(Debug, clap::Subcommand)]
+enum KeyCommand {
+    /// Make a key; it is printed once (only its hash is kept).
+    Create(KeyArgs),
+    /// List keys (never the keys themselves).
+    Ls(JsonArgs),
+    /// Revoke a key at once.
+    Revoke {
+        /// Key id (`key-…`).
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct KeyArgs {
+    /// A name to know it by.
+    name: String,
+    /// What it may do: read, write or admin.
+    #[arg(long, value_parser = ["read", "write", "admin"])]
+    scope: String,
+    /// Its tenant (the caller's by default; another for the operator only).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// How long it works (90s, 15m, 2h, 30d); until revoked when left out.
+    #[arg(long, value_parser = parse_duration_s)]
+    expires: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// Sandbox id or name.
+    sandbox: String,
+    /// A verb it grants (repeatable): read, exec, files:read, files:write, manage.
+    #[arg(long = "verb", required = true, value_parser = ["read", "exec", "files:read", "files:write", "manage"])]
+    verbs: Vec<String>,
+    /// How long it works (up to 30d).
+    #[arg(long, default_value = "1h", value_parser = parse_duration_s)]
+    expires: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `nook preview …`.
@@ -242,7 +336,7 @@ struct PreviewSetArgs {
     json: bool,
 }
 
-/// A duration in seconds: `90`, `90s`, `15m`, `2h`.
+/// A duration in seconds: `90`, `90s`, `15m`, `2h`, `30d`.
 fn parse_duration_s(text: &str) -> Result<u64, String> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => text.split_at(at),
@@ -250,12 +344,13 @@ fn parse_duration_s(text: &str) -> Result<u64, String> {
     };
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write 90, 90s, 15m or 2h"))?;
+        .map_err(|_| format!("{text:?} is not a duration: write 90, 90s, 15m, 2h or 30d"))?;
     let scale = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
-        _ => return Err(format!("{text:?} is not a duration: the unit is s, m or h")),
+        "d" => 86400,
+        _ => return Err(format!("{text:?} is not a duration: the unit is s, m, h or d")),
     };
     number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too long"))
 }

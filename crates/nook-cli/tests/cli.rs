@@ -533,3 +533,61 @@ fn preview_verbs_show_urls_make_and_revoke_links_and_set_access() {
         .any(|event| event.action == "POST /v1/sandboxes/{sandbox}/ports/{port}/links" && event.outcome == "201"));
     ok(server, &["rm", &name]);
 }
+
+#[test]
+fn tenant_key_and_token_verbs() {
+    let server = shared_server();
+    let tenant = format!("cli-{}", &common::rand_suffix()[..8]);
+    ok(server, &["tenant", "create", &tenant, "--max-sandboxes", "3"]);
+    let table = ok(server, &["tenant", "ls"]);
+    assert!(table.contains(&tenant) && table.contains("3 sandboxes"), "{table}");
+    ok(server, &["tenant", "quota", &tenant, "--max-memory", "512"]);
+    assert!(ok(server, &["tenant", "ls"]).contains("512 MiB"));
+
+    // key create prints the key once; ls lists it (never the key); revoke marks it.
+    let key = ok(
+        server,
+        &[
+            "key",
+            "create",
+            "ci-reader",
+            "--scope",
+            "read",
+            "--tenant",
+            &tenant,
+            "--expires",
+            "1d",
+        ],
+    );
+    assert!(key.trim().starts_with("nook_"), "{key}");
+    let keys: nook_api::tenancy::KeyList = serde_json::from_str(&ok(server, &["key", "ls", "--json"])).unwrap();
+    let made = keys
+        .keys
+        .iter()
+        .find(|listed| listed.tenant == tenant)
+        .expect("the new key");
+    assert_eq!(made.scope, nook_api::tenancy::Scope::Read);
+    assert!(!ok(server, &["key", "ls"]).contains(key.trim()));
+    ok(server, &["key", "revoke", &made.id]);
+    assert!(ok(server, &["key", "ls"]).contains("revoked"));
+
+    // token: a capability token used as the CLI's key inspects but cannot exec.
+    let name = format!("cli-token-{}", &common::rand_suffix()[..8]);
+    ok(server, &["create", "--name", &name]);
+    let token = ok(server, &["token", &name, "--verb", "read", "--expires", "10m"]);
+    let token = token.trim();
+    assert!(token.starts_with("nkc_"), "{token}");
+    let as_token = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nook"))
+            .args(args)
+            .env("NOOK_URL", &server.url)
+            .env("NOOK_API_KEY", token)
+            .output()
+            .expect("running nook")
+    };
+    assert!(as_token(&["inspect", &name]).status.success());
+    let refused = as_token(&["exec", &name, "--", "true"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("does not grant exec"));
+    ok(server, &["rm", &name]);
+}

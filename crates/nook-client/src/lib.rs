@@ -914,6 +914,71 @@ impl Client {
         Ok(self.ndjson::<nook_api::SandboxEventLine>(response))
     }
 
+    /// Makes a tenant (operator only).
+    pub async fn create_tenant(
+        &self,
+        request: &nook_api::tenancy::CreateTenantRequest,
+    ) -> Result<nook_api::tenancy::Tenant, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "tenants"]))
+                .json(request),
+        )
+        .await
+    }
+
+    /// Every tenant (operator only).
+    pub async fn tenants(&self) -> Result<nook_api::tenancy::TenantList, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "tenants"])))
+            .await
+    }
+
+    /// Replaces a tenant's quota (operator only).
+    pub async fn set_tenant_quota(
+        &self,
+        tenant: &str,
+        quota: &nook_api::tenancy::TenantQuota,
+    ) -> Result<nook_api::tenancy::Tenant, ClientError> {
+        self.json(
+            self.request(Method::PUT, self.url_for(&["v1", "tenants", tenant, "quota"]))
+                .json(quota),
+        )
+        .await
+    }
+
+    /// Makes an API key (shown once in the answer).
+    pub async fn create_key(
+        &self,
+        request: &nook_api::tenancy::CreateKeyRequest,
+    ) -> Result<nook_api::tenancy::CreatedKey, ClientError> {
+        self.json(self.request(Method::POST, self.url_for(&["v1", "keys"])).json(request))
+            .await
+    }
+
+    /// The keys this caller administers.
+    pub async fn keys(&self) -> Result<nook_api::tenancy::KeyList, ClientError> {
+        self.json(self.request(Method::GET, self.url_for(&["v1", "keys"])))
+            .await
+    }
+
+    /// Revokes a key.
+    pub async fn revoke_key(&self, id: &str) -> Result<nook_api::tenancy::ApiKeyInfo, ClientError> {
+        self.json(self.request(Method::DELETE, self.url_for(&["v1", "keys", id])))
+            .await
+    }
+
+    /// Makes a capability token for some verbs on one sandbox.
+    pub async fn capability_token(
+        &self,
+        key: &str,
+        request: &nook_api::tenancy::CapabilityRequest,
+    ) -> Result<nook_api::tenancy::CapabilityToken, ClientError> {
+        self.json(
+            self.request(Method::POST, self.url_for(&["v1", "sandboxes", key, "tokens"]))
+                .json(request),
+        )
+        .await
+    }
+
     /// One page of the audit log.
     pub async fn audit(&self, query: &nook_api::audit::AuditQuery) -> Result<nook_api::audit::AuditPage, ClientError> {
         self.json(self.request(Method::GET, self.url_for(&["v1", "audit"])).query(query))

@@ -42,11 +42,13 @@ pub struct Audited {
     pub route: Option<String>,
     /// The sandbox the call named, when it named one.
     pub sandbox: Option<String>,
+    /// The caller's tenant, once known.
+    pub tenant: Option<String>,
 }
 
 impl Audited {
     /// The mark for a request to `route` (its template, matched against the request's path for the sandbox).
-    pub fn of(actor: String, request: &Request) -> Self {
+    pub fn of(actor: String, tenant: Option<String>, request: &Request) -> Self {
         let route = request
             .extensions()
             .get::<MatchedPath>()
@@ -60,14 +62,19 @@ impl Audited {
             };
             path_parameter(template, request.uri().path(), parameter)
         });
-        Self { actor, route, sandbox }
+        Self {
+            actor,
+            route,
+            sandbox,
+            tenant,
+        }
     }
 
     /// The mark for a call to a sandbox known by other means (E2B's in-sandbox protocols, addressed by host).
     pub fn for_sandbox(actor: &str, request: &Request, sandbox: &str) -> Self {
         Self {
             sandbox: Some(sandbox.to_string()),
-            ..Self::of(actor.to_string(), request)
+            ..Self::of(actor.to_string(), None, request)
         }
     }
 
@@ -173,6 +180,7 @@ pub fn event(kind: AuditKind, action: &str, outcome: &str, allowed: bool, reason
         rule: None,
         reason,
         duration_ms: None,
+        tenant: None,
     }
 }
 
@@ -218,6 +226,7 @@ pub async fn record_calls(State(log): State<Arc<AuditLog>>, request: Request, ne
         event.actor = Some(audited.actor);
         event.client = client;
         event.sandbox = audited.sandbox;
+        event.tenant = audited.tenant;
         event.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         log.record(event);
     }

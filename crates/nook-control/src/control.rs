@@ -25,6 +25,7 @@ use crate::deadlines::DeadlineTimer;
 use crate::error::ApiFailure;
 use crate::ids;
 use crate::store::{Change, Store, StoreError, Transition};
+use crate::tenancy::{current_tenant, Caller};
 
 /// Filters for listing sandboxes.
 #[derive(Debug, Clone, Default)]
@@ -44,7 +45,31 @@ pub struct Control {
     deadlines: DeadlineTimer,
     lifecycles: crate::lifecycle::Lifecycles,
     audit: Arc<crate::audit::AuditLog>,
+    /// One lock per tenant with a quota: a quota check and the change it admits happen under it.
+    quota_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     builds: Builds,
+}
+
+/// What a change adds to a tenant's holdings, for its quota.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// New sandboxes.
+    sandboxes: u64,
+    /// Cores of running (or paused) sandboxes.
+    cpu: f64,
+    /// Memory of running (or paused) sandboxes, MiB.
+    memory_mb: u64,
+}
+
+impl Usage {
+    /// `count` new live sandboxes with `resources` each.
+    fn live(count: u64, resources: &Resources) -> Self {
+        Self {
+            sandboxes: 0,
+            cpu: resources.cpu * count as f64,
+            memory_mb: resources.memory_mb * count,
+        }
+    }
 }
 
 /// How long a deadline that could not act yet (a sandbox still being created, a runner error) waits to try again.
@@ -119,6 +144,7 @@ impl Control {
             deadlines: DeadlineTimer::default(),
             lifecycles: crate::lifecycle::Lifecycles::default(),
             audit: Arc::default(),
+            quota_locks: Default::default(),
         }
     }
 
@@ -138,8 +164,12 @@ impl Control {
     }
 
     /// The API key `key` is, if it is one (only their hashes are stored).
+    /// Revoked and expired keys are not keys.
     pub async fn authenticate(&self, key: &str) -> Result<Option<crate::store::ApiKeyRecord>, ApiFailure> {
-        Ok(self.store.api_key_by_hash(&crate::ids::hash_key(key)).await?)
+        let record = self.store.api_key_by_hash(&crate::ids::hash_key(key)).await?;
+        Ok(record.filter(|record| {
+            record.revoked_at.is_none() && record.expires_at.is_none_or(|expires| expires > Utc::now())
+        }))
     }
 
     /// The audit log.
@@ -153,11 +183,18 @@ impl Control {
         let Some(mut decisions) = self.runner.egress_decisions() else {
             return;
         };
-        let audit = self.audit.clone();
+        let (audit, store) = (self.audit.clone(), self.store.clone());
         tokio::spawn(async move {
             loop {
                 match decisions.recv().await {
-                    Ok(decision) => audit.record(crate::audit::egress_event(&decision)),
+                    Ok(decision) => {
+                        let mut event = crate::audit::egress_event(&decision);
+                        // The sandbox's tenant, so that its admins see its traffic.
+                        if let Ok(Some(sandbox)) = store.sandbox(&decision.sandbox_id).await {
+                            event.tenant = Some(sandbox.tenant);
+                        }
+                        audit.record(event);
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => audit.note_dropped(missed),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
@@ -244,12 +281,93 @@ impl Control {
         Ok(())
     }
 
+    /// Checks that `tenant` may add `adding` (its live sandboxes other than `except` counted as they are) and
+    /// returns the lock under which the change must be made, or a 403 `quota_exceeded` naming the limit. A tenant
+    /// without a quota takes no lock.
+    async fn admit(
+        &self,
+        tenant: &str,
+        adding: Usage,
+        except: Option<&str>,
+    ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>, ApiFailure> {
+        let quota = match self.store.tenant(tenant).await? {
+            Some(record) => record.quota,
+            None => return Err(ApiFailure::not_found(format!("tenant {tenant:?} does not exist"))),
+        };
+        if quota == nook_api::tenancy::TenantQuota::default() {
+            return Ok(None);
+        }
+        let lock = self
+            .quota_locks
+            .lock()
+            .expect("quota locks")
+            .entry(tenant.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        let held: Vec<Sandbox> = self
+            .store
+            .sandboxes()
+            .await?
+            .into_iter()
+            .filter(|sandbox| sandbox.tenant == tenant)
+            .collect();
+        let live = held.iter().filter(|sandbox| {
+            Some(sandbox.id.as_str()) != except
+                && matches!(
+                    sandbox.state,
+                    SandboxState::Creating | SandboxState::Running | SandboxState::Paused
+                )
+        });
+        let cpu: f64 = live.clone().map(|sandbox| sandbox.resources.cpu).sum();
+        let memory_mb: u64 = live.map(|sandbox| sandbox.resources.memory_mb).sum();
+        let exceeded = |what: String| {
+            Err(ApiFailure::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "quota_exceeded",
+                format!("tenant {tenant}'s quota is exceeded: {what}; stop or delete sandboxes, or ask the operator for a larger quota"),
+            ))
+        };
+        if let Some(limit) = quota.sandboxes {
+            if held.len() as u64 + adding.sandboxes > limit {
+                return exceeded(format!(
+                    "it may have {limit} sandboxes, has {} and asked for {} more",
+                    held.len(),
+                    adding.sandboxes
+                ));
+            }
+        }
+        if let Some(limit) = quota.cpu {
+            if cpu + adding.cpu > limit + 1e-9 {
+                return exceeded(format!(
+                    "its running sandboxes may have {limit} cores in all, have {cpu} and would add {}",
+                    adding.cpu
+                ));
+            }
+        }
+        if let Some(limit) = quota.memory_mb {
+            if memory_mb + adding.memory_mb > limit {
+                return exceeded(format!(
+                    "its running sandboxes may have {limit} MiB in all, have {memory_mb} MiB and would add {} MiB",
+                    adding.memory_mb
+                ));
+            }
+        }
+        Ok(Some(guard))
+    }
+
     /// Creates and starts a sandbox.
     pub async fn create(&self, request: CreateSandboxRequest) -> Result<Sandbox, ApiFailure> {
         let resources = self.check_create(&request)?;
         let deadline = request.timeout_s.map(deadline_in).transpose()?;
         let image_name = request.image.clone().unwrap_or_else(|| "base".to_string());
         let image = self.runner.image(&image_name).await?;
+        let tenant = current_tenant();
+        let adding = Usage {
+            sandboxes: 1,
+            ..Usage::live(1, &resources)
+        };
+        let admitted = self.admit(&tenant, adding, None).await?;
         let id = ids::sandbox_id();
         let name = request.name.clone().unwrap_or_else(|| id.clone());
         let now = Utc::now();
@@ -273,10 +391,12 @@ impl Control {
             network: request.network.clone().unwrap_or_default(),
             address: None,
             preview: request.preview.clone().unwrap_or_default(),
+            tenant,
             created_at: now,
             updated_at: now,
         };
         self.store.insert_sandbox(&sandbox).await?;
+        drop(admitted);
         self.deadlines.schedule(&id, deadline);
         let spec = spec_of(&sandbox);
         // The runner's part and its record run to their end in a task of their own, so that a client that goes away
@@ -310,18 +430,26 @@ impl Control {
         .expect("creating a sandbox does not panic")
     }
 
-    /// Finds a sandbox by id or name.
+    /// Finds a sandbox by id or name, among those the caller may see ([`Caller::current`]): another tenant's
+    /// sandbox is "not found", exactly as one that does not exist.
     pub async fn resolve(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let caller = Caller::current();
         let found = if is_sandbox_id(key) {
             self.store.sandbox(key).await?
         } else if check_sandbox_name(key).is_ok() {
-            self.store.sandbox_by_name(key).await?
+            self.store.sandbox_by_name(&current_tenant(), key).await?
         } else {
             return Err(ApiFailure::invalid(format!(
                 "{key:?} is neither a sandbox id nor a valid sandbox name"
             )));
         };
-        found.ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))
+        found
+            .filter(|sandbox| {
+                caller
+                    .as_ref()
+                    .is_none_or(|caller| caller.sees(&sandbox.tenant, &sandbox.id))
+            })
+            .ok_or_else(|| ApiFailure::not_found(format!("no sandbox has the id or name {key:?}")))
     }
 
     /// The sandbox with its address filled in while it has one (an in-memory lookup on the runner).
@@ -339,8 +467,14 @@ impl Control {
     /// Lists sandboxes matching a filter.
     pub async fn list(&self, filter: &SandboxFilter) -> Result<Vec<Sandbox>, ApiFailure> {
         let all = self.store.sandboxes().await?;
+        let caller = Caller::current();
         Ok(all
             .into_iter()
+            .filter(|sandbox| {
+                caller
+                    .as_ref()
+                    .is_none_or(|caller| caller.sees(&sandbox.tenant, &sandbox.id))
+            })
             .filter(|sandbox| filter.state.is_none_or(|state| sandbox.state == state))
             .filter(|sandbox| filter.labels.iter().all(|(k, v)| sandbox.labels.get(k) == Some(v)))
             .collect())
@@ -451,6 +585,13 @@ impl Control {
         if new == old {
             return Ok(sandbox);
         }
+        // A live sandbox's new limits count against its tenant's quota (in place of its old ones).
+        let _admitted = if matches!(sandbox.state, SandboxState::Running | SandboxState::Paused) {
+            self.admit(&sandbox.tenant, Usage::live(1, &new), Some(&sandbox.id))
+                .await?
+        } else {
+            None
+        };
         self.runner.update_resources(&sandbox.id, new).await?;
         let message = describe_resize(&old, &new);
         Ok(self
@@ -552,6 +693,11 @@ impl Control {
             )));
         }
         let message = format!("forked from {} ({})", source.name, source.id);
+        let adding = Usage {
+            sandboxes: u64::from(count),
+            ..Usage::live(u64::from(count), &source.resources)
+        };
+        let admitted = self.admit(&source.tenant, adding, None).await?;
         let now = Utc::now();
         let mut forks: Vec<Sandbox> = Vec::new();
         for index in 0..count as usize {
@@ -576,6 +722,7 @@ impl Control {
                 network: source.network.clone(),
                 address: None,
                 preview: source.preview.clone(),
+                tenant: source.tenant.clone(),
                 created_at: now,
                 updated_at: now,
             };
@@ -588,6 +735,7 @@ impl Control {
             self.deadlines.schedule(&fork.id, deadline);
             forks.push(fork);
         }
+        drop(admitted);
         let specs: Vec<SandboxSpec> = forks.iter().map(spec_of).collect();
         // To its end and recorded even if the client goes away, as for a create.
         let (store, runner) = (self.store.clone(), self.runner.clone());
@@ -677,6 +825,9 @@ impl Control {
                 )))
             }
         };
+        let admitted = self
+            .admit(&sandbox.tenant, Usage::live(1, &sandbox.resources), None)
+            .await?;
         let message = if from == ARCHIVED {
             "restored from its archive and started by a client"
         } else {
@@ -685,6 +836,8 @@ impl Control {
         // As for a create: to its end and recorded even if the client goes away.
         let (store, runner) = (self.store.clone(), self.runner.clone());
         tokio::spawn(async move {
+            // A quota's lock is held until the started sandbox is recorded running.
+            let _admitted = admitted;
             match runner.start_sandbox(&sandbox.id).await {
                 Ok(()) | Err(RunnerError::AlreadyRunning(_)) => {
                     let started = transition(from, SandboxState::Running, StateReason::Requested, message);

@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod preview;
 pub mod store;
+pub mod tenancy;
 
 use control::Control;
 use store::sqlite::SqliteStore;
@@ -184,7 +185,8 @@ impl Server {
             address: config.listen,
             source,
         })?;
-        let secret_path = config.data_dir.join("preview-secret");
+        // Signs preview tokens and links and capability tokens (each under a purpose of its own).
+        let secret_path = config.data_dir.join("signing-secret");
         let secret = ids::load_or_create_secret(&secret_path).map_err(|source| StartError::Secret {
             path: secret_path,
             source,
@@ -197,6 +199,7 @@ impl Server {
         let router = api::router(api::AppState {
             control: control.clone(),
             previews: previews.clone(),
+            tokens: Arc::new(tenancy::Tokens::new(secret)),
         });
         Ok(Self {
             listener,
@@ -243,11 +246,19 @@ impl Server {
     }
 }
 
+/// The operator's key: `configured` (stored if new), or one made on the first start.
 async fn ensure_admin_key(store: &dyn Store, configured: Option<&str>) -> Result<Option<String>, StartError> {
+    let operator = |hash: String| store::NewApiKey {
+        name: "admin".into(),
+        hash,
+        tenant: nook_api::tenancy::DEFAULT_TENANT.into(),
+        scope: nook_api::tenancy::Scope::Admin,
+        expires_at: None,
+    };
     if let Some(key) = configured {
         let hash = ids::hash_key(key);
         if store.api_key_by_hash(&hash).await?.is_none() {
-            store.insert_api_key("admin", &hash).await?;
+            store.insert_api_key(&operator(hash)).await?;
         }
         return Ok(None);
     }
@@ -255,6 +266,6 @@ async fn ensure_admin_key(store: &dyn Store, configured: Option<&str>) -> Result
         return Ok(None);
     }
     let key = ids::api_key();
-    store.insert_api_key("admin", &ids::hash_key(&key)).await?;
+    store.insert_api_key(&operator(ids::hash_key(&key))).await?;
     Ok(Some(key))
 }

@@ -26,6 +26,7 @@ use nook_api::{CreateSandboxRequest, DeadlineAction, Sandbox, SandboxState};
 use nook_control::audit::Audited;
 use nook_control::control::SandboxFilter;
 use nook_control::error::ApiFailure;
+use nook_control::tenancy::{Caller, Grant};
 use serde::{Deserialize, Serialize};
 
 use crate::{E2b, ENVD_VERSION};
@@ -106,17 +107,36 @@ pub fn router(e2b: E2b) -> Router {
 async fn authenticate(State(e2b): State<E2b>, request: Request, next: Next) -> Response {
     let key = request.headers().get("x-api-key").and_then(|value| value.to_str().ok());
     let refused = |message: &str, request: &Request| {
-        Audited::of("unauthenticated".into(), request).mark(error(StatusCode::UNAUTHORIZED, message))
+        Audited::of("unauthenticated".into(), None, request).mark(error(StatusCode::UNAUTHORIZED, message))
     };
     let Some(key) = key else {
         return refused("send a nook API key in the X-API-Key header", &request);
     };
     match e2b.control.authenticate(key.trim()).await {
         Ok(Some(record)) => {
-            let audited = Audited::of(format!("{} ({})", record.id, record.name), &request);
-            audited.mark(next.run(request).await)
+            let audited = Audited::of(
+                format!("{} ({})", record.id, record.name),
+                Some(record.tenant.clone()),
+                &request,
+            );
+            let caller = Caller {
+                tenant: record.tenant,
+                grant: Grant::Key {
+                    id: record.id,
+                    scope: record.scope,
+                },
+            };
+            let route = audited
+                .route
+                .clone()
+                .unwrap_or_else(|| request.uri().path().to_string());
+            let need = nook_control::tenancy::need(request.method(), &route);
+            if let Err(failure) = nook_control::tenancy::permits(&caller, need, &route) {
+                return audited.mark(error(failure.status, failure.message));
+            }
+            audited.mark(caller.scope(next.run(request)).await)
         }
-        Ok(None) => refused("the API key is not valid", &request),
+        Ok(None) => refused("the API key is not valid (or was revoked, or has expired)", &request),
         Err(failure) => Failure(failure).into_response(),
     }
 }

@@ -10,6 +10,17 @@ use nook_api::ApiError;
 
 use super::{ApiQuery, AppState};
 use crate::error::ApiFailure;
+use crate::tenancy::Caller;
+
+/// The query limited to the caller's tenant, unless the caller is the operator (who may name one, or see all).
+fn within_tenant(mut query: AuditQuery) -> AuditQuery {
+    match Caller::current() {
+        Some(caller) if caller.is_operator() => {}
+        Some(caller) => query.tenant = Some(caller.tenant),
+        None => {}
+    }
+    query
+}
 
 /// Events per store read while exporting.
 const EXPORT_PAGE: u32 = 1000;
@@ -22,6 +33,7 @@ pub(super) async fn list_audit(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiFailure> {
+    let query = within_tenant(query);
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_AUDIT_PAGE {
         return Err(ApiFailure::invalid(format!(
@@ -41,6 +53,7 @@ pub(super) async fn list_audit(
               (status = 400, description = "A malformed filter", body = ApiError)),
     security(("bearer" = [])))]
 pub(super) async fn export_audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<AuditQuery>) -> Response {
+    let query = within_tenant(query);
     let store = state.control.store().clone();
     let mut remaining = query.limit.map(u64::from);
     let lines = futures::stream::unfold(Some(query), move |cursor| {

@@ -33,10 +33,12 @@ use utoipa::OpenApi;
 use crate::audit::Audited;
 use crate::control::{Control, SandboxFilter};
 use crate::error::ApiFailure;
+use crate::tenancy::Caller;
 
 mod audit;
 mod builds;
 mod preview;
+mod tenancy;
 mod terminal;
 mod transfer;
 
@@ -49,6 +51,8 @@ pub struct AppState {
     pub control: Arc<Control>,
     /// The preview proxy and its access settings.
     pub previews: Arc<crate::preview::Previews>,
+    /// Capability tokens.
+    pub tokens: Arc<crate::tenancy::Tokens>,
 }
 
 /// The wire form of one item of a runner's output stream (`None`: the stream ended without a final item).
@@ -156,6 +160,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{sandbox}/files/chmod", post(chmod_file))
         .route("/v1/sandboxes/{sandbox}/files/chown", post(chown_file))
         .route("/metrics", get(metrics))
+        .route("/v1/tenants", post(tenancy::create_tenant).get(tenancy::list_tenants))
+        .route("/v1/tenants/{tenant}/quota", axum::routing::put(tenancy::set_quota))
+        .route("/v1/keys", post(tenancy::create_key).get(tenancy::list_keys))
+        .route("/v1/keys/{key}", axum::routing::delete(tenancy::revoke_key))
+        .route("/v1/sandboxes/{sandbox}/tokens", post(tenancy::make_token))
         .route("/v1/audit", get(audit::list_audit))
         .route("/v1/audit/export", get(audit::export_audit))
         .route("/v1/images", get(list_images))
@@ -206,30 +215,60 @@ pub fn router(state: AppState) -> Router {
         ))
 }
 
-/// Checks `Authorization: Bearer <key>` against the stored key hashes, and marks the response for the audit log
-/// with who called.
+/// Authenticates `Authorization: Bearer <API key or capability token>`, checks that the matched route is within
+/// the caller's grant, serves the request as that caller ([`Caller::scope`]), and marks the response for the audit
+/// log with who called.
 async fn auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let key = request
+    let credential = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim);
     let refused = |message: &str, request: &Request| {
-        Audited::of("unauthenticated".into(), request)
+        Audited::of("unauthenticated".into(), None, request)
             .mark(ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthenticated", message).into_response())
     };
-    let Some(key) = key else {
+    let Some(credential) = credential else {
         return refused("this API needs an `Authorization: Bearer <API key>` header", &request);
     };
-    match state.control.authenticate(key).await {
-        Ok(Some(record)) => {
-            let audited = Audited::of(format!("{} ({})", record.id, record.name), &request);
-            audited.mark(next.run(request).await)
+    let (caller, actor) = if credential.starts_with(crate::tenancy::TOKEN_PREFIX) {
+        match state.tokens.verify(credential) {
+            Ok(caller) => {
+                let crate::tenancy::Grant::Sandbox { id, .. } = &caller.grant else {
+                    unreachable!("a token grants a sandbox")
+                };
+                let actor = format!("capability token for {id}");
+                (caller, actor)
+            }
+            Err(why) => return refused(why, &request),
         }
-        Ok(None) => refused("the API key is not valid", &request),
-        Err(failure) => failure.into_response(),
+    } else {
+        match state.control.authenticate(credential).await {
+            Ok(Some(record)) => (
+                Caller {
+                    tenant: record.tenant.clone(),
+                    grant: crate::tenancy::Grant::Key {
+                        id: record.id.clone(),
+                        scope: record.scope,
+                    },
+                },
+                format!("{} ({})", record.id, record.name),
+            ),
+            Ok(None) => return refused("the API key is not valid (or was revoked, or has expired)", &request),
+            Err(failure) => return failure.into_response(),
+        }
+    };
+    let audited = Audited::of(actor, Some(caller.tenant.clone()), &request);
+    let route = audited
+        .route
+        .clone()
+        .unwrap_or_else(|| request.uri().path().to_string());
+    let need = crate::tenancy::need(request.method(), &route);
+    if let Err(failure) = crate::tenancy::permits(&caller, need, &route) {
+        return audited.mark(failure.into_response());
     }
+    audited.mark(caller.scope(next.run(request)).await)
 }
 
 /// A query string whose rejections use nook's error shape.
@@ -1395,6 +1434,8 @@ impl utoipa::Modify for BearerAuth {
     paths(
         health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, stop_sandbox, start_sandbox, pause_sandbox, resume_sandbox, update_resources, snapshot_sandbox, archive_sandbox, fork_sandbox, set_deadline, set_lifecycle, set_network,
         audit::list_audit, audit::export_audit,
+        tenancy::create_tenant, tenancy::list_tenants, tenancy::set_quota, tenancy::create_key, tenancy::list_keys,
+        tenancy::revoke_key, tenancy::make_token,
         preview::set_preview, preview::port_access, preview::make_link, preview::list_links, preview::revoke_link,
         sandbox_events, sandbox_event_stream, sandbox_stats, exec, exec_stream, start_process, list_processes, get_process, process_output, wait_process,
         process_stdin, signal_process, resize_process, terminal::process_terminal, transfer::download_file, transfer::upload_file, transfer::upload_multipart, transfer::download_archive, transfer::upload_archive, remove_file, stat_file, list_files, make_dir,
@@ -1409,6 +1450,8 @@ impl utoipa::Modify for BearerAuth {
         (name = "exec", description = "Running processes in sandboxes"),
         (name = "processes", description = "Background processes that outlive connections, with output replay"),
         (name = "files", description = "Files in sandboxes, streamed both ways"),
+        (name = "tenants", description = "Tenants and their quotas (the operator's)"),
+        (name = "keys", description = "API keys with scopes and expiry, and sandbox-scoped capability tokens"),
         (name = "audit", description = "Every API call and egress decision, recorded"),
         (name = "preview", description = "Reaching sandboxes' ports from outside: tokens, signed links, public ports"),
         (name = "images", description = "Images in the content-addressed store"),

@@ -52,12 +52,14 @@ pub(super) async fn process_terminal(
     Query(query): Query<TerminalQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiFailure> {
-    // Attach before upgrading, so that an unknown sandbox or process is a plain HTTP error.
+    // Attach before upgrading, so that an unknown sandbox or process is a plain HTTP error. The session runs after
+    // this request (outside its caller's scope), so it names the sandbox by id, which a name could not do safely.
     let output = state.control.attach(&key, pid, query.offset, true).await?;
+    let id = state.control.resolve(&key).await?.id;
     let control = state.control.clone();
     Ok(upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| serve_terminal(socket, control, key, pid, output)))
+        .on_upgrade(move |socket| serve_terminal(socket, control, id, pid, output)))
 }
 
 /// Pumps one terminal session until the process ends or the client goes away.

@@ -30,15 +30,22 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// An API key as stored (only its hash).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiKeyRecord {
-    /// Key id.
-    pub id: String,
+/// An API key as stored (only its hash is kept, and never returned).
+pub type ApiKeyRecord = nook_api::tenancy::ApiKeyInfo;
+
+/// A new API key to store.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
     /// Human name.
     pub name: String,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
+    /// The one-way hash of the key.
+    pub hash: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// What it may do.
+    pub scope: nook_api::tenancy::Scope,
+    /// When it stops working, if it does.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// What a [`Store::note`] changes in a sandbox's record besides its reason and message.
@@ -77,8 +84,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<(), StoreError>;
     /// A sandbox by id.
     async fn sandbox(&self, id: &str) -> Result<Option<Sandbox>, StoreError>;
-    /// A sandbox by name.
-    async fn sandbox_by_name(&self, name: &str) -> Result<Option<Sandbox>, StoreError>;
+    /// A tenant's sandbox by name.
+    async fn sandbox_by_name(&self, tenant: &str, name: &str) -> Result<Option<Sandbox>, StoreError>;
     /// All sandboxes, oldest first.
     async fn sandboxes(&self) -> Result<Vec<Sandbox>, StoreError>;
     /// Moves a sandbox to a new state and records the event; returns the updated sandbox.
@@ -115,9 +122,25 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String>;
 
     /// Stores a new API key by its hash.
-    async fn insert_api_key(&self, name: &str, key_hash: &str) -> Result<ApiKeyRecord, StoreError>;
-    /// Finds the key with this hash.
+    async fn insert_api_key(&self, key: &NewApiKey) -> Result<ApiKeyRecord, StoreError>;
+    /// Finds the key with this hash (revoked and expired ones too: the caller judges).
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// The keys of one tenant, or of all; oldest first.
+    async fn api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Marks a key revoked (now, unless it already was); returns it.
+    async fn revoke_api_key(&self, id: &str) -> Result<ApiKeyRecord, StoreError>;
+    /// Stores a new tenant (`NameTaken` if one has its name).
+    async fn insert_tenant(&self, tenant: &nook_api::tenancy::Tenant) -> Result<(), StoreError>;
+    /// A tenant by name.
+    async fn tenant(&self, name: &str) -> Result<Option<nook_api::tenancy::Tenant>, StoreError>;
+    /// Every tenant, oldest first.
+    async fn tenants(&self) -> Result<Vec<nook_api::tenancy::Tenant>, StoreError>;
+    /// Replaces a tenant's quota; returns it.
+    async fn set_tenant_quota(
+        &self,
+        name: &str,
+        quota: nook_api::tenancy::TenantQuota,
+    ) -> Result<nook_api::tenancy::Tenant, StoreError>;
     /// How many keys exist.
     async fn api_key_count(&self) -> Result<u64, StoreError>;
 

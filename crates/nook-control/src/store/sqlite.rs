@@ -12,7 +12,7 @@ use nook_api::audit::{AuditEvent, AuditKind, AuditQuery};
 use nook_api::{DeadlineAction, Isolation, Resources, Sandbox, SandboxEvent, SandboxState, StateReason};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{ApiKeyRecord, Change, Store, StoreError, Transition};
+use super::{ApiKeyRecord, Change, NewApiKey, Store, StoreError, Transition};
 
 /// Schema migrations, applied in order; never edit one that has shipped, append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -99,6 +99,58 @@ CREATE TABLE audit_events (
 CREATE INDEX audit_events_by_time ON audit_events(at);
 CREATE INDEX audit_events_by_sandbox ON audit_events(sandbox, seq);
 "#,
+    // Tenants. Sandbox names become unique per tenant, which SQLite can only do by rebuilding the table (foreign
+    // keys are off while migrations run, so the events and links that refer to it stay).
+    r#"
+CREATE TABLE tenants (
+    name             TEXT PRIMARY KEY,
+    quota_sandboxes  INTEGER,
+    quota_cpu        REAL,
+    quota_memory_mb  INTEGER,
+    created_at       TEXT NOT NULL
+);
+INSERT INTO tenants (name, created_at) VALUES ('default', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
+ALTER TABLE api_keys ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE api_keys ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE api_keys ADD COLUMN expires_at TEXT;
+ALTER TABLE api_keys ADD COLUMN revoked_at TEXT;
+ALTER TABLE audit_events ADD COLUMN tenant TEXT;
+CREATE INDEX audit_events_by_tenant ON audit_events(tenant, seq);
+CREATE TABLE sandboxes_by_tenant (
+    id                TEXT PRIMARY KEY,
+    tenant            TEXT NOT NULL DEFAULT 'default',
+    name              TEXT NOT NULL,
+    image             TEXT NOT NULL,
+    image_digest      TEXT NOT NULL,
+    isolation         TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    state_reason      TEXT NOT NULL,
+    state_message     TEXT NOT NULL,
+    labels            TEXT NOT NULL,
+    env               TEXT NOT NULL,
+    cpu               REAL NOT NULL,
+    memory_mb         INTEGER NOT NULL,
+    pids              INTEGER NOT NULL,
+    oom_kills         INTEGER NOT NULL DEFAULT 0,
+    created_at        TEXT NOT NULL,
+    updated_at        TEXT NOT NULL,
+    deadline          TEXT,
+    on_deadline       TEXT NOT NULL DEFAULT 'delete',
+    disk_mb           INTEGER,
+    parent_id         TEXT,
+    memory_max_mb     INTEGER,
+    idle_stop_s       INTEGER,
+    stopped_delete_s  INTEGER,
+    stopped_archive_s INTEGER,
+    network           TEXT,
+    preview           TEXT,
+    UNIQUE (tenant, name)
+);
+INSERT INTO sandboxes_by_tenant (id, name, image, image_digest, isolation, state, state_reason, state_message, labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s, network, preview) SELECT id, name, image, image_digest, isolation, state, state_reason, state_message, labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s, network, preview FROM sandboxes;
+DROP TABLE sandboxes;
+ALTER TABLE sandboxes_by_tenant RENAME TO sandboxes;
+CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
+"#,
 ];
 
 /// SQLite-backed [`Store`].
@@ -123,8 +175,9 @@ impl SqliteStore {
     fn setup(mut connection: Connection) -> Result<Self, StoreError> {
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
-        connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Foreign keys are enforced once the schema is current: a migration that rebuilds a table must not cascade.
+        connection.pragma_update(None, "foreign_keys", "OFF")?;
         let version: usize = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
             let transaction = connection.transaction()?;
@@ -132,6 +185,7 @@ impl SqliteStore {
             transaction.pragma_update(None, "user_version", index + 1)?;
             transaction.commit()?;
         }
+        connection.pragma_update(None, "foreign_keys", "ON")?;
         Ok(Self {
             connection: Mutex::new(connection),
             changed: tokio::sync::broadcast::channel(1024).0,
@@ -147,7 +201,7 @@ impl SqliteStore {
 const SANDBOX_COLUMNS: &str = "id, name, image, image_digest, isolation, state, state_reason, state_message, \
                                labels, env, cpu, memory_mb, pids, oom_kills, created_at, updated_at, deadline, \
                                on_deadline, disk_mb, parent_id, memory_max_mb, idle_stop_s, stopped_delete_s, stopped_archive_s, \
-                               network, preview";
+                               network, preview, tenant";
 
 fn time_text(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -179,6 +233,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
     };
     let network: Option<String> = row.get(24)?;
     let preview: Option<String> = row.get(25)?;
+    let tenant: String = row.get(26)?;
     let build = || -> Result<Sandbox, StoreError> {
         Ok(Sandbox {
             id: row.get(0)?,
@@ -217,6 +272,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Sandbox, StoreErro
                 Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("preview: {e}")))?,
                 None => Default::default(),
             },
+            tenant,
             created_at: parse_time(&created)?,
             updated_at: parse_time(&updated)?,
         })
@@ -269,7 +325,7 @@ impl Store for SqliteStore {
             let inserted = transaction.execute(
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+                          ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
                 ),
                 params![
                     sandbox.id,
@@ -298,6 +354,7 @@ impl Store for SqliteStore {
                     sandbox.lifecycle.stopped_archive_s,
                     serde_json::to_string(&sandbox.network).expect("a policy serializes"),
                     serde_json::to_string(&sandbox.preview).expect("preview settings serialize"),
+                    sandbox.tenant,
                 ],
             );
             match inserted {
@@ -328,8 +385,14 @@ impl Store for SqliteStore {
         self.with(|connection| select_one(connection, "id", id))
     }
 
-    async fn sandbox_by_name(&self, name: &str) -> Result<Option<Sandbox>, StoreError> {
-        self.with(|connection| select_one(connection, "name", name))
+    async fn sandbox_by_name(&self, tenant: &str, name: &str) -> Result<Option<Sandbox>, StoreError> {
+        self.with(|connection| {
+            let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE tenant = ?1 AND name = ?2");
+            connection
+                .query_row(&sql, params![tenant, name], sandbox_from_row)
+                .optional()?
+                .transpose()
+        })
     }
 
     async fn sandboxes(&self) -> Result<Vec<Sandbox>, StoreError> {
@@ -511,16 +574,29 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn insert_api_key(&self, name: &str, key_hash: &str) -> Result<ApiKeyRecord, StoreError> {
+    async fn insert_api_key(&self, key: &NewApiKey) -> Result<ApiKeyRecord, StoreError> {
         let record = ApiKeyRecord {
             id: crate::ids::random_id("key-"),
-            name: name.to_string(),
-            created_at: Utc::now(),
+            name: key.name.clone(),
+            tenant: key.tenant.clone(),
+            scope: key.scope,
+            expires_at: key.expires_at,
+            revoked_at: None,
+            created_at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 6),
         };
         self.with(|connection| {
             connection.execute(
-                "INSERT INTO api_keys (id, name, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![record.id, record.name, key_hash, record.created_at.to_rfc3339()],
+                "INSERT INTO api_keys (id, name, key_hash, created_at, tenant, scope, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    record.id,
+                    record.name,
+                    key.hash,
+                    time_text(record.created_at),
+                    record.tenant,
+                    record.scope.as_str(),
+                    record.expires_at.map(time_text)
+                ],
             )?;
             Ok(())
         })?;
@@ -529,27 +605,117 @@ impl Store for SqliteStore {
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.with(|connection| {
-            let row = connection
+            connection
                 .query_row(
-                    "SELECT id, name, created_at FROM api_keys WHERE key_hash = ?1",
+                    &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?1"),
                     params![key_hash],
-                    |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, String>(2)?,
-                        ))
-                    },
+                    key_from_row,
                 )
-                .optional()?;
-            row.map(|(id, name, created)| {
-                Ok(ApiKeyRecord {
-                    id,
-                    name,
-                    created_at: parse_time(&created)?,
-                })
-            })
-            .transpose()
+                .optional()?
+                .transpose()
+        })
+    }
+
+    async fn api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.with(|connection| {
+            let mut statement = connection.prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_at, id"
+            ))?;
+            let rows = statement.query_map(params![tenant], key_from_row)?;
+            let mut keys = Vec::new();
+            for row in rows {
+                keys.push(row??);
+            }
+            Ok(keys)
+        })
+    }
+
+    async fn revoke_api_key(&self, id: &str) -> Result<ApiKeyRecord, StoreError> {
+        self.with(|connection| {
+            connection.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now_text()],
+            )?;
+            connection
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                    params![id],
+                    key_from_row,
+                )
+                .optional()?
+                .ok_or(StoreError::NotFound)?
+        })
+    }
+
+    async fn insert_tenant(&self, tenant: &nook_api::tenancy::Tenant) -> Result<(), StoreError> {
+        self.with(|connection| {
+            let inserted = connection.execute(
+                "INSERT INTO tenants (name, quota_sandboxes, quota_cpu, quota_memory_mb, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    tenant.name,
+                    tenant.quota.sandboxes,
+                    tenant.quota.cpu,
+                    tenant.quota.memory_mb,
+                    time_text(tenant.created_at)
+                ],
+            );
+            match inserted {
+                Err(rusqlite::Error::SqliteFailure(error, _))
+                    if error.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::NameTaken(tenant.name.clone()))
+                }
+                other => other.map(|_| ()).map_err(StoreError::from),
+            }
+        })
+    }
+
+    async fn tenant(&self, name: &str) -> Result<Option<nook_api::tenancy::Tenant>, StoreError> {
+        self.with(|connection| {
+            connection
+                .query_row(
+                    &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?1"),
+                    params![name],
+                    tenant_from_row,
+                )
+                .optional()?
+                .transpose()
+        })
+    }
+
+    async fn tenants(&self) -> Result<Vec<nook_api::tenancy::Tenant>, StoreError> {
+        self.with(|connection| {
+            let mut statement = connection.prepare(&format!(
+                "SELECT {TENANT_COLUMNS} FROM tenants ORDER BY created_at, name"
+            ))?;
+            let rows = statement.query_map([], tenant_from_row)?;
+            let mut tenants = Vec::new();
+            for row in rows {
+                tenants.push(row??);
+            }
+            Ok(tenants)
+        })
+    }
+
+    async fn set_tenant_quota(
+        &self,
+        name: &str,
+        quota: nook_api::tenancy::TenantQuota,
+    ) -> Result<nook_api::tenancy::Tenant, StoreError> {
+        self.with(|connection| {
+            let changed = connection.execute(
+                "UPDATE tenants SET quota_sandboxes = ?2, quota_cpu = ?3, quota_memory_mb = ?4 WHERE name = ?1",
+                params![name, quota.sandboxes, quota.cpu, quota.memory_mb],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            connection.query_row(
+                &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?1"),
+                params![name],
+                tenant_from_row,
+            )?
         })
     }
 
@@ -563,7 +729,7 @@ impl Store for SqliteStore {
             {
                 let mut insert = transaction.prepare_cached(&format!(
                     "INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-                     ?11, ?12)"
+                     ?11, ?12, ?13)"
                 ))?;
                 for event in events {
                     insert.execute(params![
@@ -579,6 +745,7 @@ impl Store for SqliteStore {
                         event.rule,
                         event.reason,
                         event.duration_ms,
+                        event.tenant,
                     ])?;
                 }
             }
@@ -600,6 +767,9 @@ impl Store for SqliteStore {
             }
             if let Some(sandbox) = &query.sandbox {
                 bind(&mut sql, "sandbox =", sandbox.clone().into());
+            }
+            if let Some(tenant) = &query.tenant {
+                bind(&mut sql, "tenant =", tenant.clone().into());
             }
             if let Some(allowed) = query.allowed {
                 bind(&mut sql, "allowed =", i64::from(allowed).into());
@@ -697,8 +867,47 @@ impl Store for SqliteStore {
     }
 }
 
+const KEY_COLUMNS: &str = "id, name, created_at, tenant, scope, expires_at, revoked_at";
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<Result<ApiKeyRecord, StoreError>> {
+    let created: String = row.get(2)?;
+    let scope: String = row.get(4)?;
+    let expires: Option<String> = row.get(5)?;
+    let revoked: Option<String> = row.get(6)?;
+    let (id, name, tenant) = (row.get(0)?, row.get(1)?, row.get(3)?);
+    let build = || -> Result<ApiKeyRecord, StoreError> {
+        Ok(ApiKeyRecord {
+            id,
+            name,
+            tenant,
+            scope: nook_api::tenancy::Scope::parse(&scope)
+                .ok_or_else(|| StoreError::Corrupt(format!("key scope {scope:?}")))?,
+            expires_at: expires.as_deref().map(parse_time).transpose()?,
+            revoked_at: revoked.as_deref().map(parse_time).transpose()?,
+            created_at: parse_time(&created)?,
+        })
+    };
+    Ok(build())
+}
+
+const TENANT_COLUMNS: &str = "name, quota_sandboxes, quota_cpu, quota_memory_mb, created_at";
+
+fn tenant_from_row(row: &Row<'_>) -> rusqlite::Result<Result<nook_api::tenancy::Tenant, StoreError>> {
+    let created: String = row.get(4)?;
+    let (name, sandboxes, cpu, memory_mb) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+    Ok(parse_time(&created).map(|created_at| nook_api::tenancy::Tenant {
+        name,
+        quota: nook_api::tenancy::TenantQuota {
+            sandboxes,
+            cpu,
+            memory_mb,
+        },
+        created_at,
+    }))
+}
+
 const AUDIT_COLUMNS: &str =
-    "seq, at, kind, actor, client, sandbox, action, target, outcome, allowed, rule, reason, duration_ms";
+    "seq, at, kind, actor, client, sandbox, action, target, outcome, allowed, rule, reason, duration_ms, tenant";
 
 fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<Result<AuditEvent, StoreError>> {
     let at: String = row.get(1)?;
@@ -717,6 +926,7 @@ fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<Result<AuditEvent, StoreErr
         rule: row.get(10)?,
         reason: row.get(11)?,
         duration_ms: row.get(12)?,
+        tenant: row.get(13)?,
     };
     let build = move || -> Result<AuditEvent, StoreError> {
         Ok(AuditEvent {
@@ -792,6 +1002,7 @@ mod tests {
             },
             address: None,
             preview: Default::default(),
+            tenant: "default".into(),
             created_at: now,
             updated_at: now,
         }
@@ -848,7 +1059,10 @@ mod tests {
         let events = store.events("sb-1").await.unwrap();
         assert_eq!(events.len(), 5);
         assert_eq!(events[1].from_state, Some(SandboxState::Creating));
-        assert_eq!(store.sandbox_by_name("one").await.unwrap().unwrap().labels["team"], "a");
+        assert_eq!(
+            store.sandbox_by_name("default", "one").await.unwrap().unwrap().labels["team"],
+            "a"
+        );
         store.delete_sandbox("sb-1").await.unwrap();
         assert!(store.sandbox("sb-1").await.unwrap().is_none());
         assert!(store.events("sb-1").await.unwrap().is_empty());
@@ -889,9 +1103,67 @@ mod tests {
     async fn api_keys_are_found_by_hash_only() {
         let store = SqliteStore::in_memory().unwrap();
         assert_eq!(store.api_key_count().await.unwrap(), 0);
-        store.insert_api_key("admin", "hash-a").await.unwrap();
+        let key = NewApiKey {
+            name: "admin".into(),
+            hash: "hash-a".into(),
+            tenant: "default".into(),
+            scope: nook_api::tenancy::Scope::Admin,
+            expires_at: None,
+        };
+        store.insert_api_key(&key).await.unwrap();
         assert_eq!(store.api_key_by_hash("hash-a").await.unwrap().unwrap().name, "admin");
         assert!(store.api_key_by_hash("hash-b").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn names_are_unique_per_tenant_and_an_upgraded_database_keeps_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nook.db");
+        {
+            // A database from before tenants (schema 6), with a sandbox and its first event.
+            let connection = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..6] {
+                connection.execute_batch(migration).unwrap();
+            }
+            connection.pragma_update(None, "user_version", 6).unwrap();
+            connection
+                .execute(
+                    "INSERT INTO sandboxes (id, name, image, image_digest, isolation, state, state_reason, \
+                     state_message, labels, env, cpu, memory_mb, pids, created_at, updated_at) VALUES ('sb-old', \
+                     'web', 'base', 'sha256:00', 'container', 'running', 'requested', '', '{}', '{}', 1.0, 256, 100, \
+                     '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+                    [],
+                )
+                .unwrap();
+            connection
+                .execute(
+                    "INSERT INTO sandbox_events (sandbox_id, at, to_state, reason, message) VALUES ('sb-old', \
+                     '2026-01-01T00:00:00Z', 'running', 'requested', 'made')",
+                    [],
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let old = store.sandbox_by_name("default", "web").await.unwrap().unwrap();
+        assert_eq!((old.id.as_str(), old.tenant.as_str()), ("sb-old", "default"));
+        assert_eq!(store.events("sb-old").await.unwrap().len(), 1);
+        assert_eq!(store.tenants().await.unwrap()[0].name, "default");
+
+        // Another tenant may have a `web`; the same tenant may not have two.
+        let mut theirs = sandbox("sb-theirs", "web");
+        theirs.tenant = "acme".into();
+        store.insert_sandbox(&theirs).await.unwrap();
+        assert!(matches!(
+            store.insert_sandbox(&sandbox("sb-again", "web")).await,
+            Err(StoreError::NameTaken(_))
+        ));
+        assert_eq!(
+            store.sandbox_by_name("acme", "web").await.unwrap().unwrap().id,
+            "sb-theirs"
+        );
+        // The events still belong to the sandbox: deleting it removes them (the foreign key survived).
+        store.delete_sandbox("sb-old").await.unwrap();
+        assert!(store.events("sb-old").await.unwrap().is_empty());
     }
 
     #[test]
