@@ -20,6 +20,17 @@ fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, S
 }
 
 async fn tenant_key(operator: &Client, url: &str, tenant: &str, scope: Scope, quota: TenantQuota) -> Client {
+    tenant_key_text(operator, url, tenant, scope, quota).await.0
+}
+
+/// A new key of `tenant` (made with the tenant if need be): its client and the key itself.
+async fn tenant_key_text(
+    operator: &Client,
+    url: &str,
+    tenant: &str,
+    scope: Scope,
+    quota: TenantQuota,
+) -> (Client, String) {
     if operator
         .tenants()
         .await
@@ -46,7 +57,7 @@ async fn tenant_key(operator: &Client, url: &str, tenant: &str, scope: Scope, qu
         .await
         .unwrap();
     assert_eq!(created.info.tenant, tenant);
-    Client::new(url, &created.key).unwrap()
+    (Client::new(url, &created.key).unwrap(), created.key)
 }
 
 fn small(name: &str) -> CreateSandboxRequest {
@@ -128,8 +139,41 @@ async fn tenants_are_apart_and_keys_and_tokens_do_only_what_they_grant() {
         .all(|s| s.tenant == "default"));
     assert_eq!(refusal(acme.tenants().await).0, StatusCode::FORBIDDEN);
 
-    // A read-only key looks but does not change.
-    let reader = tenant_key(&operator, &server.url, "acme", Scope::Read, TenantQuota::default()).await;
+    // A read-only key looks but does not change, nor gets what would let it act (a terminal, a port's token, E2B's
+    // access tokens).
+    let (reader, reader_key) =
+        tenant_key_text(&operator, &server.url, "acme", Scope::Read, TenantQuota::default()).await;
+    assert_eq!(refusal(reader.port_access("web", 8080).await).0, StatusCode::FORBIDDEN);
+    let seen: serde_json::Value = http
+        .get(format!("{}/sandboxes/{}", server.url, mine.id))
+        .header("x-api-key", &reader_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["sandboxID"], mine.id.as_str());
+    assert!(
+        seen.get("envdAccessToken").is_none() && seen.get("trafficAccessToken").is_none(),
+        "{seen}"
+    );
+    let terminal = http
+        .get(format!("{}/v1/sandboxes/web/processes/1/terminal", server.url))
+        .bearer_auth(&reader_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(terminal.status(), StatusCode::FORBIDDEN);
+    // The image catalogue is the default tenant's: other tenants use it but do not add to it.
+    let (status, _) = refusal(acme.snapshot_sandbox("web", "acme-snapshot").await);
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(acme
+        .snapshot_sandbox("web", "acme-snapshot")
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("catalogue"));
     assert_eq!(reader.sandbox("web").await.unwrap().id, mine.id);
     let (status, code) = refusal(reader.exec("web", &true_command()).await);
     assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));

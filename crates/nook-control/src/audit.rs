@@ -70,11 +70,12 @@ impl Audited {
         }
     }
 
-    /// The mark for a call to a sandbox known by other means (E2B's in-sandbox protocols, addressed by host).
-    pub fn for_sandbox(actor: &str, request: &Request, sandbox: &str) -> Self {
+    /// The mark for a call to a sandbox known by other means (E2B's in-sandbox protocols, addressed by host),
+    /// in the sandbox's tenant.
+    pub fn for_sandbox(actor: &str, request: &Request, sandbox: &nook_api::Sandbox) -> Self {
         Self {
-            sandbox: Some(sandbox.to_string()),
-            ..Self::of(actor.to_string(), None, request)
+            sandbox: Some(sandbox.id.clone()),
+            ..Self::of(actor.to_string(), Some(sandbox.tenant.clone()), request)
         }
     }
 
@@ -95,10 +96,18 @@ fn path_parameter(template: &str, path: &str, parameter: &str) -> Option<String>
         .filter(|value| !value.is_empty())
 }
 
+/// What the writer is given.
+enum Queued {
+    /// An event to store (boxed: the queue holds thousands, most of them small).
+    Event(Box<AuditEvent>),
+    /// Answer once everything queued before has been stored.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The audit log's queue and its writer.
 pub struct AuditLog {
-    queue: mpsc::Sender<AuditEvent>,
-    waiting: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
+    queue: mpsc::Sender<Queued>,
+    waiting: Mutex<Option<mpsc::Receiver<Queued>>>,
     dropped: AtomicU64,
 }
 
@@ -116,8 +125,17 @@ impl Default for AuditLog {
 impl AuditLog {
     /// Queues an event (its number and time are given when it is stored).
     pub fn record(&self, event: AuditEvent) {
-        if self.queue.try_send(event).is_err() {
+        if self.queue.try_send(Queued::Event(Box::new(event))).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits (at most `limit`) until everything recorded so far is stored: at shutdown, so that the last calls are
+    /// not lost with the process.
+    pub async fn flush(&self, limit: Duration) {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        if self.queue.send(Queued::Flush(done)).await.is_ok() && tokio::time::timeout(limit, stored).await.is_err() {
+            tracing::warn!("the audit log was not written out before shutdown");
         }
     }
 
@@ -134,8 +152,16 @@ impl AuditLog {
         let log = self.clone();
         tokio::spawn(async move {
             let mut pruned_at: Option<Instant> = None;
-            let mut batch = Vec::with_capacity(BATCH);
-            while waiting.recv_many(&mut batch, BATCH).await > 0 {
+            let mut queued = Vec::with_capacity(BATCH);
+            while waiting.recv_many(&mut queued, BATCH).await > 0 {
+                let mut batch = Vec::with_capacity(queued.len());
+                let mut flushes = Vec::new();
+                for item in queued.drain(..) {
+                    match item {
+                        Queued::Event(event) => batch.push(*event),
+                        Queued::Flush(done) => flushes.push(done),
+                    }
+                }
                 let dropped = log.dropped.swap(0, Ordering::Relaxed);
                 if dropped > 0 {
                     batch.push(event(
@@ -146,10 +172,16 @@ impl AuditLog {
                         Some(format!("{dropped} events were not recorded: the audit queue was full")),
                     ));
                 }
-                if let Err(error) = store.insert_audit(&batch).await {
-                    tracing::error!(%error, events = batch.len(), "audit events could not be stored");
+                if !batch.is_empty() {
+                    if let Err(error) = store.insert_audit(&batch).await {
+                        tracing::error!(%error, events = batch.len(), "audit events could not be stored");
+                        // Said in the next batch that gets through.
+                        log.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
                 }
-                batch.clear();
+                for done in flushes {
+                    let _ = done.send(());
+                }
                 if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
                     pruned_at = Some(Instant::now());
                     let before = Utc::now() - chrono::Duration::days(i64::from(retention_days));

@@ -185,14 +185,21 @@ impl Control {
         };
         let (audit, store) = (self.audit.clone(), self.store.clone());
         tokio::spawn(async move {
+            // Each sandbox's tenant, so that its admins see its traffic (read once per sandbox, not per decision).
+            let mut tenants: std::collections::HashMap<String, String> = Default::default();
             loop {
                 match decisions.recv().await {
                     Ok(decision) => {
                         let mut event = crate::audit::egress_event(&decision);
-                        // The sandbox's tenant, so that its admins see its traffic.
-                        if let Ok(Some(sandbox)) = store.sandbox(&decision.sandbox_id).await {
-                            event.tenant = Some(sandbox.tenant);
+                        if !tenants.contains_key(&decision.sandbox_id) {
+                            if tenants.len() >= 100_000 {
+                                tenants.clear();
+                            }
+                            if let Ok(Some(sandbox)) = store.sandbox(&decision.sandbox_id).await {
+                                tenants.insert(decision.sandbox_id.clone(), sandbox.tenant);
+                            }
                         }
+                        event.tenant = tenants.get(&decision.sandbox_id).cloned();
                         audit.record(event);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => audit.note_dropped(missed),
@@ -825,8 +832,9 @@ impl Control {
                 )))
             }
         };
+        // Its own record is left out of the count: a second start racing this one does not count it twice.
         let admitted = self
-            .admit(&sandbox.tenant, Usage::live(1, &sandbox.resources), None)
+            .admit(&sandbox.tenant, Usage::live(1, &sandbox.resources), Some(&sandbox.id))
             .await?;
         let message = if from == ARCHIVED {
             "restored from its archive and started by a client"

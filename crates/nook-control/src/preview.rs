@@ -2,7 +2,8 @@
 //!
 //! A request reaches a sandbox's port by host, `{port}-{sandbox}.{preview domain}` (the sandbox by id, or by name
 //! when the server has a preview domain), or by path, `/preview/{sandbox}/{port}/…` (the prefix is removed and
-//! passed on as `X-Forwarded-Prefix`). The proxy checks who may come in ([`Previews::authorize`]): a public port,
+//! passed on as `X-Forwarded-Prefix`). Preview requests carry no API key, so names resolve in the `default`
+//! tenant; other tenants' sandboxes are reached by id. The proxy checks who may come in ([`Previews::authorize`]): a public port,
 //! the port's token, or a signed link that has neither expired nor been revoked. Tokens and link signatures are
 //! HMAC-SHA256 under a secret in the data directory, over the sandbox, the port and the sandbox's token
 //! generation, so nothing secret is stored and rotating the generation revokes them all. The credential is taken
@@ -381,6 +382,22 @@ impl Previews {
             Err(failure) => return failure.into_response(),
         };
         self.control.note_activity(&sandbox.id);
+        // Path routing shares nook's origin among sandboxes: a service worker registered there could watch every
+        // other sandbox's preview traffic.
+        if destination.prefix.is_some()
+            && request
+                .headers()
+                .get("service-worker")
+                .is_some_and(|value| value == "script")
+        {
+            return ApiFailure::new(
+                StatusCode::FORBIDDEN,
+                "service_worker_refused",
+                "service workers are refused on previews by path, which share nook's origin: use the preview's \
+                 host ({port}-{sandbox}.{domain})",
+            )
+            .into_response();
+        }
         let mut response = match self.relay(&sandbox, &destination, request).await {
             Ok(response) => response,
             Err(failure) => return failure.into_response(),
@@ -543,6 +560,9 @@ impl Previews {
         }
         let (mut parts, body) = answer.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(prefix) = &destination.prefix {
+            confine_to_prefix(&mut parts.headers, prefix);
+        }
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 }
@@ -629,6 +649,41 @@ fn describe(settings: &PreviewSettings, rotated: bool) -> String {
     text
 }
 
+/// Keeps a path-routed answer within its prefix: no `Service-Worker-Allowed` widening a worker's scope, and
+/// cookies set for the prefix (a cookie's `Path=/app` becomes `Path=/preview/{sandbox}/{port}/app`) so that one
+/// sandbox cannot set or read another's.
+fn confine_to_prefix(headers: &mut HeaderMap, prefix: &str) {
+    headers.remove("service-worker-allowed");
+    let cookies: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().cloned().collect();
+    if cookies.is_empty() {
+        return;
+    }
+    headers.remove(header::SET_COOKIE);
+    for cookie in cookies {
+        let Ok(text) = cookie.to_str() else { continue };
+        let mut path = "/".to_string();
+        let mut attributes = Vec::new();
+        for (index, part) in text.split(';').enumerate() {
+            let trimmed = part.trim();
+            match trimmed.split_once('=') {
+                Some((name, value)) if index > 0 && name.trim().eq_ignore_ascii_case("path") => {
+                    path = value.trim().to_string();
+                }
+                // A cookie for a parent domain would reach other previews' hosts too.
+                Some((name, _)) if index > 0 && name.trim().eq_ignore_ascii_case("domain") => {}
+                _ => attributes.push(trimmed.to_string()),
+            }
+        }
+        if !path.starts_with('/') {
+            path.insert(0, '/');
+        }
+        attributes.push(format!("Path={prefix}{path}"));
+        if let Ok(value) = HeaderValue::from_str(&attributes.join("; ")) {
+            headers.append(header::SET_COOKIE, value);
+        }
+    }
+}
+
 /// The credential a request's query carries (to keep in a cookie), if any.
 fn query_credential(uri: &Uri) -> Option<String> {
     uri.query()?.split('&').find_map(|pair| {
@@ -671,6 +726,30 @@ fn take_credential(request: &mut Request) -> Option<Credential> {
             parts.path_and_query = Some(path_and_query);
             if let Ok(uri) = Uri::from_parts(parts) {
                 *request.uri_mut() = uri;
+            }
+        }
+    }
+    // A page opened with a credential in its URL sends that URL as the Referer of its later requests.
+    if let Some(referer) = request
+        .headers()
+        .get(header::REFERER)
+        .and_then(|value| value.to_str().ok())
+    {
+        if let Some((base, query)) = referer.split_once('?') {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|pair| {
+                    let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
+                    key != TOKEN_QUERY && key != LINK_QUERY
+                })
+                .collect();
+            let cleaned = if kept.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            };
+            if let Ok(value) = HeaderValue::from_str(&cleaned) {
+                request.headers_mut().insert(header::REFERER, value);
             }
         }
     }
@@ -800,6 +879,35 @@ mod tests {
         );
         assert_eq!(request.uri().to_string(), "/");
         assert_eq!(query_credential(&"/?nook_token=t".parse().unwrap()), Some("t".into()));
+    }
+
+    #[test]
+    fn path_routed_answers_stay_within_their_prefix() {
+        let mut headers = HeaderMap::new();
+        headers.insert("service-worker-allowed", "/".parse().unwrap());
+        headers.append("set-cookie", "session=1; Path=/app; HttpOnly".parse().unwrap());
+        headers.append("set-cookie", "theme=dark; Domain=example.test".parse().unwrap());
+        confine_to_prefix(&mut headers, "/preview/sb-1/8000");
+        assert!(headers.get("service-worker-allowed").is_none());
+        let cookies: Vec<&str> = headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            cookies,
+            vec![
+                "session=1; HttpOnly; Path=/preview/sb-1/8000/app",
+                "theme=dark; Path=/preview/sb-1/8000/"
+            ]
+        );
+        let mut request = Request::builder()
+            .uri("/next")
+            .header("referer", "http://x.test/page?nook_token=secret&a=1")
+            .body(Body::empty())
+            .unwrap();
+        take_credential(&mut request);
+        assert_eq!(request.headers()["referer"], "http://x.test/page?a=1");
     }
 
     #[test]

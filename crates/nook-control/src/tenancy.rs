@@ -103,17 +103,22 @@ pub struct Need {
     pub operator: bool,
     /// The verb a capability token needs; none: no token may call it.
     pub verb: Option<Verb>,
+    /// It changes (or reads the contents of) the shared image catalogue: keys of the default tenant only.
+    pub catalogue: bool,
 }
 
 /// What a request to `route` (the matched template) with `method` needs.
 pub fn need(method: &Method, route: &str) -> Need {
     let looks = *method == Method::GET || *method == Method::HEAD || route.ends_with("/files/search");
-    let scope = if looks { Scope::Read } else { Scope::Write };
+    // GETs that act or hand out access: a terminal writes to its process; a port's token opens the port.
+    let acts = route.ends_with("/terminal") || route.starts_with("/v1/sandboxes/{sandbox}/ports/");
+    let scope = if looks && !acts { Scope::Read } else { Scope::Write };
     if route.starts_with("/v1/tenants") || route == "/metrics" {
         return Need {
             scope: Scope::Admin,
             operator: true,
             verb: None,
+            catalogue: false,
         };
     }
     if route.starts_with("/v1/keys") || route.starts_with("/v1/audit") {
@@ -121,14 +126,26 @@ pub fn need(method: &Method, route: &str) -> Need {
             scope: Scope::Admin,
             operator: false,
             verb: None,
+            catalogue: false,
         };
     }
+    // Images are one catalogue shared by every tenant, kept by the default tenant: others use it but do not change
+    // it (nor read build logs, or export what a snapshot put in it).
+    let catalogue = (route.starts_with("/v1/images") && !looks)
+        || route.starts_with("/v1/builds")
+        || route == "/v1/sandboxes/{sandbox}/snapshot"
+        || route.starts_with("/templates")
+        || route.starts_with("/v2/templates")
+        || route.starts_with("/v3/templates")
+        || route.starts_with("/snapshots")
+        || route == "/sandboxes/{id}/snapshots";
     let verb = route.strip_prefix("/v1/sandboxes/{sandbox}").and_then(|rest| {
         let first = rest.trim_start_matches('/').split('/').next().unwrap_or("");
         match first {
             "" if looks => Some(Verb::Read),
             "stats" | "events" => Some(Verb::Read),
             "exec" | "processes" => Some(Verb::Exec),
+            "snapshot" => None,
             "files" if looks => Some(Verb::FilesRead),
             "files" => Some(Verb::FilesWrite),
             // Tokens are made by keys only: a token cannot mint a wider one.
@@ -140,6 +157,7 @@ pub fn need(method: &Method, route: &str) -> Need {
         scope,
         operator: false,
         verb,
+        catalogue,
     }
 }
 
@@ -151,6 +169,12 @@ pub fn permits(caller: &Caller, need: Need, route: &str) -> Result<(), ApiFailur
             if need.operator && !caller.is_operator() {
                 return refuse(format!(
                     "{route} is for the operator (an admin key of the {DEFAULT_TENANT} tenant)"
+                ));
+            }
+            if need.catalogue && caller.tenant != DEFAULT_TENANT {
+                return refuse(format!(
+                    "{route} changes or reads out the image catalogue, which all tenants share and the \
+                     {DEFAULT_TENANT} tenant keeps; images per tenant are not done yet"
                 ));
             }
             if *scope < need.scope {
@@ -291,6 +315,26 @@ mod tests {
         assert_eq!(need(&post, "/v1/sandboxes/{sandbox}/tokens").verb, None);
         assert_eq!(need(&post, "/v1/sandboxes").verb, None);
         assert!(need(&get, "/v1/tenants").operator);
+        assert_eq!(
+            need(&get, "/v1/sandboxes/{sandbox}/processes/{pid}/terminal").scope,
+            Scope::Write
+        );
+        assert_eq!(need(&get, "/v1/sandboxes/{sandbox}/ports/{port}").scope, Scope::Write);
+        assert_eq!(
+            need(&get, "/v1/sandboxes/{sandbox}/processes/{pid}/output").scope,
+            Scope::Read
+        );
+        assert!(need(&post, "/v1/images/pull").catalogue && !need(&get, "/v1/images").catalogue);
+        assert!(
+            need(&get, "/v1/builds/{build}").catalogue && need(&post, "/v1/sandboxes/{sandbox}/snapshot").catalogue
+        );
+        let tenant_writer = key("acme", Scope::Write);
+        let route = "/v1/images/pull";
+        assert!(permits(&tenant_writer, need(&post, route), route)
+            .unwrap_err()
+            .message
+            .contains("catalogue"));
+        assert!(permits(&key(DEFAULT_TENANT, Scope::Write), need(&post, route), route).is_ok());
         assert_eq!(need(&get, "/v1/keys").scope, Scope::Admin);
 
         let reader = key("acme", Scope::Read);

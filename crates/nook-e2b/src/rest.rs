@@ -218,8 +218,11 @@ pub(crate) struct E2bSandbox {
     #[serde(rename = "clientID")]
     client_id: &'static str,
     envd_version: &'static str,
-    envd_access_token: String,
-    traffic_access_token: String,
+    /// Left out for callers that may only look: the token opens the sandbox's processes and files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    envd_access_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traffic_access_token: Option<String>,
     alias: String,
     domain: Option<String>,
     started_at: DateTime<Utc>,
@@ -236,13 +239,17 @@ pub(crate) struct E2bSandbox {
 impl E2b {
     /// The E2B view of a sandbox.
     pub(crate) fn describe(&self, sandbox: &Sandbox) -> E2bSandbox {
+        // The tokens give what a write key has; a read key's caller sees the sandbox without them.
+        let may_act = Caller::current().is_none_or(
+            |caller| matches!(caller.grant, Grant::Key { scope, .. } if scope >= nook_api::tenancy::Scope::Write),
+        );
         E2bSandbox {
             template_id: sandbox.image.clone(),
             sandbox_id: sandbox.id.clone(),
             client_id: "nook",
             envd_version: ENVD_VERSION,
-            envd_access_token: self.access_token(&sandbox.id),
-            traffic_access_token: self.traffic_access_token(&sandbox.id),
+            envd_access_token: may_act.then(|| self.access_token(&sandbox.id)),
+            traffic_access_token: may_act.then(|| self.traffic_access_token(&sandbox.id)),
             alias: sandbox.image.clone(),
             // With a preview domain, the SDKs' `get_host(port)` names the port's preview host.
             domain: self.previews.domain().map(str::to_string),

@@ -115,6 +115,9 @@ struct Live {
     exited: watch::Receiver<bool>,
 }
 
+/// How long a connection to a sandbox's port may take to be accepted.
+const PORT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Inner {
     dir: PathBuf,
     images: Arc<ImageStore>,
@@ -1671,28 +1674,51 @@ impl Runner for LocalRunner {
             path: namespace_path.into(),
             source,
         })?;
-        // The socket is made inside the sandbox's namespace (and stays there); connecting to loopback completes or
-        // is refused at once, so the thread never waits on the network.
-        let connected = tokio::task::spawn_blocking(move || {
+        // The socket is made inside the sandbox's namespace (and stays there) and the connect started there without
+        // waiting; the wait happens here, bounded: a server that never accepts (a full backlog drops the SYNs) costs
+        // a timeout, not a blocked thread.
+        let started = tokio::task::spawn_blocking(move || {
             crate::network::netlink::in_namespace(namespace, move || {
-                let stream = std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))?;
-                stream.set_nonblocking(true)?;
-                stream.set_nodelay(true)?;
-                Ok(stream)
+                use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+                let socket = socket(
+                    AddressFamily::Inet,
+                    SockType::Stream,
+                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                    None,
+                )?;
+                let address = SockaddrIn::new(127, 0, 0, 1, port);
+                match nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &address) {
+                    Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(std::net::TcpStream::from(socket)),
+                    Err(errno) => Err(std::io::Error::from(errno)),
+                }
             })
         })
         .await
         .expect("connecting does not panic");
-        let stream = connected.map_err(|source| RunnerError::PortClosed {
+        let closed = |source| RunnerError::PortClosed {
             sandbox_id: id.to_string(),
             port,
             source,
-        })?;
-        tokio::net::TcpStream::from_std(stream).map_err(|source| RunnerError::PortClosed {
-            sandbox_id: id.to_string(),
-            port,
-            source,
-        })
+        };
+        let stream = tokio::net::TcpStream::from_std(started.map_err(closed)?).map_err(closed)?;
+        match tokio::time::timeout(PORT_CONNECT_TIMEOUT, stream.writable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(closed(error)),
+            Err(_) => {
+                return Err(closed(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the connection was not accepted within {} s",
+                        PORT_CONNECT_TIMEOUT.as_secs()
+                    ),
+                )))
+            }
+        }
+        if let Some(error) = stream.take_error().map_err(closed)? {
+            return Err(closed(error));
+        }
+        stream.set_nodelay(true).map_err(closed)?;
+        Ok(stream)
     }
 
     async fn archive_sandbox(&self, id: &str) -> Result<crate::archive::ArchivedLayer, RunnerError> {

@@ -113,7 +113,7 @@ async fn check_access_token(
         }
         None => Err("unauthorized access: send the sandbox's envdAccessToken in X-Access-Token".into()),
     };
-    let sandbox = target.sandbox.id.clone();
+    let sandbox = target.sandbox.clone();
     match verdict {
         Ok(()) => {
             let audited = Audited::for_sandbox("envd access token", &request, &sandbox);

@@ -72,7 +72,7 @@ async fn check_token(State(e2b): State<E2b>, request: Request, next: Next) -> Re
     let sandbox = request
         .extensions()
         .get::<Target>()
-        .map(|target| target.sandbox.id.clone());
+        .map(|target| target.sandbox.clone());
     match (token_given(&e2b, &request), sandbox) {
         (Some(true), Some(sandbox)) => {
             let audited = Audited::for_sandbox("sandbox access token", &request, &sandbox);
