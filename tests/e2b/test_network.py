@@ -39,6 +39,26 @@ def test_ports_are_public_by_default(sandbox):
     assert "8001" in closed.text
 
 
+def test_mask_request_host_is_the_host_servers_see():
+    sbx = Sandbox.create(timeout=300, network={"mask_request_host": "localhost:${PORT}"})
+    try:
+        script = (
+            "import http.server, json\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        body = json.dumps({'host': self.headers['Host']}).encode()\n"
+            "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+            "        self.wfile.write(body)\n"
+            "http.server.HTTPServer(('127.0.0.1', 8000), H).serve_forever()\n"
+        )
+        sbx.files.write("/home/user/host.py", script)
+        sbx.commands.run("python3 /home/user/host.py", background=True)
+        response = eventually(lambda: (r := fetch(sbx, 8000)).status_code == 200 and r, "the server answers")
+        assert response.json() == {"host": "localhost:8000"}
+    finally:
+        sbx.kill()
+
+
 def test_private_traffic_needs_the_traffic_access_token():
     sbx = Sandbox.create(timeout=300, network={"allow_public_traffic": False})
     try:

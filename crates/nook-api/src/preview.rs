@@ -38,6 +38,11 @@ pub struct PreviewSettings {
     /// and link stops working.
     #[serde(default)]
     pub token_generation: u32,
+    /// The Host header the sandbox's servers receive instead of the client's, `${PORT}` standing for the port
+    /// (`localhost:${PORT}` for dev servers that accept only their own name; E2B's `maskRequestHost`). The
+    /// client's Host is still passed on as `X-Forwarded-Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_host: Option<String>,
 }
 
 impl PreviewSettings {
@@ -56,6 +61,15 @@ impl PreviewSettings {
         }
         if self.public_ports.contains(&0) {
             return Err("public_ports holds port 0, which no server listens on".into());
+        }
+        if let Some(host) = &self.upstream_host {
+            let printable = host.bytes().all(|b| b.is_ascii_graphic());
+            if host.is_empty() || host.len() > 255 || !printable {
+                return Err(format!(
+                    "upstream_host {host:?} is not a Host header: 1 to 255 visible ASCII characters, such as \
+                     localhost:${{PORT}}"
+                ));
+            }
         }
         Ok(())
     }
@@ -77,6 +91,10 @@ pub struct PreviewSettingsRequest {
     /// Revoke every token and signed link made so far (new tokens are made for the next generation).
     #[serde(default)]
     pub rotate_tokens: bool,
+    /// The Host header the sandbox's servers receive (`${PORT}` stands for the port); an empty string goes back to
+    /// the client's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_host: Option<String>,
 }
 
 /// How to reach one port of a sandbox (`GET /v1/sandboxes/{sandbox}/ports/{port}`).
@@ -153,5 +171,10 @@ mod tests {
         assert!(settings.check().unwrap_err().contains("port 0"));
         settings.public_ports = (1..=65).collect();
         assert!(settings.check().unwrap_err().contains("at most 64"));
+        settings.public_ports.clear();
+        settings.upstream_host = Some("local host".into());
+        assert!(settings.check().unwrap_err().contains("upstream_host"));
+        settings.upstream_host = Some("localhost:${PORT}".into());
+        assert!(settings.check().is_ok());
     }
 }

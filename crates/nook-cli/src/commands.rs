@@ -1198,6 +1198,7 @@ async fn preview_command(client: &Client, command: PreviewCommand) -> anyhow::Re
                 all_ports_public: args.all_public,
                 wake_on_request: args.wake_on_request,
                 rotate_tokens: args.rotate,
+                upstream_host: args.upstream_host,
             };
             let sandbox = client.set_preview(&args.sandbox, &request).await?;
             if args.json {

@@ -331,6 +331,9 @@ struct PreviewSetArgs {
     /// Revoke every token and signed link made so far.
     #[arg(long)]
     rotate: bool,
+    /// The Host header the sandbox's servers see (`localhost:${PORT}`); an empty string for the client's own.
+    #[arg(long, value_name = "HOST")]
+    upstream_host: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,

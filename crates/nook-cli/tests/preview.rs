@@ -314,6 +314,38 @@ async fn private_ports_need_a_token_or_a_live_signed_link() {
     )
     .await;
 
+    // A masked Host: the app sees the mask, and the client's Host as X-Forwarded-Host.
+    client
+        .set_preview(
+            id,
+            &PreviewSettingsRequest {
+                upstream_host: Some("localhost:${PORT}".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let seen = json_of(
+        by_host(&server, &http, id, "/")
+            .header("nook-preview-token", &new_token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen["headers"]["host"], format!("localhost:{PORT}"));
+    assert_eq!(seen["headers"]["x-forwarded-host"], format!("{PORT}-{id}.{DOMAIN}"));
+    client
+        .set_preview(
+            id,
+            &PreviewSettingsRequest {
+                upstream_host: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
     // A public port needs nothing; the others stay private.
     let public = client
         .set_preview(

@@ -232,6 +232,9 @@ impl Previews {
         if request.rotate_tokens {
             settings.token_generation = settings.token_generation.wrapping_add(1);
         }
+        if let Some(host) = request.upstream_host {
+            settings.upstream_host = (!host.is_empty()).then_some(host);
+        }
         settings.check().map_err(ApiFailure::invalid)?;
         if settings == sandbox.preview {
             return Ok(sandbox);
@@ -489,6 +492,12 @@ impl Previews {
             headers.insert(header::HOST, host.clone());
             headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
+        if let Some(mask) = &sandbox.preview.upstream_host {
+            let masked = mask.replace("${PORT}", &destination.port.to_string());
+            if let Ok(value) = HeaderValue::from_str(&masked) {
+                headers.insert(header::HOST, value);
+            }
+        }
         if let Some(protocol) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol.clone());
@@ -643,6 +652,9 @@ fn describe(settings: &PreviewSettings, rotated: bool) -> String {
     };
     let wake = if settings.wake_on_request { "on" } else { "off" };
     let mut text = format!("preview: {ports}; wake on request {wake}");
+    if let Some(host) = &settings.upstream_host {
+        text.push_str(&format!("; servers see Host {host}"));
+    }
     if rotated {
         text.push_str("; tokens and links rotated (all earlier ones revoked)");
     }

@@ -175,6 +175,9 @@ struct E2bNetwork {
     /// Whether the sandbox's ports accept requests without its traffic access token (E2B's default: yes).
     #[serde(default)]
     allow_public_traffic: Option<bool>,
+    /// The Host its servers receive (`${PORT}` for the port).
+    #[serde(default)]
+    mask_request_host: Option<String>,
 }
 
 /// The nook policy for E2B's settings: the allowed destinations first (they take precedence), then the denied
@@ -301,6 +304,10 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
         .as_ref()
         .and_then(|network| network.allow_public_traffic)
         .unwrap_or(true);
+    let upstream_host = request
+        .network
+        .as_ref()
+        .and_then(|network| network.mask_request_host.clone());
     let network = network_policy(request.allow_internet_access, request.network);
     // The code-interpreter SDKs ask for their own template; nook's base image carries what it needs.
     let interpreter = crate::interpreter::TEMPLATES.contains(&request.template_id.as_str());
@@ -322,6 +329,7 @@ async fn create_sandbox(State(e2b): State<E2b>, body: axum::body::Bytes) -> Resp
         network,
         preview: Some(nook_api::PreviewSettings {
             all_ports_public: public_ports,
+            upstream_host,
             ..Default::default()
         }),
         ..Default::default()
