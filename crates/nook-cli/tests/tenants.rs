@@ -165,15 +165,58 @@ async fn tenants_are_apart_and_keys_and_tokens_do_only_what_they_grant() {
         .await
         .unwrap();
     assert_eq!(terminal.status(), StatusCode::FORBIDDEN);
-    // The image catalogue is the default tenant's: other tenants use it but do not add to it.
-    let (status, _) = refusal(acme.snapshot_sandbox("web", "acme-snapshot").await);
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Images: a tenant's own are invisible to the others; the catalogue (base) is everyone's and the default
+    // tenant's to change.
+    let snapshot = acme.snapshot_sandbox("web", "acme-snapshot").await.unwrap();
+    assert_eq!(acme.image("acme-snapshot").await.unwrap().digest, snapshot.digest);
     assert!(acme
-        .snapshot_sandbox("web", "acme-snapshot")
+        .list_images()
         .await
-        .unwrap_err()
-        .to_string()
-        .contains("catalogue"));
+        .unwrap()
+        .iter()
+        .any(|image| image.name == "acme-snapshot"));
+    assert_eq!(refusal(globex.image("acme-snapshot").await).0, StatusCode::NOT_FOUND);
+    assert!(globex
+        .list_images()
+        .await
+        .unwrap()
+        .iter()
+        .all(|image| image.name != "acme-snapshot"));
+    assert!(globex
+        .list_images()
+        .await
+        .unwrap()
+        .iter()
+        .any(|image| image.name == "base"));
+    let from_theirs = CreateSandboxRequest {
+        image: Some("acme-snapshot".into()),
+        ..small("copy")
+    };
+    assert_eq!(
+        refusal(globex.create_sandbox(&from_theirs).await).0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        refusal(globex.remove_image("acme-snapshot").await).0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        refusal(globex.tag_image("acme-snapshot", "stolen").await).0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, code) = refusal(globex.snapshot_sandbox("web", "acme-snapshot").await);
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "name_taken"));
+    assert_eq!(refusal(acme.remove_image("base").await).0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        refusal(acme.tag_image("acme-snapshot", "base").await).0,
+        StatusCode::CONFLICT
+    );
+    let copy = acme.create_sandbox(&from_theirs).await.unwrap();
+    acme.delete_sandbox(&copy.id).await.unwrap();
+    acme.tag_image("base", "acme-base").await.unwrap();
+    assert_eq!(refusal(globex.image("acme-base").await).0, StatusCode::NOT_FOUND);
+    acme.remove_image("acme-base").await.unwrap();
+    acme.remove_image("acme-snapshot").await.unwrap();
     assert_eq!(reader.sandbox("web").await.unwrap().id, mine.id);
     let (status, code) = refusal(reader.exec("web", &true_command()).await);
     assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));

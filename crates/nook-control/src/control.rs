@@ -368,7 +368,7 @@ impl Control {
         let resources = self.check_create(&request)?;
         let deadline = request.timeout_s.map(deadline_in).transpose()?;
         let image_name = request.image.clone().unwrap_or_else(|| "base".to_string());
-        let image = self.runner.image(&image_name).await?;
+        let image = self.image(&image_name).await?;
         let tenant = current_tenant();
         let adding = Usage {
             sandboxes: 1,
@@ -659,7 +659,9 @@ impl Control {
                 sandbox.name, sandbox.state
             )));
         }
+        self.claim_image_name(&request.image).await?;
         let image = self.runner.snapshot_sandbox(&sandbox.id, &request.image).await?;
+        self.record_image(&image.name, &sandbox.tenant).await?;
         let message = format!("snapshot taken as image {} ({})", image.name, image.digest);
         self.store
             .note(&sandbox.id, StateReason::Snapshotted, &message, Change::default())

@@ -20,6 +20,7 @@ pub mod control;
 pub mod deadlines;
 pub mod error;
 pub mod ids;
+pub mod images;
 pub mod lifecycle;
 pub mod metrics;
 pub mod preview;

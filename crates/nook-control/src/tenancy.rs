@@ -129,11 +129,10 @@ pub fn need(method: &Method, route: &str) -> Need {
             catalogue: false,
         };
     }
-    // Images are one catalogue shared by every tenant, kept by the default tenant: others use it but do not change
-    // it (nor read build logs, or export what a snapshot put in it).
-    let catalogue = (route.starts_with("/v1/images") && !looks)
+    // What still acts on the whole image store: pruning, builds (and their logs), E2B's templates and snapshots.
+    // Tenants' own images are judged per image (`images`).
+    let catalogue = route == "/v1/images/prune"
         || route.starts_with("/v1/builds")
-        || route == "/v1/sandboxes/{sandbox}/snapshot"
         || route.starts_with("/templates")
         || route.starts_with("/v2/templates")
         || route.starts_with("/v3/templates")
@@ -145,7 +144,6 @@ pub fn need(method: &Method, route: &str) -> Need {
             "" if looks => Some(Verb::Read),
             "stats" | "events" => Some(Verb::Read),
             "exec" | "processes" => Some(Verb::Exec),
-            "snapshot" => None,
             "files" if looks => Some(Verb::FilesRead),
             "files" => Some(Verb::FilesWrite),
             // Tokens are made by keys only: a token cannot mint a wider one.
@@ -173,8 +171,8 @@ pub fn permits(caller: &Caller, need: Need, route: &str) -> Result<(), ApiFailur
             }
             if need.catalogue && caller.tenant != DEFAULT_TENANT {
                 return refuse(format!(
-                    "{route} changes or reads out the image catalogue, which all tenants share and the \
-                     {DEFAULT_TENANT} tenant keeps; images per tenant are not done yet"
+                    "{route} acts on the whole image store (or on E2B templates), which the {DEFAULT_TENANT} \
+                     tenant keeps; other tenants import, pull, tag and snapshot images of their own"
                 ));
             }
             if *scope < need.scope {
@@ -324,16 +322,16 @@ mod tests {
             need(&get, "/v1/sandboxes/{sandbox}/processes/{pid}/output").scope,
             Scope::Read
         );
-        assert!(need(&post, "/v1/images/pull").catalogue && !need(&get, "/v1/images").catalogue);
+        assert!(need(&post, "/v1/images/prune").catalogue && !need(&post, "/v1/images/pull").catalogue);
         assert!(
-            need(&get, "/v1/builds/{build}").catalogue && need(&post, "/v1/sandboxes/{sandbox}/snapshot").catalogue
+            need(&get, "/v1/builds/{build}").catalogue && !need(&post, "/v1/sandboxes/{sandbox}/snapshot").catalogue
         );
         let tenant_writer = key("acme", Scope::Write);
-        let route = "/v1/images/pull";
+        let route = "/v1/images/prune";
         assert!(permits(&tenant_writer, need(&post, route), route)
             .unwrap_err()
             .message
-            .contains("catalogue"));
+            .contains("whole image store"));
         assert!(permits(&key(DEFAULT_TENANT, Scope::Write), need(&post, route), route).is_ok());
         assert_eq!(need(&get, "/v1/keys").scope, Scope::Admin);
 

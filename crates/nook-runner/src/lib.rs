@@ -268,6 +268,9 @@ pub trait Runner: Send + Sync + 'static {
     /// as image `name`.
     async fn import_image(&self, name: &str, archive: ByteStream) -> Result<Image, RunnerError>;
     /// Pulls an image from a registry, naming it `name` (default: the reference), reporting progress on `events`.
+    /// The local name a pull of `reference` gives its image when no name is asked for.
+    fn image_name_for(&self, reference: &str) -> Result<String, RunnerError>;
+    /// Pulls an image from a registry.
     async fn pull_image(
         &self,
         reference: &str,

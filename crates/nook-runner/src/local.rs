@@ -1299,6 +1299,15 @@ impl Runner for LocalRunner {
             .map_err(RunnerError::from)
     }
 
+    fn image_name_for(&self, reference: &str) -> Result<String, RunnerError> {
+        let reference = self
+            .inner
+            .registries
+            .parse_reference(reference)
+            .map_err(ImageError::from)?;
+        Ok(reference.to_string())
+    }
+
     async fn pull_image(
         &self,
         reference: &str,

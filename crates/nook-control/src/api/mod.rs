@@ -1244,7 +1244,7 @@ fn base64_of(bytes: &[u8]) -> String {
     security(("bearer" = [])))]
 async fn list_images(State(state): State<AppState>) -> Result<Json<ImageList>, ApiFailure> {
     Ok(Json(ImageList {
-        images: state.control.runner().list_images().await?,
+        images: state.control.images().await?,
     }))
 }
 
@@ -1254,7 +1254,7 @@ async fn list_images(State(state): State<AppState>) -> Result<Json<ImageList>, A
               (status = 404, description = "No such image", body = ApiError)),
     security(("bearer" = [])))]
 async fn get_image(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Image>, ApiFailure> {
-    Ok(Json(state.control.runner().image(&name).await?))
+    Ok(Json(state.control.image(&name).await?))
 }
 
 #[utoipa::path(put, path = "/v1/images/{name}", tag = "images",
@@ -1270,10 +1270,15 @@ async fn import_image(
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiFailure> {
     nook_api::names::check_image_name(&name).map_err(ApiFailure::invalid)?;
+    state.control.claim_image_name(&name).await?;
     let image = state
         .control
         .runner()
         .import_image(&name, transfer::body_stream(body))
+        .await?;
+    state
+        .control
+        .record_image(&name, &crate::tenancy::current_tenant())
         .await?;
     Ok((StatusCode::CREATED, Json(image)))
 }
@@ -1290,11 +1295,22 @@ async fn pull_image(State(state): State<AppState>, Json(request): Json<PullReque
     if let Some(name) = &request.name {
         nook_api::names::check_image_name(name).map_err(ApiFailure::invalid)?;
     }
-    let runner = state.control.runner().clone();
+    let name = match &request.name {
+        Some(name) => name.clone(),
+        None => state.control.runner().image_name_for(&request.reference)?,
+    };
+    state.control.claim_image_name(&name).await?;
+    // The pull goes on in a task of its own (outside this request's caller): the tenant is taken along.
+    let (control, tenant) = (state.control.clone(), crate::tenancy::current_tenant());
     transfer(move |events| async move {
-        runner
-            .pull_image(&request.reference, request.name.as_deref(), events)
-            .await
+        let image = control
+            .runner()
+            .pull_image(&request.reference, Some(&name), events)
+            .await?;
+        if let Err(failure) = control.record_image(&image.name, &tenant).await {
+            tracing::error!(image = %image.name, message = %failure.message, "a pulled image's owner was not recorded");
+        }
+        Ok(image)
     })
     .await
 }
@@ -1308,10 +1324,16 @@ async fn tag_image(
     State(state): State<AppState>,
     Json(request): Json<TagRequest>,
 ) -> Result<(StatusCode, Json<Image>), ApiFailure> {
+    state.control.image(&request.source).await?;
+    state.control.claim_image_name(&request.target).await?;
     let image = state
         .control
         .runner()
         .tag_image(&request.source, &request.target)
+        .await?;
+    state
+        .control
+        .record_image(&request.target, &crate::tenancy::current_tenant())
         .await?;
     Ok((StatusCode::CREATED, Json(image)))
 }
@@ -1320,7 +1342,9 @@ async fn tag_image(
     responses((status = 200, description = "What was removed", body = ImagePruneResult)),
     security(("bearer" = [])))]
 async fn prune_images(State(state): State<AppState>) -> Result<Json<ImagePruneResult>, ApiFailure> {
-    Ok(Json(state.control.runner().prune_images().await?))
+    let pruned = state.control.runner().prune_images().await?;
+    state.control.forget_missing_images().await?;
+    Ok(Json(pruned))
 }
 
 #[utoipa::path(post, path = "/v1/images/push", tag = "images", request_body = PushRequest,
@@ -1332,6 +1356,7 @@ async fn prune_images(State(state): State<AppState>) -> Result<Json<ImagePruneRe
               (status = 502, description = "The registry failed", body = ApiError)),
     security(("bearer" = [])))]
 async fn push_image(State(state): State<AppState>, Json(request): Json<PushRequest>) -> Result<Response, ApiFailure> {
+    state.control.image(&request.name).await?;
     let runner = state.control.runner().clone();
     transfer(move |events| async move { runner.push_image(&request.name, &request.reference, events).await }).await
 }
@@ -1346,6 +1371,7 @@ async fn export_image(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<ExportRequest>,
 ) -> Result<Response, ApiFailure> {
+    state.control.image(&request.name).await?;
     let archive = state.control.runner().export_image(&request.name).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/x-tar")
@@ -1410,7 +1436,7 @@ fn ndjson_lines<T: serde::Serialize + Send + 'static>(
               (status = 404, description = "No such image", body = ApiError)),
     security(("bearer" = [])))]
 async fn remove_image(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiFailure> {
-    state.control.runner().remove_image(&name).await?;
+    state.control.remove_image(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -129,6 +129,14 @@ pub trait Store: Send + Sync + 'static {
     async fn api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Marks a key revoked (now, unless it already was); returns it.
     async fn revoke_api_key(&self, id: &str) -> Result<ApiKeyRecord, StoreError>;
+    /// The tenant that owns an image, if one does (no owner: the shared catalogue).
+    async fn image_owner(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Every owned image's tenant, by image name.
+    async fn image_owners(&self) -> Result<std::collections::HashMap<String, String>, StoreError>;
+    /// Records an image's owner.
+    async fn set_image_owner(&self, name: &str, tenant: &str) -> Result<(), StoreError>;
+    /// Forgets an image's owner (the image is gone).
+    async fn remove_image_owner(&self, name: &str) -> Result<(), StoreError>;
     /// Stores a new tenant (`NameTaken` if one has its name).
     async fn insert_tenant(&self, tenant: &nook_api::tenancy::Tenant) -> Result<(), StoreError>;
     /// A tenant by name.

@@ -151,6 +151,12 @@ DROP TABLE sandboxes;
 ALTER TABLE sandboxes_by_tenant RENAME TO sandboxes;
 CREATE INDEX sandboxes_by_parent ON sandboxes(parent_id);
 "#,
+    r#"
+CREATE TABLE image_owners (
+    name    TEXT PRIMARY KEY,
+    tenant  TEXT NOT NULL
+);
+"#,
 ];
 
 /// SQLite-backed [`Store`].
@@ -644,6 +650,44 @@ impl Store for SqliteStore {
                 )
                 .optional()?
                 .ok_or(StoreError::NotFound)?
+        })
+    }
+
+    async fn image_owner(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.with(|connection| {
+            Ok(connection
+                .query_row(
+                    "SELECT tenant FROM image_owners WHERE name = ?1",
+                    params![name],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    async fn image_owners(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        self.with(|connection| {
+            let mut statement = connection.prepare("SELECT name, tenant FROM image_owners")?;
+            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn set_image_owner(&self, name: &str, tenant: &str) -> Result<(), StoreError> {
+        self.with(|connection| {
+            connection.execute(
+                "INSERT INTO image_owners (name, tenant) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant",
+                params![name, tenant],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn remove_image_owner(&self, name: &str) -> Result<(), StoreError> {
+        self.with(|connection| {
+            connection.execute("DELETE FROM image_owners WHERE name = ?1", params![name])?;
+            Ok(())
         })
     }
 
