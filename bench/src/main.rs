@@ -13,6 +13,7 @@
 //! unavailable.
 
 mod builds;
+mod egress;
 mod images;
 mod interpreter;
 mod interrupt;
@@ -103,6 +104,9 @@ struct Args {
     /// Timed requests each way (straight to a sandbox, through the preview proxy) in the preview series.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     preview_requests: u32,
+    /// Timed requests each way (new connection, kept-alive) in the egress proxy series.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    egress_requests: u32,
     /// Timed live resizes (CPU and memory, alternately up and down).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     resizes: u32,
@@ -171,6 +175,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             builds: &figures.nook.builds,
             stateful: &figures.nook.stateful,
             preview: &figures.nook.preview,
+            egress: &figures.nook.egress,
             peers: &figures.peers,
         })
     );
@@ -201,6 +206,7 @@ struct NookFigures {
     builds: BuildFigures,
     stateful: stateful::StatefulFigures,
     preview: preview::PreviewFigures,
+    egress: egress::EgressFigures,
 }
 
 /// Starts the server, runs every series, then deletes the sandboxes and stops the server whatever happened.
@@ -216,6 +222,8 @@ fn measure(
         .build()
         .context("building the client runtime")?;
     let data_dir = work.join("data");
+    let config = work.join("config.toml");
+    std::fs::write(&config, egress::server_config()).context("writing the server's config")?;
     let mut server = NookServer::spawn(&ServerOptions {
         nook: args.nook.clone(),
         agent: args.agent.clone(),
@@ -223,6 +231,7 @@ fn measure(
         data_dir: data_dir.clone(),
         log: work.join("server.log"),
         storage_image: work.join("storage.img"),
+        config,
     })?;
     let client = Client::new(&server.url, &server.key).context("making the nook client")?;
     let mut sandboxes = Sandboxes::default();
@@ -294,6 +303,7 @@ fn measure(
                 interrupt,
             )
             .await?;
+            let egress = egress::egress_series(&client, args.egress_requests as usize, &mut sandboxes).await?;
             anyhow::Ok(NookFigures {
                 version,
                 base_layer,
@@ -310,6 +320,7 @@ fn measure(
                 builds,
                 stateful,
                 preview,
+                egress,
             })
         })?;
         let peers = peers::bench(

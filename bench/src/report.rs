@@ -48,6 +48,8 @@ pub struct Report<'a> {
     pub stateful: &'a crate::stateful::StatefulFigures,
     /// The preview proxy.
     pub preview: &'a crate::preview::PreviewFigures,
+    /// The egress proxy.
+    pub egress: &'a crate::egress::EgressFigures,
     /// The peers.
     pub peers: &'a PeerFigures,
 }
@@ -270,6 +272,52 @@ fn write_report(out: &mut String, r: &Report<'_>) -> std::fmt::Result {
         }
     }
     writeln!(out)?;
+
+    let egress = r.egress;
+    writeln!(
+        out,
+        "## Egress proxy (HTTP from a sandbox to a test host; Node.js client in the sandbox)\n"
+    )?;
+    writeln!(
+        out,
+        "| measurement | n | p50 ms | p95 ms | p99 ms | mean ms | min ms | max ms |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    row(
+        out,
+        "new connection per request, through NAT",
+        Some(&egress.direct.fresh),
+        None,
+    )?;
+    row(
+        out,
+        "new connection per request, through the proxy",
+        Some(&egress.proxied.fresh),
+        None,
+    )?;
+    row(
+        out,
+        "kept-alive connection, through NAT",
+        Some(&egress.direct.kept),
+        None,
+    )?;
+    row(
+        out,
+        "kept-alive connection, through the proxy",
+        Some(&egress.proxied.kept),
+        None,
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "16 kept-alive connections for 5 s: {:.0} requests/s through NAT, {:.0} through the proxy. The proxy adds \
+         {:.2} ms to a new connection (it reads the Host, judges it, resolves and dials) and {:.2} ms to a request on \
+         a kept-alive one (it relays).\n",
+        egress.direct.per_s,
+        egress.proxied.per_s,
+        egress.proxied.fresh.p50 - egress.direct.fresh.p50,
+        egress.proxied.kept.p50 - egress.direct.kept.p50
+    )?;
 
     writeln!(out, "## Ratios (p50)\n")?;
     ratio(
@@ -615,6 +663,18 @@ mod tests {
                 }),
                 proxied_load: Err("wrk could not run".into()),
                 load_settings: "wrk".into(),
+            },
+            egress: &crate::egress::EgressFigures {
+                direct: crate::egress::Way {
+                    fresh: summary(0.5),
+                    kept: summary(0.2),
+                    per_s: 9000.0,
+                },
+                proxied: crate::egress::Way {
+                    fresh: summary(0.9),
+                    kept: summary(0.3),
+                    per_s: 7000.0,
+                },
             },
             peers: &peers,
         });

@@ -41,6 +41,8 @@ pub struct ServerOptions {
     pub log: PathBuf,
     /// The btrfs image file the server keeps its runner's data in (`--storage-image`).
     pub storage_image: PathBuf,
+    /// A config file (`--config`).
+    pub config: PathBuf,
 }
 
 /// A running `nook serve` child process.
@@ -71,6 +73,8 @@ impl NookServer {
             .arg("--no-client-config")
             .arg("--storage-image")
             .arg(&options.storage_image)
+            .arg("--config")
+            .arg(&options.config)
             .env("NOOK_ADMIN_KEY", &key)
             .env("NOOK_AGENT_BINARY", &options.agent)
             .env("NOOK_BASE_IMAGE_TAR", &options.base_image_tar)
