@@ -54,7 +54,21 @@ pub struct Previews {
     client: Client<PortConnector, Body>,
     /// One lock per sandbox being woken, so that a burst of requests wakes it once.
     wakes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sandboxes as preview requests named them, so that a request does not read the store: an entry goes as soon
+    /// as the store says its sandbox changed.
+    recent: Arc<Mutex<Recent>>,
 }
+
+/// The sandboxes [`Previews`] remembers, and a count of the store's change notices: a lookup keeps what it read
+/// only if no notice came in while it read (one that came in meanwhile may be about it).
+#[derive(Default)]
+struct Recent {
+    sandboxes: HashMap<String, Sandbox>,
+    notices: u64,
+}
+
+/// The most sandboxes [`Previews`] remembers.
+const RECENT_SANDBOXES: usize = 4096;
 
 /// Where a preview request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,13 +151,50 @@ impl Previews {
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .pool_max_idle_per_host(32)
             .build(connector);
+        let recent: Arc<Mutex<Recent>> = Arc::default();
+        let mut changes = control.store().subscribe();
+        let forget = Arc::downgrade(&recent);
+        tokio::spawn(async move {
+            loop {
+                let changed = changes.recv().await;
+                let Some(recent) = forget.upgrade() else { return };
+                let mut recent = recent.lock().expect("recent sandboxes");
+                recent.notices += 1;
+                match changed {
+                    Ok(id) => recent.sandboxes.retain(|_, sandbox| sandbox.id != id),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => recent.sandboxes.clear(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         Self {
             control,
             secret,
             domain: domain.map(|domain| domain.trim_matches('.').to_ascii_lowercase()),
             client,
             wakes: Mutex::default(),
+            recent,
         }
+    }
+
+    /// The sandbox a preview request names, from memory when it was looked up since it last changed.
+    async fn lookup(&self, key: &str) -> Result<Sandbox, ApiFailure> {
+        let notices = {
+            let recent = self.recent.lock().expect("recent sandboxes");
+            if let Some(sandbox) = recent.sandboxes.get(key) {
+                return Ok(sandbox.clone());
+            }
+            recent.notices
+        };
+        let sandbox = self.control.resolve(key).await?;
+        let mut recent = self.recent.lock().expect("recent sandboxes");
+        if recent.notices == notices {
+            if recent.sandboxes.len() >= RECENT_SANDBOXES {
+                recent.sandboxes.clear();
+            }
+            recent.sandboxes.insert(key.to_string(), sandbox.clone());
+        }
+        Ok(sandbox)
     }
 
     /// The preview domain, if host routing by name is on.
@@ -366,7 +417,7 @@ impl Previews {
 
     /// Sends a request on to a sandbox's port and its answer back. `trusted`: the caller has admitted it already.
     pub async fn forward(&self, destination: Destination, mut request: Request, trusted: bool) -> Response {
-        let sandbox = match self.control.resolve(&destination.sandbox).await {
+        let sandbox = match self.lookup(&destination.sandbox).await {
             Ok(sandbox) => sandbox,
             Err(failure) => return failure.into_response(),
         };
