@@ -15,12 +15,16 @@ use nook_client::{Client, ClientError};
 async fn start_counter(client: &Client, server: &TestServer, sandbox: &str) -> (u32, PathBuf) {
     let counter = ExecRequest {
         shell: Some(
-            "i=0; while true; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; sleep 0.02; done".into(),
+            "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter.new; mv /dev/shm/counter.new /dev/shm/counter; \
+             sleep 0.02; done"
+                .into(),
         ),
         ..Default::default()
     };
     let process = client.start_process(sandbox, &counter).await.unwrap();
-    let file = server.upper_dir(sandbox).join("counter");
+    // On the sandbox's tmpfs, read through its init's root: the loop touches no disk, so a freeze never waits on a
+    // filesystem busy with other tests' work (a btrfs commit can hold a writer in uninterruptible sleep).
+    let file = PathBuf::from(format!("/proc/{}/root/dev/shm/counter", server.agent_pid(sandbox)));
     (process.pid, file)
 }
 
