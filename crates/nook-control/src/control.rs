@@ -158,11 +158,6 @@ impl Control {
         &self.runner
     }
 
-    /// Whether `key` is one of the API keys (only their hashes are stored).
-    pub async fn api_key_is_valid(&self, key: &str) -> Result<bool, ApiFailure> {
-        Ok(self.authenticate(key).await?.is_some())
-    }
-
     /// The API key `key` is, if it is one (only their hashes are stored).
     /// Revoked and expired keys are not keys.
     pub async fn authenticate(&self, key: &str) -> Result<Option<crate::store::ApiKeyRecord>, ApiFailure> {

@@ -73,6 +73,23 @@ pub fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<[u8; 32]
     Ok(secret)
 }
 
+/// HMAC-SHA256 of `parts` (each followed by a NUL, so that no two lists of parts sign alike) under `secret`, in
+/// hex. The first part names the purpose, so that a signature made for one use is worth nothing for another.
+pub fn signature(secret: &[u8; 32], parts: &[&[u8]]) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    for part in parts {
+        mac.update(part);
+        mac.update(b"\0");
+    }
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use hmac::{Hmac, Mac};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nook_api::preview::{MAX_LINK_S, MIN_LINK_S, TOKEN_HEADER, TOKEN_QUERY};
@@ -36,6 +35,7 @@ use nook_runner::{Runner, RunnerError};
 
 use crate::control::Control;
 use crate::error::ApiFailure;
+use crate::ids::same_secret;
 use crate::store::Change;
 
 /// The query parameter that carries a signed link.
@@ -203,12 +203,7 @@ impl Previews {
     }
 
     fn mac(&self, parts: &[&[u8]]) -> String {
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        for part in parts {
-            mac.update(part);
-            mac.update(b"\0");
-        }
-        hex::encode(mac.finalize().into_bytes())
+        crate::ids::signature(&self.secret, parts)
     }
 
     /// The token of a sandbox's port for its current token generation.
@@ -880,11 +875,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-}
-
-/// Compares two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Connects the pool's connections: the URI's host is a sandbox id, its port the port inside.

@@ -16,7 +16,6 @@ use std::future::Future;
 use axum::http::{Method, StatusCode};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
 use nook_api::tenancy::{Scope, Verb, DEFAULT_TENANT};
 use serde::{Deserialize, Serialize};
 
@@ -221,10 +220,7 @@ impl Tokens {
     }
 
     fn sign(&self, claims: &[u8]) -> String {
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        mac.update(b"capability-token\0");
-        mac.update(claims);
-        hex::encode(mac.finalize().into_bytes())
+        crate::ids::signature(&self.secret, &[b"capability-token", claims])
     }
 
     /// A token for `verbs` on a sandbox until `expires_at`.
@@ -251,13 +247,7 @@ impl Tokens {
             .decode(claims)
             .map_err(|_| "the capability token is malformed")?;
         let expected = self.sign(&claims);
-        let same = expected.len() == signature.len()
-            && expected
-                .bytes()
-                .zip(signature.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !crate::ids::same_secret(&expected, signature) {
             return Err("the capability token's signature does not match");
         }
         let claims: Claims = serde_json::from_slice(&claims).map_err(|_| "the capability token is malformed")?;

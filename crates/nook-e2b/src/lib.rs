@@ -27,6 +27,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
 use nook_control::control::Control;
+use nook_control::ids::same_secret;
 use sha2::{Digest, Sha256};
 use tower::ServiceExt as _;
 
@@ -254,11 +255,6 @@ fn sandbox_target(headers: &HeaderMap) -> Option<SandboxTarget> {
         sandbox: sandbox.to_string(),
         port,
     })
-}
-
-/// Compares two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
