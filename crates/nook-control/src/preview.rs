@@ -116,11 +116,20 @@ impl Origin {
     }
 }
 
-/// A credential a request carries, and where it came from.
+/// A credential a request carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Credential {
     Token(String),
     Link(String),
+}
+
+impl Credential {
+    /// Its text, as it came (and as a cookie keeps it).
+    fn text(&self) -> &str {
+        match self {
+            Self::Token(text) | Self::Link(text) => text,
+        }
+    }
 }
 
 /// Why a request may pass.
@@ -132,8 +141,8 @@ pub enum Admission {
     Trusted,
     /// The port's token.
     Token,
-    /// A signed link, by id.
-    Link(String),
+    /// A signed link.
+    Link,
 }
 
 /// A link's text in a URL: `{id}.{expiry as Unix seconds}.{signature}`.
@@ -359,8 +368,12 @@ impl Previews {
     }
 
     /// Who may pass: the port is public, or the request carries a valid credential (taken off the request).
-    async fn authorize(&self, sandbox: &Sandbox, port: u16, request: &mut Request) -> Result<Admission, ApiFailure> {
-        let credential = take_credential(request);
+    async fn authorize(
+        &self,
+        sandbox: &Sandbox,
+        port: u16,
+        credential: Option<Credential>,
+    ) -> Result<Admission, ApiFailure> {
         if sandbox.preview.is_public(port) {
             return Ok(Admission::Public);
         }
@@ -402,7 +415,7 @@ impl Previews {
                     return Err(refused(&format!("the link expired at {}", at.to_rfc3339())));
                 }
                 match self.control.store().preview_link(id).await? {
-                    Some(link) if link.revoked_at.is_none() => Ok(Admission::Link(id.to_string())),
+                    Some(link) if link.revoked_at.is_none() => Ok(Admission::Link),
                     Some(_) => Err(refused("the link was revoked")),
                     None => Err(refused("the link no longer exists")),
                 }
@@ -416,12 +429,12 @@ impl Previews {
             Ok(sandbox) => sandbox,
             Err(failure) => return failure.into_response(),
         };
-        let query_credential = query_credential(request.uri());
+        let (credential, from_query) = take_credential(&mut request).unzip();
+        let kept_in_cookie = credential.as_ref().map(Credential::text).map(str::to_string);
         let admission = if trusted {
-            take_credential(&mut request);
             Admission::Trusted
         } else {
-            match self.authorize(&sandbox, destination.port, &mut request).await {
+            match self.authorize(&sandbox, destination.port, credential).await {
                 Ok(admission) => admission,
                 Err(failure) => return failure.into_response(),
             }
@@ -453,8 +466,8 @@ impl Previews {
         };
         // A credential from the query is kept in a cookie of the sandbox port's own host, so that the page's later
         // requests (scripts, images, XHR) pass too. Path routing shares one origin between sandboxes: no cookie.
-        if let (Some(credential), None, Admission::Token | Admission::Link(_)) =
-            (query_credential, &destination.prefix, &admission)
+        if let (Some(credential), Some(true), None, Admission::Token | Admission::Link) =
+            (kept_in_cookie, from_query, &destination.prefix, &admission)
         {
             let cookie = format!("{COOKIE}={credential}; Path=/; HttpOnly; SameSite=Lax");
             if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -742,43 +755,47 @@ fn confine_to_prefix(headers: &mut HeaderMap, prefix: &str) {
     }
 }
 
-/// The credential a request's query carries (to keep in a cookie), if any.
-fn query_credential(uri: &Uri) -> Option<String> {
-    uri.query()?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == TOKEN_QUERY || key == LINK_QUERY).then(|| value.to_string())
-    })
+/// The pairs of a query string other than preview credentials, and the first credential among them.
+fn split_query(query: &str) -> (Vec<&str>, Option<Credential>) {
+    let mut kept = Vec::new();
+    let mut found = None;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some((key, value)) if key == TOKEN_QUERY => {
+                found = found.or(Some(Credential::Token(value.to_string())));
+            }
+            Some((key, value)) if key == LINK_QUERY => {
+                found = found.or(Some(Credential::Link(value.to_string())));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    (kept, found)
 }
 
-/// Takes the preview credential off a request (header, query parameter, cookie) and returns it: the sandbox never
-/// sees it.
-fn take_credential(request: &mut Request) -> Option<Credential> {
+/// `base` with the query pairs `kept` (none: no `?`).
+fn with_query(base: &str, kept: &[&str]) -> String {
+    if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    }
+}
+
+/// Takes the preview credential off a request (header, query parameter, cookie; the Referer's query too) and
+/// returns the one it carries, and whether it came in the query: the sandbox never sees it.
+fn take_credential(request: &mut Request) -> Option<(Credential, bool)> {
     let mut found = None;
     if let Some(value) = request.headers_mut().remove(TOKEN_HEADER) {
         found = value
             .to_str()
             .ok()
-            .map(|token| Credential::Token(token.trim().to_string()));
+            .map(|token| (Credential::Token(token.trim().to_string()), false));
     }
     if let Some(query) = request.uri().query() {
-        let mut kept = Vec::new();
-        for pair in query.split('&') {
-            match pair.split_once('=') {
-                Some((key, value)) if key == TOKEN_QUERY => {
-                    found = found.or(Some(Credential::Token(value.to_string())));
-                }
-                Some((key, value)) if key == LINK_QUERY => {
-                    found = found.or(Some(Credential::Link(value.to_string())));
-                }
-                _ => kept.push(pair),
-            }
-        }
-        let path = request.uri().path();
-        let rebuilt = if kept.is_empty() {
-            path.to_string()
-        } else {
-            format!("{path}?{}", kept.join("&"))
-        };
+        let (kept, in_query) = split_query(query);
+        found = found.or(in_query.map(|credential| (credential, true)));
+        let rebuilt = with_query(request.uri().path(), &kept);
         let mut parts = request.uri().clone().into_parts();
         if let Ok(path_and_query) = rebuilt.parse() {
             parts.path_and_query = Some(path_and_query);
@@ -788,28 +805,14 @@ fn take_credential(request: &mut Request) -> Option<Credential> {
         }
     }
     // A page opened with a credential in its URL sends that URL as the Referer of its later requests.
-    if let Some(referer) = request
+    let referer = request
         .headers()
         .get(header::REFERER)
         .and_then(|value| value.to_str().ok())
-    {
-        if let Some((base, query)) = referer.split_once('?') {
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|pair| {
-                    let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
-                    key != TOKEN_QUERY && key != LINK_QUERY
-                })
-                .collect();
-            let cleaned = if kept.is_empty() {
-                base.to_string()
-            } else {
-                format!("{base}?{}", kept.join("&"))
-            };
-            if let Ok(value) = HeaderValue::from_str(&cleaned) {
-                request.headers_mut().insert(header::REFERER, value);
-            }
-        }
+        .and_then(|referer| referer.split_once('?'))
+        .map(|(base, query)| with_query(base, &split_query(query).0));
+    if let Some(value) = referer.and_then(|cleaned| HeaderValue::from_str(&cleaned).ok()) {
+        request.headers_mut().insert(header::REFERER, value);
     }
     let cookies: Vec<HeaderValue> = request.headers_mut().remove(header::COOKIE).into_iter().collect();
     for value in cookies {
@@ -823,7 +826,7 @@ fn take_credential(request: &mut Request) -> Option<Credential> {
                     } else {
                         Credential::Token(value.to_string())
                     };
-                    found = found.or(Some(credential));
+                    found = found.or(Some((credential, false)));
                 }
                 _ => kept.push(cookie),
             }
@@ -916,7 +919,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             take_credential(&mut request),
-            Some(Credential::Token("fromheader".into()))
+            Some((Credential::Token("fromheader".into()), false))
         );
         assert_eq!(request.uri().to_string(), "/app?x=1&y=2");
         assert_eq!(request.headers()["cookie"], "a=1; b=2");
@@ -928,10 +931,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             take_credential(&mut request),
-            Some(Credential::Link("lnk-1.99.sig".into()))
+            Some((Credential::Link("lnk-1.99.sig".into()), true))
         );
         assert_eq!(request.uri().to_string(), "/");
-        assert_eq!(query_credential(&"/?nook_token=t".parse().unwrap()), Some("t".into()));
     }
 
     #[test]
