@@ -114,6 +114,22 @@ fn by_host(server: &TestServer, http: &reqwest::Client, sandbox: &str, path: &st
         .header("host", format!("{PORT}-{sandbox}.{DOMAIN}"))
 }
 
+/// A request to `path` of the sandbox's port by host, with the port's token.
+fn with_token(
+    server: &TestServer,
+    http: &reqwest::Client,
+    sandbox: &str,
+    path: &str,
+    token: &str,
+) -> reqwest::RequestBuilder {
+    by_host(server, http, sandbox, path).header("nook-preview-token", token)
+}
+
+/// Changes the sandbox's preview settings.
+async fn configure(client: &Client, sandbox: &str, request: PreviewSettingsRequest) -> Sandbox {
+    client.set_preview(sandbox, &request).await.unwrap()
+}
+
 async fn json_of(response: reqwest::Response) -> Value {
     let status = response.status();
     let text = response.text().await.unwrap();
@@ -166,19 +182,11 @@ async fn private_ports_need_a_token_or_a_live_signed_link() {
     )
     .await;
     let other_port = client.port_access(id, PORT + 1).await.unwrap().token;
-    refused(
-        by_host(&server, &http, id, "/")
-            .header("nook-preview-token", &other_port)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    refused(with_token(&server, &http, id, "/", &other_port).send().await.unwrap()).await;
 
     // The token in a header: the app sees the client's Host and path, and no trace of the token.
     let seen = json_of(
-        by_host(&server, &http, id, "/hello?x=1")
-            .header("nook-preview-token", &access.token)
+        with_token(&server, &http, id, "/hello?x=1", &access.token)
             .send()
             .await
             .unwrap(),
@@ -283,80 +291,55 @@ async fn private_ports_need_a_token_or_a_live_signed_link() {
 
     // Rotating revokes every token and link at once; the new token works.
     let fresh = client.make_preview_link(id, PORT, 3600).await.unwrap();
-    let rotated = client
-        .set_preview(
-            id,
-            &PreviewSettingsRequest {
-                rotate_tokens: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(rotated.preview.token_generation, 1);
-    refused(
-        by_host(&server, &http, id, "/")
-            .header("nook-preview-token", &access.token)
-            .send()
-            .await
-            .unwrap(),
+    let rotated = configure(
+        &client,
+        id,
+        PreviewSettingsRequest {
+            rotate_tokens: true,
+            ..Default::default()
+        },
     )
     .await;
+    assert_eq!(rotated.preview.token_generation, 1);
+    refused(with_token(&server, &http, id, "/", &access.token).send().await.unwrap()).await;
     refused(http.get(fresh.path_url.clone().unwrap()).send().await.unwrap()).await;
     let new_token = client.port_access(id, PORT).await.unwrap().token;
     assert_ne!(new_token, access.token);
-    json_of(
-        by_host(&server, &http, id, "/")
-            .header("nook-preview-token", &new_token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    json_of(with_token(&server, &http, id, "/", &new_token).send().await.unwrap()).await;
 
     // A masked Host: the app sees the mask, and the client's Host as X-Forwarded-Host.
-    client
-        .set_preview(
-            id,
-            &PreviewSettingsRequest {
-                upstream_host: Some("localhost:${PORT}".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let seen = json_of(
-        by_host(&server, &http, id, "/")
-            .header("nook-preview-token", &new_token)
-            .send()
-            .await
-            .unwrap(),
+    configure(
+        &client,
+        id,
+        PreviewSettingsRequest {
+            upstream_host: Some("localhost:${PORT}".into()),
+            ..Default::default()
+        },
     )
     .await;
+    let seen = json_of(with_token(&server, &http, id, "/", &new_token).send().await.unwrap()).await;
     assert_eq!(seen["headers"]["host"], format!("localhost:{PORT}"));
     assert_eq!(seen["headers"]["x-forwarded-host"], format!("{PORT}-{id}.{DOMAIN}"));
-    client
-        .set_preview(
-            id,
-            &PreviewSettingsRequest {
-                upstream_host: Some(String::new()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    configure(
+        &client,
+        id,
+        PreviewSettingsRequest {
+            upstream_host: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .await;
 
     // A public port needs nothing; the others stay private.
-    let public = client
-        .set_preview(
-            id,
-            &PreviewSettingsRequest {
-                public_ports: Some(vec![PORT]),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let public = configure(
+        &client,
+        id,
+        PreviewSettingsRequest {
+            public_ports: Some(vec![PORT]),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(public.preview.public_ports, vec![PORT]);
     assert!(client.port_access(id, PORT).await.unwrap().public);
     json_of(by_host(&server, &http, id, "/open").send().await.unwrap()).await;
@@ -415,11 +398,7 @@ async fn events_websockets_http2_and_wake_on_request_pass_through() {
 
     // Server-sent events arrive as they are written, not when the response ends (about 3 s later).
     let started = Instant::now();
-    let mut events = by_host(&server, &http, id, "/events")
-        .header("nook-preview-token", &token)
-        .send()
-        .await
-        .unwrap();
+    let mut events = with_token(&server, &http, id, "/events", &token).send().await.unwrap();
     assert_eq!(events.headers()["content-type"], "text/event-stream");
     let first = events.chunk().await.unwrap().unwrap();
     let first_at = started.elapsed();
@@ -482,32 +461,20 @@ async fn events_websockets_http2_and_wake_on_request_pass_through() {
 
     // Paused: refused while wake on request is off; with it on, a request resumes the sandbox and is answered.
     client.pause_sandbox(id).await.unwrap();
-    let response = by_host(&server, &http, id, "/")
-        .header("nook-preview-token", &token)
-        .send()
-        .await
-        .unwrap();
+    let response = with_token(&server, &http, id, "/", &token).send().await.unwrap();
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert!(body["message"].as_str().unwrap().contains("wake_on_request"), "{body}");
-    client
-        .set_preview(
-            id,
-            &PreviewSettingsRequest {
-                wake_on_request: Some(true),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let seen = json_of(
-        by_host(&server, &http, id, "/woken")
-            .header("nook-preview-token", &token)
-            .send()
-            .await
-            .unwrap(),
+    configure(
+        &client,
+        id,
+        PreviewSettingsRequest {
+            wake_on_request: Some(true),
+            ..Default::default()
+        },
     )
     .await;
+    let seen = json_of(with_token(&server, &http, id, "/woken", &token).send().await.unwrap()).await;
     assert_eq!(seen["path"], "/woken");
     let woken = client.sandbox(id).await.unwrap();
     assert_eq!(woken.state, nook_api::SandboxState::Running);
