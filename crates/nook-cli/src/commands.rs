@@ -1042,22 +1042,29 @@ async fn top(client: &Client, once: bool, json: bool) -> anyhow::Result<u8> {
     }
 }
 
-fn describe_lifecycle(lifecycle: &nook_api::Lifecycle) -> String {
-    let mut parts = Vec::new();
-    if let Some(idle) = lifecycle.idle_stop_s {
-        parts.push(format!("stops after {idle} s idle"));
-    }
-    if let Some(after) = lifecycle.stopped_archive_s {
-        parts.push(format!("archived {after} s after it stops"));
-    }
-    if let Some(after) = lifecycle.stopped_delete_s {
-        parts.push(format!("deleted {after} s after it stops"));
-    }
+/// The phrases that are there, joined with commas; `none` when none is.
+fn phrases(parts: impl IntoIterator<Item = Option<String>>, none: &str) -> String {
+    let parts: Vec<String> = parts.into_iter().flatten().collect();
     if parts.is_empty() {
-        "runs until stopped or deleted".to_string()
+        none.to_string()
     } else {
         parts.join(", ")
     }
+}
+
+fn describe_lifecycle(lifecycle: &nook_api::Lifecycle) -> String {
+    phrases(
+        [
+            lifecycle.idle_stop_s.map(|idle| format!("stops after {idle} s idle")),
+            lifecycle
+                .stopped_archive_s
+                .map(|after| format!("archived {after} s after it stops")),
+            lifecycle
+                .stopped_delete_s
+                .map(|after| format!("deleted {after} s after it stops")),
+        ],
+        "runs until stopped or deleted",
+    )
 }
 
 fn describe_preview(preview: &nook_api::PreviewSettings) -> String {
@@ -1282,21 +1289,14 @@ fn quota_of(args: &crate::TenantArgs) -> nook_api::tenancy::TenantQuota {
 }
 
 fn describe_quota(quota: &nook_api::tenancy::TenantQuota) -> String {
-    let mut parts = Vec::new();
-    if let Some(sandboxes) = quota.sandboxes {
-        parts.push(format!("{sandboxes} sandboxes"));
-    }
-    if let Some(cpu) = quota.cpu {
-        parts.push(format!("{cpu} cores"));
-    }
-    if let Some(memory) = quota.memory_mb {
-        parts.push(format!("{memory} MiB"));
-    }
-    if parts.is_empty() {
-        "unlimited".into()
-    } else {
-        parts.join(", ")
-    }
+    phrases(
+        [
+            quota.sandboxes.map(|sandboxes| format!("{sandboxes} sandboxes")),
+            quota.cpu.map(|cpu| format!("{cpu} cores")),
+            quota.memory_mb.map(|memory| format!("{memory} MiB")),
+        ],
+        "unlimited",
+    )
 }
 
 async fn tenant_command(client: &Client, command: TenantCommand) -> anyhow::Result<u8> {
